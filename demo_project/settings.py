@@ -1,0 +1,102 @@
+"""Demo project settings.
+
+With no environment at all it runs on SQLite and kombu's filesystem transport (no
+server needed).  Set ``DATABASE_URL``-style variables to use PostgreSQL and RabbitMQ:
+``DEMO_PG_NAME`` (and ``DEMO_PG_HOST``/``DEMO_PG_PORT``/``DEMO_PG_USER``) and
+``DEMO_BROKER_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("DEMO_VAR_DIR", BASE_DIR / "var"))
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "demo-only-not-secret")
+DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+USE_TZ = True
+TIME_ZONE = "UTC"
+ROOT_URLCONF = "demo_project.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_celery_beat",
+    "reliable_events",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+STATIC_URL = "/static/"
+
+if os.environ.get("DEMO_PG_NAME"):
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ["DEMO_PG_NAME"],
+            "USER": os.environ.get("DEMO_PG_USER", "postgres"),
+            "PASSWORD": os.environ.get("DEMO_PG_PASSWORD", ""),
+            "HOST": os.environ.get("DEMO_PG_HOST", "127.0.0.1"),
+            "PORT": os.environ.get("DEMO_PG_PORT", "5432"),
+        }
+    }
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "demo.sqlite3",
+            "OPTIONS": {"timeout": 30, "init_command": "PRAGMA journal_mode=WAL;"},
+        }
+    }
+
+_QUEUE_DIR = VAR_DIR / "broker"
+BROKER_URL = os.environ.get("DEMO_BROKER_URL", "filesystem://")
+RELIABLE_EVENTS = {
+    "BROKER_URL": BROKER_URL,
+    "BROKER_TRANSPORT_OPTIONS": (
+        {
+            "data_folder_in": str(_QUEUE_DIR),
+            "data_folder_out": str(_QUEUE_DIR),
+            "control_folder": str(VAR_DIR / "broker-control"),
+        }
+        if BROKER_URL.startswith("filesystem")
+        else {}
+    ),
+}
+
+CELERY_BROKER_URL = BROKER_URL
+CELERY_BROKER_TRANSPORT_OPTIONS = RELIABLE_EVENTS["BROKER_TRANSPORT_OPTIONS"]
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"

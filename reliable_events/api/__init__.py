@@ -1,0 +1,1 @@
+"""REST API for dead-letter triage and outbox stats (mount with ``include()``)."""

@@ -1,0 +1,251 @@
+"""System checks for misconfiguration (ids ``reliable_events.E0xx`` / ``W0xx``)."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+
+from reliable_events.conf import app_settings
+
+DOCS = "See docs/settings.md."
+
+_POSITIVE_INTS = (
+    "MAX_ATTEMPTS",
+    "MAX_PAYLOAD_BYTES",
+    "RELAY_BATCH_SIZE",
+    "CONFIRM_WINDOW",
+    "PURGE_BATCH_SIZE",
+    "PREFETCH_COUNT",
+)
+_POSITIVE_NUMBERS = (
+    "BACKOFF_BASE",
+    "BACKOFF_MAX",
+    "CONFIRM_TIMEOUT",
+    "CONNECT_TIMEOUT",
+    "ON_COMMIT_CONNECT_TIMEOUT",
+    "ON_COMMIT_CONFIRM_TIMEOUT",
+    "OUTBOX_RETENTION_DAYS",
+    "PROCESSED_RETENTION_DAYS",
+)
+_NON_NEGATIVE_NUMBERS = ("RELAY_IDLE_SECONDS", "ON_COMMIT_GRACE_SECONDS", "ON_COMMIT_BREAKER_SECONDS")
+_MAX_LANES = 32767
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _setting_errors() -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    for name in _POSITIVE_INTS:
+        value = getattr(app_settings, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            errors.append(
+                Error(
+                    f"RELIABLE_EVENTS[{name!r}] must be a positive integer, got {value!r}.",
+                    hint=DOCS,
+                    id="reliable_events.E003",
+                )
+            )
+    for name in _POSITIVE_NUMBERS:
+        value = getattr(app_settings, name)
+        if not _is_number(value) or value <= 0:
+            errors.append(
+                Error(
+                    f"RELIABLE_EVENTS[{name!r}] must be a positive number, got {value!r}.",
+                    hint=DOCS,
+                    id="reliable_events.E003",
+                )
+            )
+    for name in _NON_NEGATIVE_NUMBERS:
+        value = getattr(app_settings, name)
+        if not _is_number(value) or value < 0:
+            errors.append(
+                Error(
+                    f"RELIABLE_EVENTS[{name!r}] must be a number >= 0, got {value!r}.",
+                    hint=DOCS,
+                    id="reliable_events.E003",
+                )
+            )
+    return errors
+
+
+def check_settings_type() -> list[CheckMessage]:
+    value = getattr(settings, "RELIABLE_EVENTS", {})
+    if not isinstance(value, dict):
+        return [
+            Error(
+                "settings.RELIABLE_EVENTS must be a dict.",
+                hint="Set RELIABLE_EVENTS = {'BROKER_URL': ...}. " + DOCS,
+                id="reliable_events.E001",
+            )
+        ]
+    unknown = app_settings.unknown()
+    if unknown:
+        return [
+            Warning(
+                f"Unknown RELIABLE_EVENTS setting(s): {', '.join(unknown)}.",
+                hint="Check the spelling; the known settings are listed in docs/settings.md.",
+                id="reliable_events.W001",
+            )
+        ]
+    return []
+
+
+def check_broker_url() -> list[CheckMessage]:
+    url = app_settings.BROKER_URL
+    if not isinstance(url, str) or not url:
+        return [
+            Error(
+                "RELIABLE_EVENTS['BROKER_URL'] must be a non-empty string.",
+                hint="e.g. 'amqp://user:password@host:5672//'. " + DOCS,
+                id="reliable_events.E002",
+            )
+        ]
+    from kombu.transport import TRANSPORT_ALIASES
+
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in TRANSPORT_ALIASES and scheme != "amqps":
+        return [
+            Error(
+                f"RELIABLE_EVENTS['BROKER_URL'] uses the unknown transport {scheme!r}.",
+                hint="Use amqp:// (RabbitMQ) in production, or filesystem:// / memory:// embedded.",
+                id="reliable_events.E002",
+            )
+        ]
+    if scheme == "memory":
+        return [
+            Warning(
+                "RELIABLE_EVENTS['BROKER_URL'] is memory://: events only reach consumers "
+                "running in the same process and are lost when it exits.",
+                hint="Use amqp:// in production (filesystem:// for a server-less demo).",
+                id="reliable_events.W002",
+            )
+        ]
+    return []
+
+
+def check_queue_type() -> list[CheckMessage]:
+    if app_settings.QUEUE_TYPE not in ("classic", "quorum"):
+        return [
+            Error(
+                f"RELIABLE_EVENTS['QUEUE_TYPE'] must be 'classic' or 'quorum', "
+                f"got {app_settings.QUEUE_TYPE!r}.",
+                hint=DOCS,
+                id="reliable_events.E004",
+            )
+        ]
+    return []
+
+
+def check_exchange() -> list[CheckMessage]:
+    exchange = app_settings.EXCHANGE
+    if not isinstance(exchange, str) or not exchange or exchange.startswith("amq."):
+        return [
+            Error(
+                f"RELIABLE_EVENTS['EXCHANGE'] must be a non-empty name not starting with "
+                f"'amq.', got {exchange!r}.",
+                hint=DOCS,
+                id="reliable_events.E005",
+            )
+        ]
+    return []
+
+
+def check_lanes() -> list[CheckMessage]:
+    lanes = app_settings.LANES
+    if not isinstance(lanes, int) or isinstance(lanes, bool) or not 1 <= lanes <= _MAX_LANES:
+        return [
+            Error(
+                f"RELIABLE_EVENTS['LANES'] must be an integer from 1 to {_MAX_LANES}, got {lanes!r}.",
+                hint="Change it only while the outbox has no pending rows. " + DOCS,
+                id="reliable_events.E006",
+            )
+        ]
+    return []
+
+
+def check_on_commit_grace() -> list[CheckMessage]:
+    values = (
+        app_settings.ON_COMMIT_GRACE_SECONDS,
+        app_settings.ON_COMMIT_CONNECT_TIMEOUT,
+        app_settings.ON_COMMIT_CONFIRM_TIMEOUT,
+    )
+    if not all(_is_number(v) for v in values):
+        return []  # reported by E003
+    grace, connect, confirm = values
+    if grace <= connect + confirm:
+        return [
+            Error(
+                "RELIABLE_EVENTS['ON_COMMIT_GRACE_SECONDS'] must exceed "
+                "ON_COMMIT_CONNECT_TIMEOUT + ON_COMMIT_CONFIRM_TIMEOUT, or the relay may "
+                "publish a row while the on-commit hook still works on it.",
+                hint=f"Set it above {connect + confirm:g} seconds.",
+                id="reliable_events.E007",
+            )
+        ]
+    return []
+
+
+def check_retry_policy() -> list[CheckMessage]:
+    delays = app_settings.RETRY_DELAYS
+    retries = app_settings.MAX_RETRIES
+    if (
+        not isinstance(delays, list | tuple)
+        or not delays
+        or not all(_is_number(d) and d >= 0 for d in delays)
+    ):
+        return [
+            Error(
+                f"RELIABLE_EVENTS['RETRY_DELAYS'] must be a non-empty list of seconds >= 0, "
+                f"got {delays!r}.",
+                hint=DOCS,
+                id="reliable_events.E008",
+            )
+        ]
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        return [
+            Error(
+                f"RELIABLE_EVENTS['MAX_RETRIES'] must be an integer >= 0, got {retries!r}.",
+                hint=DOCS,
+                id="reliable_events.E008",
+            )
+        ]
+    retention = app_settings.PROCESSED_RETENTION_DAYS
+    if _is_number(retention) and retention * 86400 <= sum(delays) * 2:
+        return [
+            Error(
+                "RELIABLE_EVENTS['PROCESSED_RETENTION_DAYS'] is shorter than the retry "
+                "horizon: a late redelivery could be applied twice.",
+                hint="Keep processed records longer than the sum of RETRY_DELAYS.",
+                id="reliable_events.E009",
+            )
+        ]
+    return []
+
+
+CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
+    check_settings_type,
+    check_broker_url,
+    check_queue_type,
+    check_exchange,
+    check_lanes,
+    check_on_commit_grace,
+    check_retry_policy,
+    _setting_errors,
+)
+
+
+@register(Tags.compatibility)
+def reliable_events_checks(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    if not isinstance(getattr(settings, "RELIABLE_EVENTS", {}), dict):
+        return check_settings_type()
+    messages: list[CheckMessage] = []
+    for check in CHECKS:
+        messages.extend(check())
+    return messages

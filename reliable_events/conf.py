@@ -1,0 +1,99 @@
+"""Settings for reliable_events, read lazily from ``settings.RELIABLE_EVENTS``.
+
+Every setting is an annotated attribute of :class:`AppSettings` with its default; the
+value in ``settings.RELIABLE_EVENTS`` (a dict) wins.  Nothing is read at import time:
+each attribute access looks at the current Django settings, so ``override_settings``
+works in tests.  Every setting is documented in ``docs/settings.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+
+#: Fallback broker when neither ``RELIABLE_EVENTS["BROKER_URL"]`` nor
+#: ``CELERY_BROKER_URL`` is set: a kombu transport that needs no server.
+EMBEDDED_BROKER_URL = "memory://"
+
+
+class AppSettings:
+    """Typed, lazily read view over ``settings.RELIABLE_EVENTS``."""
+
+    #: Broker URL. ``None`` means: Celery's ``CELERY_BROKER_URL``, else the embedded transport.
+    BROKER_URL: str | None = None
+    #: kombu transport options for the events connection (e.g. filesystem folders).
+    BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {}
+    #: Name of the durable topic exchange events are published to.
+    EXCHANGE: str = "events"
+    #: ``"classic"`` or ``"quorum"``: the type of every queue the app declares.
+    QUEUE_TYPE: str = "classic"
+    #: Publish right after commit (``True``) or leave everything to the relay (``False``).
+    PUBLISH_ON_COMMIT: bool = True
+    #: Publish attempts before an outbox row is marked dead.
+    MAX_ATTEMPTS: int = 10
+    #: Largest accepted payload, in bytes of its JSON encoding (enforced on both sides).
+    MAX_PAYLOAD_BYTES: int = 256 * 1024
+    #: First retry delay of a failed publish, in seconds (doubled per attempt, with jitter).
+    BACKOFF_BASE: float = 1.0
+    #: Longest delay between two publish attempts, in seconds.
+    BACKOFF_MAX: float = 300.0
+    #: Rows the relay claims per batch.
+    RELAY_BATCH_SIZE: int = 500
+    #: Outstanding publisher confirms allowed at once (the sliding window).
+    CONFIRM_WINDOW: int = 500
+    #: Seconds the relay waits for the broker to confirm a batch.
+    CONFIRM_TIMEOUT: float = 30.0
+    #: Seconds ``relay_outbox`` sleeps when nothing was due.
+    RELAY_IDLE_SECONDS: float = 1.0
+    #: Number of ordering lanes; events of one key always share a lane.
+    LANES: int = 64
+    #: Seconds a row published by the on-commit hook is reserved for it before the relay
+    #: may take it (must exceed the hook's connect + confirm timeouts).
+    ON_COMMIT_GRACE_SECONDS: float = 10.0
+    #: Connect timeout of the on-commit publish, seconds.
+    ON_COMMIT_CONNECT_TIMEOUT: float = 0.25
+    #: Confirm timeout of the on-commit publish, seconds.
+    ON_COMMIT_CONFIRM_TIMEOUT: float = 1.0
+    #: Seconds the on-commit publish is skipped after a broker failure (circuit breaker).
+    ON_COMMIT_BREAKER_SECONDS: float = 5.0
+    #: Connect timeout of relay and consumer connections, seconds.
+    CONNECT_TIMEOUT: float = 5.0
+    #: Days a sent outbox row is kept before ``purge_outbox`` deletes it.
+    OUTBOX_RETENTION_DAYS: float = 7.0
+    #: Days a ProcessedMessage record is kept (must exceed the longest retry horizon).
+    PROCESSED_RETENTION_DAYS: float = 7.0
+    #: Rows deleted per statement by the purge.
+    PURGE_BATCH_SIZE: int = 1000
+    #: Unacked messages a consumer holds at once (basic.qos prefetch).
+    PREFETCH_COUNT: int = 20
+    #: Default retry delays of consumers, seconds, one per retry.
+    RETRY_DELAYS: list[float] = [1, 5, 15, 30, 60]
+    #: Default ``max_retries`` of consumers.
+    MAX_RETRIES: int = 5
+
+    def _user_settings(self) -> dict[str, Any]:
+        value = getattr(django_settings, "RELIABLE_EVENTS", None)
+        return value if isinstance(value, dict) else {}
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.isupper():
+            user = object.__getattribute__(self, "_user_settings")()
+            if name in user:
+                return user[name]
+            if name == "BROKER_URL":
+                return getattr(django_settings, "CELERY_BROKER_URL", None) or EMBEDDED_BROKER_URL
+        return object.__getattribute__(self, name)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """Every setting name, in declaration order."""
+        return [name for name in cls.__annotations__ if name.isupper()]
+
+    def unknown(self) -> list[str]:
+        """Keys of ``settings.RELIABLE_EVENTS`` that are not settings (likely typos)."""
+        known = set(self.names())
+        return sorted(key for key in self._user_settings() if key not in known)
+
+
+app_settings = AppSettings()

@@ -1,0 +1,35 @@
+"""``declare_topology``: declare the exchange, the unrouted queue and every consumer's queues.
+
+Idempotent. Exit codes: 0 declared; 1 broker unreachable or topology conflict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from reliable_events.exceptions import ReliableEventsError
+from reliable_events.topology_service import declare_all
+
+
+class Command(BaseCommand):
+    help = "Declare the durable exchange, unrouted queue and consumer queues on the broker."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--url", default=None, help="Broker URL (default BROKER_URL).")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            topology = declare_all(url=options["url"])
+        except ReliableEventsError as exc:
+            raise CommandError(str(exc)) from exc
+        for exchange in topology.exchanges:
+            self.stdout.write(f"exchange {exchange.name} ({exchange.type})")
+        for queue in topology.queues:
+            keys = ", ".join(f"{ex or '(default)'}:{key or '-'}" for ex, key in queue.bindings)
+            self.stdout.write(f"queue {queue.name}" + (f" <- {keys}" if keys else ""))
+        self.stdout.write(
+            f"declare_topology: {len(topology.exchanges)} exchange(s), "
+            f"{len(topology.queues)} queue(s)"
+        )

@@ -1,0 +1,77 @@
+"""``relay_outbox``: publish pending outbox rows to the broker.
+
+Exit codes: 0 done (or stopped by SIGTERM/SIGINT); 1 bad arguments or configuration;
+3 with ``--once``, when some events could not be published (they stay pending).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from reliable_events.conf import app_settings
+from reliable_events.exceptions import ReliableEventsError
+from reliable_events.relay import Relay, RelayReport
+from reliable_events.runner import StopFlag, run_loop, stop_on_signals
+
+EXIT_SOME_FAILED = 3
+
+
+class Command(BaseCommand):
+    help = "Publish pending outbox events to the broker with publisher confirms."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--once", action="store_true", help="Publish everything due now, then exit."
+        )
+        parser.add_argument(
+            "--batch-size", type=int, default=None, help="Rows per batch (RELAY_BATCH_SIZE)."
+        )
+        parser.add_argument("--database", default=None, help="Database alias to relay from.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        batch_size = options["batch_size"]
+        if batch_size is not None and batch_size < 1:
+            raise CommandError("--batch-size must be at least 1")
+        try:
+            relay = Relay(using=options["database"], batch_size=batch_size)
+        except ReliableEventsError as exc:
+            raise CommandError(str(exc)) from exc
+        try:
+            if options["once"]:
+                self._once(relay)
+            else:
+                self._loop(relay)
+        finally:
+            relay.close()
+
+    def _once(self, relay: Relay) -> None:
+        report = relay.drain()
+        self.stdout.write(f"relay_outbox: {report}")
+        if report.failed:
+            for error in report.errors[:3]:
+                self.stderr.write(f"  error: {error}")
+            raise CommandError(
+                f"{report.failed} event(s) could not be published; they stay pending",
+                returncode=EXIT_SOME_FAILED,
+            )
+
+    def _loop(self, relay: Relay) -> None:
+        stop = StopFlag()
+        total = RelayReport()
+        self.stdout.write("relay_outbox: running (SIGTERM or Ctrl-C stops after the batch)")
+
+        def step() -> bool:
+            report = relay.run_batch()
+            total.add(report)
+            if report.claimed:
+                self.stdout.write(f"relay_outbox: {report}")
+            return report.claimed > 0 and report.sent > 0
+
+        with stop_on_signals(stop):
+            run_loop(step, stop=stop, idle_seconds=float(app_settings.RELAY_IDLE_SECONDS))
+        self.stdout.write(
+            f"relay_outbox: stopped ({stop.signal_name or 'done'}); "
+            f"sent={total.sent} failed={total.failed} dead={total.dead}"
+        )

@@ -1,0 +1,257 @@
+"""The outbox, the consumers' idempotency records and the dead letters."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from django.db import models
+from django.db.models import Q
+from django.db.models.functions import Now
+from django.utils.translation import gettext_lazy as _
+
+from reliable_events.querysets import (
+    DeadLetterQuerySet,
+    OutboxQuerySet,
+    ProcessedMessageQuerySet,
+)
+
+TOPIC_MAX_LENGTH = 255
+KEY_MAX_LENGTH = 255
+MESSAGE_ID_MAX_LENGTH = 255
+NAME_MAX_LENGTH = 200
+
+
+class OutboxMessage(models.Model):
+    """An event waiting for (or done with) its confirmed publish to the broker.
+
+    Rows are written by ``publish_event`` in the caller's transaction and owned by the
+    system afterwards: only the relay and the retry/purge services change them.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending", _("pending")
+        SENT = "sent", _("sent")
+        DEAD = "dead", _("dead")
+
+    id = models.BigAutoField(primary_key=True, help_text=_("Outbox order: the relay sends by id."))
+    message_id = models.CharField(
+        max_length=MESSAGE_ID_MAX_LENGTH,
+        help_text=_("AMQP message id; consumers deduplicate on it."),
+    )
+    topic = models.CharField(
+        max_length=TOPIC_MAX_LENGTH,
+        help_text=_("Routing key on the events exchange (dot-separated words)."),
+    )
+    key = models.CharField(
+        max_length=KEY_MAX_LENGTH,
+        null=True,
+        blank=True,
+        help_text=_("Ordering key: events with the same key reach the broker in publish order."),
+    )
+    lane = models.PositiveSmallIntegerField(
+        default=0,
+        help_text=_("Ordering lane derived from the key; one relay holds a lane at a time."),
+    )
+    queue = models.CharField(
+        max_length=NAME_MAX_LENGTH,
+        blank=True,
+        default="",
+        help_text=_(
+            "Empty for a normal event. Otherwise the event goes straight to this queue "
+            "(a dead-letter retry for one consumer) instead of the events exchange."
+        ),
+    )
+    payload = models.JSONField(help_text=_("The event body, sent as JSON."))
+    headers = models.JSONField(
+        default=dict, blank=True, help_text=_("String-valued AMQP headers sent with the event.")
+    )
+    status = models.CharField(
+        max_length=10,
+        choices=Status.choices,
+        default=Status.PENDING,
+        help_text=_("pending until the broker confirms it; dead after MAX_ATTEMPTS failures."),
+    )
+    attempts = models.PositiveIntegerField(
+        default=0, help_text=_("Publish attempts made so far (confirmed or not).")
+    )
+    next_attempt_at = models.DateTimeField(
+        help_text=_("The relay will not publish the row before this time (delay or backoff).")
+    )
+    created_at = models.DateTimeField(
+        db_default=Now(), help_text=_("When publish_event stored the row (database clock).")
+    )
+    sent_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("When the broker confirmed the publish.")
+    )
+    last_error = models.TextField(
+        blank=True, default="", help_text=_("Why the last publish attempt failed.")
+    )
+
+    objects: ClassVar[OutboxQuerySet] = OutboxQuerySet.as_manager()  # type: ignore[assignment]
+
+    class Meta:
+        verbose_name = _("outbox message")
+        verbose_name_plural = _("outbox messages")
+        ordering = ("-id",)
+        constraints = (
+            models.UniqueConstraint(
+                fields=("message_id",),
+                condition=Q(queue=""),
+                name="re_outbox_unique_message_id",
+            ),
+        )
+        indexes = (
+            # The relay's claim: pending rows by due time (partial, so sent history
+            # does not slow it down).
+            models.Index(
+                fields=("next_attempt_at", "id"),
+                condition=Q(status="pending"),
+                name="re_outbox_due",
+            ),
+            # Per-key ordering checks: earlier pending rows of the same key.
+            models.Index(
+                fields=("key", "id"),
+                condition=Q(status="pending"),
+                name="re_outbox_pending_key",
+            ),
+            models.Index(
+                fields=("sent_at",), condition=Q(status="sent"), name="re_outbox_sent_at"
+            ),
+            models.Index(fields=("status", "id"), name="re_outbox_status"),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.topic} {self.message_id} ({self.status})"
+
+
+class ProcessedMessage(models.Model):
+    """A message a consumer has applied, written in the same transaction as its effects."""
+
+    id = models.BigAutoField(primary_key=True, help_text=_("Row id."))
+    consumer = models.CharField(
+        max_length=NAME_MAX_LENGTH, help_text=_("Name of the consumer that processed it.")
+    )
+    message_id = models.CharField(
+        max_length=MESSAGE_ID_MAX_LENGTH, help_text=_("The processed message's id.")
+    )
+    topic = models.CharField(
+        max_length=TOPIC_MAX_LENGTH, blank=True, default="", help_text=_("The event's topic.")
+    )
+    processed_at = models.DateTimeField(
+        db_default=Now(), help_text=_("When the handler's transaction committed.")
+    )
+
+    objects: ClassVar[ProcessedMessageQuerySet] = ProcessedMessageQuerySet.as_manager()  # type: ignore[assignment]
+
+    class Meta:
+        verbose_name = _("processed message")
+        verbose_name_plural = _("processed messages")
+        ordering = ("-id",)
+        constraints = (
+            models.UniqueConstraint(
+                fields=("consumer", "message_id"), name="re_processed_unique"
+            ),
+        )
+        indexes = (models.Index(fields=("processed_at",), name="re_processed_at"),)
+
+    def __str__(self) -> str:
+        return f"{self.consumer}: {self.message_id}"
+
+
+class DeadLetter(models.Model):
+    """A message a consumer gave up on, kept for staff to inspect, retry or discard."""
+
+    class Status(models.TextChoices):
+        OPEN = "open", _("open")
+        RETRIED = "retried", _("retried")
+        DISCARDED = "discarded", _("discarded")
+
+    id = models.BigAutoField(primary_key=True, help_text=_("Row id."))
+    consumer = models.CharField(
+        max_length=NAME_MAX_LENGTH, help_text=_("The consumer that gave up on the message.")
+    )
+    queue = models.CharField(
+        max_length=NAME_MAX_LENGTH, blank=True, default="", help_text=_("The consumer's queue.")
+    )
+    message_id = models.CharField(
+        max_length=MESSAGE_ID_MAX_LENGTH,
+        blank=True,
+        default="",
+        help_text=_("The message's id (empty when the message had none)."),
+    )
+    topic = models.CharField(
+        max_length=TOPIC_MAX_LENGTH, blank=True, default="", help_text=_("The event's topic.")
+    )
+    key = models.CharField(
+        max_length=KEY_MAX_LENGTH, blank=True, default="", help_text=_("The event's ordering key.")
+    )
+    payload = models.JSONField(
+        null=True, blank=True, help_text=_("The decoded payload (empty when it was not JSON).")
+    )
+    raw_body = models.TextField(
+        blank=True,
+        default="",
+        help_text=_("The body as received, when it could not be decoded (truncated)."),
+    )
+    headers = models.JSONField(default=dict, blank=True, help_text=_("The message's headers."))
+    reason = models.CharField(
+        max_length=50,
+        help_text=_("Why it was dead-lettered: retries-exhausted, permanent-error or a poison kind."),
+    )
+    error_type = models.CharField(
+        max_length=200, blank=True, default="", help_text=_("Qualified name of the last exception.")
+    )
+    error_message = models.TextField(
+        blank=True, default="", help_text=_("Message of the last exception.")
+    )
+    traceback = models.TextField(blank=True, default="", help_text=_("Traceback of the last failure."))
+    fingerprint = models.CharField(
+        max_length=64,
+        blank=True,
+        default="",
+        db_index=True,
+        help_text=_("Groups alike failures: error type and first application frame."),
+    )
+    attempts = models.PositiveIntegerField(
+        default=1, help_text=_("Handler attempts made before giving up.")
+    )
+    history = models.JSONField(
+        default=list, blank=True, help_text=_("One entry per failed attempt: time and error.")
+    )
+    first_failed_at = models.DateTimeField(help_text=_("Time of the first failed attempt."))
+    last_failed_at = models.DateTimeField(help_text=_("Time of the last failed attempt."))
+    status = models.CharField(
+        max_length=10,
+        choices=Status.choices,
+        default=Status.OPEN,
+        help_text=_("open until staff retry or discard it."),
+    )
+    resolved_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("When it was retried or discarded.")
+    )
+    resolved_by = models.CharField(
+        max_length=150, blank=True, default="", help_text=_("Who retried or discarded it.")
+    )
+    note = models.TextField(blank=True, default="", help_text=_("Why it was discarded or retried."))
+    created_at = models.DateTimeField(
+        db_default=Now(), help_text=_("When the dead letter was written.")
+    )
+
+    objects: ClassVar[DeadLetterQuerySet] = DeadLetterQuerySet.as_manager()  # type: ignore[assignment]
+
+    class Meta:
+        verbose_name = _("dead letter")
+        verbose_name_plural = _("dead letters")
+        ordering = ("-id",)
+        permissions = (
+            ("retry_deadletter", "Can retry dead letters"),
+            ("discard_deadletter", "Can discard dead letters"),
+        )
+        indexes = (
+            models.Index(fields=("status", "consumer"), name="re_deadletter_status"),
+            models.Index(fields=("message_id",), name="re_deadletter_message_id"),
+            models.Index(fields=("created_at",), name="re_deadletter_created"),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.consumer}: {self.message_id or '(no id)'} ({self.status})"

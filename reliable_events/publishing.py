@@ -1,0 +1,225 @@
+"""``publish_event()``: validate, insert in the caller's transaction, publish on commit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import uuid
+import zlib
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, router, transaction
+from django.utils import timezone
+
+from reliable_events import signals
+from reliable_events.conf import app_settings
+from reliable_events.exceptions import InvalidEvent
+from reliable_events.models import (
+    KEY_MAX_LENGTH,
+    MESSAGE_ID_MAX_LENGTH,
+    TOPIC_MAX_LENGTH,
+    OutboxMessage,
+)
+
+logger = logging.getLogger(__name__)
+
+#: A topic is dot-separated words of letters, digits, ``_`` and ``-``.
+TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+#: Header names the app and the broker own; user headers may not use them.
+RESERVED_HEADER_PREFIX = "x-"
+
+_MAX_TRACKED_IDS = 10_000
+
+
+def encode_payload(payload: Any) -> str:
+    """The JSON text of ``payload``, or :class:`InvalidEvent` if it has none."""
+    try:
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"payload is not JSON-serialisable: {exc}") from exc
+
+
+def lane_for(key: str | None, message_id: str) -> int:
+    """The ordering lane of an event: fixed by its key (or its id when it has no key)."""
+    lanes = max(1, int(app_settings.LANES))
+    return zlib.crc32((key if key is not None else message_id).encode()) % lanes
+
+
+def validate_topic(topic: object) -> str:
+    if not isinstance(topic, str) or not topic:
+        raise InvalidEvent("topic must be a non-empty string")
+    if len(topic) > TOPIC_MAX_LENGTH:
+        raise InvalidEvent(f"topic is longer than {TOPIC_MAX_LENGTH} characters")
+    if not TOPIC_RE.match(topic):
+        raise InvalidEvent(
+            f"topic {topic[:80]!r} is malformed: use dot-separated words of letters, "
+            "digits, '_' and '-' (no wildcards, no empty words)"
+        )
+    return topic
+
+
+def validate_headers(headers: object) -> dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise InvalidEvent("headers must be a mapping of strings to strings")
+    clean: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidEvent("header names must be non-empty strings")
+        if name.lower().startswith(RESERVED_HEADER_PREFIX):
+            raise InvalidEvent(f"header {name[:80]!r} uses the reserved prefix 'x-'")
+        if not isinstance(value, str):
+            raise InvalidEvent(f"header {name[:80]!r} must be a string, not {type(value).__name__}")
+        clean[name] = value
+    return clean
+
+
+def _validate_optional_id(value: object, what: str, limit: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or value != value.strip():
+        raise InvalidEvent(f"{what} must be a non-empty string without surrounding spaces")
+    if len(value) > limit:
+        raise InvalidEvent(f"{what} is longer than {limit} characters")
+    if any(ord(ch) < 32 for ch in value):
+        raise InvalidEvent(f"{what} must not contain control characters")
+    return value
+
+
+def validate_delay(delay: object) -> timedelta:
+    if delay is None:
+        return timedelta(0)
+    if isinstance(delay, bool) or not isinstance(delay, int | float | timedelta):
+        raise InvalidEvent("delay must be a number of seconds or a timedelta")
+    seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+    if not seconds >= 0 or seconds == float("inf"):
+        raise InvalidEvent("delay must be a finite, non-negative duration")
+    return timedelta(seconds=seconds)
+
+
+def publish_event(
+    topic: str,
+    payload: Any,
+    *,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    message_id: str | None = None,
+    delay: float | timedelta | None = None,
+    using: str | None = None,
+) -> OutboxMessage:
+    """Store an event in the outbox as part of the caller's database transaction.
+
+    The business change and the event commit or roll back together.  Once the
+    transaction commits (and unless ``PUBLISH_ON_COMMIT`` is off or the event is
+    delayed), the event is published at once; whatever that misses the relay sends.
+
+    Raises :class:`~reliable_events.exceptions.InvalidEvent` before anything is written
+    when the input is bad.  With ``message_id`` the call is idempotent: the same id
+    stores one message (a different event under a used id is an ``InvalidEvent``).
+    """
+    topic = validate_topic(topic)
+    body = encode_payload(payload)
+    limit = int(app_settings.MAX_PAYLOAD_BYTES)
+    size = len(body.encode())
+    if size > limit:
+        raise InvalidEvent(f"payload is {size} bytes, over MAX_PAYLOAD_BYTES ({limit})")
+    clean_headers = validate_headers(headers)
+    key = _validate_optional_id(key, "key", KEY_MAX_LENGTH)
+    given_id = _validate_optional_id(message_id, "message_id", MESSAGE_ID_MAX_LENGTH)
+    hold = validate_delay(delay)
+    alias = using or router.db_for_write(OutboxMessage) or DEFAULT_DB_ALIAS
+    # Store the payload exactly as it will go on the wire (tuples become lists, etc.).
+    stored_payload = json.loads(body)
+
+    on_commit = bool(app_settings.PUBLISH_ON_COMMIT) and not hold
+    if on_commit:
+        # Reserved for the on-commit publish; the relay takes it after the grace period.
+        hold = timedelta(seconds=float(app_settings.ON_COMMIT_GRACE_SECONDS))
+    msg_id = given_id or str(uuid.uuid4())
+    message = OutboxMessage(
+        message_id=msg_id,
+        topic=topic,
+        key=key,
+        lane=lane_for(key, msg_id),
+        payload=stored_payload,
+        headers=clean_headers,
+        next_attempt_at=timezone.now() + hold,
+    )
+    if given_id is None:
+        message.save(using=alias, force_insert=True)
+    else:
+        existing = _insert_idempotent(message, alias)
+        if existing is not None:
+            return existing
+    if on_commit:
+        schedule_on_commit(message.pk, alias)
+    signals.event_stored.send(sender=OutboxMessage, message=message, using=alias)
+    return message
+
+
+def _insert_idempotent(message: OutboxMessage, alias: str) -> OutboxMessage | None:
+    """Insert ``message``; if its id is taken, return the stored row instead."""
+    try:
+        with transaction.atomic(using=alias):
+            message.save(using=alias, force_insert=True)
+    except IntegrityError as exc:
+        existing = (
+            OutboxMessage.objects.using(alias)
+            .filter(message_id=message.message_id, queue="")
+            .first()
+        )
+        if existing is None:
+            raise
+        same = (
+            existing.topic == message.topic
+            and existing.key == message.key
+            and existing.payload == message.payload
+            and existing.headers == message.headers
+        )
+        if not same:
+            raise InvalidEvent(
+                f"message_id {message.message_id[:80]!r} is already used by a different event"
+            ) from exc
+        return existing
+    return None
+
+
+class _CommitTracker(threading.local):
+    """Ids stored by this thread that the next on-commit hook should publish."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, list[int]] = {}
+
+
+_tracker = _CommitTracker()
+
+
+def schedule_on_commit(pk: int, alias: str) -> None:
+    ids = _tracker.ids.setdefault(alias, [])
+    ids.append(pk)
+    if len(ids) > _MAX_TRACKED_IDS:  # only after many rolled-back transactions
+        del ids[: len(ids) - _MAX_TRACKED_IDS]
+    transaction.on_commit(lambda: _flush(alias), using=alias)
+
+
+def _flush(alias: str) -> None:
+    """The on-commit hook: publish every id this thread stored, never raising.
+
+    Each ``publish_event`` registers a call; the first one publishes all ids of the
+    transaction and the rest find nothing to do.  Ids of rolled-back transactions may be
+    among them: the dispatcher only publishes rows that exist and are still pending.
+    """
+    ids = _tracker.ids.pop(alias, None)
+    if not ids:
+        return
+    from reliable_events.relay import publish_after_commit
+
+    try:
+        publish_after_commit(ids, using=alias)
+    except Exception:  # the caller's transaction is committed: never turn it into a 500
+        logger.exception("reliable_events: on-commit publish failed; the relay will send")

@@ -1,0 +1,79 @@
+"""QuerySets with intent-named methods; the models' managers are built from these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from django.db import models
+from django.db.models.functions import Now
+
+if TYPE_CHECKING:
+    from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
+
+    _OutboxBase = models.QuerySet[OutboxMessage]
+    _DeadLetterBase = models.QuerySet[DeadLetter]
+    _ProcessedBase = models.QuerySet[ProcessedMessage]
+else:
+    _OutboxBase = _DeadLetterBase = _ProcessedBase = models.QuerySet
+
+
+class OutboxQuerySet(_OutboxBase):
+    def pending(self) -> OutboxQuerySet:
+        """Rows not yet confirmed by the broker."""
+        return self.filter(status="pending")
+
+    def due(self) -> OutboxQuerySet:
+        """Pending rows whose next attempt time has come (database clock)."""
+        return self.pending().filter(next_attempt_at__lte=Now())
+
+    def sent(self) -> OutboxQuerySet:
+        return self.filter(status="sent")
+
+    def dead(self) -> OutboxQuerySet:
+        """Rows that used up ``MAX_ATTEMPTS``: visible and retryable, never sent."""
+        return self.filter(status="dead")
+
+    def sent_before(self, cutoff: datetime) -> OutboxQuerySet:
+        """Sent rows confirmed before ``cutoff``: what the purge may delete."""
+        return self.sent().filter(sent_at__lt=cutoff)
+
+    def status_counts(self) -> dict[str, int]:
+        counts = {"pending": 0, "sent": 0, "dead": 0}
+        for row in self.order_by().values("status").annotate(n=models.Count("id")):
+            counts[row["status"]] = row["n"]
+        return counts
+
+
+class ProcessedMessageQuerySet(_ProcessedBase):
+    def for_consumer(self, consumer: str) -> ProcessedMessageQuerySet:
+        return self.filter(consumer=consumer)
+
+    def processed_before(self, cutoff: datetime) -> ProcessedMessageQuerySet:
+        return self.filter(processed_at__lt=cutoff)
+
+
+class DeadLetterQuerySet(_DeadLetterBase):
+    def open(self) -> DeadLetterQuerySet:
+        """Dead letters nobody has retried or discarded yet."""
+        return self.filter(status="open")
+
+    def for_consumer(self, consumer: str) -> DeadLetterQuerySet:
+        return self.filter(consumer=consumer)
+
+    def counts_by_consumer(self) -> dict[str, int]:
+        rows = self.order_by().values("consumer").annotate(n=models.Count("id"))
+        return {row["consumer"]: row["n"] for row in rows}
+
+    def groups(self) -> list[dict[str, Any]]:
+        """Open failures grouped by fingerprint, largest group first."""
+        return list(
+            self.order_by()
+            .values("fingerprint", "consumer", "error_type")
+            .annotate(
+                count=models.Count("id"),
+                first=models.Min("first_failed_at"),
+                last=models.Max("last_failed_at"),
+            )
+            .order_by("-count", "fingerprint")
+        )

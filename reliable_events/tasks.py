@@ -1,0 +1,35 @@
+"""Celery tasks: thin wrappers over the relay and the purge.
+
+Put them on django-celery-beat's DatabaseScheduler with one command::
+
+    python manage.py install_beat_schedule
+
+A relay task fired while the previous run is still going does no harm: on PostgreSQL
+each ordering lane is held by one relay at a time (advisory locks), and every run is
+bounded by ``max_seconds``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from reliable_events.maintenance import purge
+from reliable_events.relay import relay_once
+
+
+@shared_task(ignore_result=True)
+def relay_outbox(max_seconds: float = 50.0) -> dict[str, Any]:
+    """Publish every due outbox row (for at most ``max_seconds``)."""
+    report = relay_once(max_seconds=max_seconds)
+    return {"claimed": report.claimed, "sent": report.sent, "failed": report.failed,
+            "dead": report.dead}
+
+
+@shared_task(ignore_result=True)
+def purge_outbox() -> dict[str, Any]:
+    """Delete sent outbox rows and processed records past their retention."""
+    report = purge()
+    return {"outbox_deleted": report.outbox_deleted,
+            "processed_deleted": report.processed_deleted}

@@ -1,0 +1,19 @@
+"""Small parsing helpers shared by commands and the API."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"90"``, ``"90s"``, ``"15m"``, ``"12h"``, ``"7d"`` or ``"2w"`` as a timedelta."""
+    match = _DURATION_RE.match(text or "")
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a duration: use a number with an optional unit s, m, h, d or w"
+        )
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])

@@ -1,0 +1,127 @@
+"""Shared fixtures: a real RabbitMQ per test (unique exchange), a plain AMQP client."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import amqp
+import pytest
+from django.conf import settings as django_settings
+
+from reliable_events.consumer import registry
+from reliable_events.relay import dispatcher
+
+
+class RabbitClient:
+    """A plain py-amqp client for inspecting the broker the way an outsider would."""
+
+    def __init__(self, url: str) -> None:
+        from kombu import Connection
+
+        self._kombu = Connection(url)
+        self._kombu.connect()
+        self.connection: amqp.Connection = self._kombu.connection
+        self.channel = self.connection.channel()
+        self.exchanges: list[str] = []
+        self.queues: list[str] = []
+
+    def bind_queue(self, exchange: str, binding: str = "#", name: str | None = None) -> str:
+        """Declare a durable queue bound to ``exchange`` (declaring the exchange too)."""
+        name = name or f"test-q-{uuid.uuid4().hex[:10]}"
+        self.channel.exchange_declare(
+            f"{exchange}.unrouted", "fanout", durable=True, auto_delete=False
+        )
+        self.channel.exchange_declare(
+            exchange,
+            "topic",
+            durable=True,
+            auto_delete=False,
+            arguments={"alternate-exchange": f"{exchange}.unrouted"},
+        )
+        self.channel.queue_declare(name, durable=True, auto_delete=False)
+        self.channel.queue_bind(name, exchange, binding)
+        self.queues.append(name)
+        return name
+
+    def get_all(self, queue: str, *, expect: int | None = None, timeout: float = 10.0) -> list[Any]:
+        """Read (and ack) every message in ``queue``; wait until ``expect`` arrived."""
+        messages: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.channel.basic_get(queue, no_ack=False)
+            if message is not None:
+                self.channel.basic_ack(message.delivery_tag)
+                messages.append(message)
+                continue
+            if expect is None or len(messages) >= expect or time.monotonic() > deadline:
+                return messages
+            time.sleep(0.05)
+
+    def count(self, queue: str) -> int:
+        return int(self.channel.queue_declare(queue, passive=True).message_count)
+
+    def cleanup(self) -> None:
+        """Delete every queue and exchange the test made, then disconnect."""
+        from kombu import Connection
+
+        with Connection(self._kombu.as_uri(include_password=True)) as conn:
+            channel = conn.channel()
+            for queue in self.queues:
+                channel.queue_delete(queue)
+            for exchange in self.exchanges:
+                channel.queue_delete(f"{exchange}.unrouted")
+                channel.exchange_delete(exchange)
+                channel.exchange_delete(f"{exchange}.unrouted")
+        self._kombu.release()
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    return str(django_settings.AMQP_URL)
+
+
+@pytest.fixture
+def rabbit(amqp_url: str) -> Iterator[RabbitClient]:
+    client = RabbitClient(amqp_url)
+    yield client
+    client.cleanup()
+
+
+@pytest.fixture
+def exchange_name() -> str:
+    return f"test-ev-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def broker(settings: Any, amqp_url: str, exchange_name: str, rabbit: RabbitClient) -> Iterator[dict[str, Any]]:
+    """Point reliable_events at the real RabbitMQ with a fresh exchange for this test."""
+    config = dict(settings.RELIABLE_EVENTS)
+    config.update({"BROKER_URL": amqp_url, "EXCHANGE": exchange_name})
+    settings.RELIABLE_EVENTS = config
+    rabbit.exchanges.append(exchange_name)
+    dispatcher.reset()
+    yield config
+    dispatcher.reset()
+
+
+@pytest.fixture(autouse=True)
+def _reset_dispatcher() -> Iterator[None]:
+    dispatcher.reset()
+    yield
+    dispatcher.reset()
+
+
+@pytest.fixture
+def clean_registry() -> Iterator[Any]:
+    """An empty consumer registry for the test; the previous one is restored after."""
+    saved = dict(registry._consumers)
+    discovered = registry._discovered
+    registry._consumers.clear()
+    registry._discovered = True
+    yield registry
+    registry._consumers.clear()
+    registry._consumers.update(saved)
+    registry._discovered = discovered

@@ -1,0 +1,49 @@
+"""The outbox against the real RabbitMQ: commit publishes once, rollback never."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.db import transaction
+
+from reliable_events import publish_event
+from reliable_events.models import OutboxMessage
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.rabbitmq, pytest.mark.postgres]
+
+
+def test_rolled_back_transaction_never_reaches_the_broker(broker, rabbit, exchange_name):
+    queue = rabbit.bind_queue(exchange_name, "orders.#")
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), transaction.atomic():
+        publish_event("orders.created", {"order_id": 1})
+        raise Boom
+
+    assert OutboxMessage.objects.count() == 0
+    assert rabbit.get_all(queue, timeout=0.5) == []
+
+
+def test_committed_transaction_publishes_exactly_one_persistent_json_message(
+    broker, rabbit, exchange_name
+):
+    queue = rabbit.bind_queue(exchange_name, "orders.#")
+    with transaction.atomic():
+        row = publish_event("orders.created", {"order_id": 7}, key="7", headers={"tenant": "a"})
+
+    messages = rabbit.get_all(queue, expect=1, timeout=5)
+    assert len(messages) == 1
+    message = messages[0]
+    assert json.loads(message.body) == {"order_id": 7}
+    assert message.properties["delivery_mode"] == 2
+    assert message.properties["message_id"] == row.message_id
+    assert message.properties["content_type"] == "application/json"
+    assert message.properties["application_headers"]["tenant"] == "a"
+    assert message.properties["application_headers"]["x-event-key"] == "7"
+    assert message.properties["type"] == "orders.created"
+    assert OutboxMessage.objects.get(pk=row.pk).status == OutboxMessage.Status.SENT
+    # nothing else arrives later
+    assert rabbit.get_all(queue, timeout=0.3) == []

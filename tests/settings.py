@@ -1,0 +1,103 @@
+"""Settings for the test suite.
+
+``RE_TEST_DATABASE`` picks the database: ``postgres`` (default; the real PostgreSQL at
+``RE_TEST_PG_HOST``/``RE_TEST_PG_PORT``) or ``sqlite`` (the embedded configuration).
+``RE_TEST_AMQP_URL`` is the real RabbitMQ used by tests marked ``rabbitmq``.
+"""
+
+from __future__ import annotations
+
+import os
+
+SECRET_KEY = "tests-only-not-secret"  # noqa: S105
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ROOT_URLCONF = "tests.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_celery_beat",
+    "reliable_events",
+    "tests.testapp",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+STATIC_URL = "/static/"
+
+DATABASE_KIND = os.environ.get("RE_TEST_DATABASE", "postgres")
+if DATABASE_KIND == "sqlite":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("RE_TEST_SQLITE_NAME", "reliable_events_test.sqlite3"),
+            "TEST": {"NAME": os.environ.get("RE_TEST_SQLITE_TEST_NAME") or None},
+            "OPTIONS": {"timeout": 30},
+        }
+    }
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("RE_TEST_PG_NAME", "reliable_events"),
+            "USER": os.environ.get("RE_TEST_PG_USER", "postgres"),
+            "PASSWORD": os.environ.get("RE_TEST_PG_PASSWORD", ""),
+            "HOST": os.environ.get("RE_TEST_PG_HOST", "127.0.0.1"),
+            "PORT": os.environ.get("RE_TEST_PG_PORT", "5432"),
+            "TEST": {"NAME": os.environ.get("RE_TEST_PG_TEST_NAME", "test_reliable_events")},
+        }
+    }
+
+AMQP_URL = os.environ.get("RE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+# Unit tests run on the in-process transport; tests of guarantees override BROKER_URL
+# with AMQP_URL and a per-test exchange.
+RELIABLE_EVENTS = {
+    "BROKER_URL": "memory://",
+    "BACKOFF_BASE": 0.05,
+    "BACKOFF_MAX": 0.5,
+}
+SILENCED_SYSTEM_CHECKS = ["reliable_events.W002"]
+
+CELERY_BROKER_URL = "memory://"
+CELERY_TASK_ALWAYS_EAGER = True
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"reliable_events": {"handlers": ["console"], "level": "WARNING"}},
+}
