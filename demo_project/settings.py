@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("DEMO_VAR_DIR", BASE_DIR / "var"))
@@ -59,6 +60,7 @@ TEMPLATES = [
 ]
 STATIC_URL = "/static/"
 
+DATABASES: dict[str, dict[str, Any]]
 if os.environ.get("DEMO_PG_NAME"):
     DATABASES = {
         "default": {
@@ -81,7 +83,7 @@ else:
 
 _QUEUE_DIR = VAR_DIR / "broker"
 BROKER_URL = os.environ.get("DEMO_BROKER_URL", "filesystem://")
-RELIABLE_EVENTS = {
+RELIABLE_EVENTS: dict[str, Any] = {
     "BROKER_URL": BROKER_URL,
     "BROKER_TRANSPORT_OPTIONS": (
         {

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -237,7 +236,7 @@ class AmqpPublisher(Publisher):
                 raise ConfirmTimeout("the broker did not confirm in time")
             try:
                 raw.drain_events(timeout=remaining)
-            except socket.timeout as exc:
+            except TimeoutError as exc:
                 raise ConfirmTimeout("the broker did not confirm in time") from exc
 
     # -- publishing ----------------------------------------------------------------
@@ -286,9 +285,7 @@ class AmqpPublisher(Publisher):
                 sent += 1
             self._wait_for_confirms(deadline, 1)
         except Exception as exc:
-            reason = (
-                str(exc) if isinstance(exc, ConfirmTimeout) else describe_error(exc, self.url)
-            )
+            reason = str(exc) if isinstance(exc, ConfirmTimeout) else describe_error(exc, self.url)
             result.fail(list(self._inflight.values()), reason)
             result.fail([m.ref for m in messages[sent:]], f"not sent: {reason}")
             logger.warning("reliable_events: publish failed: %s", reason)

@@ -32,7 +32,11 @@ _POSITIVE_NUMBERS = (
     "OUTBOX_RETENTION_DAYS",
     "PROCESSED_RETENTION_DAYS",
 )
-_NON_NEGATIVE_NUMBERS = ("RELAY_IDLE_SECONDS", "ON_COMMIT_GRACE_SECONDS", "ON_COMMIT_BREAKER_SECONDS")
+_NON_NEGATIVE_NUMBERS = (
+    "RELAY_IDLE_SECONDS",
+    "ON_COMMIT_GRACE_SECONDS",
+    "ON_COMMIT_BREAKER_SECONDS",
+)
 _MAX_LANES = 32767
 
 
@@ -162,7 +166,8 @@ def check_lanes() -> list[CheckMessage]:
     if not isinstance(lanes, int) or isinstance(lanes, bool) or not 1 <= lanes <= _MAX_LANES:
         return [
             Error(
-                f"RELIABLE_EVENTS['LANES'] must be an integer from 1 to {_MAX_LANES}, got {lanes!r}.",
+                f"RELIABLE_EVENTS['LANES'] must be an integer from 1 to {_MAX_LANES}, "
+                f"got {lanes!r}.",
                 hint="Change it only while the outbox has no pending rows. " + DOCS,
                 id="reliable_events.E006",
             )

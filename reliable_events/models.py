@@ -42,7 +42,8 @@ class OutboxMessage(models.Model):
         max_length=TOPIC_MAX_LENGTH,
         help_text=_("Routing key on the events exchange (dot-separated words)."),
     )
-    key = models.CharField(
+    # NULL (not "") means "no ordering": NULL never equals NULL in the holdback query.
+    key = models.CharField(  # noqa: DJ001
         max_length=KEY_MAX_LENGTH,
         null=True,
         blank=True,
@@ -114,9 +115,7 @@ class OutboxMessage(models.Model):
                 condition=Q(status="pending"),
                 name="re_outbox_pending_key",
             ),
-            models.Index(
-                fields=("sent_at",), condition=Q(status="sent"), name="re_outbox_sent_at"
-            ),
+            models.Index(fields=("sent_at",), condition=Q(status="sent"), name="re_outbox_sent_at"),
             models.Index(fields=("status", "id"), name="re_outbox_status"),
         )
 
@@ -148,9 +147,7 @@ class ProcessedMessage(models.Model):
         verbose_name_plural = _("processed messages")
         ordering = ("-id",)
         constraints = (
-            models.UniqueConstraint(
-                fields=("consumer", "message_id"), name="re_processed_unique"
-            ),
+            models.UniqueConstraint(fields=("consumer", "message_id"), name="re_processed_unique"),
         )
         indexes = (models.Index(fields=("processed_at",), name="re_processed_at"),)
 
@@ -196,7 +193,9 @@ class DeadLetter(models.Model):
     headers = models.JSONField(default=dict, blank=True, help_text=_("The message's headers."))
     reason = models.CharField(
         max_length=50,
-        help_text=_("Why it was dead-lettered: retries-exhausted, permanent-error or a poison kind."),
+        help_text=_(
+            "Why it was dead-lettered: retries-exhausted, permanent-error or a poison kind."
+        ),
     )
     error_type = models.CharField(
         max_length=200, blank=True, default="", help_text=_("Qualified name of the last exception.")
@@ -204,7 +203,9 @@ class DeadLetter(models.Model):
     error_message = models.TextField(
         blank=True, default="", help_text=_("Message of the last exception.")
     )
-    traceback = models.TextField(blank=True, default="", help_text=_("Traceback of the last failure."))
+    traceback = models.TextField(
+        blank=True, default="", help_text=_("Traceback of the last failure.")
+    )
     fingerprint = models.CharField(
         max_length=64,
         blank=True,

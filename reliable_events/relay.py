@@ -90,8 +90,8 @@ def backoff_seconds(attempts: int) -> float:
     base = float(app_settings.BACKOFF_BASE)
     cap = float(app_settings.BACKOFF_MAX)
     exponent = min(max(attempts - 1, 0), 62)
-    ceiling = min(cap, base * (2**exponent))
-    return ceiling * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not crypto
+    ceiling = min(cap, base * (2.0**exponent))
+    return ceiling * (0.5 + random.random() / 2)
 
 
 def _alias(using: str | None) -> str:
@@ -231,8 +231,9 @@ def mark_failed(alias: str, failed: dict[Hashable, str]) -> int:
         rows, ["attempts", "last_error", "next_attempt_at", "status"], batch_size=500
     )
     if dead:
-        logger.error("reliable_events: %d outbox message(s) are dead after %d attempts",
-                     dead, max_attempts)
+        logger.error(
+            "reliable_events: %d outbox message(s) are dead after %d attempts", dead, max_attempts
+        )
     return dead
 
 

@@ -23,13 +23,16 @@ from reliable_events.relay import relay_once
 def relay_outbox(max_seconds: float = 50.0) -> dict[str, Any]:
     """Publish every due outbox row (for at most ``max_seconds``)."""
     report = relay_once(max_seconds=max_seconds)
-    return {"claimed": report.claimed, "sent": report.sent, "failed": report.failed,
-            "dead": report.dead}
+    return {
+        "claimed": report.claimed,
+        "sent": report.sent,
+        "failed": report.failed,
+        "dead": report.dead,
+    }
 
 
 @shared_task(ignore_result=True)
 def purge_outbox() -> dict[str, Any]:
     """Delete sent outbox rows and processed records past their retention."""
     report = purge()
-    return {"outbox_deleted": report.outbox_deleted,
-            "processed_deleted": report.processed_deleted}
+    return {"outbox_deleted": report.outbox_deleted, "processed_deleted": report.processed_deleted}

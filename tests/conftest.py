@@ -68,7 +68,7 @@ class RabbitClient:
         from kombu import Connection
 
         with Connection(self._kombu.as_uri(include_password=True)) as conn:
-            channel = conn.channel()
+            channel: Any = conn.channel()
             for queue in self.queues:
                 channel.queue_delete(queue)
             for exchange in self.exchanges:
@@ -96,7 +96,9 @@ def exchange_name() -> str:
 
 
 @pytest.fixture
-def broker(settings: Any, amqp_url: str, exchange_name: str, rabbit: RabbitClient) -> Iterator[dict[str, Any]]:
+def broker(
+    settings: Any, amqp_url: str, exchange_name: str, rabbit: RabbitClient
+) -> Iterator[dict[str, Any]]:
     """Point reliable_events at the real RabbitMQ with a fresh exchange for this test."""
     config = dict(settings.RELIABLE_EVENTS)
     config.update({"BROKER_URL": amqp_url, "EXCHANGE": exchange_name})

@@ -45,9 +45,7 @@ class Command(BaseCommand):
             self.stdout.write(f"pending: {status.pending}")
             self.stdout.write(f"sent: {status.sent}")
             self.stdout.write(f"dead: {status.dead}")
-            self.stdout.write(
-                "oldest pending age: " + ("-" if age is None else f"{age:.1f}s")
-            )
+            self.stdout.write("oldest pending age: " + ("-" if age is None else f"{age:.1f}s"))
             self.stdout.write(f"open dead letters: {status.open_dead_letters}")
             for consumer, count in sorted(status.open_dead_letters_by_consumer.items()):
                 self.stdout.write(f"  {consumer}: {count}")
