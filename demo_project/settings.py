@@ -33,6 +33,9 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_celery_beat",
     "reliable_events",
+    "demo_project.orders",
+    "demo_project.inventory",
+    "demo_project.notifications",
 ]
 
 MIDDLEWARE = [
@@ -59,6 +62,23 @@ TEMPLATES = [
     }
 ]
 STATIC_URL = "/static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.BasicAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {"reliable_events": {"handlers": ["console"], "level": "INFO"}},
+}
 
 DATABASES: dict[str, dict[str, Any]]
 if os.environ.get("DEMO_PG_NAME"):
@@ -77,10 +97,19 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": VAR_DIR / "demo.sqlite3",
-            "OPTIONS": {"timeout": 30, "init_command": "PRAGMA journal_mode=WAL;"},
+            # Several processes write (web, relay, consumers): WAL, and BEGIN IMMEDIATE so
+            # a transaction takes the write lock up front and waits for it (``timeout``)
+            # instead of failing with "database is locked" when it upgrades mid-way.
+            "OPTIONS": {
+                "timeout": 30,
+                "init_command": "PRAGMA journal_mode=WAL;",
+                "transaction_mode": "IMMEDIATE",
+            },
         }
     }
 
+# ``filesystem://`` keeps each queue as files in this folder; every process of the demo
+# (web, Celery worker with beat, consumers) shares it.
 _QUEUE_DIR = VAR_DIR / "broker"
 BROKER_URL = os.environ.get("DEMO_BROKER_URL", "filesystem://")
 RELIABLE_EVENTS: dict[str, Any] = {
@@ -102,3 +131,10 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Server-less transports have no cross-process fanout: no remote control, gossip or
+# mingle (scripts/demo also passes --without-gossip --without-mingle).
+CELERY_WORKER_ENABLE_REMOTE_CONTROL = False
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Beat wakes at least this often (seconds): quick to stop, quick to see schedule edits.
+CELERY_BEAT_MAX_LOOP_INTERVAL = 2

@@ -71,6 +71,21 @@ class AppSettings:
     RETRY_DELAYS: list[float] = [1, 5, 15, 30, 60]
     #: Default ``max_retries`` of consumers.
     MAX_RETRIES: int = 5
+    #: AMQP heartbeat of consumer connections, seconds (0 disables heartbeats).
+    CONSUMER_HEARTBEAT: float = 60.0
+    #: Longest pause between two reconnect attempts of a consumer, seconds.
+    CONSUMER_RECONNECT_MAX: float = 30.0
+    #: The consume loop logs (and ``consume_events`` prints) a progress line every N messages.
+    CONSUMER_LOG_EVERY: int = 1000
+    #: Quorum queues: a message the broker has delivered this many times (consumers died
+    #: before acking it) is dead-lettered with reason ``redelivery-limit`` instead of run
+    #: again.  Must stay below the queues' ``x-delivery-limit``.
+    MAX_DELIVERIES: int = 50
+    #: Default ``EventConsumer.batch_size``: messages already received that may share one
+    #: transaction (1 = one transaction, one commit per message).
+    CONSUMER_BATCH_SIZE: int = 1
+    #: Consumers the Celery ``ConsumerStep`` runs (names); ``None`` = every registered one.
+    CELERY_CONSUMERS: list[str] | None = None
 
     def _user_settings(self) -> dict[str, Any]:
         value = getattr(django_settings, "RELIABLE_EVENTS", None)
@@ -79,9 +94,9 @@ class AppSettings:
     def __getattribute__(self, name: str) -> Any:
         if name.isupper():
             user = object.__getattribute__(self, "_user_settings")()
-            if name in user:
+            if name in user and not (name == "BROKER_URL" and user[name] is None):
                 return user[name]
-            if name == "BROKER_URL":
+            if name == "BROKER_URL":  # unset or None: Celery's broker, else the embedded one
                 return getattr(django_settings, "CELERY_BROKER_URL", None) or EMBEDDED_BROKER_URL
         return object.__getattribute__(self, name)
 

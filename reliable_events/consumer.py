@@ -11,19 +11,39 @@ registry imports those modules the first time it is used::
 
         def handle(self, event):               # runs inside transaction.atomic()
             ...
+
+The base class owns everything around ``handle``: :meth:`EventConsumer.process` opens
+the transaction, records the message id in ``ProcessedMessage`` (first, so duplicate
+deliveries serialise on its unique index), runs ``handle``, times it and classifies a
+failure; the consume loop (:mod:`reliable_events.consuming`) turns the outcome into an
+ack, a delayed retry or a dead letter.  See ``docs/consumers.md``.
 """
 
 from __future__ import annotations
 
+import enum
+import logging
 import re
 import threading
+import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar
 
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, InterfaceError, connections, transaction
+
 from reliable_events.conf import app_settings
-from reliable_events.exceptions import ConfigurationError, UnknownConsumer
+from reliable_events.exceptions import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    PermanentError,
+    UnknownConsumer,
+)
 from reliable_events.topology import QueueSpec, queue_arguments
+
+logger = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 _BINDING_RE = re.compile(r"^([A-Za-z0-9_-]+|\*|#)(\.([A-Za-z0-9_-]+|\*|#))*$")
@@ -31,6 +51,9 @@ _BINDING_RE = re.compile(r"^([A-Za-z0-9_-]+|\*|#)(\.([A-Za-z0-9_-]+|\*|#))*$")
 #: anything our own retry policy produces (each retry is a new publish), so the broker
 #: never drops a message before our policy dead-letters it.
 QUORUM_DELIVERY_LIMIT = 1000
+#: Room for ``.retry.<n>`` in a queue name (AMQP names are at most 255 bytes; the
+#: ProcessedMessage column holds 200 characters).
+_MAX_NAME_LENGTH = 180
 
 
 @dataclass(frozen=True)
@@ -43,6 +66,36 @@ class Event:
     payload: Any
     headers: dict[str, Any] = field(default_factory=dict)
     attempt: int = 1
+    #: The broker delivered it before (a consumer died or lost its connection before the
+    #: ack); the idempotency record makes that harmless.
+    redelivered: bool = False
+    #: When it was first published (the AMQP ``timestamp`` property), if known.
+    published_at: datetime | None = None
+
+
+class Outcome(enum.Enum):
+    """What became of one delivery."""
+
+    PROCESSED = "processed"
+    DUPLICATE = "duplicate"
+    FAILED = "failed"
+    RETRIED = "retried"
+    DEAD_LETTERED = "dead-lettered"
+    POISON = "poison"
+
+
+@dataclass
+class HandlerResult:
+    """The outcome of one :meth:`EventConsumer.process` call."""
+
+    outcome: Outcome
+    seconds: float = 0.0
+    error: BaseException | None = None
+    traceback: str = ""
+
+    @property
+    def permanent(self) -> bool:
+        return isinstance(self.error, PermanentError)
 
 
 class EventConsumer:
@@ -59,6 +112,12 @@ class EventConsumer:
     #: Seconds before each retry (``None``: the ``RETRY_DELAYS`` setting); the last
     #: value repeats when there are more retries than delays.
     retry_delays: ClassVar[Sequence[float] | None] = None
+    #: Database alias of the idempotency record and the handler's transaction
+    #: (``None``: the default database).
+    database: ClassVar[str | None] = None
+    #: Messages already received that may share one transaction (``None``: the
+    #: ``CONSUMER_BATCH_SIZE`` setting, default 1).  See :meth:`process_batch`.
+    batch_size: ClassVar[int | None] = None
     #: Set on an intermediate base class to keep it out of the registry.
     abstract: ClassVar[bool] = False
 
@@ -75,6 +134,120 @@ class EventConsumer:
         once; any other exception is retried.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement handle(event)")
+
+    # -- what the base class owns ----------------------------------------------------------
+    def process(self, event: Event) -> HandlerResult:
+        """Apply ``event`` at most once in effect: idempotency record and ``handle`` in one
+        transaction.
+
+        Returns ``DUPLICATE`` when this consumer already committed this message id (nothing
+        runs), ``PROCESSED`` when ``handle`` committed, ``FAILED`` (with the exception and
+        its traceback) when ``handle`` raised and everything was rolled back.  Raises
+        :class:`~reliable_events.exceptions.DatabaseUnavailable` when the database itself
+        failed (connection lost, or the idempotency record could not be written): the
+        message must then be neither acked nor counted as an attempt.
+        """
+        alias = self._alias()
+        started = time.perf_counter()
+        stage = "record"
+        raw = None
+        try:
+            connection = connections[alias]
+            connection.ensure_connection()
+            raw = connection.connection
+            with transaction.atomic(using=alias):
+                if not _insert_record(connection, self.name, event.id, event.topic):
+                    return HandlerResult(Outcome.DUPLICATE, time.perf_counter() - started)
+                stage = "handle"
+                self.handle(event)
+                stage = "commit"
+        except Exception as exc:
+            seconds = time.perf_counter() - started
+            if stage == "record" or database_lost(alias, raw):
+                raise DatabaseUnavailable(
+                    f"database {alias!r} failed while {self.name!r} processed "
+                    f"{event.id!r}: {type(exc).__name__}"
+                ) from exc
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            return HandlerResult(Outcome.FAILED, seconds, exc, text)
+        seconds = time.perf_counter() - started
+        logger.debug(
+            "reliable_events: %s processed %s (%s, attempt %d) in %.1fms",
+            self.name,
+            event.id,
+            event.topic,
+            event.attempt,
+            seconds * 1000,
+        )
+        return HandlerResult(Outcome.PROCESSED, seconds)
+
+    def process_batch(self, events: Sequence[Event]) -> list[HandlerResult] | None:
+        """Apply several events in one transaction: each one's idempotency record, then
+        its ``handle``, in order; one commit for all.
+
+        Returns one ``PROCESSED``/``DUPLICATE`` result per event, or ``None`` when a
+        handler raised: then *everything* was rolled back and the caller must process the
+        events one by one (so that only the failing one is retried or dead-lettered).
+        Raises :class:`~reliable_events.exceptions.DatabaseUnavailable` like
+        :meth:`process`.
+        """
+        alias = self._alias()
+        stage = "record"
+        raw = None
+        results: list[HandlerResult] = []
+        try:
+            connection = connections[alias]
+            connection.ensure_connection()
+            raw = connection.connection
+            with transaction.atomic(using=alias):
+                for event in events:
+                    started = time.perf_counter()
+                    stage = "record"
+                    if not _insert_record(connection, self.name, event.id, event.topic):
+                        results.append(
+                            HandlerResult(Outcome.DUPLICATE, time.perf_counter() - started)
+                        )
+                        continue
+                    stage = "handle"
+                    self.handle(event)
+                    results.append(HandlerResult(Outcome.PROCESSED, time.perf_counter() - started))
+                stage = "commit"
+        except Exception as exc:
+            if stage == "record" or database_lost(alias, raw):
+                raise DatabaseUnavailable(
+                    f"database {alias!r} failed while {self.name!r} processed a batch of "
+                    f"{len(events)}: {type(exc).__name__}"
+                ) from exc
+            logger.info(
+                "reliable_events: %s: a handler failed in a batch of %d (%s); "
+                "processing them one by one",
+                self.name,
+                len(events),
+                type(exc).__name__,
+            )
+            return None
+        return results
+
+    @classmethod
+    def get_batch_size(cls) -> int:
+        size = app_settings.CONSUMER_BATCH_SIZE if cls.batch_size is None else cls.batch_size
+        return max(1, int(size))
+
+    def _alias(self) -> str:
+        alias: str | None = self.__dict__.get("_database_alias")
+        if alias is None:
+            alias = self.__dict__["_database_alias"] = self.get_database()
+        return alias
+
+    @classmethod
+    def get_database(cls) -> str:
+        if cls.database:
+            return cls.database
+        from django.db import router
+
+        from reliable_events.models import ProcessedMessage
+
+        return router.db_for_write(ProcessedMessage) or DEFAULT_DB_ALIAS
 
     # -- policy and topology -------------------------------------------------------------
     @classmethod
@@ -120,20 +293,25 @@ class EventConsumer:
             )
         ]
         for retry in range(1, cls.retry_queue_count() + 1):
-            specs.append(
-                QueueSpec(
-                    cls.retry_queue_name(retry),
-                    (),
-                    queue_arguments(
-                        **{
-                            "x-message-ttl": int(cls.delay_for(retry) * 1000),
-                            "x-dead-letter-exchange": "",
-                            "x-dead-letter-routing-key": cls.queue_name(),
-                        }
-                    ),
-                )
-            )
+            args: dict[str, Any] = {
+                "x-message-ttl": int(cls.delay_for(retry) * 1000),
+                # The default exchange, routed by queue name: back into this consumer's
+                # own queue only, never to the topic's other subscribers.
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": cls.queue_name(),
+            }
+            if app_settings.QUEUE_TYPE == "quorum":
+                # Quorum queues dead-letter at most once unless told otherwise; at least
+                # once needs reject-publish overflow.
+                args["x-dead-letter-strategy"] = "at-least-once"
+                args["x-overflow"] = "reject-publish"
+            specs.append(QueueSpec(cls.retry_queue_name(retry), (), queue_arguments(**args)))
         return specs
+
+    @classmethod
+    def retry_queue_for(cls, retry: int) -> str:
+        """The delay queue retry number ``retry`` (1-based) goes through."""
+        return cls.retry_queue_name(min(max(retry, 1), cls.retry_queue_count()))
 
     @classmethod
     def validate(cls) -> None:
@@ -152,6 +330,14 @@ class EventConsumer:
             raise ConfigurationError(f"consumer {cls.name!r}: max_retries must be >= 0")
         if any(d < 0 for d in cls.get_retry_delays()):
             raise ConfigurationError(f"consumer {cls.name!r}: retry_delays must be >= 0")
+        if cls.batch_size is not None and (
+            not isinstance(cls.batch_size, int) or cls.batch_size < 1
+        ):
+            raise ConfigurationError(f"consumer {cls.name!r}: batch_size must be an int >= 1")
+        if len(cls.name) > _MAX_NAME_LENGTH:
+            raise ConfigurationError(
+                f"consumer name {cls.name[:40]!r}... is longer than {_MAX_NAME_LENGTH} characters"
+            )
 
 
 class ConsumerRegistry:
@@ -166,7 +352,12 @@ class ConsumerRegistry:
         consumer.validate()
         with self._lock:
             existing = self._consumers.get(consumer.name)
-            if existing is not None and existing.__qualname__ != consumer.__qualname__:
+            # The same class imported again (a module reloaded) replaces itself quietly.
+            same = existing is not None and (existing.__module__, existing.__qualname__) == (
+                consumer.__module__,
+                consumer.__qualname__,
+            )
+            if existing is not None and not same:
                 raise ConfigurationError(
                     f"two consumers are named {consumer.name!r}: "
                     f"{existing.__module__}.{existing.__qualname__} and "
@@ -217,3 +408,94 @@ class ConsumerRegistry:
 
 
 registry = ConsumerRegistry()
+
+
+# -- the idempotency record -----------------------------------------------------------------
+def record_processed(alias: str, consumer: str, message_id: str, topic: str) -> bool:
+    """Insert the ``ProcessedMessage`` row; ``False`` if this consumer already has it.
+
+    Runs inside the caller's transaction.  On PostgreSQL and SQLite this is one
+    ``INSERT ... ON CONFLICT DO NOTHING``: a concurrent duplicate waits on the unique index
+    until the first transaction ends, then inserts nothing.
+    """
+    return _insert_record(connections[alias], consumer, message_id, topic)
+
+
+_INSERT_SQL: dict[str, str] = {}
+
+
+def _insert_sql(connection: Any) -> str:
+    sql = _INSERT_SQL.get(connection.vendor)
+    if sql is None:
+        from reliable_events.models import ProcessedMessage
+
+        quote = connection.ops.quote_name
+        # Identifiers come from the model and are quoted; the values are parameters.
+        table = quote(ProcessedMessage._meta.db_table)
+        consumer_col, id_col, topic_col = quote("consumer"), quote("message_id"), quote("topic")
+        sql = _INSERT_SQL[connection.vendor] = (
+            f"INSERT INTO {table} ({consumer_col}, {id_col}, {topic_col}) "  # noqa: S608
+            f"VALUES (%s, %s, %s) ON CONFLICT ({consumer_col}, {id_col}) DO NOTHING"
+        )
+    return sql
+
+
+def _insert_record(connection: Any, consumer: str, message_id: str, topic: str) -> bool:
+    params = [consumer, message_id, topic[:255]]
+    if connection.vendor == "postgresql":
+        fast = _server_side_cursor(connection.connection)
+        if fast is not None:
+            # psycopg 3 with server-side binding: the statement is prepared once per
+            # connection (this runs for every message, in the handler's transaction).
+            with fast(connection.connection) as cursor:
+                cursor.execute(_insert_sql(connection), params)
+                return bool(cursor.rowcount == 1)
+    if connection.vendor in ("postgresql", "sqlite"):
+        with connection.cursor() as cursor:
+            cursor.execute(_insert_sql(connection), params)
+            return bool(cursor.rowcount == 1)
+    from django.db import IntegrityError
+
+    from reliable_events.models import ProcessedMessage
+
+    try:
+        with transaction.atomic(using=connection.alias):
+            ProcessedMessage.objects.using(connection.alias).create(
+                consumer=consumer, message_id=message_id, topic=topic[:255]
+            )
+    except IntegrityError:
+        return False
+    return True
+
+
+def _server_side_cursor(raw: Any) -> Any:
+    """psycopg 3's server-side-binding cursor class for ``raw``, else ``None``."""
+    try:
+        import psycopg
+    except ImportError:  # psycopg2, or no PostgreSQL driver
+        return None
+    return psycopg.Cursor if isinstance(raw, psycopg.Connection) else None
+
+
+def raw_connection(alias: str) -> Any:
+    """The driver connection behind ``alias``, connecting first if needed."""
+    connection = connections[alias]
+    connection.ensure_connection()
+    return connection.connection
+
+
+def database_lost(alias: str, before: Any = None) -> bool:
+    """Whether the connection ``alias`` broke (as opposed to a statement failing).
+
+    ``before`` is the driver connection from before the failed work: when Django had to
+    drop it (a rollback on a dead connection fails) it may already have opened a new one
+    when the transaction ended, so a different connection object also means "lost".
+    """
+    connection = connections[alias]
+    current = connection.connection
+    if current is None or (before is not None and current is not before):
+        return True
+    try:
+        return not connection.is_usable()
+    except (DatabaseError, InterfaceError):  # pragma: no cover - is_usable catches these
+        return True

@@ -31,6 +31,8 @@ class TriageResult:
 
     done: list[int] = field(default_factory=list)
     skipped: dict[int, str] = field(default_factory=dict)
+    #: Outbox rows a retry wrote (one per retried dead letter): the re-deliveries.
+    outbox_ids: list[int] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -105,7 +107,9 @@ def retry(
                 result.skipped[missing] = "no such dead letter"
         rows: list[OutboxMessage] = []
         now = timezone.now()
-        hold = timedelta(seconds=float(app_settings.ON_COMMIT_GRACE_SECONDS))
+        # Reserved for the on-commit publish (like publish_event), else due at once.
+        on_commit = bool(app_settings.PUBLISH_ON_COMMIT)
+        hold = timedelta(seconds=float(app_settings.ON_COMMIT_GRACE_SECONDS) if on_commit else 0)
         for letter in locked:
             reason = retry_block_reason(letter)
             if reason is not None:
@@ -141,7 +145,10 @@ def retry(
                 ["status", "resolved_at", "resolved_by", "note"],
             )
             for row in created:
-                if row.pk is not None:
+                if row.pk is None:  # pragma: no cover - every supported backend returns ids
+                    continue
+                result.outbox_ids.append(row.pk)
+                if on_commit:
                     schedule_on_commit(row.pk, alias)
     if result.done and not dry_run:
         logger.info("reliable_events: %s by %s", result.summary("retried"), user or "system")

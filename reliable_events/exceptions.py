@@ -44,3 +44,7 @@ class UnknownConsumer(ReliableEventsError, LookupError):
 
 class DeadLetterStateError(ReliableEventsError):
     """A dead letter cannot move to the requested state (e.g. retrying a discarded one)."""
+
+
+class DatabaseUnavailable(ReliableEventsError):
+    """The database failed under a consumer (connection lost): do not ack, wait, redo."""

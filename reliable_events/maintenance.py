@@ -63,9 +63,16 @@ def purge(
     alias = using or router.db_for_write(OutboxMessage) or DEFAULT_DB_ALIAS
     size = max(1, int(batch_size or app_settings.PURGE_BATCH_SIZE))
     now = timezone.now()
-    outbox_age = older_than or timedelta(days=float(app_settings.OUTBOX_RETENTION_DAYS))
-    processed_age = processed_older_than or timedelta(
-        days=float(app_settings.PROCESSED_RETENTION_DAYS)
+    # ``is None``, not ``or``: an explicit zero age means "every sent row".
+    outbox_age = (
+        older_than
+        if older_than is not None
+        else timedelta(days=float(app_settings.OUTBOX_RETENTION_DAYS))
+    )
+    processed_age = (
+        processed_older_than
+        if processed_older_than is not None
+        else timedelta(days=float(app_settings.PROCESSED_RETENTION_DAYS))
     )
     report = PurgeReport()
     report.outbox_deleted, outbox_batches = _delete_in_batches(

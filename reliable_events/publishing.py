@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, router, transaction
+from django.db.models import JSONField, Value
 from django.utils import timezone
 
 from reliable_events import signals
@@ -33,14 +34,45 @@ TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 RESERVED_HEADER_PREFIX = "x-"
 
 _MAX_TRACKED_IDS = 10_000
+#: AMQP ``shortstr`` limit: header names and the message id must fit in 255 bytes.
+SHORTSTR_MAX_BYTES = 255
+#: Largest total UTF-8 size of an event's headers (names + values).  The headers travel in
+#: one AMQP frame (``frame_max``, 128 KiB on RabbitMQ); an oversized header would fail
+#: every publish of the event, and its whole batch with it.
+MAX_HEADERS_BYTES = 16 * 1024
+#: Longest ``delay`` accepted by ``publish_event``.
+MAX_DELAY = timedelta(days=366)
+
+
+_NUL_ESCAPE_RE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def encode_payload(payload: Any) -> str:
-    """The JSON text of ``payload``, or :class:`InvalidEvent` if it has none."""
+    """The JSON text of ``payload``, or :class:`InvalidEvent` if it has none.
+
+    NUL characters are refused too: PostgreSQL cannot store ``\\u0000`` in ``jsonb``.
+    """
     try:
-        return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidEvent(f"payload is not JSON-serialisable: {exc}") from exc
+    if _NUL_ESCAPE_RE.search(body):
+        raise InvalidEvent("payload contains a NUL character (\\u0000), which cannot be stored")
+    _require_utf8(body, "payload")
+    return body
+
+
+def _require_utf8(text: str, what: str) -> int:
+    """The UTF-8 size of ``text``; :class:`InvalidEvent` if it has none (lone surrogates)."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError as exc:
+        raise InvalidEvent(f"{what} is not valid Unicode (it has a lone surrogate)") from exc
+
+
+def json_value(value: Any) -> Any:
+    """``value`` ready for a non-null JSONField: JSON ``null`` rather than SQL NULL."""
+    return Value(None, JSONField()) if value is None else value
 
 
 def lane_for(key: str | None, message_id: str) -> int:
@@ -68,18 +100,29 @@ def validate_headers(headers: object) -> dict[str, str]:
     if not isinstance(headers, Mapping):
         raise InvalidEvent("headers must be a mapping of strings to strings")
     clean: dict[str, str] = {}
+    size = 0
     for name, value in headers.items():
-        if not isinstance(name, str) or not name:
-            raise InvalidEvent("header names must be non-empty strings")
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise InvalidEvent("header names must be non-empty strings without NUL")
         if name.lower().startswith(RESERVED_HEADER_PREFIX):
             raise InvalidEvent(f"header {name[:80]!r} uses the reserved prefix 'x-'")
         if not isinstance(value, str):
             raise InvalidEvent(f"header {name[:80]!r} must be a string, not {type(value).__name__}")
+        if "\x00" in value:
+            raise InvalidEvent(f"header {name[:80]!r} contains a NUL character")
+        name_size = _require_utf8(name, "a header name")
+        if name_size > SHORTSTR_MAX_BYTES:
+            raise InvalidEvent(f"header name {name[:80]!r} is over {SHORTSTR_MAX_BYTES} bytes")
+        size += name_size + _require_utf8(value, f"header {name[:80]!r}")
         clean[name] = value
+    if size > MAX_HEADERS_BYTES:
+        raise InvalidEvent(f"headers are {size} bytes, over {MAX_HEADERS_BYTES}")
     return clean
 
 
-def _validate_optional_id(value: object, what: str, limit: int) -> str | None:
+def _validate_optional_id(
+    value: object, what: str, limit: int, max_bytes: int = 4 * KEY_MAX_LENGTH
+) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value or value != value.strip():
@@ -88,6 +131,8 @@ def _validate_optional_id(value: object, what: str, limit: int) -> str | None:
         raise InvalidEvent(f"{what} is longer than {limit} characters")
     if any(ord(ch) < 32 for ch in value):
         raise InvalidEvent(f"{what} must not contain control characters")
+    if _require_utf8(value, what) > max_bytes:
+        raise InvalidEvent(f"{what} is longer than {max_bytes} bytes (UTF-8)")
     return value
 
 
@@ -96,9 +141,14 @@ def validate_delay(delay: object) -> timedelta:
         return timedelta(0)
     if isinstance(delay, bool) or not isinstance(delay, int | float | timedelta):
         raise InvalidEvent("delay must be a number of seconds or a timedelta")
-    seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+    try:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+    except OverflowError as exc:
+        raise InvalidEvent("delay is too large") from exc
     if not seconds >= 0 or seconds == float("inf"):
         raise InvalidEvent("delay must be a finite, non-negative duration")
+    if seconds > MAX_DELAY.total_seconds():
+        raise InvalidEvent(f"delay must be at most {MAX_DELAY.days} days")
     return timedelta(seconds=seconds)
 
 
@@ -119,8 +169,12 @@ def publish_event(
     delayed), the event is published at once; whatever that misses the relay sends.
 
     Raises :class:`~reliable_events.exceptions.InvalidEvent` before anything is written
-    when the input is bad.  With ``message_id`` the call is idempotent: the same id
-    stores one message (a different event under a used id is an ``InvalidEvent``).
+    when the input is bad, including anything the broker would refuse on every publish
+    (which would also fail the batch it is in): a ``message_id`` or header name over 255
+    UTF-8 bytes, headers over ``MAX_HEADERS_BYTES`` in all, text that is not valid
+    Unicode (lone surrogates) or contains NUL.  With ``message_id`` the call is
+    idempotent: the same id stores one message (a different event under a used id is an
+    ``InvalidEvent``).
     """
     topic = validate_topic(topic)
     body = encode_payload(payload)
@@ -130,7 +184,9 @@ def publish_event(
         raise InvalidEvent(f"payload is {size} bytes, over MAX_PAYLOAD_BYTES ({limit})")
     clean_headers = validate_headers(headers)
     key = _validate_optional_id(key, "key", KEY_MAX_LENGTH)
-    given_id = _validate_optional_id(message_id, "message_id", MESSAGE_ID_MAX_LENGTH)
+    given_id = _validate_optional_id(
+        message_id, "message_id", MESSAGE_ID_MAX_LENGTH, SHORTSTR_MAX_BYTES
+    )
     hold = validate_delay(delay)
     alias = using or router.db_for_write(OutboxMessage) or DEFAULT_DB_ALIAS
     # Store the payload exactly as it will go on the wire (tuples become lists, etc.).
@@ -146,23 +202,24 @@ def publish_event(
         topic=topic,
         key=key,
         lane=lane_for(key, msg_id),
-        payload=stored_payload,
+        payload=json_value(stored_payload),
         headers=clean_headers,
         next_attempt_at=timezone.now() + hold,
     )
     if given_id is None:
         message.save(using=alias, force_insert=True)
     else:
-        existing = _insert_idempotent(message, alias)
+        existing = _insert_idempotent(message, alias, stored_payload)
         if existing is not None:
             return existing
+    message.payload = stored_payload
     if on_commit:
         schedule_on_commit(message.pk, alias)
     signals.event_stored.send(sender=OutboxMessage, message=message, using=alias)
     return message
 
 
-def _insert_idempotent(message: OutboxMessage, alias: str) -> OutboxMessage | None:
+def _insert_idempotent(message: OutboxMessage, alias: str, payload: Any) -> OutboxMessage | None:
     """Insert ``message``; if its id is taken, return the stored row instead."""
     try:
         with transaction.atomic(using=alias):
@@ -178,7 +235,7 @@ def _insert_idempotent(message: OutboxMessage, alias: str) -> OutboxMessage | No
         same = (
             existing.topic == message.topic
             and existing.key == message.key
-            and existing.payload == message.payload
+            and existing.payload == payload
             and existing.headers == message.headers
         )
         if not same:

@@ -11,8 +11,9 @@ How a batch goes (PostgreSQL):
    relay at a time.  A relay that dies loses its connection and with it its locks.
 2. **Claim.**  In a short transaction: ``SELECT ... FOR UPDATE SKIP LOCKED`` the due
    pending rows of the held lanes, oldest first, leaving out every row whose key has an
-   earlier pending row that is not yet due (a failing event holds back its own key
-   and nothing else).
+   earlier pending row that is not yet due (a failing event holds back its own key and
+   nothing else).  A retried event goes without its key's later events (see
+   :func:`_retries_go_alone`), so that if it fails again they are not already on their way.
 3. **Publish** them in id order through the confirm window (:mod:`reliable_events.broker`).
 4. **Mark**: the confirmed rows become ``sent`` in one statement; each failed row gets
    ``attempts + 1``, ``last_error`` and ``next_attempt_at = now() + backoff`` (database
@@ -31,11 +32,13 @@ pending for the relay.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,7 +49,13 @@ from django.db.models.functions import Cast, Now
 from django.utils import timezone
 
 from reliable_events import signals
-from reliable_events.broker import KEY_HEADER, OutgoingMessage, Publisher, open_publisher
+from reliable_events.broker import (
+    KEY_HEADER,
+    OutgoingMessage,
+    Publisher,
+    PublishResult,
+    open_publisher,
+)
 from reliable_events.conf import app_settings
 from reliable_events.models import OutboxMessage
 
@@ -56,6 +65,36 @@ logger = logging.getLogger(__name__)
 LANE_LOCK_NAMESPACE = 0x5245
 
 _FIELDS = ("id", "message_id", "topic", "key", "queue", "payload_text", "headers", "created_at")
+#: Longest a relay holds its lanes while it streams batches (:meth:`Relay.run`), seconds.
+RUN_SECONDS = 1.0
+
+# The claim on PostgreSQL, in SQL rather than through the ORM: it is the relay's hot path.
+# Same semantics as the ORM version used elsewhere (see claim_due): due pending rows
+# (minus ``exclude``), oldest first, minus the rows whose key has an earlier pending row
+# that is not yet due, locked with SKIP LOCKED.  The payload and
+# headers come back as JSON text (never decoded), the creation time as whole epoch seconds.
+_PG_COLUMNS = """o.id, o.message_id, o.topic, o.key, o.queue, o.payload::text,
+    NULLIF(o.headers, '{}'::jsonb)::text, floor(extract(epoch FROM o.created_at))::bigint"""
+_PG_CLAIM_DUE = """SELECT {columns} FROM {table} o
+WHERE o.status = 'pending' AND o.next_attempt_at <= statement_timestamp()
+  {lane_filter} {exclude_filter}
+  AND NOT EXISTS (
+    SELECT 1 FROM {table} e
+    WHERE e.status = 'pending' AND e.key = o.key AND e.id < o.id
+      AND e.next_attempt_at > statement_timestamp())
+ORDER BY o.id
+LIMIT %(limit)s
+FOR UPDATE OF o SKIP LOCKED"""
+_PG_CLAIM_COMMITTED = """SELECT {columns} FROM {table} o
+WHERE o.id = ANY(%(ids)s::bigint[]) AND o.status = 'pending'
+  AND NOT EXISTS (
+    SELECT 1 FROM {table} e
+    WHERE e.status = 'pending' AND e.key = o.key AND e.id < o.id
+      AND e.id <> ALL(%(ids)s::bigint[]))
+ORDER BY o.id"""
+_PG_MARK_SENT = """UPDATE {table} SET status = 'sent', sent_at = statement_timestamp(),
+    attempts = attempts + 1, last_error = ''
+WHERE id = ANY(%(ids)s::bigint[])"""
 
 
 @dataclass
@@ -137,26 +176,88 @@ def _rows_query(alias: str) -> Any:
     )
 
 
-def claim_due(alias: str, lanes: Sequence[int], limit: int) -> list[tuple[Any, ...]]:
-    """Due pending rows of ``lanes``, oldest first, minus keys held back by a failure."""
+def _table(alias: str) -> str:
+    return connections[alias].ops.quote_name(OutboxMessage._meta.db_table)
+
+
+def claim_due(
+    alias: str, lanes: Sequence[int], limit: int, *, exclude: Sequence[int] = ()
+) -> list[tuple[Any, ...]]:
+    """Due pending rows of ``lanes``, oldest first, minus keys held back by a failure.
+
+    ``exclude``: ids to leave out (the rows this relay is publishing already).
+    """
+    if _is_postgres(alias):
+        all_lanes = len(lanes) >= int(app_settings.LANES)
+        sql = _PG_CLAIM_DUE.format(
+            columns=_PG_COLUMNS,
+            table=_table(alias),
+            lane_filter="" if all_lanes else "AND o.lane = ANY(%(lanes)s::int[])",
+            exclude_filter="AND o.id <> ALL(%(exclude)s::bigint[])" if exclude else "",
+        )
+        params: dict[str, Any] = {"limit": limit, "lanes": list(lanes), "exclude": list(exclude)}
+        with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
+            cursor.execute(sql, params)
+            rows: list[tuple[Any, ...]] = cursor.fetchall()
+            return _retries_go_alone(alias, rows)
     held_back = OutboxMessage.objects.using(alias).filter(
+        next_attempt_at__gt=Now(),
         status=OutboxMessage.Status.PENDING,
         key=OuterRef("key"),
         id__lt=OuterRef("id"),
-        next_attempt_at__gt=Now(),
     )
     query = (
         _rows_query(alias)
         .filter(status=OutboxMessage.Status.PENDING, next_attempt_at__lte=Now())
+        .exclude(id__in=list(exclude))
         .filter(~Exists(held_back))
         .order_by("id")
     )
     if len(lanes) < int(app_settings.LANES):
         query = query.filter(lane__in=lanes)
     with transaction.atomic(using=alias):
-        return list(
-            query.select_for_update(skip_locked=True, of=("self",)).values_list(*_FIELDS)[:limit]
+        return _retries_go_alone(
+            alias,
+            list(
+                query.select_for_update(skip_locked=True, of=("self",)).values_list(*_FIELDS)[
+                    :limit
+                ]
+            ),
         )
+
+
+def _retries_go_alone(alias: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Leave out the rows whose key has a retried row (one that failed before) earlier in
+    the batch, and lease that row (``next_attempt_at`` pushed past the confirm timeout).
+
+    A retried event thus goes without its key's later events, in this batch and, through
+    the lease (an earlier row not due holds back its key), in the batches claimed while
+    it is in flight: if it fails again (a ``basic.nack``), they cannot overtake it.  The
+    outcome replaces the lease: sent, or the next backoff.  Called inside the claim's
+    transaction; costs one primary-key lookup per batch when nothing is being retried.
+    """
+    retried = set(
+        OutboxMessage.objects.using(alias)
+        .filter(pk__in=[row[0] for row in rows], attempts__gt=0)
+        .values_list("pk", flat=True)
+    )
+    if not retried:
+        return rows
+    waiting: set[str] = set()
+    kept, leased = [], []
+    for row in rows:
+        pk, key = row[0], row[3]
+        if key is not None and key in waiting:
+            continue
+        kept.append(row)
+        if pk in retried and key is not None:
+            waiting.add(key)
+            leased.append(pk)
+    lease = timedelta(seconds=2 * float(app_settings.CONFIRM_TIMEOUT) + 1)
+    OutboxMessage.objects.using(alias).filter(pk__in=leased).update(
+        next_attempt_at=_db_now(alias) + lease
+    )
+    return kept
 
 
 def claim_committed(alias: str, ids: Sequence[int]) -> list[tuple[Any, ...]]:
@@ -165,6 +266,12 @@ def claim_committed(alias: str, ids: Sequence[int]) -> list[tuple[Any, ...]]:
     A row is left for the relay when an earlier pending row of its key is not among
     ``ids`` (that row goes first), or when it is delayed.
     """
+    if _is_postgres(alias):
+        sql = _PG_CLAIM_COMMITTED.format(columns=_PG_COLUMNS, table=_table(alias))
+        with connections[alias].cursor() as cursor:
+            cursor.execute(sql, {"ids": list(ids)})
+            committed: list[tuple[Any, ...]] = cursor.fetchall()
+            return committed
     earlier = (
         OutboxMessage.objects.using(alias)
         .filter(status=OutboxMessage.Status.PENDING, key=OuterRef("key"), id__lt=OuterRef("id"))
@@ -179,14 +286,20 @@ def claim_committed(alias: str, ids: Sequence[int]) -> list[tuple[Any, ...]]:
     )
 
 
-def build_message(row: tuple[Any, ...]) -> OutgoingMessage:
+def build_message(row: tuple[Any, ...], exchange: str | None = None) -> OutgoingMessage:
+    """The message of a claimed row (headers as a dict or JSON text).
+
+    ``exchange`` is the configured ``EXCHANGE`` (read from the settings when omitted).
+    """
     pk, message_id, topic, key, queue, payload_text, headers, created_at = row
-    all_headers: dict[str, Any] = dict(headers or {})
+    all_headers: dict[str, Any] = (
+        json.loads(headers) if isinstance(headers, str) else dict(headers or {})
+    )
     if key is not None:
         all_headers[KEY_HEADER] = key
     return OutgoingMessage(
         ref=pk,
-        exchange="" if queue else str(app_settings.EXCHANGE),
+        exchange="" if queue else (exchange or str(app_settings.EXCHANGE)),
         routing_key=queue or topic,
         body=payload_text.encode(),
         message_id=message_id,
@@ -197,7 +310,18 @@ def build_message(row: tuple[Any, ...]) -> OutgoingMessage:
 
 
 def mark_sent(alias: str, ids: Sequence[Hashable]) -> None:
+    """Mark confirmed rows sent (one statement) and send ``events_sent``."""
     if not ids:
+        return
+    set_sent(alias, ids)
+    signals.events_sent.send(sender=OutboxMessage, ids=list(ids), using=alias)
+
+
+def set_sent(alias: str, ids: Sequence[Hashable]) -> None:
+    """The ``UPDATE`` of :func:`mark_sent`, without the signal."""
+    if _is_postgres(alias):
+        with connections[alias].cursor() as cursor:
+            cursor.execute(_PG_MARK_SENT.format(table=_table(alias)), {"ids": list(ids)})
         return
     OutboxMessage.objects.using(alias).filter(pk__in=ids).update(
         status=OutboxMessage.Status.SENT,
@@ -205,7 +329,6 @@ def mark_sent(alias: str, ids: Sequence[Hashable]) -> None:
         attempts=F("attempts") + 1,
         last_error="",
     )
-    signals.events_sent.send(sender=OutboxMessage, ids=list(ids), using=alias)
 
 
 def mark_failed(alias: str, failed: dict[Hashable, str]) -> int:
@@ -255,16 +378,61 @@ def publish_rows(
     if not rows:
         return report
     result = publisher.publish([build_message(row) for row in rows], timeout=timeout)
-    mark_sent(alias, result.confirmed)
-    report.sent = len(result.confirmed)
-    report.failed = len(result.failed)
-    report.dead = mark_failed(alias, result.failed)
-    if result.failed:
-        report.errors.append(next(iter(result.failed.values())))
+    record_result(alias, result, report)
     return report
 
 
+def record_result(alias: str, result: PublishResult, report: RelayReport) -> None:
+    """Mark what ``result`` settled (confirmed: sent; failed: backoff or dead)."""
+    if result.confirmed:
+        mark_sent(alias, result.confirmed)
+        report.sent += len(result.confirmed)
+    if result.failed:
+        report.failed += len(result.failed)
+        report.dead += mark_failed(alias, result.failed)
+        report.errors.append(next(iter(result.failed.values())))
+
+
 # -- the relay ----------------------------------------------------------------------------
+class _DatabaseWorker:
+    """A helper thread with its own database connection (a relay has two: one for its
+    claims, one for its mark-sent updates): the relay's thread keeps publishing while
+    PostgreSQL works.
+
+    Only used on PostgreSQL outside an atomic block (rows must be visible to a second
+    connection).  A task that fails closes the thread's connection, so the next task
+    reconnects.
+    """
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reliable-events")
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._executor.submit(self._call, fn, *args, **kwargs)
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            connections[self.alias].close()
+            raise
+
+    def close(self) -> None:
+        # ``connections[alias]`` must be looked up in the helper thread: it is thread-local.
+        self._executor.submit(self._close_connection)
+        self._executor.shutdown(wait=True)
+
+    def _close_connection(self) -> None:
+        connections[self.alias].close()
+
+
+def _done(value: Any) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_result(value)
+    return future
+
+
 class Relay:
     """Publishes due outbox rows in batches; reuse one instance in a loop."""
 
@@ -278,6 +446,15 @@ class Relay:
         self.alias = _alias(using)
         self.batch_size = max(1, int(batch_size or app_settings.RELAY_BATCH_SIZE))
         self.publisher = publisher or open_publisher()
+        self._workers: tuple[_DatabaseWorker, _DatabaseWorker] | None = None
+
+    def _database_workers(self) -> tuple[_DatabaseWorker, _DatabaseWorker] | None:
+        """The (claims, marks) helper threads, when this run may use other connections."""
+        if not _is_postgres(self.alias) or connections[self.alias].in_atomic_block:
+            return None
+        if self._workers is None:
+            self._workers = (_DatabaseWorker(self.alias), _DatabaseWorker(self.alias))
+        return self._workers
 
     def run_batch(self) -> RelayReport:
         """Claim, publish and mark one batch.  Returns what it did (``claimed=0``: idle)."""
@@ -295,12 +472,106 @@ class Relay:
         report.seconds = time.monotonic() - started
         return report
 
+    def run(self, *, max_seconds: float = RUN_SECONDS) -> RelayReport:
+        """Hold the free lanes and stream batches through the confirm window.
+
+        The next batch is claimed and the confirmed rows are marked while the broker
+        works on the outstanding window, so the broker is never idle waiting for the
+        database.  Each claim is the one a lone batch would make, minus the rows this
+        run is still publishing (claimed, not yet confirmed or failed): rows of a key go
+        out in id order on one channel, and a key's rows are only ever in one relay's
+        lanes.  Stops when caught up (a short claim), after a failure, or after
+        ``max_seconds``; then waits for every outstanding confirm, marks, and releases
+        the lanes.
+        """
+        started = time.monotonic()
+        report = RelayReport()
+        lanes = lock_lanes(self.alias)
+        if not lanes:
+            return report
+        alias, limit = self.alias, self.batch_size
+        timeout = float(app_settings.CONFIRM_TIMEOUT)
+        exchange = str(app_settings.EXCHANGE)
+        workers = self._database_workers()
+        # (future of the UPDATE, its ids): on PostgreSQL a helper thread writes the
+        # confirmed rows while this thread publishes, and another claims the next batch.
+        marks: list[tuple[Future[Any], list[int]]] = []
+        next_claim: Future[Any] | None = None
+        # Claimed by this run and not yet failed or known to be marked sent: the next
+        # claim leaves them out (a row still pending in the database while its mark is
+        # in flight must not be claimed twice).
+        unsettled: set[int] = set()
+        marking: list[tuple[Future[Any], list[int]]] = []
+
+        def claim() -> Future[Any]:
+            while marking and marking[0][0].done() and not marking[0][0].exception():
+                unsettled.difference_update(marking.pop(0)[1])
+            exclude = sorted(unsettled)
+            if workers is None:
+                return _done(claim_due(alias, lanes, limit, exclude=exclude))
+            return workers[0].submit(claim_due, alias, lanes, limit, exclude=exclude)
+
+        def record(result: PublishResult) -> None:
+            if result.confirmed:
+                ids: list[int] = list(result.confirmed)  # type: ignore[arg-type]
+                if workers is None:
+                    set_sent(alias, ids)
+                    unsettled.difference_update(ids)
+                    marks.append((_done(None), ids))
+                else:
+                    marks.append((workers[1].submit(set_sent, alias, ids), ids))
+                    marking.append(marks[-1])
+                report.sent += len(ids)
+            if result.failed:
+                record_result(alias, PublishResult(failed=result.failed), report)
+                unsettled.difference_update(result.failed)
+
+        try:
+            next_claim = claim()
+            while next_claim is not None:
+                rows = next_claim.result()
+                next_claim = None
+                if not rows:
+                    break
+                report.claimed += len(rows)
+                report.batches += 1
+                unsettled.update(row[0] for row in rows)
+                last = len(rows) < limit or time.monotonic() - started >= max_seconds
+                if not last:  # claim the next batch while this one goes out
+                    next_claim = claim()
+                messages = [build_message(row, exchange) for row in rows]
+                result = self.publisher.publish(messages, timeout=timeout, wait=False)
+                record(result)
+                if result.failed or last:
+                    break
+            if next_claim is not None:
+                next_claim.result()  # unused after a failure: those rows stay pending
+                next_claim = None
+            record(self.publisher.flush(timeout=timeout))
+            for future, ids in marks:
+                future.result()
+                signals.events_sent.send(sender=OutboxMessage, ids=ids, using=alias)
+        except BaseException:
+            # Outstanding messages are abandoned with the connection: their rows stay
+            # pending and go again later (at-least-once), never marked without a confirm.
+            self.publisher.close()
+            for future in [f for f, _ in marks] + ([next_claim] if next_claim else []):
+                future.exception()  # let the helper finish before the lanes go
+            raise
+        finally:
+            unlock_lanes(alias, lanes)
+        report.seconds = time.monotonic() - started
+        return report
+
     def drain(self, *, max_seconds: float | None = None) -> RelayReport:
-        """Run batches until nothing is due (or ``max_seconds`` passed)."""
+        """Publish until nothing is due (or ``max_seconds`` passed), pipelined."""
         started = time.monotonic()
         total = RelayReport()
         while True:
-            report = self.run_batch()
+            budget = RUN_SECONDS
+            if max_seconds is not None:
+                budget = min(budget, max(0.0, max_seconds - (time.monotonic() - started)))
+            report = self.run(max_seconds=budget)
             total.add(report)
             if report.claimed == 0 or report.sent == 0:
                 break  # idle, or the broker is failing: let backoff work
@@ -311,6 +582,10 @@ class Relay:
 
     def close(self) -> None:
         self.publisher.close()
+        if self._workers is not None:
+            for worker in self._workers:
+                worker.close()
+            self._workers = None
 
 
 def relay_once(

@@ -78,6 +78,22 @@ class RabbitClient:
         self._kombu.release()
 
 
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """Tests that stop or restart the shared services run only when asked to.
+
+    ``scripts/test`` (and so CI) sets ``RE_DISRUPTIVE_TESTS=1``; a developer running a
+    subset next to other work on the same services does not kill their broker.
+    """
+    import os
+
+    if os.environ.get("RE_DISRUPTIVE_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="restarts shared services: set RE_DISRUPTIVE_TESTS=1")
+    for item in items:
+        if item.get_closest_marker("disruptive") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def amqp_url() -> str:
     return str(django_settings.AMQP_URL)
@@ -127,3 +143,29 @@ def clean_registry() -> Iterator[Any]:
     registry._consumers.clear()
     registry._consumers.update(saved)
     registry._discovered = discovered
+
+
+@pytest.fixture
+def re_settings(settings: Any) -> Any:
+    """``re_settings(KEY=value, ...)`` overrides RELIABLE_EVENTS keys for the test."""
+
+    def configure(**overrides: Any) -> dict[str, Any]:
+        config = dict(settings.RELIABLE_EVENTS)
+        config.update(overrides)
+        settings.RELIABLE_EVENTS = config
+        return config
+
+    return configure
+
+
+@pytest.fixture
+def tcp_proxy() -> Iterator[Any]:
+    """A started :class:`tests.tcp_proxy.TcpProxy` in front of the real RabbitMQ."""
+    from urllib.parse import urlsplit
+
+    from tests.tcp_proxy import TcpProxy
+
+    target = urlsplit(str(django_settings.AMQP_URL))
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672).start()
+    yield proxy
+    proxy.stop()

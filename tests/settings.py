@@ -27,6 +27,7 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "reliable_events",
     "tests.testapp",
+    "tests.consumers_app",
 ]
 
 MIDDLEWARE = [
@@ -86,6 +87,13 @@ RELIABLE_EVENTS = {
     "BACKOFF_BASE": 0.05,
     "BACKOFF_MAX": 0.5,
 }
+# Subprocess tests (a relay_outbox process killed or stopped by a test) point the child at
+# the test's own broker and exchange: RE_TEST_RELIABLE_EVENTS is a JSON object whose keys
+# override RELIABLE_EVENTS.
+if os.environ.get("RE_TEST_RELIABLE_EVENTS"):
+    import json
+
+    RELIABLE_EVENTS.update(json.loads(os.environ["RE_TEST_RELIABLE_EVENTS"]))
 SILENCED_SYSTEM_CHECKS = ["reliable_events.W002"]
 
 CELERY_BROKER_URL = "memory://"
@@ -99,5 +107,11 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"reliable_events": {"handlers": ["console"], "level": "WARNING"}},
+    # RE_TEST_LOG_LEVEL: subprocess tests that count log lines (the ledger) ask for INFO.
+    "loggers": {
+        "reliable_events": {
+            "handlers": ["console"],
+            "level": os.environ.get("RE_TEST_LOG_LEVEL", "WARNING"),
+        }
+    },
 }

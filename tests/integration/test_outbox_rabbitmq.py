@@ -51,3 +51,40 @@ def test_committed_transaction_publishes_exactly_one_persistent_json_message(
     assert OutboxMessage.objects.get(pk=row.pk).status == OutboxMessage.Status.SENT
     # nothing else arrives later
     assert rabbit.get_all(queue, timeout=0.3) == []
+
+
+def test_wire_properties_of_a_published_event(broker, rabbit, exchange_name):
+    from datetime import UTC, datetime
+
+    queue = rabbit.bind_queue(exchange_name, "orders.#")
+    with transaction.atomic():
+        row = publish_event("orders.created", {"name": "Zoë", "n": [1, 2.5, None]})
+    (message,) = rabbit.get_all(queue, expect=1, timeout=5)
+    body = message.body if isinstance(message.body, str) else message.body.decode("utf-8")
+    assert json.loads(body) == {"name": "Zoë", "n": [1, 2.5, None]}
+    assert "Zoë" in body  # UTF-8, not \u escapes
+    assert message.properties["content_encoding"] == "utf-8"
+    assert (
+        "application_headers" not in message.properties
+        or not message.properties["application_headers"]
+    )  # no key, no headers: nothing added
+    stamp = message.properties["timestamp"]
+    when = stamp if isinstance(stamp, datetime) else datetime.fromtimestamp(stamp, UTC)
+    created = OutboxMessage.objects.get(pk=row.pk).created_at
+    assert abs((when - created).total_seconds()) < 2
+    assert message.delivery_info["routing_key"] == "orders.created"
+    assert message.delivery_info["exchange"] == exchange_name
+
+
+def test_without_publish_on_commit_only_the_relay_publishes(
+    broker, rabbit, exchange_name, re_settings
+):
+    from reliable_events.relay import relay_once
+
+    queue = rabbit.bind_queue(exchange_name, "orders.#")
+    re_settings(PUBLISH_ON_COMMIT=False)
+    with transaction.atomic():
+        row = publish_event("orders.created", {"order_id": 9})
+    assert rabbit.get_all(queue, timeout=0.3) == []
+    assert relay_once().sent == 1
+    assert [m.properties["message_id"] for m in rabbit.get_all(queue, expect=1)] == [row.message_id]

@@ -43,6 +43,8 @@ class Command(BaseCommand):
                 self._once(relay)
             else:
                 self._loop(relay)
+        except ReliableEventsError as exc:  # e.g. the broker has a conflicting topology
+            raise CommandError(str(exc)) from exc
         finally:
             relay.close()
 
@@ -60,7 +62,6 @@ class Command(BaseCommand):
     def _loop(self, relay: Relay) -> None:
         stop = StopFlag()
         total = RelayReport()
-        self.stdout.write("relay_outbox: running (SIGTERM or Ctrl-C stops after the batch)")
 
         def step() -> bool:
             report = relay.run_batch()
@@ -69,7 +70,8 @@ class Command(BaseCommand):
                 self.stdout.write(f"relay_outbox: {report}")
             return report.claimed > 0 and report.sent > 0
 
-        with stop_on_signals(stop):
+        with stop_on_signals(stop):  # installed before "running": a signal after it stops cleanly
+            self.stdout.write("relay_outbox: running (SIGTERM or Ctrl-C stops after the batch)")
             run_loop(step, stop=stop, idle_seconds=float(app_settings.RELAY_IDLE_SECONDS))
         self.stdout.write(
             f"relay_outbox: stopped ({stop.signal_name or 'done'}); "

@@ -1,0 +1,768 @@
+"""Django admin for triage: dead letters, the outbox, processed messages, an overview.
+
+Everything here is read-only over the rows the system owns.  The only changes staff
+can make go through the same services as the management commands:
+
+* dead letters: **retry** and **discard** (with a note) on a selection, on a whole
+  failure group (same consumer and fingerprint) or from the detail page, through
+  :mod:`reliable_events.deadletters`; gated by the ``retry_deadletter`` and
+  ``discard_deadletter`` permissions;
+* dead outbox rows: **retry** through :func:`reliable_events.relay.retry_dead`, gated by
+  ``change_outboxmessage``.
+
+The overview page (``admin:reliable_events_overview``) shows the outbox backlog, the
+open dead letters by consumer and an hourly chart of the last 24 hours; it needs view
+permission on dead letters or on the outbox.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+)
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
+from django.utils.safestring import SafeString
+from django.utils.text import Truncator
+from django.utils.translation import gettext_lazy as _
+
+from reliable_events import deadletters
+from reliable_events.deadletters import TriageResult
+from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
+from reliable_events.overview import build_chart, failure_groups, overview
+from reliable_events.relay import retry_dead
+
+if TYPE_CHECKING:
+    _ModelAdmin = admin.ModelAdmin[Any]
+else:
+    _ModelAdmin = admin.ModelAdmin
+
+#: Fields too large for a changelist row; loaded only on the detail page.
+DEADLETTER_HEAVY_FIELDS = ("payload", "raw_body", "headers", "traceback", "history", "note")
+OUTBOX_HEAVY_FIELDS = ("payload", "headers")
+#: Known keys of attempt-history entries, in display order (others follow).
+HISTORY_COLUMNS = ("attempt", "at", "error_type", "error")
+#: Skipped ids listed in a message before "and N more".
+MAX_LISTED = 10
+CSS = {"all": ("reliable_events/admin.css",)}
+
+
+# -- helpers --------------------------------------------------------------------------
+def pretty_json(value: Any) -> str:
+    """``value`` as indented, key-sorted JSON (non-JSON values shown with ``str``)."""
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _pre(text: str, css: str = "") -> SafeString:
+    return format_html('<pre class="re-pre {}">{}</pre>', css, text)
+
+
+def _age(seconds: float | None) -> str:
+    """``95`` -> ``"1m 35s"``; ``None`` -> ``"-"``."""
+    if seconds is None:
+        return "-"
+    seconds = int(max(seconds, 0))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def report(modeladmin: _ModelAdmin, request: HttpRequest, result: TriageResult, verb: str) -> None:
+    """Tell the user what a triage call did, including why it skipped rows."""
+    text = result.summary(verb).capitalize() + "."
+    if result.skipped:
+        listed = list(result.skipped.items())[:MAX_LISTED]
+        details = "; ".join(f"#{pk}: {why}" for pk, why in listed)
+        more = len(result.skipped) - len(listed)
+        text += f" Skipped {details}" + (f"; and {more} more." if more else ".")
+    if result.done and not result.skipped:
+        level = messages.SUCCESS
+    elif result.done:
+        level = messages.WARNING
+    else:
+        level = messages.ERROR
+    modeladmin.message_user(request, text, level)
+
+
+def _username(request: HttpRequest) -> str:
+    return str(request.user.get_username()) if request.user.is_authenticated else ""
+
+
+# -- list filters ---------------------------------------------------------------------
+class DeadLetterStatusFilter(admin.SimpleListFilter):
+    """Open dead letters by default: those are the ones that need someone."""
+
+    title = _("status")
+    parameter_name = "status"
+    ALL = "all"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [
+            *((value, str(label)) for value, label in DeadLetter.Status.choices),
+            (self.ALL, "all"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value() or DeadLetter.Status.OPEN
+        if value == self.ALL:
+            return queryset
+        return queryset.filter(status=value)
+
+    def choices(self, changelist: Any) -> Any:
+        current = self.value() or DeadLetter.Status.OPEN
+        for value, label in self.lookup_choices:
+            yield {
+                "selected": current == value,
+                "query_string": changelist.get_query_string({self.parameter_name: value}),
+                "display": label,
+            }
+
+
+class FailureGroupFilter(admin.SimpleListFilter):
+    """The largest open failure groups (consumer + fingerprint), with their counts."""
+
+    title = _("failure group")
+    parameter_name = "fingerprint"
+    LIMIT = 15
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        groups = failure_groups(limit=self.LIMIT)
+        seen: dict[str, str] = {}
+        for group in groups:
+            label = f"{group.error_type or 'no error type'} @ {group.consumer} ({group.count})"
+            if group.fingerprint in seen:
+                seen[group.fingerprint] += f", {group.consumer} ({group.count})"
+            else:
+                seen[group.fingerprint] = label
+        return list(seen.items())
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value is None:
+            return queryset
+        return queryset.filter(fingerprint=value)
+
+
+class PendingAgeFilter(admin.SimpleListFilter):
+    """Pending rows older than a threshold: a growing backlog shows here first."""
+
+    title = _("pending for more than")
+    parameter_name = "pending_for"
+    THRESHOLDS = {"1m": 60, "10m": 600, "1h": 3600, "1d": 86400}
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        labels = {"1m": "1 minute", "10m": "10 minutes", "1h": "1 hour", "1d": "1 day"}
+        return [(key, labels[key]) for key in self.THRESHOLDS]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        seconds = self.THRESHOLDS.get(self.value() or "")
+        if seconds is None:
+            return queryset
+        cutoff = timezone.now() - timedelta(seconds=seconds)
+        return queryset.filter(status=OutboxMessage.Status.PENDING, created_at__lt=cutoff)
+
+
+class LightChangeList(ChangeList):
+    """A changelist that never loads the heavy columns of its model admin."""
+
+    def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet[Any]:
+        query = super().get_queryset(request, exclude_parameters)
+        heavy: Sequence[str] = getattr(self.model_admin, "heavy_fields", ())
+        return query.defer(*heavy) if heavy else query
+
+
+class ReadOnlyAdmin(_ModelAdmin):
+    """No add, change or delete: the system owns these rows."""
+
+    heavy_fields: Sequence[str] = ()
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return LightChangeList
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        declared = list(super().get_readonly_fields(request, obj))
+        return declared + [f.name for f in self.model._meta.fields if f.name not in declared]
+
+    def overview_url(self) -> str:
+        return reverse(f"{self.admin_site.name}:reliable_events_overview")
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        context = {"overview_url": self.overview_url(), **(extra_context or {})}
+        return super().changelist_view(request, extra_context=context)
+
+
+# -- dead letters ---------------------------------------------------------------------
+@admin.register(DeadLetter)
+class DeadLetterAdmin(ReadOnlyAdmin):
+    heavy_fields = DEADLETTER_HEAVY_FIELDS
+    list_display = (
+        "id",
+        "status_badge",
+        "consumer",
+        "topic",
+        "error_summary",
+        "tries",
+        "failed_ago",
+    )
+    list_display_links = ("id",)
+    list_filter = (
+        DeadLetterStatusFilter,
+        ("consumer", admin.AllValuesFieldListFilter),
+        ("topic", admin.AllValuesFieldListFilter),
+        ("error_type", admin.AllValuesFieldListFilter),
+        ("reason", admin.AllValuesFieldListFilter),
+        FailureGroupFilter,
+        ("last_failed_at", admin.DateFieldListFilter),
+    )
+    search_fields = ("=message_id", "=key", "error_message")
+    search_help_text = _("Exact message id or key, or any words of the error message.")
+    date_hierarchy = "created_at"
+    ordering = ("-id",)
+    list_per_page = 50
+    actions = ("retry_selected", "discard_selected")
+    fieldsets = (
+        (
+            _("What failed"),
+            {
+                "fields": (
+                    "status",
+                    "consumer",
+                    "queue",
+                    "topic",
+                    "key",
+                    "message_id",
+                    "reason",
+                    "attempts",
+                    "first_failed_at",
+                    "last_failed_at",
+                )
+            },
+        ),
+        (_("Why"), {"fields": ("error_type", "error_message", "traceback_display", "fingerprint")}),
+        (_("Message"), {"fields": ("payload_display", "headers_display", "raw_body_display")}),
+        (_("Attempt history"), {"fields": ("history_display",)}),
+        (_("Resolution"), {"fields": ("resolved_at", "resolved_by", "note", "created_at")}),
+    )
+
+    class Media:
+        css = CSS
+
+    # -- columns --------------------------------------------------------------------
+    @admin.display(description=_("status"), ordering="status")
+    def status_badge(self, obj: DeadLetter) -> SafeString:
+        return format_html(
+            '<span class="re-badge re-{}">{}</span>', obj.status, obj.get_status_display()
+        )
+
+    @admin.display(description=_("message id"), ordering="message_id")
+    def short_message_id(self, obj: DeadLetter) -> SafeString:
+        text = obj.message_id or "(none)"
+        short = text if len(text) <= 12 else text[:8] + "…"
+        return format_html('<span title="{}">{}</span>', text, short)
+
+    @admin.display(description=_("error"))
+    def error_summary(self, obj: DeadLetter) -> SafeString:
+        kind = obj.error_type.rsplit(".", 1)[-1] if obj.error_type else obj.reason
+        return format_html(
+            '<span class="re-error-cell" title="{}"><strong>{}</strong> {}</span>{}',
+            obj.error_message[:500],
+            kind,
+            Truncator(obj.error_message).chars(60),
+            self.group_link(obj),
+        )
+
+    @admin.display(description=_("failed"), ordering="last_failed_at")
+    def failed_ago(self, obj: DeadLetter) -> SafeString:
+        return format_html(
+            '<span title="{}">{}&nbsp;ago</span>',
+            obj.last_failed_at.isoformat(timespec="seconds"),
+            _age((timezone.now() - obj.last_failed_at).total_seconds()).split(" ")[0],
+        )
+
+    @admin.display(description=_("tries"), ordering="attempts")
+    def tries(self, obj: DeadLetter) -> int:
+        return obj.attempts
+
+    def group_link(self, obj: DeadLetter) -> SafeString | str:
+        """A link listing every open dead letter of the same consumer and fingerprint."""
+        if not obj.fingerprint:
+            return ""
+        query = urlencode({"fingerprint": obj.fingerprint, "consumer": obj.consumer})
+        return format_html(
+            ' <a class="re-group-link" href="?{}" title="All open dead letters with this '
+            'failure ({})">[group]</a>',
+            query,
+            obj.fingerprint,
+        )
+
+    # -- detail fields --------------------------------------------------------------
+    @admin.display(description=_("traceback"))
+    def traceback_display(self, obj: DeadLetter) -> SafeString:
+        return _pre(obj.traceback or "(none)", "re-traceback")
+
+    @admin.display(description=_("payload"))
+    def payload_display(self, obj: DeadLetter) -> SafeString:
+        if obj.payload is None:
+            return _pre("(not JSON: see the raw body)" if obj.raw_body else "null")
+        return _pre(pretty_json(obj.payload), "re-json")
+
+    @admin.display(description=_("headers"))
+    def headers_display(self, obj: DeadLetter) -> SafeString:
+        return _pre(pretty_json(obj.headers or {}), "re-json")
+
+    @admin.display(description=_("raw body"))
+    def raw_body_display(self, obj: DeadLetter) -> SafeString | str:
+        return _pre(obj.raw_body) if obj.raw_body else "-"
+
+    @admin.display(description=_("history"))
+    def history_display(self, obj: DeadLetter) -> SafeString | str:
+        """One row per failed attempt; columns are the entries' keys (attempt, at, error)."""
+        entries = obj.history if isinstance(obj.history, list) else []
+        if not entries:
+            return "-"
+        columns: list[str] = []
+        for entry in entries:
+            if isinstance(entry, dict):
+                columns.extend(str(k) for k in entry if str(k) not in columns)
+        # A stable order whatever the database did to the JSON keys (jsonb sorts them).
+        columns.sort(key=lambda c: HISTORY_COLUMNS.index(c) if c in HISTORY_COLUMNS else 99)
+        columns = columns[:8] or ["entry"]
+        numbered = "attempt" not in columns
+        head = format_html_join(
+            "",
+            "<th>{}</th>",
+            ((c.replace("_", " "),) for c in (["#"] if numbered else []) + columns),
+        )
+        rows = format_html_join(
+            "",
+            "<tr>{}</tr>",
+            (
+                (
+                    format_html_join(
+                        "",
+                        "<td>{}</td>",
+                        (
+                            (cell,)
+                            for cell in ([str(number)] if numbered else [])
+                            + self._cells(entry, columns)
+                        ),
+                    ),
+                )
+                for number, entry in enumerate(entries, start=1)
+            ),
+        )
+        return format_html(
+            '<table class="re-history"><thead><tr>{}</tr></thead><tbody>{}</tbody></table>',
+            head,
+            rows,
+        )
+
+    @staticmethod
+    def _cells(entry: Any, columns: list[str]) -> list[str]:
+        if not isinstance(entry, dict):
+            return [Truncator(str(entry)).chars(300)] + [""] * (len(columns) - 1)
+        return [Truncator(str(entry.get(c, ""))).chars(300) for c in columns]
+
+    # -- permissions ----------------------------------------------------------------
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm(f"{self.opts.app_label}.retry_deadletter"))
+
+    def has_discard_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm(f"{self.opts.app_label}.discard_deadletter"))
+
+    # -- actions --------------------------------------------------------------------
+    @admin.action(description=_("Retry selected dead letters"), permissions=["retry"])
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
+        result = deadletters.retry(queryset.only("id"), user=_username(request))
+        report(self, request, result, "retried")
+
+    @admin.action(
+        description=_("Discard selected dead letters (with a note)…"), permissions=["discard"]
+    )
+    def discard_selected(
+        self, request: HttpRequest, queryset: QuerySet[DeadLetter]
+    ) -> HttpResponse | None:
+        note = request.POST.get("note", "").strip()
+        if request.POST.get("confirm") == "yes":
+            if note:
+                result = deadletters.discard(
+                    queryset.only("id"), note=note, user=_username(request)
+                )
+                report(self, request, result, "discarded")
+                return None
+            self.message_user(
+                request, "Say why you discard them: the note is required.", messages.ERROR
+            )
+        count = queryset.count()
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Discard dead letters"),
+            "opts": self.opts,
+            "count": count,
+            "sample": list(
+                queryset.only("id", "consumer", "message_id", "error_type", "status")[:20]
+            ),
+            "selected": request.POST.getlist(helpers.ACTION_CHECKBOX_NAME),
+            "select_across": request.POST.get("select_across", "0"),
+            "action_name": "discard_selected",
+            "note": note,
+        }
+        return TemplateResponse(
+            request, "admin/reliable_events/deadletter/discard_confirmation.html", context
+        )
+
+    # -- views ----------------------------------------------------------------------
+    def get_urls(self) -> list[URLPattern]:
+        wrap = self.admin_site.admin_view
+        return [
+            path("overview/", wrap(self.overview_view), name="reliable_events_overview"),
+            path(
+                "groups/",
+                wrap(self.groups_view),
+                name="reliable_events_deadletter_groups",
+            ),
+            path(
+                "groups/act/",
+                wrap(self.group_action_view),
+                name="reliable_events_deadletter_group_action",
+            ),
+            path(
+                "<path:object_id>/triage/",
+                wrap(self.triage_view),
+                name="reliable_events_deadletter_triage",
+            ),
+            *super().get_urls(),
+        ]
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        context = {
+            "groups_url": reverse(f"{self.admin_site.name}:reliable_events_deadletter_groups"),
+            "top_groups": failure_groups(limit=5),
+            **(extra_context or {}),
+        }
+        return super().changelist_view(request, extra_context=context)
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        context = {
+            "can_retry": self.has_retry_permission(request),
+            "can_discard": self.has_discard_permission(request),
+            "triage_url": reverse(
+                f"{self.admin_site.name}:reliable_events_deadletter_triage", args=[object_id]
+            ),
+            **(extra_context or {}),
+        }
+        return super().change_view(request, object_id, form_url, extra_context=context)
+
+    def triage_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Retry or discard one dead letter from its detail page (POST only)."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        letter = get_object_or_404(DeadLetter.objects.only("id"), pk=_int_or_404(object_id))
+        op = request.POST.get("op")
+        note = request.POST.get("note", "").strip()
+        back = reverse(
+            f"{self.admin_site.name}:reliable_events_deadletter_change", args=[letter.pk]
+        )
+        if op == "retry":
+            if not self.has_retry_permission(request):
+                raise PermissionDenied
+            result = deadletters.retry([letter], user=_username(request), note=note)
+            report(self, request, result, "retried")
+        elif op == "discard":
+            if not self.has_discard_permission(request):
+                raise PermissionDenied
+            if not note:
+                self.message_user(
+                    request, "Say why you discard it: the note is required.", messages.ERROR
+                )
+                return HttpResponseRedirect(back)
+            result = deadletters.discard([letter], note=note, user=_username(request))
+            report(self, request, result, "discarded")
+        else:
+            self.message_user(request, "Unknown operation.", messages.ERROR)
+        return HttpResponseRedirect(back)
+
+    def groups_view(self, request: HttpRequest) -> HttpResponse:
+        """Open failures grouped by consumer and fingerprint, with group actions."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        changelist = reverse(f"{self.admin_site.name}:reliable_events_deadletter_changelist")
+        groups = [
+            {
+                "group": group,
+                "filter_url": changelist
+                + "?"
+                + urlencode({"fingerprint": group.fingerprint, "consumer": group.consumer}),
+            }
+            for group in failure_groups(limit=200)
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Open failures by group"),
+            "opts": self.opts,
+            "groups": groups,
+            "can_retry": self.has_retry_permission(request),
+            "can_discard": self.has_discard_permission(request),
+            "action_url": reverse(
+                f"{self.admin_site.name}:reliable_events_deadletter_group_action"
+            ),
+            "overview_url": self.overview_url(),
+        }
+        return TemplateResponse(request, "admin/reliable_events/deadletter/groups.html", context)
+
+    def group_action_view(self, request: HttpRequest) -> HttpResponse:
+        """Retry or discard every open dead letter of one group (POST only)."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        back = reverse(f"{self.admin_site.name}:reliable_events_deadletter_groups")
+        fingerprint = request.POST.get("fingerprint")
+        consumer = request.POST.get("consumer")
+        op = request.POST.get("op")
+        note = request.POST.get("note", "").strip()
+        if fingerprint is None or not consumer:
+            self.message_user(
+                request, "Pick a group: consumer and fingerprint are required.", messages.ERROR
+            )
+            return HttpResponseRedirect(back)
+        group = deadletters.select(consumer=consumer, fingerprint=fingerprint).only("id")
+        if op == "retry":
+            if not self.has_retry_permission(request):
+                raise PermissionDenied
+            report(
+                self,
+                request,
+                deadletters.retry(group, user=_username(request), note=note),
+                "retried",
+            )
+        elif op == "discard":
+            if not self.has_discard_permission(request):
+                raise PermissionDenied
+            if not note:
+                self.message_user(
+                    request, "Say why you discard them: the note is required.", messages.ERROR
+                )
+                return HttpResponseRedirect(back)
+            report(
+                self,
+                request,
+                deadletters.discard(group, note=note, user=_username(request)),
+                "discarded",
+            )
+        else:
+            self.message_user(request, "Unknown operation.", messages.ERROR)
+        return HttpResponseRedirect(back)
+
+    def overview_view(self, request: HttpRequest) -> HttpResponse:
+        """Backlog, dead rows, open dead letters by consumer, the last 24 hours."""
+        outbox_admin = self.admin_site._registry.get(OutboxMessage)
+        allowed = self.has_view_permission(request) or (
+            outbox_admin is not None and outbox_admin.has_view_permission(request)
+        )
+        if not allowed:
+            raise PermissionDenied
+        data = overview()
+        name = self.admin_site.name
+        deadletters_url = reverse(f"{name}:reliable_events_deadletter_changelist")
+        outbox_url = reverse(f"{name}:reliable_events_outboxmessage_changelist")
+        by_consumer = sorted(
+            data.status.open_dead_letters_by_consumer.items(), key=lambda item: (-item[1], item[0])
+        )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Reliable events overview"),
+            "opts": self.opts,
+            "data": data,
+            "oldest_pending_age": _age(data.status.oldest_pending_age_seconds),
+            "by_consumer": [
+                (consumer, count, deadletters_url + "?" + urlencode({"consumer": consumer}))
+                for consumer, count in by_consumer
+            ],
+            "chart": build_chart(data.hours),
+            "totals": data.totals,
+            "pending_url": outbox_url + "?" + urlencode({"status__exact": "pending"}),
+            "dead_outbox_url": outbox_url + "?" + urlencode({"status__exact": "dead"}),
+            "deadletters_url": deadletters_url,
+            "groups_url": reverse(f"{name}:reliable_events_deadletter_groups"),
+            "top_groups": failure_groups(limit=5),
+        }
+        return TemplateResponse(request, "admin/reliable_events/overview.html", context)
+
+
+def _int_or_404(value: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise Http404(f"{value!r} is not a dead-letter id") from exc
+
+
+# -- outbox ---------------------------------------------------------------------------
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(ReadOnlyAdmin):
+    heavy_fields = OUTBOX_HEAVY_FIELDS
+    list_display = (
+        "id",
+        "topic",
+        "key",
+        "status_badge",
+        "age",
+        "attempts",
+        "next_attempt",
+        "short_error",
+    )
+    list_filter = ("status", PendingAgeFilter)
+    search_fields = ("=message_id", "=key", "^topic")
+    search_help_text = _("Exact message id or key, or the start of a topic.")
+    ordering = ("-id",)
+    list_per_page = 50
+    show_full_result_count = False
+    actions = ("retry_dead_selected",)
+    fields = (
+        "id",
+        "status",
+        "topic",
+        "key",
+        "message_id",
+        "queue",
+        "lane",
+        "attempts",
+        "created_at",
+        "next_attempt_at",
+        "sent_at",
+        "last_error",
+        "payload_display",
+        "headers_display",
+    )
+
+    class Media:
+        css = CSS
+
+    @admin.display(description=_("status"), ordering="status")
+    def status_badge(self, obj: OutboxMessage) -> SafeString:
+        return format_html(
+            '<span class="re-badge re-{}">{}</span>', obj.status, obj.get_status_display()
+        )
+
+    @admin.display(description=_("age"), ordering="created_at")
+    def age(self, obj: OutboxMessage) -> SafeString:
+        """How long a row has waited (pending or dead); sent rows show their latency."""
+        if obj.status == OutboxMessage.Status.SENT and obj.sent_at is not None:
+            text = "sent in " + _age((obj.sent_at - obj.created_at).total_seconds())
+        else:
+            text = _age((timezone.now() - obj.created_at).total_seconds())
+        return format_html(
+            '<span title="created {}">{}</span>', obj.created_at.isoformat(timespec="seconds"), text
+        )
+
+    @admin.display(description=_("next attempt"), ordering="next_attempt_at")
+    def next_attempt(self, obj: OutboxMessage) -> str:
+        if obj.status != OutboxMessage.Status.PENDING:
+            return "-"
+        wait = (obj.next_attempt_at - timezone.now()).total_seconds()
+        return "due" if wait <= 0 else f"in {_age(wait)}"
+
+    @admin.display(description=_("last error"))
+    def short_error(self, obj: OutboxMessage) -> SafeString | str:
+        if not obj.last_error:
+            return ""
+        return format_html(
+            '<span title="{}">{}</span>', obj.last_error[:1000], Truncator(obj.last_error).chars(50)
+        )
+
+    @admin.display(description=_("payload"))
+    def payload_display(self, obj: OutboxMessage) -> SafeString:
+        return _pre(pretty_json(obj.payload), "re-json")
+
+    @admin.display(description=_("headers"))
+    def headers_display(self, obj: OutboxMessage) -> SafeString:
+        return _pre(pretty_json(obj.headers or {}), "re-json")
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm(f"{self.opts.app_label}.change_outboxmessage"))
+
+    @admin.action(description=_("Retry selected dead outbox messages"), permissions=["retry"])
+    def retry_dead_selected(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
+        ids = list(queryset.values_list("id", flat=True))
+        count = retry_dead(ids)
+        text = f"Made {count} dead outbox message(s) pending again; the relay publishes them next."
+        if count < len(ids):
+            text += f" Skipped {len(ids) - count} that were not dead."
+        self.message_user(request, text, messages.SUCCESS if count else messages.WARNING)
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        from reliable_events.status import outbox_status
+
+        status = outbox_status()
+        context = {
+            "outbox_status": status,
+            "oldest_pending_age": _age(status.oldest_pending_age_seconds),
+            **(extra_context or {}),
+        }
+        return super().changelist_view(request, extra_context=context)
+
+
+# -- processed messages -----------------------------------------------------------------
+@admin.register(ProcessedMessage)
+class ProcessedMessageAdmin(ReadOnlyAdmin):
+    list_display = ("id", "consumer", "message_id", "topic", "processed_at")
+    search_fields = ("=message_id", "=consumer", "^topic")
+    search_help_text = _("Exact message id or consumer name, or the start of a topic.")
+    ordering = ("-id",)
+    list_per_page = 100
+    show_full_result_count = False
+
+    class Media:
+        css = CSS
+
+
+__all__ = [
+    "DeadLetterAdmin",
+    "OutboxMessageAdmin",
+    "ProcessedMessageAdmin",
+    "pretty_json",
+]

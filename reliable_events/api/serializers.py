@@ -1,0 +1,136 @@
+"""Serializers of the API: dead letters (list and detail), selections, outcomes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from reliable_events.deadletters import TriageResult
+from reliable_events.models import DeadLetter
+
+#: Largest explicit id list a bulk call accepts.
+MAX_BULK_IDS = 10_000
+MAX_NOTE = 2000
+
+LIST_FIELDS = (
+    "id",
+    "status",
+    "consumer",
+    "queue",
+    "message_id",
+    "topic",
+    "key",
+    "reason",
+    "error_type",
+    "error_message",
+    "fingerprint",
+    "attempts",
+    "first_failed_at",
+    "last_failed_at",
+    "created_at",
+    "resolved_at",
+    "resolved_by",
+)
+#: Fields the list never loads.
+HEAVY_FIELDS = ("payload", "raw_body", "headers", "traceback", "history", "note")
+
+
+class DeadLetterListSerializer(serializers.ModelSerializer[DeadLetter]):
+    class Meta:
+        model = DeadLetter
+        fields = LIST_FIELDS
+        read_only_fields = LIST_FIELDS
+
+
+class DeadLetterDetailSerializer(serializers.ModelSerializer[DeadLetter]):
+    class Meta:
+        model = DeadLetter
+        fields = (*LIST_FIELDS, *HEAVY_FIELDS)
+        read_only_fields = fields
+
+
+class NoteSerializer(serializers.Serializer[Any]):
+    """Body of a single retry (note optional)."""
+
+    note = serializers.CharField(required=False, allow_blank=True, max_length=MAX_NOTE, default="")
+
+
+class DiscardNoteSerializer(serializers.Serializer[Any]):
+    """Body of a single discard: say why."""
+
+    note = serializers.CharField(max_length=MAX_NOTE, allow_blank=False, trim_whitespace=True)
+
+
+class SelectionSerializer(serializers.Serializer[Any]):
+    """Which open dead letters a bulk call acts on.
+
+    Either ``ids``; or ``consumer`` and/or ``fingerprint``; or ``all: true``.
+    """
+
+    ids = serializers.ListField(
+        child=serializers.IntegerField(min_value=1),
+        required=False,
+        allow_empty=False,
+        max_length=MAX_BULK_IDS,
+    )
+    consumer = serializers.CharField(required=False, allow_blank=False, max_length=200)
+    fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=64)
+    all = serializers.BooleanField(required=False, default=False)
+    dry_run = serializers.BooleanField(required=False, default=False)
+    note = serializers.CharField(required=False, allow_blank=True, max_length=MAX_NOTE, default="")
+
+    note_required = False
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        has_ids = "ids" in attrs
+        has_group = "consumer" in attrs or "fingerprint" in attrs
+        everything = bool(attrs.get("all"))
+        chosen = sum([has_ids, has_group, everything])
+        if chosen == 0:
+            raise serializers.ValidationError(
+                "say which dead letters: give ids, or consumer and/or fingerprint, or all: true."
+            )
+        if chosen > 1:
+            raise serializers.ValidationError(
+                "give only one of: ids; consumer and/or fingerprint; all: true."
+            )
+        if self.note_required and not attrs.get("note", "").strip():
+            raise serializers.ValidationError({"note": ["say why they are discarded."]})
+        return attrs
+
+
+class DiscardSelectionSerializer(SelectionSerializer):
+    note_required = True
+
+
+class OutboxRetrySerializer(serializers.Serializer[Any]):
+    """Which dead outbox rows to make pending again: ``ids`` or ``all: true``."""
+
+    ids = serializers.ListField(
+        child=serializers.IntegerField(min_value=1),
+        required=False,
+        allow_empty=False,
+        max_length=MAX_BULK_IDS,
+    )
+    all = serializers.BooleanField(required=False, default=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if ("ids" in attrs) == bool(attrs.get("all")):
+            raise serializers.ValidationError("give either ids or all: true.")
+        return attrs
+
+
+def triage_outcome(action: str, result: TriageResult, *, dry_run: bool = False) -> dict[str, Any]:
+    """The response body of a retry or discard."""
+    verb = {"retry": "retried", "discard": "discarded"}[action]
+    return {
+        "action": action,
+        "dry_run": dry_run,
+        "count": result.count,
+        "done": result.done,
+        "skipped": {str(pk): why for pk, why in result.skipped.items()},
+        # The outbox rows carrying the re-deliveries (retry only): follow them there.
+        "outbox_ids": list(getattr(result, "outbox_ids", [])),
+        "detail": ("would have " if dry_run else "") + result.summary(verb),
+    }

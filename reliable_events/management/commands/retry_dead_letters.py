@@ -1,0 +1,97 @@
+"""``retry_dead_letters``: re-deliver open dead letters to their consumer's queue only.
+
+Select with ``--id ID [ID ...]``, ``--consumer NAME``, ``--fingerprint FP`` (combined
+with AND) or ``--all``; only open dead letters are retried.  Each one becomes an outbox
+row addressed to that consumer's queue (never the topic's other subscribers), with the
+same message id, and is marked ``retried`` in the same transaction; the row is published
+with a broker confirm right after the commit (or by the relay, if that fails).  The same
+service (:func:`reliable_events.deadletters.retry`) backs the admin and the API.
+
+Exit codes: 0 done (also when nothing matched); 1 bad arguments; 3 some of the selected
+dead letters could not be retried (listed with the reason).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DEFAULT_DB_ALIAS, router
+
+from reliable_events import deadletters
+from reliable_events.models import OutboxMessage
+
+EXIT_SOME_SKIPPED = 3
+
+
+class Command(BaseCommand):
+    help = "Re-deliver open dead letters to their consumer's queue and mark them retried."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--id", dest="ids", type=int, nargs="+", action="extend", default=None, metavar="ID"
+        )
+        parser.add_argument("--consumer", default=None, metavar="NAME", help="One consumer's.")
+        parser.add_argument("--fingerprint", default=None, help="One failure group's.")
+        parser.add_argument("--all", action="store_true", help="Every open dead letter.")
+        parser.add_argument("--dry-run", action="store_true", help="Only list what would go.")
+        parser.add_argument("--note", default="", help="Why (stored on each dead letter).")
+        parser.add_argument("--user", default="", help="Who (stored on each dead letter).")
+        parser.add_argument("--database", default=None, help="Database alias.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        ids, consumer, fp = options["ids"], options["consumer"], options["fingerprint"]
+        everything = options["all"]
+        if everything and (ids or consumer or fp):
+            raise CommandError("--all cannot be combined with --id, --consumer or --fingerprint")
+        if not (everything or ids or consumer or fp):
+            raise CommandError(
+                "choose dead letters: --id ID ..., --consumer NAME, --fingerprint FP or --all"
+            )
+        using = options["database"]
+        selected = list(
+            deadletters.select(
+                ids=ids, consumer=consumer, fingerprint=fp, everything=everything, using=using
+            )
+        )
+        if ids:  # name the ids that are not open (or do not exist) too
+            found = {letter.pk for letter in selected}
+            missing = [pk for pk in ids if pk not in found]
+        else:
+            missing = []
+        dry_run = options["dry_run"]
+        result = deadletters.retry(
+            selected,
+            user=options["user"] or "retry_dead_letters",
+            note=options["note"],
+            using=using,
+            dry_run=dry_run,
+        )
+        by_id = {letter.pk: letter for letter in selected}
+        verb = "would retry" if dry_run else "retried"
+        for pk in result.done:
+            letter = by_id[pk]
+            self.stdout.write(
+                f"{verb} #{pk} {letter.consumer} {letter.message_id} ({letter.reason}) "
+                f"-> queue {letter.queue or letter.consumer}"
+            )
+        skipped = dict(result.skipped)
+        for pk in missing:
+            skipped.setdefault(pk, "no open dead letter with this id")
+        for pk, reason in sorted(skipped.items()):
+            self.stderr.write(f"skipped #{pk}: {reason}")
+        summary = result.summary("would retry" if dry_run else "retried")
+        if result.outbox_ids:
+            alias = using or router.db_for_write(OutboxMessage) or DEFAULT_DB_ALIAS
+            sent = (
+                OutboxMessage.objects.using(alias)
+                .filter(pk__in=result.outbox_ids, status=OutboxMessage.Status.SENT)
+                .count()
+            )
+            summary += f"; {sent} confirmed by the broker now, {len(result.outbox_ids) - sent} "
+            summary += "left to the relay"
+        self.stdout.write(f"retry_dead_letters: {summary}")
+        if skipped:
+            raise CommandError(
+                f"{len(skipped)} dead letter(s) could not be retried", returncode=EXIT_SOME_SKIPPED
+            )

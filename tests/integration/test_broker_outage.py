@@ -1,0 +1,188 @@
+"""RabbitMQ stopped while requests keep publishing: requests stay fast, nothing is lost.
+
+The broker is really stopped (``rabbitmqctl stop_app``: every connection is closed and
+the AMQP listener refuses new ones) for ``RE_OUTAGE_SECONDS`` (default 60), while
+request threads keep committing orders with ``publish_event``.  It is started again in
+a ``finally`` whatever happens.  Prints: requests, backlog at restart, drain time, and
+request latency before / during / after the outage.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import threading
+import time
+
+import pytest
+from django.db import close_old_connections, connection, transaction
+
+from reliable_events import publish_event
+from reliable_events.models import OutboxMessage
+from reliable_events.relay import Relay
+from reliable_events.runner import StopFlag, run_loop
+from tests.testapp.models import Order
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.postgres,
+    pytest.mark.rabbitmq,
+    pytest.mark.slow,
+    pytest.mark.disruptive,
+]
+
+OUTAGE_SECONDS = float(os.environ.get("RE_OUTAGE_SECONDS", "60"))
+REQUEST_THREADS = 4
+#: What a request may take at worst while the broker is down: the on-commit connect
+#: timeout (0.25 s) paid once per breaker period, plus a generous margin for a noisy
+#: 2-core machine.  Without the timeouts and the breaker a request would wait for the
+#: 5 s connect timeout (or hang on a half-open socket).
+LATENCY_BOUND_SECONDS = 2.0
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=120, capture_output=True)
+
+
+def _wait_for_amqp(url: str, timeout: float = 120.0) -> None:
+    from kombu import Connection
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with Connection(url, connect_timeout=2) as conn:
+                conn.connect()
+                return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _p(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def test_broker_outage_requests_keep_succeeding_and_backlog_drains(
+    broker, rabbit, exchange_name, amqp_url, settings
+):
+    # Production-like retry policy for the outage: the relay keeps trying with backoff
+    # and no row goes dead in a 60 s outage.
+    settings.RELIABLE_EVENTS = {
+        **broker,
+        "BACKOFF_BASE": 0.5,
+        "BACKOFF_MAX": 5.0,
+        "MAX_ATTEMPTS": 100,
+        "RELAY_IDLE_SECONDS": 0.2,
+    }
+    queue = rabbit.bind_queue(exchange_name, "orders.#")
+    phase = {"name": "before"}
+    latencies: dict[str, list[float]] = {"before": [], "outage": [], "after": []}
+    published: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def request_loop(worker: int) -> None:
+        n = 0
+        try:
+            while not stop.is_set():
+                n += 1
+                started = time.perf_counter()
+                with transaction.atomic():
+                    order = Order.objects.create(reference=f"w{worker}-{n}")
+                    row = publish_event(
+                        "orders.created", {"order": order.pk}, key=f"customer-{worker}"
+                    )
+                elapsed = time.perf_counter() - started
+                with lock:
+                    latencies[phase["name"]].append(elapsed)
+                    published.append(row.message_id)
+                time.sleep(0.02)
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+        finally:
+            close_old_connections()
+            connection.close()
+
+    relay_stop = StopFlag()
+
+    def relay_loop() -> None:
+        relay = Relay()
+        try:
+            run_loop(lambda: relay.run_batch().sent > 0, stop=relay_stop, idle_seconds=0.2)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            relay.close()
+            connection.close()
+
+    threads = [threading.Thread(target=request_loop, args=(i,)) for i in range(REQUEST_THREADS)]
+    relay_thread = threading.Thread(target=relay_loop)
+    relay_thread.start()
+    for thread in threads:
+        thread.start()
+    backlog = 0
+    drain_seconds = -1.0
+    try:
+        time.sleep(3)
+        phase["name"] = "outage"
+        _rabbitmqctl("stop_app")
+        try:
+            time.sleep(OUTAGE_SECONDS)
+        finally:
+            backlog = OutboxMessage.objects.pending().count()
+            _rabbitmqctl("start_app")
+            restarted = time.monotonic()
+            _wait_for_amqp(amqp_url)
+        phase["name"] = "after"
+        time.sleep(3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    try:
+        deadline = time.monotonic() + 120
+        while OutboxMessage.objects.pending().exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        drain_seconds = time.monotonic() - restarted
+    finally:
+        relay_stop.set()
+        relay_thread.join(timeout=60)
+
+    assert not errors, f"a request or the relay failed: {errors[0]!r}"
+
+    from tests.conftest import RabbitClient
+
+    reader = RabbitClient(amqp_url)
+    try:
+        received = reader.get_all(queue, expect=len(set(published)), timeout=30)
+    finally:
+        reader.cleanup()
+    received_ids = {m.properties["message_id"] for m in received}
+
+    print(
+        f"\noutage: {OUTAGE_SECONDS:.0f}s, requests={len(published)} "
+        f"(before={len(latencies['before'])} outage={len(latencies['outage'])} "
+        f"after={len(latencies['after'])}), backlog at restart={backlog}, "
+        f"drain={drain_seconds:.2f}s, received={len(received)} unique={len(received_ids)}"
+    )
+    for name, values in latencies.items():
+        if values:
+            print(
+                f"  latency {name:7s} p50={statistics.median(values) * 1000:.1f}ms "
+                f"p99={_p(values, 0.99) * 1000:.1f}ms max={max(values) * 1000:.1f}ms"
+            )
+
+    assert latencies["outage"], "no request ran during the outage"
+    assert max(latencies["outage"]) < LATENCY_BOUND_SECONDS
+    assert backlog > 0, "the outage left nothing pending: the test proved nothing"
+    assert not OutboxMessage.objects.pending().exists(), "backlog did not drain"
+    assert OutboxMessage.objects.dead().count() == 0
+    missing = set(published) - received_ids
+    assert not missing, f"{len(missing)} committed event(s) never reached the broker"
+    assert received_ids == set(published)

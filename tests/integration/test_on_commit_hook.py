@@ -1,0 +1,182 @@
+"""The on-commit hook against the real RabbitMQ (through a TCP proxy that counts
+connections): never raises, skipped while the breaker is open, publishes a whole
+transaction on one connection, keeps key order, steps aside when busy."""
+
+from __future__ import annotations
+
+import threading
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.db import connection, transaction
+from django.db.models.functions import Now
+
+from reliable_events import publish_event
+from reliable_events.models import OutboxMessage
+from reliable_events.relay import dispatcher, publish_after_commit, relay_once
+from tests.producer_support import drain_queue, free_port, message_ids, wait_until, with_port
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres, pytest.mark.rabbitmq]
+
+
+@pytest.fixture
+def via_proxy(broker, amqp_url, tcp_proxy, re_settings):
+    re_settings(BROKER_URL=with_port(amqp_url, tcp_proxy.port), ON_COMMIT_GRACE_SECONDS=1.5)
+    return tcp_proxy
+
+
+def test_several_events_of_one_transaction_go_in_order_on_one_connection(
+    via_proxy, rabbit, exchange_name
+):
+    queue = rabbit.bind_queue(exchange_name, "#")
+    with transaction.atomic():
+        rows = [publish_event("tx.event", {"n": n}, key=f"k{n % 2}") for n in range(6)]
+    assert message_ids(drain_queue(rabbit.channel, queue, expect=6)) == [r.message_id for r in rows]
+    assert OutboxMessage.objects.sent().count() == 6
+    with transaction.atomic():
+        again = publish_event("tx.event", {"n": 6})
+    assert message_ids(drain_queue(rabbit.channel, queue, expect=1)) == [again.message_id]
+    assert via_proxy.accepted == 1  # the per-process connection is reused
+
+
+def test_publish_outside_a_transaction_goes_at_once(via_proxy, rabbit, exchange_name):
+    queue = rabbit.bind_queue(exchange_name, "#")
+    row = publish_event("auto.commit", {})  # autocommit: on_commit runs immediately
+    assert OutboxMessage.objects.get(pk=row.pk).status == OutboxMessage.Status.SENT
+    assert message_ids(drain_queue(rabbit.channel, queue, expect=1)) == [row.message_id]
+
+
+def test_never_raises_into_the_caller_when_the_broker_is_down(broker, re_settings, caplog):
+    re_settings(BROKER_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}//")
+    with transaction.atomic():
+        row = publish_event("down.event", {"n": 1})
+    # no exception: the transaction committed and the row waits for the relay
+    stored = OutboxMessage.objects.get(pk=row.pk)
+    assert stored.status == OutboxMessage.Status.PENDING
+    assert stored.attempts == 1
+    assert dispatcher.breaker_open()
+
+
+def test_the_breaker_skips_the_hook_while_open(via_proxy, rabbit, exchange_name, re_settings):
+    queue = rabbit.bind_queue(exchange_name, "#")
+    re_settings(ON_COMMIT_BREAKER_SECONDS=1.0)
+    via_proxy.stop()
+    with transaction.atomic():
+        failed = publish_event("b.one", {})
+    assert OutboxMessage.objects.get(pk=failed.pk).attempts == 1
+    assert dispatcher.breaker_open()
+
+    via_proxy.start()  # the broker is back, but the breaker is still open
+    with transaction.atomic():
+        skipped = publish_event("b.two", {})
+    assert via_proxy.accepted == 0  # no connection was even tried
+    stored = OutboxMessage.objects.get(pk=skipped.pk)
+    assert (stored.status, stored.attempts) == (OutboxMessage.Status.PENDING, 0)
+
+    assert wait_until(lambda: not dispatcher.breaker_open(), timeout=10)
+    with transaction.atomic():
+        published = publish_event("b.three", {})
+    assert OutboxMessage.objects.get(pk=published.pk).status == OutboxMessage.Status.SENT
+    assert message_ids(drain_queue(rabbit.channel, queue, expect=1)) == [published.message_id]
+    # the relay sends the two the hook missed
+    OutboxMessage.objects.pending().update(next_attempt_at=Now())
+    assert relay_once().sent == 2
+    assert sorted(message_ids(drain_queue(rabbit.channel, queue, expect=2))) == sorted(
+        [failed.message_id, skipped.message_id]
+    )
+
+
+def test_the_hook_respects_key_order_when_an_earlier_row_of_the_key_is_pending(
+    broker, rabbit, exchange_name
+):
+    queue = rabbit.bind_queue(exchange_name, "#")
+    with transaction.atomic():
+        earlier = publish_event("k.first", {}, key="K", delay=60)  # pending, not due
+    with transaction.atomic():
+        later = publish_event("k.second", {}, key="K")
+        other = publish_event("k.other", {}, key="L")
+        keyless = publish_event("k.none", {})
+    # the hook publishes what does not have to wait, and leaves `later` behind `earlier`
+    assert message_ids(drain_queue(rabbit.channel, queue, expect=2)) == [
+        other.message_id,
+        keyless.message_id,
+    ]
+    assert OutboxMessage.objects.get(pk=later.pk).status == OutboxMessage.Status.PENDING
+    OutboxMessage.objects.pending().update(next_attempt_at=Now())
+    call_command("relay_outbox", "--once", stdout=StringIO())
+    assert message_ids(drain_queue(rabbit.channel, queue, expect=2)) == [
+        earlier.message_id,
+        later.message_id,
+    ]
+
+
+def test_the_hook_steps_aside_when_another_thread_is_publishing(
+    broker, rabbit, exchange_name, re_settings
+):
+    re_settings(ON_COMMIT_CONFIRM_TIMEOUT=0.2)
+    queue = rabbit.bind_queue(exchange_name, "#")
+    assert dispatcher.lock.acquire()
+    try:
+        with transaction.atomic():
+            row = publish_event("busy.event", {})
+    finally:
+        dispatcher.lock.release()
+    assert OutboxMessage.objects.get(pk=row.pk).status == OutboxMessage.Status.PENDING
+    # left for the relay once its reservation ends
+    OutboxMessage.objects.update(next_attempt_at=Now())
+    assert relay_once().sent == 1
+    assert message_ids(drain_queue(rabbit.channel, queue, expect=1)) == [row.message_id]
+
+
+def test_the_hook_follows_a_configuration_change(broker, rabbit, exchange_name, re_settings):
+    queue = rabbit.bind_queue(exchange_name, "#")
+    with transaction.atomic():
+        publish_event("conf.one", {})
+    first = dispatcher.publisher
+    other_exchange = f"{exchange_name}-2"
+    rabbit.exchanges.append(other_exchange)
+    other_queue = rabbit.bind_queue(other_exchange, "#")
+    re_settings(EXCHANGE=other_exchange)
+    with transaction.atomic():
+        row = publish_event("conf.two", {})
+    assert dispatcher.publisher is not first
+    assert len(drain_queue(rabbit.channel, queue, expect=1)) == 1
+    assert message_ids(drain_queue(rabbit.channel, other_queue, expect=1)) == [row.message_id]
+
+
+def test_publish_after_commit_ignores_unknown_sent_and_rolled_back_ids(
+    broker, rabbit, exchange_name
+):
+    queue = rabbit.bind_queue(exchange_name, "#")
+    with transaction.atomic():
+        row = publish_event("x.y", {})
+    assert publish_after_commit([row.pk, 10**12]).claimed == 0  # sent already; unknown
+    with transaction.atomic():
+        publish_event("x.rolled", {})
+        transaction.set_rollback(True)
+    assert message_ids(drain_queue(rabbit.channel, queue, expect=1)) == [row.message_id]
+    assert drain_queue(rabbit.channel, queue, expect=1, timeout=0.3) == []
+
+
+def test_hooks_of_concurrent_threads_each_publish_their_transaction(broker, rabbit, exchange_name):
+    queue = rabbit.bind_queue(exchange_name, "#")
+    ids: list[str] = []
+
+    def work(n: int) -> None:
+        try:
+            for m in range(10):
+                with transaction.atomic():
+                    ids.append(publish_event("t.x", {"n": n, "m": m}, key=f"t{n}").message_id)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    # some hooks may step aside (another thread held the connection): the relay sends those
+    OutboxMessage.objects.pending().update(next_attempt_at=Now())
+    relay_once()
+    assert sorted(message_ids(drain_queue(rabbit.channel, queue, expect=40))) == sorted(ids)

@@ -1,0 +1,229 @@
+"""Helpers of the producer-side tests: child processes on the test database, fast queue
+reads with a plain AMQP client, URLs to a proxy or a closed port, and fault injection."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from reliable_events.broker import OutgoingMessage, Publisher, PublishResult
+from reliable_events.topology import Topology
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- URLs ---------------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def with_port(url: str, port: int, *, password: str | None = None) -> str:
+    """``url`` pointed at ``127.0.0.1:port`` (and with ``password`` if given)."""
+    parts = urlsplit(url)
+    user = parts.username or "guest"
+    secret = password if password is not None else (parts.password or "guest")
+    return urlunsplit((parts.scheme, f"{user}:{secret}@127.0.0.1:{port}", parts.path, "", ""))
+
+
+# -- child processes ----------------------------------------------------------------------
+def child_env(**reliable_events: Any) -> dict[str, str]:
+    """Environment of a ``manage.py`` child that sees this test's database and broker.
+
+    ``reliable_events`` keys override the test's current ``RELIABLE_EVENTS``.
+    """
+    from django.conf import settings
+    from django.db import connection
+
+    env = dict(os.environ)
+    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["RE_TEST_DATABASE"] = "sqlite" if connection.vendor == "sqlite" else "postgres"
+    env["RE_TEST_PG_NAME"] = str(connection.settings_dict["NAME"])
+    env["RE_TEST_RELIABLE_EVENTS"] = json.dumps({**settings.RELIABLE_EVENTS, **reliable_events})
+    return env
+
+
+def manage(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start ``python manage.py <args>`` in the repository root."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop_process(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[str, str]:
+    """Send ``sig`` (if still running) and collect the output; kills after 30 s."""
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        return process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+# -- reading queues -----------------------------------------------------------------------
+def drain_queue(
+    channel: Any, queue: str, *, expect: int, timeout: float = 30.0, linger: float = 0.3
+) -> list[Any]:
+    """Consume (with manual acks) until ``expect`` messages arrived, then ``linger``
+    seconds more so that duplicates are counted too.  Returns the messages in queue order."""
+    messages: list[Any] = []
+
+    def on_message(message: Any) -> None:
+        messages.append(message)
+        if len(messages) % 200 == 0:
+            channel.basic_ack(message.delivery_tag, multiple=True)
+
+    channel.basic_qos(0, 1000, False)
+    tag = channel.basic_consume(queue, callback=on_message, no_ack=False)
+    deadline = time.monotonic() + timeout
+    quiet_until: float | None = None
+    try:
+        while True:
+            now = time.monotonic()
+            if len(messages) >= expect:
+                quiet_until = quiet_until or now + linger
+                if now >= quiet_until:
+                    break
+            elif now >= deadline:
+                break
+            before = len(messages)
+            with contextlib.suppress(TimeoutError):
+                channel.connection.drain_events(timeout=0.1)
+            if len(messages) != before and quiet_until is not None:
+                quiet_until = time.monotonic() + linger
+    finally:
+        channel.basic_cancel(tag)
+        if messages:
+            channel.basic_ack(messages[-1].delivery_tag, multiple=True)
+    return messages
+
+
+def message_ids(messages: Iterable[Any]) -> list[str]:
+    return [str(m.properties["message_id"]) for m in messages]
+
+
+# -- fault injection ----------------------------------------------------------------------
+class FailingPublisher(Publisher):
+    """Wraps a real publisher; the messages whose id is in ``fail_ids`` fail like a
+    ``basic.nack`` (they never reach the broker), the others are published for real."""
+
+    def __init__(self, inner: Publisher, fail_ids: Iterable[str] = ()) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.fail_ids = set(fail_ids)
+        self.batches: list[list[str]] = []
+
+    def publish(
+        self, messages: Sequence[OutgoingMessage], *, timeout: float, wait: bool = True
+    ) -> PublishResult:
+        self.batches.append([m.message_id for m in messages])
+        failing = [m for m in messages if m.message_id in self.fail_ids]
+        passing = [m for m in messages if m.message_id not in self.fail_ids]
+        result = self.inner.publish(passing, timeout=timeout) if passing else PublishResult()
+        result.fail([m.ref for m in failing], "injected failure (like basic.nack)")
+        return result
+
+    def flush(self, *, timeout: float) -> PublishResult:
+        return self.inner.flush(timeout=timeout)
+
+    def declare(self, topology: Topology) -> None:
+        self.inner.declare(topology)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.inner.connected
+
+
+class CutAtPublisher(Publisher):
+    """Wraps a real publisher; from the first message whose id is in ``cut_ids`` on, the
+    batch fails like a lost connection (what comes before it is published for real)."""
+
+    def __init__(self, inner: Publisher, cut_ids: Iterable[str] = ()) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.cut_ids = set(cut_ids)
+
+    def publish(
+        self, messages: Sequence[OutgoingMessage], *, timeout: float, wait: bool = True
+    ) -> PublishResult:
+        cut = next((i for i, m in enumerate(messages) if m.message_id in self.cut_ids), None)
+        head = list(messages if cut is None else messages[:cut])
+        result = self.inner.publish(head, timeout=timeout) if head else PublishResult()
+        if cut is not None:
+            refs: list[Hashable] = [m.ref for m in messages[cut:]]
+            result.fail(refs, "injected connection loss")
+        return result
+
+    def flush(self, *, timeout: float) -> PublishResult:
+        return self.inner.flush(timeout=timeout)
+
+    def declare(self, topology: Topology) -> None:
+        self.inner.declare(topology)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.inner.connected
+
+
+class LateNackPublisher(FailingPublisher):
+    """Like :class:`FailingPublisher`, but a failure is reported late, with the outcome of
+    the next call (as a ``basic.nack`` that arrives while later batches go out)."""
+
+    def __init__(self, inner: Publisher, fail_ids: Iterable[str] = ()) -> None:
+        super().__init__(inner, fail_ids)
+        self._late: list[Hashable] = []
+
+    def publish(
+        self, messages: Sequence[OutgoingMessage], *, timeout: float, wait: bool = True
+    ) -> PublishResult:
+        self.batches.append([m.message_id for m in messages])
+        passing = [m for m in messages if m.message_id not in self.fail_ids]
+        result = self.inner.publish(passing, timeout=timeout) if passing else PublishResult()
+        result.fail(self._late, "injected late failure (like a late basic.nack)")
+        self._late = [m.ref for m in messages if m.message_id in self.fail_ids]
+        if wait:
+            result.fail(self._late, "injected late failure (like a late basic.nack)")
+            self._late = []
+        return result
+
+    def flush(self, *, timeout: float) -> PublishResult:
+        result = self.inner.flush(timeout=timeout)
+        result.fail(self._late, "injected late failure (like a late basic.nack)")
+        self._late = []
+        return result

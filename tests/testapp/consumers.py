@@ -1,0 +1,70 @@
+"""The consumer of the ledger test (``tests/integration/test_ledger.py``).
+
+Defined only when ``RE_TEST_LEDGER_CONSUMER`` is set (a JSON object: ``name``,
+``topics``, ``max_retries``, ``retry_delays``), so it never shows up in other tests'
+registries.  The ledger test runs it in ``manage.py consume_events`` child processes.
+
+Each event is applied as one :class:`~tests.testapp.models.Effect` row (unique per
+consumer and message id), recording the attempt and the ``redelivered`` flag it was
+applied with.  The payload's ``fail`` designs the failures:
+
+* ``"permanent"``: raise :class:`~reliable_events.exceptions.PermanentError` (dead letter);
+* ``"once"``: raise on attempt 1, apply on the retry.
+
+A second application of one id is never absorbed silently: the unique ``Effect`` row
+refuses it and the handler turns that into a ``PermanentError`` whose dead letter the
+ledger reports as an undesigned failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from django.db import IntegrityError, transaction
+
+from reliable_events.consumer import Event, EventConsumer
+from reliable_events.exceptions import PermanentError
+from tests.testapp.models import Effect
+
+LEDGER_CONSUMER_ENV = "RE_TEST_LEDGER_CONSUMER"
+#: Text of the error a second application raises (searched for by the ledger test).
+APPLIED_TWICE = "APPLIED TWICE"
+
+
+def apply_ledger_event(consumer: str, event: Event) -> None:
+    """What the ledger consumer's ``handle`` does (inside its transaction)."""
+    payload = event.payload if isinstance(event.payload, dict) else {}
+    fail = payload.get("fail")
+    if fail == "permanent":
+        raise PermanentError(f"designed permanent failure of {event.id}")
+    if fail == "once" and event.attempt == 1:
+        raise RuntimeError(f"designed transient failure of {event.id} (attempt 1)")
+    try:
+        with transaction.atomic():
+            Effect.objects.create(
+                consumer=consumer,
+                message_id=event.id,
+                payload={
+                    "event": payload,
+                    "attempt": event.attempt,
+                    "redelivered": event.redelivered,
+                },
+            )
+    except IntegrityError as exc:
+        raise PermanentError(f"{APPLIED_TWICE}: {event.id} already has an effect") from exc
+
+
+_SPEC = os.environ.get(LEDGER_CONSUMER_ENV)
+
+if _SPEC:
+    _CONFIG = json.loads(_SPEC)
+
+    class LedgerConsumer(EventConsumer):
+        name = str(_CONFIG["name"])
+        topics = list(_CONFIG["topics"])
+        max_retries = _CONFIG.get("max_retries")
+        retry_delays = _CONFIG.get("retry_delays")
+
+        def handle(self, event: Event) -> None:
+            apply_ledger_event(self.name, event)

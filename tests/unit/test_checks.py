@@ -1,0 +1,184 @@
+"""Every system check of reliable_events/checks.py: its id, its message and its hint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core.checks import Error, Warning
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+
+from reliable_events.checks import reliable_events_checks
+
+
+def _ids(messages: list[Any]) -> list[str]:
+    return [m.id for m in messages]
+
+
+def _only(re_settings: Any, **overrides: Any) -> list[Any]:
+    re_settings(**overrides)
+    return [m for m in reliable_events_checks() if m.id != "reliable_events.W002"]
+
+
+def test_the_test_settings_pass_every_check(settings):
+    assert _ids(reliable_events_checks()) == ["reliable_events.W002"]  # memory://
+
+
+def test_amqp_settings_pass_cleanly(re_settings):
+    re_settings(BROKER_URL="amqp://guest:guest@127.0.0.1:5672//")
+    assert reliable_events_checks() == []
+    re_settings(BROKER_URL="amqps://u:p@broker.example:5671//")
+    assert reliable_events_checks() == []
+
+
+def test_e001_settings_not_a_dict(settings):
+    settings.RELIABLE_EVENTS = [("BROKER_URL", "amqp://")]
+    messages = reliable_events_checks()
+    assert _ids(messages) == ["reliable_events.E001"]
+    assert isinstance(messages[0], Error)
+    assert "must be a dict" in messages[0].msg
+    assert "RELIABLE_EVENTS = {'BROKER_URL'" in str(messages[0].hint)
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [("", "non-empty"), (None, "non-empty"), (5, "non-empty"), ("nosuch://x:9092", "'nosuch'")],
+)
+def test_e002_broker_url(settings, re_settings, url, words):
+    settings.CELERY_BROKER_URL = None
+    messages = _only(re_settings, BROKER_URL=url)
+    if url is None:  # None means: Celery's broker URL, else the embedded transport
+        assert _ids(messages) == []
+        return
+    assert _ids(messages) == ["reliable_events.E002"]
+    assert words in messages[0].msg
+    assert "amqp://" in str(messages[0].hint)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("MAX_ATTEMPTS", 0, "positive integer"),
+        ("MAX_ATTEMPTS", True, "positive integer"),
+        ("RELAY_BATCH_SIZE", "500", "positive integer"),
+        ("CONFIRM_WINDOW", -1, "positive integer"),
+        ("MAX_PAYLOAD_BYTES", 1.5, "positive integer"),
+        ("BACKOFF_BASE", 0, "positive number"),
+        ("CONFIRM_TIMEOUT", "30", "positive number"),
+        ("OUTBOX_RETENTION_DAYS", False, "positive number"),
+        ("RELAY_IDLE_SECONDS", -0.1, "number >= 0"),
+        ("ON_COMMIT_BREAKER_SECONDS", None, "number >= 0"),
+    ],
+)
+def test_e003_bad_numbers(re_settings, name, value, words):
+    messages = _only(re_settings, **{name: value})
+    assert "reliable_events.E003" in _ids(messages)
+    e003 = [m for m in messages if m.id == "reliable_events.E003"]
+    assert len(e003) == 1
+    assert name in e003[0].msg
+    assert words in e003[0].msg
+    assert e003[0].hint == "See docs/settings.md."
+
+
+def test_e004_queue_type(re_settings):
+    messages = _only(re_settings, QUEUE_TYPE="stream")
+    assert _ids(messages) == ["reliable_events.E004"]
+    assert "'classic' or 'quorum'" in messages[0].msg
+    assert _only(re_settings, QUEUE_TYPE="quorum") == []
+
+
+@pytest.mark.parametrize("exchange", ["", "amq.topic", 5])
+def test_e005_exchange(re_settings, exchange):
+    messages = _only(re_settings, EXCHANGE=exchange)
+    assert _ids(messages) == ["reliable_events.E005"]
+    assert "amq." in messages[0].msg
+
+
+@pytest.mark.parametrize("lanes", [0, 32768, True, "64", 2.0])
+def test_e006_lanes(re_settings, lanes):
+    messages = _only(re_settings, LANES=lanes)
+    assert _ids(messages) == ["reliable_events.E006"]
+    assert "pending rows" in str(messages[0].hint)
+
+
+def test_e007_grace_must_exceed_the_hook_timeouts(re_settings):
+    messages = _only(
+        re_settings,
+        ON_COMMIT_GRACE_SECONDS=1.0,
+        ON_COMMIT_CONNECT_TIMEOUT=0.25,
+        ON_COMMIT_CONFIRM_TIMEOUT=1.0,
+    )
+    assert _ids(messages) == ["reliable_events.E007"]
+    assert messages[0].hint == "Set it above 1.25 seconds."
+    assert _only(re_settings, ON_COMMIT_GRACE_SECONDS=1.3) == []
+
+
+def test_e007_is_left_to_e003_when_a_value_is_not_a_number(re_settings):
+    assert _ids(_only(re_settings, ON_COMMIT_CONFIRM_TIMEOUT="1")) == ["reliable_events.E003"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"RETRY_DELAYS": []}, "RETRY_DELAYS"),
+        ({"RETRY_DELAYS": "1,5"}, "RETRY_DELAYS"),
+        ({"RETRY_DELAYS": [1, -5]}, "RETRY_DELAYS"),
+        ({"RETRY_DELAYS": [1, True]}, "RETRY_DELAYS"),
+        ({"MAX_RETRIES": -1}, "MAX_RETRIES"),
+        ({"MAX_RETRIES": "5"}, "MAX_RETRIES"),
+        ({"MAX_RETRIES": True}, "MAX_RETRIES"),
+    ],
+)
+def test_e008_retry_policy(re_settings, overrides, words):
+    messages = _only(re_settings, **overrides)
+    assert _ids(messages) == ["reliable_events.E008"]
+    assert words in messages[0].msg
+    assert messages[0].hint == "See docs/settings.md."
+
+
+def test_e009_processed_retention_shorter_than_the_retry_horizon(re_settings):
+    messages = _only(re_settings, RETRY_DELAYS=[60, 60], PROCESSED_RETENTION_DAYS=0.001)
+    assert _ids(messages) == ["reliable_events.E009"]
+    assert "applied twice" in messages[0].msg
+    assert "RETRY_DELAYS" in str(messages[0].hint)
+    assert _only(re_settings, RETRY_DELAYS=[60, 60], PROCESSED_RETENTION_DAYS=1) == []
+
+
+def test_w001_unknown_setting(re_settings):
+    messages = _only(re_settings, BROKER_URLL="amqp://", MAX_ATTEMPT=3)
+    assert _ids(messages) == ["reliable_events.W001"]
+    assert isinstance(messages[0], Warning)
+    assert "BROKER_URLL, MAX_ATTEMPT" in messages[0].msg
+    assert "spelling" in str(messages[0].hint)
+
+
+@pytest.mark.parametrize("url", ["memory://", "memory:///"])
+def test_w002_memory_transport(re_settings, url):
+    re_settings(BROKER_URL=url)
+    messages = reliable_events_checks()
+    assert _ids(messages) == ["reliable_events.W002"]
+    assert isinstance(messages[0], Warning)
+    assert "same process" in messages[0].msg
+    assert "filesystem://" in str(messages[0].hint)
+
+
+def test_filesystem_transport_is_accepted(re_settings):
+    re_settings(BROKER_URL="filesystem://")
+    assert reliable_events_checks() == []
+
+
+def test_several_problems_are_all_reported(re_settings):
+    ids = _ids(_only(re_settings, QUEUE_TYPE="x", EXCHANGE="", LANES=0, MAX_ATTEMPTS=0))
+    assert sorted(ids) == [
+        "reliable_events.E003",
+        "reliable_events.E004",
+        "reliable_events.E005",
+        "reliable_events.E006",
+    ]
+
+
+def test_checks_are_registered_with_django(re_settings):
+    re_settings(QUEUE_TYPE="stream")
+    with pytest.raises(SystemCheckError, match=r"reliable_events\.E004"):
+        call_command("check")

@@ -1,0 +1,305 @@
+"""The management commands as thin shells: arguments, output and exit codes.
+
+DB-agnostic (memory:// transport, or a closed TCP port for a broker that is down).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.test import override_settings
+from django.utils import timezone
+
+from reliable_events import publish_event
+from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
+from tests.producer_support import free_port
+
+pytestmark = pytest.mark.django_db
+
+
+def run(*args: str, **options: Any) -> tuple[str, str]:
+    out, err = StringIO(), StringIO()
+    call_command(*args, stdout=out, stderr=err, **options)
+    return out.getvalue(), err.getvalue()
+
+
+def outbox_row(
+    status: str,
+    *,
+    age: timedelta = timedelta(0),
+    sent_age: timedelta | None = None,
+    message_id: str | None = None,
+) -> OutboxMessage:
+    now = timezone.now()
+    row = OutboxMessage.objects.create(
+        message_id=message_id or f"m-{OutboxMessage.objects.count()}-{status}",
+        topic="a.b",
+        payload={},
+        status=status,
+        next_attempt_at=now,
+        sent_at=now - sent_age if sent_age is not None else None,
+    )
+    OutboxMessage.objects.filter(pk=row.pk).update(created_at=now - age)
+    return row
+
+
+def dead_letter(consumer: str) -> DeadLetter:
+    now = timezone.now()
+    return DeadLetter.objects.create(
+        consumer=consumer, reason="retries-exhausted", first_failed_at=now, last_failed_at=now
+    )
+
+
+# -- relay_outbox -------------------------------------------------------------------------
+def test_relay_once_with_nothing_due_exits_0():
+    out, _ = run("relay_outbox", "--once")
+    assert "relay_outbox: claimed=0 sent=0" in out
+
+
+def test_relay_once_publishes_what_is_due(re_settings):
+    re_settings(PUBLISH_ON_COMMIT=False)
+    for n in range(3):
+        publish_event("a.b", {"n": n})
+    out, _ = run("relay_outbox", "--once", "--batch-size", "2")
+    assert "sent=3" in out
+    assert OutboxMessage.objects.pending().count() == 0
+
+
+def test_relay_once_exits_3_when_events_could_not_be_published(re_settings):
+    re_settings(
+        PUBLISH_ON_COMMIT=False,
+        BROKER_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}//",
+        CONNECT_TIMEOUT=1.0,
+    )
+    publish_event("a.b", {})
+    err = StringIO()
+    with pytest.raises(CommandError) as info:
+        call_command("relay_outbox", "--once", stdout=StringIO(), stderr=err)
+    assert info.value.returncode == 3
+    assert "could not be published; they stay pending" in str(info.value)
+    assert "error: cannot connect to broker" in err.getvalue()
+    row = OutboxMessage.objects.get()
+    assert row.status == OutboxMessage.Status.PENDING
+    assert row.attempts == 1
+
+
+@pytest.mark.parametrize("size", ["0", "-5"])
+def test_relay_batch_size_must_be_positive(size):
+    with pytest.raises(CommandError, match="--batch-size must be at least 1") as info:
+        run("relay_outbox", "--once", "--batch-size", size)
+    assert info.value.returncode == 1
+
+
+def test_relay_batch_size_must_be_an_integer():
+    with pytest.raises(CommandError, match="invalid int value"):
+        run("relay_outbox", "--once", "--batch-size", "many")
+
+
+# -- outbox_status ------------------------------------------------------------------------
+def test_outbox_status_text_and_json():
+    outbox_row("pending", age=timedelta(seconds=90))
+    outbox_row("sent")
+    outbox_row("sent")
+    outbox_row("dead")
+    dead_letter("billing")
+    dead_letter("billing")
+    dead_letter("mailer")
+
+    out, _ = run("outbox_status")
+    lines = out.splitlines()
+    assert lines[:3] == ["pending: 1", "sent: 2", "dead: 1"]
+    assert lines[3].startswith("oldest pending age: ")
+    assert float(lines[3].split(": ")[1].rstrip("s")) >= 89
+    assert lines[4:] == ["open dead letters: 3", "  billing: 2", "  mailer: 1"]
+
+    out, _ = run("outbox_status", "--json")
+    data = json.loads(out)
+    assert data["pending"] == 1
+    assert data["sent"] == 2
+    assert data["dead"] == 1
+    assert data["oldest_pending_age_seconds"] >= 89
+    assert data["open_dead_letters"] == 3
+    assert data["open_dead_letters_by_consumer"] == {"billing": 2, "mailer": 1}
+
+
+def test_outbox_status_of_an_empty_outbox():
+    out, _ = run("outbox_status")
+    assert "oldest pending age: -" in out
+    data = json.loads(run("outbox_status", "--json")[0])
+    assert data == {
+        "pending": 0,
+        "sent": 0,
+        "dead": 0,
+        "oldest_pending_age_seconds": None,
+        "open_dead_letters": 0,
+        "open_dead_letters_by_consumer": {},
+    }
+    run("outbox_status", "--fail-on-dead", "--max-pending-age", "1")  # healthy: exit 0
+
+
+def test_outbox_status_fail_on_dead_exits_3_for_dead_rows():
+    outbox_row("dead")
+    run("outbox_status")  # without the flag: exit 0
+    with pytest.raises(CommandError, match="1 dead outbox row") as info:
+        run("outbox_status", "--fail-on-dead")
+    assert info.value.returncode == 3
+
+
+def test_outbox_status_fail_on_dead_exits_3_for_open_dead_letters():
+    letter = dead_letter("billing")
+    with pytest.raises(CommandError, match="1 open dead letter") as info:
+        run("outbox_status", "--fail-on-dead")
+    assert info.value.returncode == 3
+    DeadLetter.objects.filter(pk=letter.pk).update(status=DeadLetter.Status.DISCARDED)
+    run("outbox_status", "--fail-on-dead")
+
+
+def test_outbox_status_max_pending_age_exits_4():
+    outbox_row("pending", age=timedelta(minutes=10))
+    run("outbox_status", "--max-pending-age", "3600")
+    with pytest.raises(CommandError, match="oldest pending row is 600s old") as info:
+        run("outbox_status", "--max-pending-age", "60")
+    assert info.value.returncode == 4
+
+
+# -- purge_outbox -------------------------------------------------------------------------
+def test_purge_deletes_old_sent_rows_only_in_bounded_batches():
+    old_sent = [outbox_row("sent", sent_age=timedelta(days=10)) for _ in range(5)]
+    recent_sent = outbox_row("sent", sent_age=timedelta(hours=1))
+    # old pending and dead rows are never purged, whatever their age
+    old_pending = outbox_row("pending", age=timedelta(days=30))
+    old_dead = outbox_row("dead", age=timedelta(days=30), sent_age=timedelta(days=30))
+
+    out, _ = run("purge_outbox", "--older-than", "7d", "--batch-size", "2")
+    assert out.splitlines()[:3] == [
+        "  deleted 2 rows so far",
+        "  deleted 4 rows so far",
+        "  deleted 5 rows so far",
+    ]
+    assert "purge_outbox: outbox_deleted=5 processed_deleted=0 batches=3" in out
+    remaining = set(OutboxMessage.objects.values_list("pk", flat=True))
+    assert remaining == {recent_sent.pk, old_pending.pk, old_dead.pk}
+    assert not remaining & {row.pk for row in old_sent}
+
+
+@pytest.mark.parametrize(("text", "kept"), [("2h", 1), ("30m", 0), ("90", 0), ("1.5h", 1)])
+def test_purge_older_than_units(text, kept):
+    outbox_row("sent", sent_age=timedelta(hours=1))
+    run("purge_outbox", "--older-than", text)
+    assert OutboxMessage.objects.count() == kept
+
+
+def test_purge_older_than_zero_deletes_every_sent_row():
+    outbox_row("sent", sent_age=timedelta(seconds=5))
+    outbox_row("pending")
+    run("purge_outbox", "--older-than", "0s")
+    assert list(OutboxMessage.objects.values_list("status", flat=True)) == ["pending"]
+
+
+def test_purge_default_retention_comes_from_settings(re_settings):
+    outbox_row("sent", sent_age=timedelta(days=3))
+    run("purge_outbox")
+    assert OutboxMessage.objects.count() == 1  # default: 7 days
+    re_settings(OUTBOX_RETENTION_DAYS=2)
+    run("purge_outbox")
+    assert OutboxMessage.objects.count() == 0
+
+
+def test_purge_processed_records():
+    old = ProcessedMessage.objects.create(consumer="c", message_id="old")
+    ProcessedMessage.objects.filter(pk=old.pk).update(
+        processed_at=timezone.now() - timedelta(days=30)
+    )
+    ProcessedMessage.objects.create(consumer="c", message_id="new")
+    out, _ = run("purge_outbox", "--processed-older-than", "1w", verbosity=0)
+    assert "processed_deleted=1" in out
+    assert "so far" not in out  # no progress lines at verbosity 0
+    assert list(ProcessedMessage.objects.values_list("message_id", flat=True)) == ["new"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--older-than", "7 days"],
+        ["--older-than", "-1d"],
+        ["--older-than", "d"],
+        ["--processed-older-than", "soon"],
+        ["--batch-size", "0"],
+    ],
+)
+def test_purge_rejects_bad_arguments(args):
+    outbox_row("sent", sent_age=timedelta(days=30))
+    with pytest.raises(CommandError) as info:
+        run("purge_outbox", *args)
+    assert info.value.returncode == 1
+    assert OutboxMessage.objects.count() == 1
+
+
+# -- install_beat_schedule ----------------------------------------------------------------
+def test_install_beat_schedule_is_idempotent():
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    out, _ = run("install_beat_schedule")
+    assert out.splitlines() == [
+        "created: reliable_events: relay outbox",
+        "created: reliable_events: purge outbox",
+    ]
+    out, _ = run("install_beat_schedule")
+    assert out.splitlines() == [
+        "updated: reliable_events: relay outbox",
+        "updated: reliable_events: purge outbox",
+    ]
+    tasks = {t.name: t for t in PeriodicTask.objects.all()}
+    assert set(tasks) == {"reliable_events: relay outbox", "reliable_events: purge outbox"}
+    relay = tasks["reliable_events: relay outbox"]
+    assert relay.task == "reliable_events.tasks.relay_outbox"
+    assert relay.interval.every == 10
+    assert relay.expire_seconds == 10
+    assert relay.enabled
+    assert tasks["reliable_events: purge outbox"].interval.every == 3600
+
+    run("install_beat_schedule", "--relay-every", "30")
+    relay = PeriodicTask.objects.get(name="reliable_events: relay outbox")
+    assert relay.interval.every == 30
+    assert relay.expire_seconds == 30
+    assert PeriodicTask.objects.count() == 2
+    assert IntervalSchedule.objects.filter(every=10).count() == 1
+
+
+@pytest.mark.parametrize("args", [["--relay-every", "0"], ["--purge-every", "-1"]])
+def test_install_beat_schedule_rejects_bad_intervals(args):
+    with pytest.raises(CommandError, match="at least 1 second"):
+        run("install_beat_schedule", *args)
+
+
+def test_install_beat_schedule_needs_django_celery_beat(settings):
+    from django.apps import apps
+
+    installed = [app for app in settings.INSTALLED_APPS if app != "django_celery_beat"]
+    with override_settings(INSTALLED_APPS=installed):
+        assert not apps.is_installed("django_celery_beat")
+        with pytest.raises(CommandError, match="django_celery_beat"):
+            run("install_beat_schedule")
+
+
+# -- declare_topology (embedded transport; the RabbitMQ side is an integration test) -------
+def test_declare_topology_lists_what_it_declared(re_settings, clean_registry):
+    re_settings(EXCHANGE="unit-topology")
+    out, _ = run("declare_topology")
+    assert "exchange unit-topology.unrouted (fanout)" in out
+    assert "exchange unit-topology (topic)" in out
+    assert "queue unit-topology.unrouted <- unit-topology.unrouted:-" in out
+    assert out.strip().endswith("declare_topology: 2 exchange(s), 1 queue(s)")
+
+
+def test_declare_topology_reports_an_unreachable_broker():
+    with pytest.raises(CommandError, match="cannot connect to broker") as info:
+        run("declare_topology", "--url", f"amqp://guest:secret-pw@127.0.0.1:{free_port()}//")
+    assert "secret-pw" not in str(info.value)
+    assert info.value.returncode == 1
