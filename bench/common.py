@@ -12,12 +12,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -159,15 +158,24 @@ class BenchBroker:
         finally:
             conn.release()
 
-    def delete(self) -> None:
-        conn, channel = self._channel()
-        try:
-            for queue in (self.queue, f"{self.exchange}.unrouted", *self.extra_queues):
-                channel.queue_delete(queue)
-            channel.exchange_delete(self.exchange)
-            channel.exchange_delete(f"{self.exchange}.unrouted")
-        finally:
-            conn.release()
+    def delete(self, attempts: int = 5) -> None:
+        """Delete the queues and exchanges (retrying: the broker may be restarting)."""
+        for attempt in range(attempts):
+            try:
+                conn, channel = self._channel()
+                try:
+                    for queue in (self.queue, f"{self.exchange}.unrouted", *self.extra_queues):
+                        channel.queue_delete(queue)
+                    channel.exchange_delete(self.exchange)
+                    channel.exchange_delete(f"{self.exchange}.unrouted")
+                finally:
+                    conn.release()
+                return
+            except Exception as exc:
+                if attempt + 1 == attempts:
+                    print(f"could not delete {self.exchange} and its queues: {exc}")
+                    return
+                time.sleep(2)
 
 
 @contextmanager
@@ -181,10 +189,12 @@ def bench_broker(**extra_settings: Any) -> Iterator[BenchBroker]:
         with override_settings(RELIABLE_EVENTS=broker.settings(**extra_settings)):
             yield broker
     finally:
-        from reliable_events.relay import dispatcher
+        try:
+            from reliable_events.relay import dispatcher
 
-        dispatcher.reset()
-        broker.delete()
+            dispatcher.reset()
+        finally:
+            broker.delete()
 
 
 # -- database -------------------------------------------------------------------------------
@@ -240,12 +250,6 @@ def count_status(status: str) -> int:
 
 
 # -- reporting ------------------------------------------------------------------------------
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    started = time.perf_counter()
-    value = fn()
-    return time.perf_counter() - started, value
-
-
 def machine() -> dict[str, str]:
     """What the figures came from."""
     cpu = "?"
@@ -302,16 +306,3 @@ def emit(name: str, figures: dict[str, Any]) -> None:
 
 def verdict(ok: bool) -> str:
     return "MET" if ok else "MISSED"
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        return out.stdout.strip() or "?"
-    except OSError:
-        return "?"

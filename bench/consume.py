@@ -135,9 +135,11 @@ def consumer_chunk(consumer: Any, url: str, count: int, prefetch: int) -> tuple[
 
     worker = Worker([consumer], url=url, prefetch=prefetch, log_every=10**9)
     stats = worker.run(until_idle=5.0, max_messages=count)
-    if stats.processed != count or stats.first_settled is None or stats.last_settled is None:
-        raise RuntimeError(f"processed {stats.processed} of {count}: {stats}")
-    return stats.processed, stats.last_settled - stats.first_settled
+    if stats.settled < count or stats.first_settled is None or stats.last_settled is None:
+        raise RuntimeError(f"settled {stats.settled} of {count}: {stats}")
+    if stats.reconnects:  # the broker is shared: someone may close every connection
+        print(f"  (the consumer reconnected {stats.reconnects} time(s): {stats})", flush=True)
+    return stats.settled, stats.last_settled - stats.first_settled
 
 
 def make_consumer() -> Any:

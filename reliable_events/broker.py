@@ -391,7 +391,8 @@ class _CoalescedWrites:
     def __init__(self, transport: Any) -> None:
         self._transport = transport
         self._enabled = callable(getattr(transport, "_write", None))
-        self._own = "_write" in vars(transport)  # TCPTransport: sock.sendall
+        # TCPTransport sets ``_write = sock.sendall`` on the instance; SSLTransport has a method.
+        self._own = self._enabled and "_write" in getattr(transport, "__dict__", {})
         self._send: Any = getattr(transport, "_write", None)
         self._buffer = bytearray()
         self.resume()

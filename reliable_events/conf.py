@@ -39,9 +39,9 @@ class AppSettings:
     #: Longest delay between two publish attempts, in seconds.
     BACKOFF_MAX: float = 300.0
     #: Rows the relay claims per batch.
-    RELAY_BATCH_SIZE: int = 500
+    RELAY_BATCH_SIZE: int = 1000
     #: Outstanding publisher confirms allowed at once (the sliding window).
-    CONFIRM_WINDOW: int = 500
+    CONFIRM_WINDOW: int = 1000
     #: Seconds the relay waits for the broker to confirm a batch.
     CONFIRM_TIMEOUT: float = 30.0
     #: Seconds ``relay_outbox`` sleeps when nothing was due.

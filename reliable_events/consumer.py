@@ -181,26 +181,36 @@ class EventConsumer:
         )
         return HandlerResult(Outcome.PROCESSED, seconds)
 
-    def process_batch(self, events: Sequence[Event]) -> list[HandlerResult] | None:
+    def process_batch(
+        self, events: Sequence[Event], *, max_seconds: float | None = None
+    ) -> list[HandlerResult] | None:
         """Apply several events in one transaction: each one's idempotency record, then
         its ``handle``, in order; one commit for all.
 
-        Returns one ``PROCESSED``/``DUPLICATE`` result per event, or ``None`` when a
-        handler raised: then *everything* was rolled back and the caller must process the
-        events one by one (so that only the failing one is retried or dead-lettered).
-        Raises :class:`~reliable_events.exceptions.DatabaseUnavailable` like
+        Returns one ``PROCESSED``/``DUPLICATE`` result per event applied, or ``None`` when
+        a handler raised: then *everything* was rolled back and the caller must process
+        the events one by one (so that only the failing one is retried or dead-lettered).
+        With ``max_seconds`` the transaction takes no further event once it has been open
+        that long, so the result may cover only the first events: the caller handles the
+        rest.  Raises :class:`~reliable_events.exceptions.DatabaseUnavailable` like
         :meth:`process`.
         """
         alias = self._alias()
         stage = "record"
         raw = None
         results: list[HandlerResult] = []
+        begun = time.perf_counter()
         try:
             connection = connections[alias]
             connection.ensure_connection()
             raw = connection.connection
             with transaction.atomic(using=alias):
                 for event in events:
+                    too_long = max_seconds is not None and (
+                        time.perf_counter() - begun >= max_seconds
+                    )
+                    if results and too_long:
+                        break  # keep transactions (and their locks) short
                     started = time.perf_counter()
                     stage = "record"
                     if not _insert_record(connection, self.name, event.id, event.topic):
@@ -443,6 +453,9 @@ def _insert_sql(connection: Any) -> str:
 def _insert_record(connection: Any, consumer: str, message_id: str, topic: str) -> bool:
     params = [consumer, message_id, topic[:255]]
     if connection.vendor == "postgresql":
+        inserted = _begin_and_insert(connection, params)
+        if inserted is not None:
+            return inserted
         fast = _server_side_cursor(connection.connection)
         if fast is not None:
             # psycopg 3 with server-side binding: the statement is prepared once per
@@ -466,6 +479,37 @@ def _insert_record(connection: Any, consumer: str, message_id: str, topic: str) 
     except IntegrityError:
         return False
     return True
+
+
+def _begin_and_insert(connection: Any, params: list[str]) -> bool | None:
+    """psycopg 3, at the start of a transaction: ``BEGIN`` and the insert in one round
+    trip (one simple-protocol query, values escaped by libpq) instead of two.
+
+    ``None`` when this does not apply (another driver, or a transaction already open).
+    psycopg reads the transaction status from libpq, so it then sees the transaction
+    open and sends no ``BEGIN`` of its own; Django commits or rolls it back as usual.
+    """
+    raw = connection.connection
+    try:
+        import psycopg
+        from psycopg import pq
+    except ImportError:  # psycopg2, or no PostgreSQL driver
+        return None
+    if not isinstance(raw, psycopg.Connection) or raw.autocommit:
+        return None
+    pgconn = raw.pgconn
+    if pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        return None
+    escape = pq.Escaping(pgconn).escape_literal
+    values = b", ".join(escape(value.encode()) for value in params)
+    sql = _insert_sql(connection).replace("%s, %s, %s", "{}").encode()
+    result = pgconn.exec_(b"BEGIN; " + sql.replace(b"{}", values))
+    if result.status != pq.ExecStatus.COMMAND_OK:
+        message = (result.error_message or b"").decode("utf-8", "replace")
+        if pgconn.status != pq.ConnStatus.OK:
+            raise psycopg.OperationalError(f"connection lost: {message}")
+        raise psycopg.DatabaseError(message)
+    return bool(result.command_tuples == 1)
 
 
 def _server_side_cursor(raw: Any) -> Any:

@@ -6,8 +6,8 @@ subclasses over one broker connection (``consume_events``, the Celery
 
 1. **Decode** (:func:`decode_event`).  A body over ``MAX_PAYLOAD_BYTES``, a content type
    other than JSON, a body that is not UTF-8 JSON, a missing message id or an
-   ``x-event-attempt`` header that is not a positive number is *poison*: it becomes a
-   ``DeadLetter`` with that reason, is acked, and the loop goes on.
+   ``x-event-attempt`` header that is not a number from 1 to ``MAX_ATTEMPT`` is *poison*:
+   it becomes a ``DeadLetter`` with that reason, is acked, and the loop goes on.
 2. **Process** (:meth:`EventConsumer.process`): in one ``transaction.atomic()``, insert
    ``ProcessedMessage(consumer, message_id)`` and run ``handle``.  Already processed:
    nothing runs.
@@ -151,6 +151,9 @@ _MAX_OUTAGES_PER_DELIVERY = 10
 POLL_SECONDS = 1.0
 #: Socket timeout for reading what already arrived (batching), seconds.
 _NO_WAIT = 0.0005
+#: A batch transaction takes no further message after it has been open this long, so
+#: that slow handlers are not held in one long transaction (and its locks).
+BATCH_MAX_SECONDS = 0.25
 
 
 # -- deliveries and decoding -------------------------------------------------------------
@@ -200,17 +203,32 @@ def decode_payload(body: bytes) -> Any:
         raise Poison(NOT_JSON, f"body is not JSON: {str(exc)[:200]}") from exc
 
 
+#: Largest ``x-event-attempt`` accepted: what ``DeadLetter.attempts`` can store (no retry
+#: policy comes near it; a bigger value is garbage, not an attempt count).
+MAX_ATTEMPT = 2**31 - 1
+
+
 def parse_attempt(value: Any) -> int:
-    """The ``x-event-attempt`` header as a positive int (absent = 1)."""
+    """The ``x-event-attempt`` header as an int from 1 to ``MAX_ATTEMPT`` (absent = 1).
+
+    Text must be ASCII digits: ``str.isdigit`` also accepts characters ``int()`` refuses
+    (``"²"``), and ``int()`` refuses very long digit strings; either would escape as a
+    ``ValueError`` and stop the loop on every delivery of the message.
+    """
     if value is None:
         return 1
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit() and len(text) <= 10:
+            value = int(text)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ATTEMPT:
         return value
-    raise Poison(BAD_ATTEMPT_HEADER, f"{ATTEMPT_HEADER} is {str(value)[:50]!r}, not a number >= 1")
+    raise Poison(
+        BAD_ATTEMPT_HEADER,
+        f"{ATTEMPT_HEADER} is {str(value)[:50]!r}, not a number from 1 to {MAX_ATTEMPT}",
+    )
 
 
 def decode_event(delivery: Delivery, *, max_bytes: int, exchange: str) -> Event:
@@ -533,12 +551,27 @@ def write_dead_letter(
     return letter
 
 
+def _dead_letter_lock_key(consumer: str, message_id: str) -> int:
+    """A signed 64-bit advisory-lock key for one consumer's message id."""
+    digest = hashlib.blake2b(f"{consumer}\x00{message_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def _save_dead_letter(
     alias: str, consumer: str, message_id: str, values: dict[str, Any]
 ) -> DeadLetter:
     with transaction.atomic(using=alias):
         letter = None
         if message_id:
+            if connections[alias].vendor == "postgresql":
+                # Two workers dead-lettering copies of one message at the same moment
+                # (at-least-once delivery) must not both find "no open letter" and
+                # insert two: serialise them on this (consumer, message id) until commit.
+                with connections[alias].cursor() as cursor:
+                    cursor.execute(
+                        "SELECT pg_advisory_xact_lock(%s)",
+                        [_dead_letter_lock_key(consumer, message_id)],
+                    )
             letter = (
                 DeadLetter.objects.using(alias)
                 .select_for_update()
@@ -1311,6 +1344,8 @@ class Worker:
         self.scheduler = self.transport.make_scheduler()
         self.processor = Processor(self.consumers, self.scheduler)
         self._batch_sizes = {cls.name: cls.get_batch_size() for cls in classes}
+        #: Messages to take one at a time after a batch failed, per consumer.
+        self._cooldown: dict[str, int] = {}
         self.stats = WorkerStats()
         self._relay: Any = None
         self._failures = 0
@@ -1359,6 +1394,9 @@ class Worker:
             self._idle()
             return
         limit = self._batch_sizes[delivery.consumer]
+        if self._cooldown.get(delivery.consumer):
+            self._cooldown[delivery.consumer] -= 1
+            limit = 1
         if self._max_messages is not None:
             limit = max(1, min(limit, self._max_messages - self.stats.settled))
         more = self.transport.take_more(delivery.consumer, limit - 1) if limit > 1 else []
@@ -1430,10 +1468,23 @@ class Worker:
                 batch.append((delivery, event))
         if not batch:
             return
+        while batch:
+            done = self._commit_batch(consumer, batch)
+            if done is None:
+                return
+            batch = batch[done:]
+
+    def _commit_batch(
+        self, consumer: EventConsumer, batch: list[tuple[Delivery, Event]]
+    ) -> int | None:
+        """One transaction over (a prefix of) ``batch``; how many it settled, or ``None``
+        when the rest must not be processed now (stopping, or handed back)."""
         outages = 0
         while True:
             try:
-                results = consumer.process_batch([event for _, event in batch])
+                results = consumer.process_batch(
+                    [event for _, event in batch], max_seconds=BATCH_MAX_SECONDS
+                )
             except DatabaseUnavailable as exc:
                 outages += 1
                 self.stats.database_outages += 1
@@ -1442,20 +1493,25 @@ class Worker:
                     for delivery, _ in batch:
                         self.transport.requeue(delivery)
                     self.stats.requeued += len(batch)
-                    return
+                    return None
                 if not self._wait_for_database():
-                    return  # stopping: unacked, the broker delivers them again
+                    return None  # stopping: unacked, the broker delivers them again
                 continue
             break
         if results is None:
+            # A handler failed and everything was rolled back: one by one now (only the
+            # failing message is retried), and no batching for a while, so that a run of
+            # failures does not run every handler twice.
+            self._cooldown[consumer.name] = self._batch_sizes[consumer.name]
             for delivery, _ in batch:
                 self._settle(delivery, counted=True)
-            return
-        for (delivery, event), result in zip(batch, results, strict=True):
+            return len(batch)
+        for (delivery, event), result in zip(batch, results, strict=False):
             if result.outcome is Outcome.DUPLICATE:
                 log_duplicate(delivery.consumer, event.id)
             self.transport.ack(delivery)
             self._count(result.outcome, result)
+        return len(results)
 
     def _count(self, outcome: Outcome, result: HandlerResult | None) -> None:
         if result is not None:

@@ -83,6 +83,45 @@ def retry_block_reason(letter: DeadLetter) -> str | None:
     return None
 
 
+def prepare_queues(letters: Iterable[DeadLetter]) -> tuple[dict[int, str], list[str]]:
+    """Make sure the queues retries of ``letters`` go to exist on the broker.
+
+    A retry is published through the default exchange straight to the consumer's queue;
+    RabbitMQ silently drops (and still confirms) a message for a queue that does not
+    exist.  So: letters whose consumer is not registered in this process are returned
+    as ``{id: reason}`` (the caller should not retry them without checking), and the
+    topology of the registered ones is declared (idempotent).  The second value lists
+    warnings (the broker could not be reached: the relay will publish later, once the
+    queues exist if their consumers have started).
+    """
+    from reliable_events.broker import open_publisher
+    from reliable_events.consumer import registry
+    from reliable_events.exceptions import ReliableEventsError, UnknownConsumer
+    from reliable_events.topology import full_topology
+
+    unknown: dict[int, str] = {}
+    consumers = {}
+    for letter in letters:
+        try:
+            consumers[letter.consumer] = registry.get(letter.consumer)
+        except UnknownConsumer:
+            unknown[letter.pk] = (
+                f"no consumer named {letter.consumer!r} is registered here, so its queue "
+                "may not exist (the broker would drop the re-delivery)"
+            )
+    warnings: list[str] = []
+    if consumers:
+        specs = [spec for cls in consumers.values() for spec in cls.queue_specs()]
+        publisher = open_publisher()
+        try:
+            publisher.declare(full_topology(specs))
+        except ReliableEventsError as exc:
+            warnings.append(f"could not declare the consumer queues: {exc}")
+        finally:
+            publisher.close()
+    return unknown, warnings
+
+
 def retry(
     letters: Iterable[DeadLetter] | QuerySet[DeadLetter],
     *,

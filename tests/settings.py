@@ -103,15 +103,18 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# RE_TEST_LOG_LEVEL: subprocess tests that count log lines (the ledger) ask for INFO, with
+# a timestamp and the pid on each line.
+_LOG_LEVEL = os.environ.get("RE_TEST_LOG_LEVEL")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    # RE_TEST_LOG_LEVEL: subprocess tests that count log lines (the ledger) ask for INFO.
-    "loggers": {
-        "reliable_events": {
-            "handlers": ["console"],
-            "level": os.environ.get("RE_TEST_LOG_LEVEL", "WARNING"),
+    "formatters": {"stamped": {"format": "%(asctime)s %(process)d %(message)s"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            **({"formatter": "stamped"} if _LOG_LEVEL else {}),
         }
     },
+    "loggers": {"reliable_events": {"handlers": ["console"], "level": _LOG_LEVEL or "WARNING"}},
 }

@@ -349,6 +349,60 @@ def test_a_database_connection_lost_mid_handler_leaves_the_message_unacked(
     assert rabbit.count(consumer.name) == 0
 
 
+def test_stopping_while_waiting_for_the_database_leaves_the_message_unacked(
+    amqp_consumer, rabbit, exchange_name
+):
+    """Acks are coalesced; a message held for the database is never acked with them."""
+    box: dict[str, Worker] = {}
+
+    def kill_connection_and_stop(consumer: EventConsumer, event: Event) -> None:
+        if event.id == "m-1":
+            box["w"].stop.set("SIGTERM")
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    consumer = amqp_consumer(behaviour=kill_connection_and_stop)
+    for n in range(3):
+        send(rabbit, exchange_name, message_id=f"m-{n}")
+    worker = box["w"] = Worker([consumer])
+    stats = worker.run(until_idle=2.0)
+    assert stats.processed == 1
+    assert applied(consumer, "m-0") == 1
+    assert applied(consumer, "m-1") == applied(consumer, "m-2") == 0
+    messages = rabbit.get_all(consumer.name, expect=2, timeout=5)
+    assert sorted(m.properties["message_id"] for m in messages) == ["m-1", "m-2"]
+
+
+def test_a_connection_that_died_while_idle_is_caught_at_the_idempotency_record(
+    amqp_consumer, rabbit, exchange_name
+):
+    """The record insert is the transaction's first statement (sent with its BEGIN)."""
+    import psycopg
+
+    from reliable_events.exceptions import DatabaseUnavailable
+
+    consumer = amqp_consumer()
+    connection.ensure_connection()
+    pid = connection.connection.info.backend_pid
+    settings_dict = connection.settings_dict
+    with psycopg.connect(
+        host=settings_dict["HOST"],
+        port=settings_dict["PORT"],
+        user=settings_dict["USER"],
+        dbname=settings_dict["NAME"],
+        autocommit=True,
+    ) as killer:
+        killer.execute("SELECT pg_terminate_backend(%s)", [pid])
+    time.sleep(0.2)
+    event = Event(id="m-1", topic="orders.created", key=None, payload={})
+    with pytest.raises(DatabaseUnavailable):
+        consumer().process(event)
+    assert consumer.calls == []
+    connection.close()
+    assert consumer().process(event).outcome.value == "processed"
+    assert applied(consumer, "m-1") == 1
+
+
 def test_topology_conflicts_are_reported_not_retried(amqp_consumer, rabbit, settings):
     from reliable_events.exceptions import ConfigurationError
 

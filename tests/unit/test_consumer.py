@@ -324,6 +324,16 @@ def test_a_failing_handler_rolls_back_its_effects_and_the_record(clean_registry)
     )
 
 
+@pytest.mark.django_db
+def test_process_inside_an_outer_transaction(clean_registry):
+    """Inside an open transaction (a TestCase) the handler runs in a savepoint."""
+    consumer = make_consumer(clean_registry)
+    event = Event(id="m-1", topic="orders.created", key=None, payload={})
+    assert consumer().process(event).outcome is Outcome.PROCESSED
+    assert consumer().process(event).outcome is Outcome.DUPLICATE
+    assert applied(consumer, "m-1") == 1
+
+
 @pytest.mark.django_db(transaction=True)
 def test_record_processed_is_idempotent_per_consumer():
     from django.db import transaction
@@ -334,3 +344,33 @@ def test_record_processed_is_idempotent_per_consumer():
         assert record_processed(connection.alias, "b", "m-1", "t")
     assert ProcessedMessage.objects.count() == 2
     assert ProcessedMessage.objects.filter(processed_at__isnull=True).count() == 0
+
+
+# -- coalesced acks -------------------------------------------------------------------------
+class RecordingChannel:
+    def __init__(self) -> None:
+        self.acks: list[tuple[int, bool]] = []
+
+    def basic_ack(self, tag: int, multiple: bool = False) -> None:
+        self.acks.append((tag, multiple))
+
+
+def test_coalesced_acks_never_cover_an_unsettled_delivery():
+    from reliable_events.consuming import AmqpTransport
+
+    transport = AmqpTransport("amqp://x", [], prefetch=20, heartbeat=0, connect_timeout=1)
+    channel = RecordingChannel()
+    transport._channel = channel
+    transport._unsettled = {1, 2, 3, 4}
+    for tag in (1, 2):
+        transport.ack(Delivery(consumer="c", body=b"", properties={}, headers={}, tag=tag))
+    assert channel.acks == []  # coalesced
+    transport.flush_acks()
+    assert channel.acks == [(2, True)]  # 1 and 2 in one frame: nothing below 2 is open
+    transport.ack(Delivery(consumer="c", body=b"", properties={}, headers={}, tag=4))
+    transport.flush_acks()  # 3 is still being processed: 4 alone
+    assert channel.acks[1:] == [(4, False)]
+    transport._unsettled = set(range(5, 30))
+    for tag in range(5, 15):  # half the prefetch window settles: sent without waiting
+        transport.ack(Delivery(consumer="c", body=b"", properties={}, headers={}, tag=tag))
+    assert channel.acks[2:] == [(14, True)]

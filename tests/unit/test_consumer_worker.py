@@ -330,14 +330,7 @@ def test_a_batch_commits_together_and_a_failure_falls_back_to_one_by_one(clean_r
 def test_a_batch_applies_each_message_once(clean_registry):
     consumer = make_consumer(clean_registry)
     consumer.batch_size = 50
-    batches: list[int] = []
-    process_batch = consumer.process_batch
-
-    def spy(self: EventConsumer, events: Any) -> Any:
-        batches.append(len(events))
-        return process_batch(self, events)
-
-    consumer.process_batch = spy  # type: ignore[method-assign]
+    batches = spy_batches(consumer)
     worker = started(consumer)
     for n in range(30):
         send(message_id=f"m-{n % 20}")  # 20 ids, 10 of them twice
@@ -348,6 +341,53 @@ def test_a_batch_applies_each_message_once(clean_registry):
     assert applied(consumer) == 20
     assert len(consumer.calls) == 20  # duplicates never reach handle
     assert queue_size(consumer.name) == 0
+
+
+def spy_batches(consumer: type[EventConsumer]) -> list[int]:
+    """Record the size of every batch handed to ``consumer.process_batch``."""
+    sizes: list[int] = []
+    process_batch = consumer.process_batch
+
+    def spy(self: EventConsumer, events: Any, **kwargs: Any) -> Any:
+        sizes.append(len(events))
+        return process_batch(self, events, **kwargs)
+
+    consumer.process_batch = spy  # type: ignore[method-assign]
+    return sizes
+
+
+def test_a_batch_transaction_stays_short(clean_registry):
+    def slow(consumer: EventConsumer, event: Event) -> None:
+        time.sleep(0.15)
+
+    consumer = make_consumer(clean_registry, behaviour=slow)
+    consumer.batch_size = 10
+    sizes = spy_batches(consumer)
+    worker = started(consumer)
+    for n in range(5):
+        send(message_id=f"m-{n}")
+    stats = worker.run(until_idle=0.5)
+    # 0.15 s handlers, BATCH_MAX_SECONDS 0.25: two per transaction, the rest carried over
+    assert sizes == [5, 3, 1]
+    assert stats.processed == 5
+    assert applied(consumer) == 5
+
+
+def test_after_a_failed_batch_messages_go_one_by_one_for_a_while(clean_registry):
+    def fail_on_m1(consumer: EventConsumer, event: Event) -> None:
+        if event.id == "m-1":
+            raise PermanentError("broken")
+
+    consumer = make_consumer(clean_registry, behaviour=fail_on_m1)
+    consumer.batch_size = 10
+    sizes = spy_batches(consumer)
+    worker = started(consumer)
+    for n in range(12):
+        send(message_id=f"m-{n}")
+    worker.run(until_idle=0.5)
+    assert sizes == [10]  # m-10 and m-11 came one by one too (no second batch)
+    assert applied(consumer) == 11
+    assert DeadLetter.objects.get().message_id == "m-1"
 
 
 # -- stopping ----------------------------------------------------------------------------
@@ -458,6 +498,32 @@ def test_retry_dead_letters_by_consumer(fixable):
     assert DeadLetter.objects.filter(status=DeadLetter.Status.RETRIED).count() == 2
 
 
+def test_retry_dead_letters_refuses_consumers_it_does_not_know(clean_registry):
+    now = timezone.now()
+    letter = DeadLetter.objects.create(
+        consumer="gone.consumer",
+        queue="gone.consumer",
+        message_id="m-1",
+        payload={"n": 1},
+        reason=PERMANENT_ERROR,
+        first_failed_at=now,
+        last_failed_at=now,
+    )
+    err = StringIO()
+    with pytest.raises(CommandError) as info:
+        call_command("retry_dead_letters", "--all", stdout=StringIO(), stderr=err)
+    assert info.value.returncode == 3
+    assert "no consumer named 'gone.consumer' is registered" in err.getvalue()
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.OPEN
+    assert not OutboxMessage.objects.exists()
+
+    call_command("retry_dead_letters", "--all", "--force", stdout=StringIO())
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.RETRIED
+    assert OutboxMessage.objects.get().queue == "gone.consumer"
+
+
 # -- retention ---------------------------------------------------------------------------
 def test_processed_records_are_purged_after_retention_in_batches(settings):
     from reliable_events.conf import app_settings
@@ -553,7 +619,11 @@ def test_the_filesystem_transport_consumes_and_retries_through_the_relay(
     settings.RELIABLE_EVENTS = {
         **settings.RELIABLE_EVENTS,
         "BROKER_URL": "filesystem://",
-        "BROKER_TRANSPORT_OPTIONS": {"data_folder_in": str(folder), "data_folder_out": str(folder)},
+        "BROKER_TRANSPORT_OPTIONS": {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "control_folder": str(tmp_path / "control"),
+        },
     }
 
     def fail_once(consumer: EventConsumer, event: Event) -> None:

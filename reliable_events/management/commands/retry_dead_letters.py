@@ -7,6 +7,10 @@ same message id, and is marked ``retried`` in the same transaction; the row is p
 with a broker confirm right after the commit (or by the relay, if that fails).  The same
 service (:func:`reliable_events.deadletters.retry`) backs the admin and the API.
 
+Before retrying, the topology of the consumers involved is declared, so that their queues
+exist; dead letters of a consumer that is not registered in this process are skipped
+(the broker would silently drop a message for a missing queue) unless ``--force``.
+
 Exit codes: 0 done (also when nothing matched); 1 bad arguments; 3 some of the selected
 dead letters could not be retried (listed with the reason).
 """
@@ -38,6 +42,12 @@ class Command(BaseCommand):
         parser.add_argument("--note", default="", help="Why (stored on each dead letter).")
         parser.add_argument("--user", default="", help="Who (stored on each dead letter).")
         parser.add_argument("--database", default=None, help="Database alias.")
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="Also retry dead letters of consumers not registered here (their queue "
+            "must exist, or the broker drops the re-delivery).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         ids, consumer, fp = options["ids"], options["consumer"], options["fingerprint"]
@@ -60,6 +70,14 @@ class Command(BaseCommand):
         else:
             missing = []
         dry_run = options["dry_run"]
+        unknown: dict[int, str] = {}
+        if not dry_run:
+            unknown, warnings = deadletters.prepare_queues(selected)
+            for warning in warnings:
+                self.stderr.write(f"warning: {warning}")
+            if options["force"]:
+                unknown = {}
+            selected = [letter for letter in selected if letter.pk not in unknown]
         result = deadletters.retry(
             selected,
             user=options["user"] or "retry_dead_letters",
@@ -75,7 +93,10 @@ class Command(BaseCommand):
                 f"{verb} #{pk} {letter.consumer} {letter.message_id} ({letter.reason}) "
                 f"-> queue {letter.queue or letter.consumer}"
             )
-        skipped = dict(result.skipped)
+        skipped = {
+            **result.skipped,
+            **{pk: f"{why}; --force to retry anyway" for pk, why in unknown.items()},
+        }
         for pk in missing:
             skipped.setdefault(pk, "no open dead letter with this id")
         for pk, reason in sorted(skipped.items()):

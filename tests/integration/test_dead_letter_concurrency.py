@@ -1,0 +1,74 @@
+"""Two workers dead-letter copies of one message at the same moment (PostgreSQL).
+
+At-least-once delivery means two consumer processes can hold two copies of one message;
+when its handler fails permanently both write its dead letter at once.  There must be
+one open dead letter per consumer and message id, not two (found by the ledger work:
+without a lock both transactions saw "no open letter" and inserted).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from django.db import connections
+from django.utils import timezone
+
+from reliable_events.consuming import PERMANENT_ERROR, Delivery, write_dead_letter
+from reliable_events.models import DeadLetter
+from tests.consumer_support import make_consumer
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
+
+ROUNDS = 20
+
+
+def test_concurrent_dead_letters_of_one_message_make_one_open_letter(clean_registry: Any) -> None:
+    consumer = make_consumer(clean_registry)
+    errors: list[BaseException] = []
+
+    def dead_letter(message_id: str, barrier: threading.Barrier, attempt: int) -> None:
+        try:
+            barrier.wait(10)
+            now = timezone.now()
+            write_dead_letter(
+                alias="default",
+                consumer=consumer,
+                delivery=Delivery(consumer.name, b"{}", {"message_id": message_id}, {}),
+                reason=PERMANENT_ERROR,
+                payload={},
+                raw_body="",
+                topic="orders.created",
+                key=None,
+                attempts=attempt,
+                error_type="app.Error",
+                error_message="failed for good",
+                traceback="",
+                fingerprint_value="fp",
+                history=[],
+                first_failed_at=now,
+                last_failed_at=now,
+            )
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    for n in range(ROUNDS):
+        barrier = threading.Barrier(2)
+        threads = [
+            threading.Thread(target=dead_letter, args=(f"m-{n}", barrier, attempt))
+            for attempt in (1, 2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors[0]
+    counts = {
+        f"m-{n}": DeadLetter.objects.filter(consumer=consumer.name, message_id=f"m-{n}").count()
+        for n in range(ROUNDS)
+    }
+    assert counts == {f"m-{n}": 1 for n in range(ROUNDS)}
+    assert set(DeadLetter.objects.values_list("status", flat=True)) == {DeadLetter.Status.OPEN}

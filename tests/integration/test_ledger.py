@@ -1,0 +1,623 @@
+"""The ledger: 10,000 events through real processes while everything is killed and restarted.
+
+* 3 producer processes (``manage.py ledger_produce``) commit an ``Order`` and its event in
+  one transaction (``publish_event``), retrying their transaction while PostgreSQL
+  restarts; the outbox rows (``queue=''``) are the ledger of committed events;
+* 2 ``relay_outbox`` and 2 ``consume_events`` processes (one consumer, two competing
+  processes on its queue; ``tests/testapp/consumers.py``) run throughout;
+* every 1-3 s a random relay or consumer is SIGKILLed and restarted at once;
+* RabbitMQ is restarted once (``rabbitmqctl stop_app`` / ``start_app``) and PostgreSQL
+  once (``pg_ctlcluster ... restart``) in the middle of the run; both are running again
+  (and accept connections) when the test ends, whatever happens.
+
+Then every message id is checked: each committed event applied exactly once (a unique
+``Effect`` row and its ``ProcessedMessage``), nothing applied twice, dead letters exactly
+for the designed permanent failures (1 %), the designed transient failures (1 %, fail on
+attempt 1) applied once on their retry.  Redeliveries and the duplicates the idempotency
+record absorbed are counted from the consumers' log files (``reliable_events.consuming``
+writes one INFO line each), which survive SIGKILL.
+
+Marked ``disruptive``: it restarts the shared PostgreSQL and RabbitMQ (set
+``RE_DISRUPTIVE_TESTS=1``; ``scripts/test`` does).  ``RE_LEDGER_EVENTS`` changes the
+number of events (default 10,000).  Bounded: about 5 minutes at worst.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import pytest
+from django.db import DatabaseError, InterfaceError, connection
+
+from reliable_events.consuming import PERMANENT_ERROR
+from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
+from reliable_events.topology import declare_on_amqp_channel, full_topology
+from tests.consumer_support import make_consumer
+from tests.producer_support import ROOT, child_env
+from tests.testapp.consumers import APPLIED_TWICE, LEDGER_CONSUMER_ENV
+from tests.testapp.management.commands.ledger_produce import designed_failure
+from tests.testapp.models import Effect, Order
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.postgres,
+    pytest.mark.rabbitmq,
+    pytest.mark.slow,
+    pytest.mark.disruptive,
+]
+
+EVENTS = int(os.environ.get("RE_LEDGER_EVENTS", "10000"))
+PRODUCERS = 3
+#: Orders (each with its event) per producer transaction.
+PER_TRANSACTION = 5
+RELAYS = 2
+CONSUMERS = 2
+#: The whole test (set-up to assertions) stays within this, hangs included.
+BUDGET_SECONDS = 270.0
+MAX_RETRIES = 3
+RETRY_DELAYS = [0.5]
+REDELIVERED_LINE = "received a redelivered message"
+DUPLICATE_LINE = "skipped duplicate"
+#: Log lines of the children that show a fault was felt.
+BROKER_FAULT_LINES = ("broker connection lost or refused", "publish failed")
+DATABASE_FAULT_LINES = ("waiting for the database", "database error", "OperationalError")
+#: Settings of every child: production-like publish retries (a row must not go dead
+#: during a broker restart), quick reconnects, short on-commit reservation.
+CHILD_SETTINGS: dict[str, Any] = {
+    "MAX_ATTEMPTS": 1000,
+    "BACKOFF_BASE": 0.2,
+    "BACKOFF_MAX": 2.0,
+    "RELAY_IDLE_SECONDS": 0.2,
+    "ON_COMMIT_GRACE_SECONDS": 3.0,
+    "CONSUMER_RECONNECT_MAX": 2.0,
+    "CONNECT_TIMEOUT": 3.0,
+    "CONFIRM_TIMEOUT": 10.0,
+    "PREFETCH_COUNT": 20,
+}
+
+T = TypeVar("T")
+
+
+# -- services ---------------------------------------------------------------------------
+def _run(argv: list[str], timeout: float) -> None:
+    subprocess.run(argv, check=True, timeout=timeout, capture_output=True)
+
+
+def amqp_answers(url: str) -> bool:
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=0)
+    except Exception:
+        return False
+    return True
+
+
+def postgres_answers() -> bool:
+    import psycopg
+
+    params = connection.settings_dict
+    try:
+        with psycopg.connect(
+            host=params["HOST"] or "127.0.0.1",
+            port=int(params["PORT"] or 5432),
+            user=params["USER"],
+            password=params["PASSWORD"] or None,
+            dbname=str(params["NAME"]),
+            connect_timeout=2,
+        ) as conn:
+            conn.execute("SELECT 1")
+    except Exception:
+        return False
+    return True
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def pg_cluster() -> list[str]:
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+
+
+def restart_rabbitmq(url: str, down_seconds: float = 2.0) -> None:
+    try:
+        _run(["rabbitmqctl", "-q", "stop_app"], timeout=90)
+        time.sleep(down_seconds)
+    finally:
+        ensure_rabbitmq(url)
+
+
+def ensure_rabbitmq(url: str) -> None:
+    """RabbitMQ's app is running and accepts AMQP connections (or this raises)."""
+    if amqp_answers(url):
+        return
+    _run(["rabbitmqctl", "-q", "start_app"], timeout=120)
+    if not wait_for(lambda: amqp_answers(url), timeout=90):
+        raise AssertionError("RabbitMQ does not accept connections after start_app")
+
+
+def restart_postgres() -> None:
+    try:
+        _run([*pg_cluster(), "restart"], timeout=90)
+    finally:
+        ensure_postgres()
+
+
+def ensure_postgres() -> None:
+    """PostgreSQL runs and accepts connections (or this raises)."""
+    if postgres_answers():
+        return
+    with contextlib.suppress(subprocess.CalledProcessError):  # already running: restart
+        _run([*pg_cluster(), "start"], timeout=90)
+    if not wait_for(postgres_answers, timeout=90):
+        raise AssertionError("PostgreSQL does not accept connections after start")
+
+
+def db(query: Callable[[], T], timeout: float = 60.0) -> T:
+    """``query()`` on this process's connection, reconnecting across a PostgreSQL restart."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return query()
+        except (DatabaseError, InterfaceError):
+            with contextlib.suppress(DatabaseError, InterfaceError):
+                connection.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+# -- child processes --------------------------------------------------------------------
+@dataclass
+class Child:
+    kind: str
+    index: int
+    generation: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    out: IO[bytes]
+
+
+@dataclass
+class Fleet:
+    """The relay, consumer and producer processes, their restarts and their logs."""
+
+    env: dict[str, str]
+    logs: Path
+    consumer: str
+    run: str
+    children: dict[tuple[str, int], Child] = field(default_factory=dict)
+    retired: list[Child] = field(default_factory=list)
+    kills: int = 0
+    #: What happened when (wall clock, like the children's log lines): timeline.log.
+    timeline: list[str] = field(default_factory=list)
+    unexpected_exits: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def argv(self, kind: str, index: int) -> list[str]:
+        manage = [sys.executable, str(ROOT / "manage.py")]
+        if kind == "relay":
+            return [*manage, "relay_outbox"]
+        if kind == "consumer":
+            return [*manage, "consume_events", self.consumer]
+        count = EVENTS // PRODUCERS + (1 if index < EVENTS % PRODUCERS else 0)
+        return [
+            *manage,
+            "ledger_produce",
+            f"--prefix={self.run}-p{index}",
+            f"--count={count}",
+            f"--per-transaction={PER_TRANSACTION}",
+            f"--max-seconds={BUDGET_SECONDS - 60:.0f}",
+        ]
+
+    def start(self, kind: str, index: int) -> Child:
+        previous = self.children.get((kind, index))
+        generation = previous.generation + 1 if previous else 0
+        log = self.logs / f"{kind}-{index}-{generation}.log"
+        out = log.open("wb")
+        proc = subprocess.Popen(
+            self.argv(kind, index), cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
+        )
+        child = Child(kind, index, generation, proc, log, out)
+        if previous is not None:
+            self.retired.append(previous)
+        self.children[(kind, index)] = child
+        self.note(f"started {log.stem} pid={proc.pid}")
+        return child
+
+    def targets(self) -> list[tuple[str, int]]:
+        return [key for key in self.children if key[0] != "producer"]
+
+    def kill_and_restart(self, key: tuple[str, int]) -> None:
+        with self.lock:
+            child = self.children[key]
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGKILL)
+                child.proc.wait(30)
+                self.kills += 1
+                self.note(f"SIGKILLed {child.log.stem} pid={child.proc.pid}")
+            self.start(*key)
+
+    def revive(self) -> None:
+        """Restart relays and consumers that exited on their own (and remember them)."""
+        with self.lock:
+            for key in self.targets():
+                child = self.children[key]
+                code = child.proc.poll()
+                if code is not None and code != -signal.SIGKILL:
+                    self.unexpected_exits.append(f"{child.log.name}: exit {code}")
+                    self.start(*key)
+
+    def producers(self) -> list[Child]:
+        return [c for k, c in self.children.items() if k[0] == "producer"]
+
+    def stop(self, kinds: tuple[str, ...], timeout: float = 20.0) -> None:
+        """SIGTERM the children of ``kinds``, SIGKILL what has not exited in ``timeout``."""
+        with self.lock:
+            chosen = [c for k, c in self.children.items() if k[0] in kinds]
+            for child in chosen:
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for child in chosen:
+                try:
+                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait(30)
+
+    def kill_all(self) -> None:
+        for child in [*self.children.values(), *self.retired]:
+            if child.proc.poll() is None:
+                child.proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.proc.wait(30)
+            child.out.close()
+
+    def note(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S") + f",{int(time.time() * 1000) % 1000:03d}"
+        self.timeline.append(f"{stamp} {text}")
+
+    def text(self, kind: str) -> str:
+        every = [*self.retired, *self.children.values()]
+        return "".join(
+            c.log.read_text(errors="replace")
+            for c in sorted(every, key=lambda c: c.log.name)
+            if c.kind == kind
+        )
+
+
+def chaos(fleet: Fleet, stop: threading.Event, errors: list[BaseException]) -> None:
+    """Every 1-3 s, SIGKILL a random relay or consumer and start it again at once."""
+    rng = random.Random()
+    try:
+        while not stop.wait(rng.uniform(1.0, 3.0)):
+            fleet.kill_and_restart(rng.choice(fleet.targets()))
+            fleet.revive()
+    except BaseException as exc:  # reported by the test
+        errors.append(exc)
+
+
+# -- the broker, seen from outside --------------------------------------------------------
+class Queues:
+    """Ready-message counts of the run's queues over a connection that reconnects."""
+
+    def __init__(self, url: str, names: list[str]) -> None:
+        self.url = url
+        self.names = names
+        self._conn: Any = None
+
+    def counts(self) -> dict[str, int]:
+        from kombu import Connection
+
+        for _ in range(3):
+            try:
+                if self._conn is None:
+                    self._conn = Connection(self.url, connect_timeout=3)
+                    self._conn.ensure_connection(max_retries=0)
+                channel: Any = self._conn.default_channel
+                return {
+                    name: int(channel.queue_declare(name, passive=True).message_count)
+                    for name in self.names
+                }
+            except Exception:
+                self.close()
+                time.sleep(0.5)
+        raise AssertionError("cannot read the queue counts from RabbitMQ")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.release()
+            self._conn = None
+
+    def delete(self, exchanges: list[str]) -> None:
+        from kombu import Connection
+
+        self.close()
+        with Connection(self.url, connect_timeout=5) as conn:
+            channel: Any = conn.channel()
+            for name in self.names:
+                channel.queue_delete(name)
+            for name in exchanges:
+                channel.exchange_delete(name)
+
+
+# -- the test ---------------------------------------------------------------------------
+@pytest.fixture
+def services(amqp_url: str) -> Iterator[None]:
+    """Both services run before the test and are running again after it, whatever happens."""
+    ensure_rabbitmq(amqp_url)
+    ensure_postgres()
+    try:
+        yield
+    finally:
+        try:
+            ensure_rabbitmq(amqp_url)
+        finally:
+            ensure_postgres()
+            with contextlib.suppress(DatabaseError, InterfaceError):
+                connection.close()  # the next query reconnects to the restarted server
+
+
+@pytest.fixture
+def run(services: None, amqp_url: str) -> Iterator[str]:
+    """This run's unique name; its exchanges and queues are deleted after the test."""
+    run = f"ledger-{uuid.uuid4().hex[:8]}"
+    yield run
+    exchange = f"test-ev-{run}"
+    ensure_rabbitmq(amqp_url)
+    names = [f"{run}.apply", f"{run}.apply.retry.1", f"{exchange}.unrouted"]
+    Queues(amqp_url, names).delete([exchange, f"{exchange}.unrouted"])
+
+
+def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_restarts(
+    run: str, amqp_url: str, settings: Any, clean_registry: Any, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    deadline = started + BUDGET_SECONDS
+    exchange = f"test-ev-{run}"
+    name = f"{run}.apply"
+    settings.RELIABLE_EVENTS = {
+        **settings.RELIABLE_EVENTS,
+        **CHILD_SETTINGS,
+        "BROKER_URL": amqp_url,
+        "EXCHANGE": exchange,
+    }
+    # The consumer's topology, declared before any event is published (the children
+    # declare the same on connect: same name, topics, retries and delays).
+    twin = make_consumer(
+        clean_registry,
+        name=name,
+        topics=["ledger.#"],
+        max_retries=MAX_RETRIES,
+        retry_delays=RETRY_DELAYS,
+    )
+    topology = full_topology(twin.queue_specs())
+    queues = Queues(amqp_url, [q.name for q in topology.queues])
+    from kombu import Connection
+
+    with Connection(amqp_url, connect_timeout=5) as conn:
+        declare_on_amqp_channel(conn.channel(), topology)
+
+    env = child_env()
+    env.pop("COVERAGE_PROCESS_START", None)
+    env.update(
+        PYTHONUNBUFFERED="1",
+        RE_TEST_LOG_LEVEL="INFO",
+        **{
+            LEDGER_CONSUMER_ENV: json.dumps(
+                {
+                    "name": name,
+                    "topics": ["ledger.#"],
+                    "max_retries": MAX_RETRIES,
+                    "retry_delays": RETRY_DELAYS,
+                }
+            )
+        },
+    )
+    fleet = Fleet(env=env, logs=tmp_path, consumer=name, run=run)
+    stop_chaos = threading.Event()
+    chaos_errors: list[BaseException] = []
+    chaos_thread = threading.Thread(target=chaos, args=(fleet, stop_chaos, chaos_errors))
+    restarts: list[str] = []
+    marks: dict[str, float] = {}
+
+    def committed() -> int:
+        return db(lambda: OutboxMessage.objects.filter(message_id__startswith=run).count())
+
+    def producers_done() -> bool:
+        return all(c.proc.poll() is not None for c in fleet.producers())
+
+    def reached(fraction: float) -> Callable[[], bool]:
+        return lambda: producers_done() or committed() >= EVENTS * fraction
+
+    try:
+        with fleet.lock:
+            for i in range(CONSUMERS):
+                fleet.start("consumer", i)
+            for i in range(RELAYS):
+                fleet.start("relay", i)
+            for i in range(PRODUCERS):
+                fleet.start("producer", i)
+        chaos_thread.start()
+
+        # RabbitMQ restart at ~30 % of the events, PostgreSQL restart at ~60 %.
+        wait_for(reached(0.3), timeout=max(0.0, deadline - time.monotonic() - 150))
+        marks["rabbitmq restart at"] = time.monotonic() - started
+        fleet.note("rabbitmqctl stop_app")
+        restart_rabbitmq(amqp_url)
+        fleet.note("rabbitmq accepts connections again")
+        restarts.append(f"rabbitmq at {committed()} committed")
+        wait_for(reached(0.6), timeout=max(0.0, deadline - time.monotonic() - 120))
+        marks["postgresql restart at"] = time.monotonic() - started
+        fleet.note("pg_ctlcluster restart")
+        restart_postgres()
+        with contextlib.suppress(DatabaseError, InterfaceError):
+            connection.close()
+        fleet.note("postgresql accepts connections again")
+        restarts.append(f"postgresql at {committed()} committed")
+
+        wait_for(producers_done, timeout=max(0.0, deadline - time.monotonic() - 60))
+        marks["producers done"] = time.monotonic() - started
+        codes = [c.proc.poll() for c in fleet.producers()]
+        stop_chaos.set()
+        chaos_thread.join(60)
+
+        # Converge: nothing pending in the outbox, every id applied or dead-lettered,
+        # and the queues empty twice in a row.
+        def converged() -> bool:
+            fleet.revive()
+            pending = db(
+                lambda: (
+                    OutboxMessage.objects.filter(message_id__startswith=run)
+                    .exclude(status=OutboxMessage.Status.SENT)
+                    .count()
+                )
+            )
+            settled = db(
+                lambda: (
+                    Effect.objects.filter(consumer=name).count()
+                    + DeadLetter.objects.filter(consumer=name)
+                    .values("message_id")
+                    .distinct()
+                    .count()
+                )
+            )
+            return pending == 0 and settled >= committed() and not any(queues.counts().values())
+
+        def converged_twice() -> bool:
+            if not converged():
+                return False
+            time.sleep(1.0)
+            return converged()
+
+        quiet = wait_for(
+            converged_twice, timeout=max(0.0, deadline - time.monotonic() - 20), interval=1.0
+        )
+        marks["converged"] = time.monotonic() - started
+        fleet.stop(("consumer", "relay"))
+        leftover = queues.counts()
+    finally:
+        stop_chaos.set()
+        if chaos_thread.is_alive():
+            chaos_thread.join(60)
+        fleet.kill_all()
+        queues.close()
+        (tmp_path / "timeline.log").write_text("\n".join(fleet.timeline) + "\n")
+    wall = time.monotonic() - started
+
+    # -- the ledger --------------------------------------------------------------------
+    ids = set(
+        db(
+            lambda: list(
+                OutboxMessage.objects.filter(message_id__startswith=run, queue="").values_list(
+                    "message_id", flat=True
+                )
+            )
+        )
+    )
+    statuses = Counter(
+        OutboxMessage.objects.filter(message_id__startswith=run).values_list("status", flat=True)
+    )
+    orders = Counter(
+        Order.objects.filter(reference__startswith=run).values_list("reference", flat=True)
+    )
+    effects: list[tuple[str, Any]] = list(
+        Effect.objects.filter(consumer=name).values_list("message_id", "payload")
+    )
+    applied = Counter(message_id for message_id, _ in effects)
+    processed = set(
+        ProcessedMessage.objects.filter(consumer=name).values_list("message_id", flat=True)
+    )
+    letters: list[tuple[str, str, str, str, str]] = list(
+        DeadLetter.objects.filter(consumer=name).values_list(
+            "message_id", "reason", "error_type", "error_message", "status"
+        )
+    )
+    dead = Counter(letter[0] for letter in letters)
+
+    def n_of(message_id: str) -> int:
+        return int(message_id.rsplit("-", 1)[1])
+
+    permanent = {i for i in ids if designed_failure(n_of(i)) == "permanent"}
+    once = {i for i in ids if designed_failure(n_of(i)) == "once"}
+    attempts = {message_id: payload["attempt"] for message_id, payload in effects}
+    consumer_logs = fleet.text("consumer")
+    redeliveries = consumer_logs.count(REDELIVERED_LINE)
+    duplicates = consumer_logs.count(DUPLICATE_LINE)
+    every_log = consumer_logs + fleet.text("relay") + fleet.text("producer")
+    # The restarts were felt (else they proved nothing): broker connections lost or
+    # refused, publishes failed; database errors and transactions retried.
+    broker_faults = sum(every_log.count(line) for line in BROKER_FAULT_LINES)
+    database_faults = sum(every_log.count(line) for line in DATABASE_FAULT_LINES)
+    lost = ids - set(applied) - set(dead)
+
+    print(
+        f"\nledger: events={len(ids)} (expected {EVENTS}) applied={len(applied)} "
+        f"dead_letters={len(letters)} (designed {len(permanent)}) "
+        f"failed_once_then_applied={sum(1 for i in once if attempts.get(i, 0) >= 2)}"
+        f"\n  kills={fleet.kills} restarts={len(restarts)} ({'; '.join(restarts)}) "
+        f"unexpected_exits={len(fleet.unexpected_exits)}"
+        f"\n  broker_faults_felt={broker_faults} database_faults_felt={database_faults} "
+        f"redeliveries_seen={redeliveries} duplicates_absorbed={duplicates} "
+        f"lost={len(lost)} applied_twice={sum(1 for c in applied.values() if c > 1)}"
+        f"\n  wall_time={wall:.1f}s "
+        + " ".join(f"{k}={v:.1f}s" for k, v in marks.items())
+        + f"\n  outbox={dict(statuses)} leftover_in_queues={leftover}"
+    )
+
+    assert not chaos_errors, f"the chaos thread failed: {chaos_errors[0]!r}"
+    assert codes == [0] * PRODUCERS, (codes, fleet.text("producer")[-3000:])
+    assert len(ids) == EVENTS
+    # The business row and its event committed together, once each.
+    assert set(orders) == ids
+    assert set(orders.values()) == {1}
+    assert statuses == {OutboxMessage.Status.SENT: EVENTS}, "outbox rows not all sent"
+    assert quiet, "the run did not converge (see the ledger line above)"
+    assert not lost, f"{len(lost)} committed event(s) never applied: {sorted(lost)[:10]}"
+    assert set(applied) == ids - permanent
+    assert set(applied.values()) == {1}
+    assert processed == set(applied), "idempotency records do not match the effects"
+    # Dead letters: exactly the designed permanent failures, one each, for that reason.
+    assert not [x for x in letters if APPLIED_TWICE in x[3]], "applied twice"
+    assert set(dead) == permanent, sorted(set(dead) ^ permanent)[:10]
+    assert set(dead.values()) == {1}, [i for i, c in dead.items() if c > 1][:10]
+    assert {(x[1], x[2], x[4]) for x in letters} == {
+        (PERMANENT_ERROR, "reliable_events.exceptions.PermanentError", DeadLetter.Status.OPEN)
+    }
+    # Designed transient failures: failed on attempt 1, applied once on a retry.
+    assert once
+    assert all(attempts[i] >= 2 for i in once)
+    # Kills and restarts are not handler failures: nothing else was applied on a retry.
+    retried = sorted(i for i, a in attempts.items() if a > 1 and i not in once)
+    assert not retried, f"{len(retried)} undesigned retries, e.g. {retried[:5]}"
+    assert leftover == dict.fromkeys(queues.names, 0), leftover
+    assert fleet.kills >= 10, "the chaos did not happen"
+    assert broker_faults > 0, "nobody noticed the RabbitMQ restart"
+    assert database_faults > 0, "nobody noticed the PostgreSQL restart"
+    assert redeliveries > 0, "no redelivery was seen: the kills proved nothing"
+    assert not fleet.unexpected_exits, fleet.unexpected_exits
