@@ -683,7 +683,7 @@ class OutboxRetryScheduler(RetryScheduler):
         retry: int,
         delay: float,
     ) -> None:
-        from reliable_events.publishing import lane_for
+        from reliable_events.publishing import json_value, lane_for
 
         alias = consumer.get_database()
         headers = json_safe(retry_headers(delivery, event, failure))
@@ -695,7 +695,7 @@ class OutboxRetryScheduler(RetryScheduler):
                 key=event.key,
                 lane=lane_for(event.key, event.id),
                 queue=consumer.queue_name(),
-                payload=event.payload,
+                payload=json_value(event.payload),  # a JSON null body stays JSON null
                 headers=headers,
                 next_attempt_at=timezone.now() + timedelta(seconds=delay),
             )

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from reliable_events.conf import app_settings
 from reliable_events.models import DeadLetter, OutboxMessage
-from reliable_events.publishing import lane_for, schedule_on_commit
+from reliable_events.publishing import json_value, lane_for, schedule_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,18 @@ def prepare_queues(letters: Iterable[DeadLetter]) -> tuple[dict[int, str], list[
     return unknown, warnings
 
 
+def _lock(alias: str, ids: list[int], result: TriageResult) -> list[DeadLetter]:
+    """Lock the dead letters ``ids`` (in the caller's transaction); note the missing ones."""
+    locked = list(
+        DeadLetter.objects.using(alias).select_for_update().filter(pk__in=ids).order_by("id")
+    )
+    found = {letter.pk for letter in locked}
+    for missing in ids:
+        if missing not in found:
+            result.skipped[missing] = "no such dead letter"
+    return locked
+
+
 def retry(
     letters: Iterable[DeadLetter] | QuerySet[DeadLetter],
     *,
@@ -137,13 +149,7 @@ def retry(
     if not ids:
         return result
     with transaction.atomic(using=alias):
-        locked = list(
-            DeadLetter.objects.using(alias).select_for_update().filter(pk__in=ids).order_by("id")
-        )
-        found = {letter.pk for letter in locked}
-        for missing in ids:
-            if missing not in found:
-                result.skipped[missing] = "no such dead letter"
+        locked = _lock(alias, ids, result)
         rows: list[OutboxMessage] = []
         now = timezone.now()
         # Reserved for the on-commit publish (like publish_event), else due at once.
@@ -164,7 +170,7 @@ def retry(
                     key=letter.key or None,
                     lane=lane_for(letter.key or None, letter.message_id or uuid.uuid4().hex),
                     queue=letter.queue or letter.consumer,
-                    payload=letter.payload,
+                    payload=json_value(letter.payload),
                     headers={
                         k: v
                         for k, v in (letter.headers or {}).items()
@@ -209,13 +215,7 @@ def discard(
     if not ids:
         return result
     with transaction.atomic(using=alias):
-        locked = list(
-            DeadLetter.objects.using(alias).select_for_update().filter(pk__in=ids).order_by("id")
-        )
-        found = {letter.pk for letter in locked}
-        for missing in ids:
-            if missing not in found:
-                result.skipped[missing] = "no such dead letter"
+        locked = _lock(alias, ids, result)
         for letter in locked:
             if letter.status != DeadLetter.Status.OPEN:
                 result.skipped[letter.pk] = f"it is {letter.status}, not open"

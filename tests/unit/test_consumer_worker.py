@@ -159,6 +159,16 @@ def test_a_failing_handler_is_retried_then_dead_lettered_with_its_history(clean_
     assert queue_size(consumer.name) == 0
 
 
+def test_a_json_null_event_is_retried_and_dead_lettered_like_any_other(clean_registry):
+    consumer = make_consumer(clean_registry, max_retries=1, retry_delays=[0], behaviour=fail_always)
+    worker = started(consumer)
+    send(b"null", message_id="m-null")
+    stats = worker.run(until_idle=1.0)
+    assert [e.payload for e in consumer.calls] == [None, None]
+    assert (stats.retried, stats.dead_lettered) == (1, 1)
+    assert DeadLetter.objects.get().message_id == "m-null"
+
+
 def test_retries_wait_for_their_delay(clean_registry):
     consumer = make_consumer(
         clean_registry, max_retries=3, retry_delays=[30, 120], behaviour=fail_always
