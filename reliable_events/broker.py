@@ -44,6 +44,8 @@ from reliable_events.topology import (
 logger = logging.getLogger(__name__)
 
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+#: Why a message sent straight to a queue failed when that queue does not exist.
+UNROUTABLE_QUEUE = "the broker returned the message: no such queue (basic.return)"
 CONTENT_TYPE = "application/json"
 CONTENT_ENCODING = "utf-8"
 PERSISTENT = 2
@@ -159,6 +161,10 @@ class AmqpPublisher(Publisher):
         self._channel: Any = None
         self._seq = 0
         self._inflight: dict[int, Hashable] = {}
+        # Messages sent straight to a queue go out ``mandatory``: seq -> message id, and
+        # the ids the broker returned (no such queue), matched when their ack arrives.
+        self._mandatory: dict[int, str] = {}
+        self._returned: set[str] = set()
         self._result: PublishResult | None = None
         self._pid = os.getpid()
         self.last_used = 0.0
@@ -192,6 +198,7 @@ class AmqpPublisher(Publisher):
             channel.confirm_select()
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
+            channel.events["basic_return"].add(self._on_return)
         except Exception as exc:
             _quiet_close(conn)
             raise BrokerError(
@@ -218,6 +225,8 @@ class AmqpPublisher(Publisher):
     def _reset(self) -> None:
         self._kombu = self._channel = None
         self._inflight = {}
+        self._mandatory = {}
+        self._returned = set()
         self._seq = 0
 
     def close(self) -> None:
@@ -234,6 +243,12 @@ class AmqpPublisher(Publisher):
     def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, "broker nacked the message (basic.nack)")
 
+    def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        """A ``mandatory`` message no queue took; RabbitMQ sends this before its ack."""
+        message_id = getattr(message, "properties", {}).get("message_id")
+        if message_id is not None:
+            self._returned.add(str(message_id))
+
     def _settle(self, tag: int, multiple: bool, error: str | None) -> None:
         inflight = self._inflight
         if multiple:
@@ -248,12 +263,20 @@ class AmqpPublisher(Publisher):
         if result is None:  # a late confirm of an abandoned batch
             for seq in tags:
                 del inflight[seq]
+                self._mandatory.pop(seq, None)
             return
+        if self._mandatory:
+            for seq in tags:
+                message_id = self._mandatory.pop(seq, None)
+                if message_id is not None and message_id in self._returned:
+                    self._returned.discard(message_id)
+                    result.failed[inflight.pop(seq)] = UNROUTABLE_QUEUE
         if error is None:
-            result.confirmed.extend([inflight.pop(seq) for seq in tags])
+            result.confirmed.extend([inflight.pop(seq) for seq in tags if seq in inflight])
         else:
             for seq in tags:
-                result.failed[inflight.pop(seq)] = error
+                if seq in inflight:
+                    result.failed[inflight.pop(seq)] = error
 
     def _wait_for_confirms(self, deadline: float, below: int) -> None:
         """Read broker frames until fewer than ``below`` confirms are outstanding."""
@@ -324,10 +347,15 @@ class AmqpPublisher(Publisher):
                     props["application_headers"] = message.headers
                 self._seq += 1
                 inflight[self._seq] = message.ref
+                # Straight to a queue (a retry for one consumer): mandatory, so that a
+                # missing queue comes back as basic.return instead of a silent drop.
+                direct = not message.exchange
+                if direct:
+                    self._mandatory[self._seq] = message.message_id
                 send_method(
                     _BASIC_PUBLISH,
                     "Bssbb",
-                    (0, message.exchange, message.routing_key, False, False),
+                    (0, message.exchange, message.routing_key, direct, False),
                     _Message(message.body, props),
                 )
                 sent += 1
