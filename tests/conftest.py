@@ -78,6 +78,24 @@ class RabbitClient:
         self._kombu.release()
 
 
+#: Figures printed by the fault tests (ledger, outage), shown after the test run.
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def report_figures() -> Any:
+    """``report_figures(text)``: show ``text`` in the "figures" section of the run's
+    summary, even when the test passes (pytest hides passing tests' output)."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for text in _FIGURES:
+            terminalreporter.write_line(text.strip("\n"))
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     """Tests that stop or restart the shared services run only when asked to.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import threading
 import time
 
@@ -22,6 +21,7 @@ from reliable_events import publish_event
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import Relay
 from reliable_events.runner import StopFlag, run_loop
+from tests.service_control import ensure_rabbitmq, stop_rabbitmq
 from tests.testapp.models import Order
 
 pytestmark = [
@@ -41,25 +41,6 @@ REQUEST_THREADS = 4
 LATENCY_BOUND_SECONDS = 2.0
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=120, capture_output=True)
-
-
-def _wait_for_amqp(url: str, timeout: float = 120.0) -> None:
-    from kombu import Connection
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with Connection(url, connect_timeout=2) as conn:
-                conn.connect()
-                return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 def _p(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -68,7 +49,7 @@ def _p(values: list[float], q: float) -> float:
 
 
 def test_broker_outage_requests_keep_succeeding_and_backlog_drains(
-    broker, rabbit, exchange_name, amqp_url, settings
+    broker, rabbit, exchange_name, amqp_url, settings, report_figures
 ):
     # Production-like retry policy for the outage: the relay keeps trying with backoff
     # and no row goes dead in a 60 s outage.
@@ -131,14 +112,13 @@ def test_broker_outage_requests_keep_succeeding_and_backlog_drains(
     try:
         time.sleep(3)
         phase["name"] = "outage"
-        _rabbitmqctl("stop_app")
+        stop_rabbitmq()
         try:
             time.sleep(OUTAGE_SECONDS)
         finally:
             backlog = OutboxMessage.objects.pending().count()
-            _rabbitmqctl("start_app")
             restarted = time.monotonic()
-            _wait_for_amqp(amqp_url)
+            ensure_rabbitmq(amqp_url)
         phase["name"] = "after"
         time.sleep(3)
     finally:
@@ -165,7 +145,7 @@ def test_broker_outage_requests_keep_succeeding_and_backlog_drains(
         reader.cleanup()
     received_ids = {m.properties["message_id"] for m in received}
 
-    print(
+    report_figures(
         f"\noutage: {OUTAGE_SECONDS:.0f}s, requests={len(published)} "
         f"(before={len(latencies['before'])} outage={len(latencies['outage'])} "
         f"after={len(latencies['after'])}), backlog at restart={backlog}, "
@@ -173,7 +153,7 @@ def test_broker_outage_requests_keep_succeeding_and_backlog_drains(
     )
     for name, values in latencies.items():
         if values:
-            print(
+            report_figures(
                 f"  latency {name:7s} p50={statistics.median(values) * 1000:.1f}ms "
                 f"p99={_p(values, 0.99) * 1000:.1f}ms max={max(values) * 1000:.1f}ms"
             )

@@ -37,9 +37,7 @@ def test_row_for_a_missing_queue_stays_pending_with_the_reason(broker, rabbit):
     assert row.last_error == UNROUTABLE_QUEUE
 
 
-def test_row_for_an_existing_queue_is_delivered_to_that_queue_only(
-    broker, rabbit, exchange_name
-):
+def test_row_for_an_existing_queue_is_delivered_to_that_queue_only(broker, rabbit, exchange_name):
     other_subscriber = rabbit.bind_queue(exchange_name, "orders.#")
     target = f"test-direct-{uuid.uuid4().hex[:10]}"
     rabbit.channel.queue_declare(target, durable=True, auto_delete=False)

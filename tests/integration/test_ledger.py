@@ -48,6 +48,13 @@ from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.consumer_support import make_consumer
 from tests.producer_support import ROOT, child_env
+from tests.service_control import (
+    ensure_postgres,
+    ensure_rabbitmq,
+    restart_postgres,
+    restart_rabbitmq,
+    wait_for,
+)
 from tests.testapp.consumers import APPLIED_TWICE, LEDGER_CONSUMER_ENV
 from tests.testapp.management.commands.ledger_produce import designed_failure
 from tests.testapp.models import Effect, Order
@@ -92,90 +99,7 @@ CHILD_SETTINGS: dict[str, Any] = {
 T = TypeVar("T")
 
 
-# -- services ---------------------------------------------------------------------------
-def _run(argv: list[str], timeout: float) -> None:
-    subprocess.run(argv, check=True, timeout=timeout, capture_output=True)
-
-
-def amqp_answers(url: str) -> bool:
-    from kombu import Connection
-
-    try:
-        with Connection(url, connect_timeout=2) as conn:
-            conn.ensure_connection(max_retries=0)
-    except Exception:
-        return False
-    return True
-
-
-def postgres_answers() -> bool:
-    import psycopg
-
-    params = connection.settings_dict
-    try:
-        with psycopg.connect(
-            host=params["HOST"] or "127.0.0.1",
-            port=int(params["PORT"] or 5432),
-            user=params["USER"],
-            password=params["PASSWORD"] or None,
-            dbname=str(params["NAME"]),
-            connect_timeout=2,
-        ) as conn:
-            conn.execute("SELECT 1")
-    except Exception:
-        return False
-    return True
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-def pg_cluster() -> list[str]:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
-
-
-def restart_rabbitmq(url: str, down_seconds: float = 2.0) -> None:
-    try:
-        _run(["rabbitmqctl", "-q", "stop_app"], timeout=90)
-        time.sleep(down_seconds)
-    finally:
-        ensure_rabbitmq(url)
-
-
-def ensure_rabbitmq(url: str) -> None:
-    """RabbitMQ's app is running and accepts AMQP connections (or this raises)."""
-    if amqp_answers(url):
-        return
-    _run(["rabbitmqctl", "-q", "start_app"], timeout=120)
-    if not wait_for(lambda: amqp_answers(url), timeout=90):
-        raise AssertionError("RabbitMQ does not accept connections after start_app")
-
-
-def restart_postgres() -> None:
-    try:
-        _run([*pg_cluster(), "restart"], timeout=90)
-    finally:
-        ensure_postgres()
-
-
-def ensure_postgres() -> None:
-    """PostgreSQL runs and accepts connections (or this raises)."""
-    if postgres_answers():
-        return
-    with contextlib.suppress(subprocess.CalledProcessError):  # already running: restart
-        _run([*pg_cluster(), "start"], timeout=90)
-    if not wait_for(postgres_answers, timeout=90):
-        raise AssertionError("PostgreSQL does not accept connections after start")
-
-
+# -- services: see tests/service_control.py --------------------------------------------
 def db(query: Callable[[], T], timeout: float = 60.0) -> T:
     """``query()`` on this process's connection, reconnecting across a PostgreSQL restart."""
     deadline = time.monotonic() + timeout
@@ -395,7 +319,12 @@ def run(services: None, amqp_url: str) -> Iterator[str]:
 
 
 def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_restarts(
-    run: str, amqp_url: str, settings: Any, clean_registry: Any, tmp_path: Path
+    run: str,
+    amqp_url: str,
+    settings: Any,
+    clean_registry: Any,
+    tmp_path: Path,
+    report_figures: Any,
 ) -> None:
     started = time.monotonic()
     deadline = started + BUDGET_SECONDS
@@ -576,7 +505,7 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     database_faults = sum(every_log.count(line) for line in DATABASE_FAULT_LINES)
     lost = ids - set(applied) - set(dead)
 
-    print(
+    report_figures(
         f"\nledger: events={len(ids)} (expected {EVENTS}) applied={len(applied)} "
         f"dead_letters={len(letters)} (designed {len(permanent)}) "
         f"failed_once_then_applied={sum(1 for i in once if attempts.get(i, 0) >= 2)}"
