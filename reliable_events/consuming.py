@@ -56,6 +56,7 @@ from django.db import (
     DEFAULT_DB_ALIAS,
     DatabaseError,
     InterfaceError,
+    OperationalError,
     connections,
     transaction,
 )
@@ -476,7 +477,9 @@ def database_guard(alias: str, doing: str) -> Iterator[None]:
     try:
         yield
     except (DatabaseError, InterfaceError) as exc:
-        if database_lost(alias, before):
+        # OperationalError is the database's "not now" (lost connection, SQLite's
+        # "database is locked", a statement or lock timeout): wait and try again.
+        if isinstance(exc, OperationalError) or database_lost(alias, before):
             raise DatabaseUnavailable(
                 f"database {alias!r} failed while {doing}: {type(exc).__name__}"
             ) from exc
