@@ -64,7 +64,19 @@ logger = logging.getLogger(__name__)
 #: First key of the two-key advisory locks that guard lanes ("RE").
 LANE_LOCK_NAMESPACE = 0x5245
 
-_FIELDS = ("id", "message_id", "topic", "key", "queue", "payload_text", "headers", "created_at")
+_FIELDS = (
+    "id",
+    "message_id",
+    "topic",
+    "key",
+    "queue",
+    "payload_text",
+    "headers",
+    "created_at",
+    "attempts",
+)
+#: Index of ``attempts`` in a claimed row (not part of the message).
+_ATTEMPTS = 8
 #: Longest a relay holds its lanes while it streams batches (:meth:`Relay.run`), seconds.
 RUN_SECONDS = 1.0
 
@@ -74,7 +86,8 @@ RUN_SECONDS = 1.0
 # that is not yet due, locked with SKIP LOCKED.  The payload and
 # headers come back as JSON text (never decoded), the creation time as whole epoch seconds.
 _PG_COLUMNS = """o.id, o.message_id, o.topic, o.key, o.queue, o.payload::text,
-    NULLIF(o.headers, '{}'::jsonb)::text, floor(extract(epoch FROM o.created_at))::bigint"""
+    NULLIF(o.headers, '{}'::jsonb)::text, floor(extract(epoch FROM o.created_at))::bigint,
+    o.attempts"""
 _PG_CLAIM_DUE = """SELECT {columns} FROM {table} o
 WHERE o.status = 'pending' AND o.next_attempt_at <= statement_timestamp()
   {lane_filter} {exclude_filter}
@@ -234,13 +247,10 @@ def _retries_go_alone(alias: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any
     the lease (an earlier row not due holds back its key), in the batches claimed while
     it is in flight: if it fails again (a ``basic.nack``), they cannot overtake it.  The
     outcome replaces the lease: sent, or the next backoff.  Called inside the claim's
-    transaction; costs one primary-key lookup per batch when nothing is being retried.
+    transaction; costs nothing when no claimed row failed before (``attempts`` comes
+    with the claim).
     """
-    retried = set(
-        OutboxMessage.objects.using(alias)
-        .filter(pk__in=[row[0] for row in rows], attempts__gt=0)
-        .values_list("pk", flat=True)
-    )
+    retried = {row[0] for row in rows if row[_ATTEMPTS]}
     if not retried:
         return rows
     waiting: set[str] = set()
@@ -253,10 +263,11 @@ def _retries_go_alone(alias: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any
         if pk in retried and key is not None:
             waiting.add(key)
             leased.append(pk)
-    lease = timedelta(seconds=2 * float(app_settings.CONFIRM_TIMEOUT) + 1)
-    OutboxMessage.objects.using(alias).filter(pk__in=leased).update(
-        next_attempt_at=_db_now(alias) + lease
-    )
+    if leased:
+        lease = timedelta(seconds=2 * float(app_settings.CONFIRM_TIMEOUT) + 1)
+        OutboxMessage.objects.using(alias).filter(pk__in=leased).update(
+            next_attempt_at=_db_now(alias) + lease
+        )
     return kept
 
 
@@ -291,7 +302,7 @@ def build_message(row: tuple[Any, ...], exchange: str | None = None) -> Outgoing
 
     ``exchange`` is the configured ``EXCHANGE`` (read from the settings when omitted).
     """
-    pk, message_id, topic, key, queue, payload_text, headers, created_at = row
+    pk, message_id, topic, key, queue, payload_text, headers, created_at = row[:_ATTEMPTS]
     all_headers: dict[str, Any] = (
         json.loads(headers) if isinstance(headers, str) else dict(headers or {})
     )

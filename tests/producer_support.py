@@ -133,13 +133,33 @@ def message_ids(messages: Iterable[Any]) -> list[str]:
 
 
 # -- fault injection ----------------------------------------------------------------------
-class FailingPublisher(Publisher):
+class WrappingPublisher(Publisher):
+    """A publisher around a real one: everything but ``publish`` goes to ``inner``."""
+
+    def __init__(self, inner: Publisher) -> None:
+        self.inner = inner
+        self.url = inner.url
+
+    def flush(self, *, timeout: float) -> PublishResult:
+        return self.inner.flush(timeout=timeout)
+
+    def declare(self, topology: Topology) -> None:
+        self.inner.declare(topology)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.inner.connected
+
+
+class FailingPublisher(WrappingPublisher):
     """Wraps a real publisher; the messages whose id is in ``fail_ids`` fail like a
     ``basic.nack`` (they never reach the broker), the others are published for real."""
 
     def __init__(self, inner: Publisher, fail_ids: Iterable[str] = ()) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.fail_ids = set(fail_ids)
         self.batches: list[list[str]] = []
 
@@ -153,27 +173,13 @@ class FailingPublisher(Publisher):
         result.fail([m.ref for m in failing], "injected failure (like basic.nack)")
         return result
 
-    def flush(self, *, timeout: float) -> PublishResult:
-        return self.inner.flush(timeout=timeout)
 
-    def declare(self, topology: Topology) -> None:
-        self.inner.declare(topology)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def connected(self) -> bool:
-        return self.inner.connected
-
-
-class CutAtPublisher(Publisher):
+class CutAtPublisher(WrappingPublisher):
     """Wraps a real publisher; from the first message whose id is in ``cut_ids`` on, the
     batch fails like a lost connection (what comes before it is published for real)."""
 
     def __init__(self, inner: Publisher, cut_ids: Iterable[str] = ()) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.cut_ids = set(cut_ids)
 
     def publish(
@@ -186,19 +192,6 @@ class CutAtPublisher(Publisher):
             refs: list[Hashable] = [m.ref for m in messages[cut:]]
             result.fail(refs, "injected connection loss")
         return result
-
-    def flush(self, *, timeout: float) -> PublishResult:
-        return self.inner.flush(timeout=timeout)
-
-    def declare(self, topology: Topology) -> None:
-        self.inner.declare(topology)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def connected(self) -> bool:
-        return self.inner.connected
 
 
 class LateNackPublisher(FailingPublisher):

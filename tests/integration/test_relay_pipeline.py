@@ -21,18 +21,16 @@ from reliable_events import publish_event
 from reliable_events.broker import OutgoingMessage, Publisher, PublishResult, open_publisher
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import Relay
-from reliable_events.topology import Topology
-from tests.producer_support import drain_queue, message_ids
+from tests.producer_support import WrappingPublisher, drain_queue, message_ids
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres, pytest.mark.rabbitmq]
 
 
-class _Tap(Publisher):
+class _Tap(WrappingPublisher):
     """Wraps a real publisher; runs ``on_publish(call number)`` before each publish."""
 
     def __init__(self, inner: Publisher, on_publish: Any = None) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.on_publish = on_publish
         self.calls = 0
 
@@ -43,19 +41,6 @@ class _Tap(Publisher):
         if self.on_publish is not None:
             self.on_publish(self.calls)
         return self.inner.publish(messages, timeout=timeout, wait=wait)
-
-    def flush(self, *, timeout: float) -> PublishResult:
-        return self.inner.flush(timeout=timeout)
-
-    def declare(self, topology: Topology) -> None:
-        self.inner.declare(topology)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def connected(self) -> bool:
-        return self.inner.connected
 
 
 def test_a_window_larger_than_the_batch_publishes_each_row_once(
