@@ -84,6 +84,13 @@ class AppSettings:
     #: Default ``EventConsumer.batch_size``: messages already received that may share one
     #: transaction (1 = one transaction, one commit per message).
     CONSUMER_BATCH_SIZE: int = 1
+    #: Seconds between two topology checks of a running AMQP consumer: its queue, bindings
+    #: and delay queues are verified (re-declared when missing; a warning says what was)
+    #: and the unrouted queue is counted (a warning names its topics).  Also done on
+    #: every (re)connect.
+    TOPOLOGY_CHECK_SECONDS: float = 30.0
+    #: Seconds the admin overview and the API reuse the unrouted queue's depth.
+    UNROUTED_CACHE_SECONDS: float = 15.0
     #: Consumers the Celery ``ConsumerStep`` runs (names); ``None`` = every registered one.
     CELERY_CONSUMERS: list[str] | None = None
 

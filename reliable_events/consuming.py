@@ -98,6 +98,7 @@ from reliable_events.models import (
 )
 from reliable_events.runner import StopFlag
 from reliable_events.topology import Topology, full_topology
+from reliable_events.topology_check import TopologyCheck
 
 logger = logging.getLogger(__name__)
 
@@ -926,6 +927,9 @@ class Transport:
     def make_scheduler(self) -> RetryScheduler:
         raise NotImplementedError
 
+    def check_topology(self) -> None:
+        """Verify (and repair) the broker topology when ``TOPOLOGY_CHECK_SECONDS`` passed."""
+
 
 def _amqp_errors() -> tuple[type[BaseException], ...]:
     import amqp
@@ -972,6 +976,7 @@ class AmqpTransport(Transport):
         self._settled: list[int] = []
         self._unsettled: set[int] = set()
         self.ack_every = max(1, prefetch // 2)
+        self.topology_check = TopologyCheck(self.consumer_classes)
 
     @property
     def connected(self) -> bool:
@@ -987,8 +992,6 @@ class AmqpTransport(Transport):
         import amqp
         from kombu import Connection
 
-        from reliable_events.topology import declare_on_amqp_channel
-
         conn = Connection(
             self.url,
             connect_timeout=self.connect_timeout,
@@ -998,16 +1001,17 @@ class AmqpTransport(Transport):
         try:
             conn.connect()
             raw = conn.connection
-            channel = amqp.Channel(raw, None, auto_decode=False)
-            channel.open()
             try:
-                declare_on_amqp_channel(channel, self.topology())
+                # Verified on a side channel first: what was missing is logged.
+                self.topology_check.run(raw)
             except amqp.exceptions.PreconditionFailed as exc:
                 raise ConfigurationError(
                     "the broker already has this consumer topology with other arguments: "
                     f"{describe_error(exc, self.url)}. Delete the old queues or restore the "
                     "settings (QUEUE_TYPE, retry_delays) they were declared with."
                 ) from exc
+            channel = amqp.Channel(raw, None, auto_decode=False)
+            channel.open()
             channel.basic_qos(0, self.prefetch, False)
             for cls in self.consumer_classes:
                 channel.basic_consume(
@@ -1118,6 +1122,10 @@ class AmqpTransport(Transport):
 
     def make_scheduler(self) -> RetryScheduler:
         return AmqpRetryScheduler(self.url)
+
+    def check_topology(self) -> None:
+        if self._raw is not None and self.topology_check.due():
+            self.topology_check.run(self._raw)
 
 
 class KombuTransport(Transport):
@@ -1386,6 +1394,7 @@ class Worker:
     def _step(self, until_idle: float | None) -> None:
         """Take one delivery (waiting at most a poll interval) and settle it."""
         self.transport.connect()
+        self.transport.check_topology()
         self._failures = 0
         self.stats.disconnected = False
         # memory:// relays its own retries when idle: look for due ones more often.

@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from reliable_events.models import DeadLetter, OutboxMessage
 from reliable_events.status import OutboxStatus, outbox_status
+from reliable_events.unrouted import UnroutedCount, cached_unrouted_count
 
 #: The series of the hourly chart, in drawing order: (key, label, CSS class).
 SERIES = (
@@ -60,6 +61,8 @@ class Overview:
     status: OutboxStatus
     hours: list[HourBucket] = field(default_factory=list)
     generated_at: datetime = field(default_factory=timezone.now)
+    #: Events the broker kept in ``<EXCHANGE>.unrouted`` (``None``: not asked).
+    unrouted: UnroutedCount | None = None
 
     @property
     def totals(self) -> dict[str, int]:
@@ -68,6 +71,8 @@ class Overview:
     def as_dict(self) -> dict[str, Any]:
         return {
             **self.status.as_dict(),
+            "unrouted": self.unrouted.count if self.unrouted else None,
+            "unrouted_error": self.unrouted.error if self.unrouted else "",
             "generated_at": self.generated_at.isoformat(),
             "last_24h": self.totals,
             "hourly": [bucket.as_dict() for bucket in self.hours],
@@ -117,9 +122,12 @@ def hourly_counts(*, hours: int = 24, using: str | None = None) -> list[HourBuck
 
 
 def overview(*, hours: int = 24, using: str | None = None) -> Overview:
-    """The outbox status and the hourly series, in a handful of bounded queries."""
+    """The outbox status and the hourly series, in a handful of bounded queries, and the
+    unrouted queue's depth (one passive declare, cached for ``UNROUTED_CACHE_SECONDS``)."""
     return Overview(
-        status=outbox_status(using=using), hours=hourly_counts(hours=hours, using=using)
+        status=outbox_status(using=using),
+        hours=hourly_counts(hours=hours, using=using),
+        unrouted=cached_unrouted_count(),
     )
 
 

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from reliable_events import publish_event
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
+from reliable_events.topology import unrouted_name
 from tests.producer_support import free_port
 
 pytestmark = pytest.mark.django_db
@@ -42,7 +43,7 @@ def outbox_row(
         topic="a.b",
         payload={},
         status=status,
-        next_attempt_at=now,
+        next_attempt_at=now - age,  # due since it was stored (not a delay= event)
         sent_at=now - sent_age if sent_age is not None else None,
     )
     OutboxMessage.objects.filter(pk=row.pk).update(created_at=now - age)
@@ -116,7 +117,9 @@ def test_outbox_status_text_and_json():
     assert lines[:3] == ["pending: 1", "sent: 2", "dead: 1"]
     assert lines[3].startswith("oldest pending age: ")
     assert float(lines[3].split(": ")[1].rstrip("s")) >= 89
-    assert lines[4:] == ["open dead letters: 3", "  billing: 2", "  mailer: 1"]
+    assert lines[4:7] == ["open dead letters: 3", "  billing: 2", "  mailer: 1"]
+    assert lines[7] == "scheduled (delay=, not due yet): 0"
+    assert lines[8].startswith(f"unrouted ({unrouted_name()}): ")  # tests/unit/test_unrouted.py
 
     out, _ = run("outbox_status", "--json")
     data = json.loads(out)
@@ -131,7 +134,7 @@ def test_outbox_status_text_and_json():
 def test_outbox_status_of_an_empty_outbox():
     out, _ = run("outbox_status")
     assert "oldest pending age: -" in out
-    data = json.loads(run("outbox_status", "--json")[0])
+    data = json.loads(run("outbox_status", "--json", "--skip-broker")[0])
     assert data == {
         "pending": 0,
         "sent": 0,
@@ -139,6 +142,7 @@ def test_outbox_status_of_an_empty_outbox():
         "oldest_pending_age_seconds": None,
         "open_dead_letters": 0,
         "open_dead_letters_by_consumer": {},
+        "scheduled": 0,
     }
     run("outbox_status", "--fail-on-dead", "--max-pending-age", "1")  # healthy: exit 0
 

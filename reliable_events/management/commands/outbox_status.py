@@ -1,8 +1,11 @@
-"""``outbox_status``: counts by status, oldest pending age, dead rows, open dead letters.
+"""``outbox_status``: counts by status, oldest pending age, dead rows, open dead letters,
+and the events the broker diverted to ``<EXCHANGE>.unrouted``.
 
 Exit codes: 0 healthy (or not asked to fail); 3 with ``--fail-on-dead`` when dead outbox
-rows or open dead letters exist; 4 with ``--max-pending-age`` when the oldest pending
-row is older than that many seconds.
+rows or open dead letters exist; 4 with ``--max-pending-age`` when the oldest overdue
+pending row is older than that many seconds; 5 with ``--fail-on-unrouted`` when the
+unrouted queue holds events (or cannot be counted).  When several apply, the first in
+this order wins.
 """
 
 from __future__ import annotations
@@ -13,13 +16,18 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.status import outbox_status
+from reliable_events.unrouted import UnroutedCount, count_unrouted
 
 EXIT_DEAD = 3
 EXIT_STALE = 4
+EXIT_UNROUTED = 5
 
 
 class Command(BaseCommand):
-    help = "Show the outbox's health: counts by status, oldest pending age, dead letters."
+    help = (
+        "Show the outbox's health: counts by status, oldest pending age, dead letters, "
+        "events in the unrouted queue."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--json", action="store_true", help="Print one JSON object.")
@@ -32,14 +40,32 @@ class Command(BaseCommand):
             "--max-pending-age",
             type=float,
             default=None,
-            help="Exit 4 when the oldest pending row is older than this many seconds.",
+            help="Exit 4 when the oldest overdue pending row is older than this many seconds "
+            "(a delay= event counts from when it became due).",
+        )
+        parser.add_argument(
+            "--fail-on-unrouted",
+            action="store_true",
+            help="Exit 5 when the broker's unrouted queue holds events, or cannot be counted.",
+        )
+        parser.add_argument(
+            "--skip-broker",
+            action="store_true",
+            help="Do not ask the broker for the unrouted count (database figures only).",
         )
         parser.add_argument("--database", default=None, help="Database alias.")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["skip_broker"] and options["fail_on_unrouted"]:
+            raise CommandError("--fail-on-unrouted needs the broker: drop --skip-broker")
         status = outbox_status(using=options["database"])
+        unrouted = None if options["skip_broker"] else count_unrouted()
         if options["json"]:
-            self.stdout.write(json.dumps(status.as_dict(), sort_keys=True))
+            data = status.as_dict()
+            if unrouted is not None:
+                data["unrouted"] = unrouted.count
+                data["unrouted_error"] = unrouted.error
+            self.stdout.write(json.dumps(data, sort_keys=True))
         else:
             age = status.oldest_pending_age_seconds
             self.stdout.write(f"pending: {status.pending}")
@@ -49,6 +75,9 @@ class Command(BaseCommand):
             self.stdout.write(f"open dead letters: {status.open_dead_letters}")
             for consumer, count in sorted(status.open_dead_letters_by_consumer.items()):
                 self.stdout.write(f"  {consumer}: {count}")
+            self.stdout.write(f"scheduled (delay=, not due yet): {status.scheduled}")
+            if unrouted is not None:
+                self.stdout.write(_unrouted_line(unrouted))
         if options["fail_on_dead"] and (status.dead or status.open_dead_letters):
             raise CommandError(
                 f"{status.dead} dead outbox row(s), {status.open_dead_letters} open dead letter(s)",
@@ -60,3 +89,18 @@ class Command(BaseCommand):
             raise CommandError(
                 f"oldest pending row is {age:.0f}s old (limit {limit:g}s)", returncode=EXIT_STALE
             )
+        if options["fail_on_unrouted"] and unrouted is not None and unrouted.count != 0:
+            raise CommandError(
+                f"{unrouted.count} event(s) in {unrouted.queue!r}: run republish_unrouted once "
+                "their consumers are bound"
+                if unrouted.known
+                else f"unrouted queue {unrouted.queue!r}: {unrouted.error}",
+                returncode=EXIT_UNROUTED,
+            )
+
+
+def _unrouted_line(unrouted: UnroutedCount) -> str:
+    if not unrouted.known:
+        return f"unrouted ({unrouted.queue}): unknown, {unrouted.error}"
+    note = " (no queue was bound for them: see republish_unrouted)" if unrouted.count else ""
+    return f"unrouted ({unrouted.queue}): {unrouted.count}{note}"

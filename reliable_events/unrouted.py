@@ -1,0 +1,287 @@
+"""Events no queue was bound for: counted, named by topic, re-published.
+
+The events exchange has ``<EXCHANGE>.unrouted`` as its alternate exchange: an event
+whose topic matches no binding (no consumer subscribes to it, or a binding was lost
+when the exchange was deleted and re-created) is confirmed into the durable queue
+``<EXCHANGE>.unrouted`` instead of being dropped.  The outbox row is then ``sent``: from
+the database nothing looks wrong, so this module looks at the broker:
+
+* :func:`count_unrouted` - the queue's depth (a passive ``queue.declare``, one round
+  trip; works on the embedded ``filesystem://`` transport too, whose queues are
+  folders; on ``memory://`` only in the process that published);
+  :func:`cached_unrouted_count` for pages (``UNROUTED_CACHE_SECONDS``);
+* :func:`sample_topics` - which topics are in there (used by the consumers' periodic
+  topology check to log a warning naming them);
+* :func:`republish_unrouted` - the ``republish_unrouted`` command: each message goes
+  back to the events exchange with a publisher confirm, and its unrouted copy is acked
+  only after the broker confirmed the new publish.  A message that is still unroutable
+  lands in the unrouted queue again (the alternate exchange): the loop stops after the
+  number of messages the queue held at the start, so it cannot spin.
+
+Messages are moved, never peeked at with a requeue: a requeue counts as a delivery on
+quorum queues, whose default delivery limit would end by dropping the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from reliable_events.broker import describe_error, is_amqp_url, safe_url
+from reliable_events.conf import app_settings
+from reliable_events.exceptions import BrokerError
+from reliable_events.topology import unrouted_name
+
+logger = logging.getLogger(__name__)
+
+#: Messages moved to learn which topics are in the unrouted queue.
+SAMPLE_SIZE = 20
+#: The topics a log line or a page names at most.
+TOPICS_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class UnroutedCount:
+    """The depth of the unrouted queue, or why it is unknown (``count is None``)."""
+
+    queue: str
+    count: int | None
+    error: str = ""
+
+    @property
+    def known(self) -> bool:
+        return self.count is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"queue": self.queue, "count": self.count, "error": self.error}
+
+
+@dataclass
+class RepublishReport:
+    """What :func:`republish_unrouted` did."""
+
+    queue: str
+    #: Messages in the unrouted queue when it started (the loop's bound).
+    at_start: int = 0
+    republished: int = 0
+    topics: Counter[str] = field(default_factory=Counter)
+    #: Depth of the unrouted queue when it ended: still unroutable ones, and new arrivals.
+    at_end: int | None = None
+    dry_run: bool = False
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """AMQP topic matching: ``*`` is one word, ``#`` zero or more words."""
+    return _match(pattern.split("."), topic.split("."))
+
+
+def _match(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match(rest, words[index:]) for index in range(len(words) + 1))
+    if not words:
+        return False
+    return (head in ("*", words[0])) and _match(rest, words[1:])
+
+
+def describe_topics(topics: Counter[str]) -> str:
+    """``"a.b x3, c x1"``: the most frequent topics first, at most ``TOPICS_SHOWN``."""
+    shown = ", ".join(f"{topic} x{count}" for topic, count in topics.most_common(TOPICS_SHOWN))
+    more = len(topics) - TOPICS_SHOWN
+    return shown + (f" and {more} more topic(s)" if more > 0 else "")
+
+
+# -- counting ----------------------------------------------------------------------------
+def queue_depth(channel: Any, queue: str | None = None) -> int:
+    """Messages ready in the unrouted queue (passive declare; raises if it is missing)."""
+    return int(channel.queue_declare(queue or unrouted_name(), passive=True).message_count)
+
+
+@contextmanager
+def _broker_channel(url: str, timeout: float) -> Iterator[Any]:
+    """A short-lived channel on ``url`` (py-amqp for AMQP, a kombu virtual channel else)."""
+    from kombu import Connection
+
+    options: dict[str, Any] = {}
+    if not is_amqp_url(url):
+        options["deadletter_queue"] = unrouted_name()
+    options.update(app_settings.BROKER_TRANSPORT_OPTIONS)
+    conn = Connection(url, connect_timeout=timeout, heartbeat=0, transport_options=options)
+    try:
+        conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+        if is_amqp_url(url):
+            import amqp
+
+            raw = conn.connection
+            raw.transport.sock.settimeout(timeout)
+            channel = amqp.Channel(raw, None, auto_decode=False)  # bodies stay bytes
+            channel.open()
+            yield channel
+        else:
+            yield conn.default_channel
+    finally:
+        try:
+            conn.release()
+        except Exception:  # closing a broken connection may fail in many ways
+            logger.debug("reliable_events: error closing the unrouted connection", exc_info=True)
+
+
+def count_unrouted(url: str | None = None, *, timeout: float | None = None) -> UnroutedCount:
+    """The unrouted queue's depth; never raises (an unreachable broker gives ``None``)."""
+    url = str(url or app_settings.BROKER_URL)
+    queue = unrouted_name()
+    wait = float(app_settings.CONNECT_TIMEOUT) if timeout is None else timeout
+    try:
+        with _broker_channel(url, wait) as channel:
+            return UnroutedCount(queue, queue_depth(channel, queue))
+    except Exception as exc:  # the count is a report: any failure is shown, not raised
+        if "NOT_FOUND" in str(exc):
+            return UnroutedCount(queue, 0, "the unrouted queue does not exist (yet)")
+        return UnroutedCount(queue, None, f"cannot count: {describe_error(exc, url)}")
+
+
+_cache_lock = threading.Lock()
+_cache: dict[tuple[str, str], tuple[float, UnroutedCount]] = {}
+
+
+def cached_unrouted_count(url: str | None = None) -> UnroutedCount:
+    """:func:`count_unrouted` at most once per ``UNROUTED_CACHE_SECONDS`` per process
+    (pages call this; the connect is bounded by ``min(CONNECT_TIMEOUT, 2 s)``)."""
+    url = str(url or app_settings.BROKER_URL)
+    key = (url, unrouted_name())
+    max_age = float(app_settings.UNROUTED_CACHE_SECONDS)
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None and now - hit[0] < max_age:
+            return hit[1]
+    result = count_unrouted(url, timeout=min(float(app_settings.CONNECT_TIMEOUT), 2.0))
+    with _cache_lock:
+        _cache[key] = (time.monotonic(), result)
+    return result
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+# -- moving messages (py-amqp channels) ---------------------------------------------------
+def _topic_of(message: Any) -> str:
+    routing_key = str(message.delivery_info.get("routing_key") or "")
+    return routing_key or str(message.properties.get("type") or "")
+
+
+def _move(
+    channel: Any,
+    budget: int,
+    exchange: str,
+    routing_key: Callable[[Any], str],
+    *,
+    confirm_timeout: float,
+    progress: Callable[[int, str], None] | None = None,
+) -> Counter[str]:
+    """Take up to ``budget`` messages from the unrouted queue; publish each to
+    ``exchange`` with a confirm, then ack the original.  ``channel`` must be a py-amqp
+    channel; the topics moved are returned."""
+    import amqp
+
+    queue = unrouted_name()
+    topics: Counter[str] = Counter()
+    for index in range(budget):
+        message = channel.basic_get(queue, no_ack=False)
+        if message is None:
+            break
+        topic = _topic_of(message)
+        headers = dict(message.properties.get("application_headers") or {})
+        properties = {k: v for k, v in message.properties.items() if k != "application_headers"}
+        copy = amqp.Message(message.body, application_headers=headers or None, **properties)
+        # The confirm comes before the ack: a crash in between leaves both copies, and
+        # consumers deduplicate by message id; never neither.
+        channel.basic_publish_confirm(
+            copy,
+            exchange=exchange,
+            routing_key=routing_key(message),
+            mandatory=not exchange,
+            confirm_timeout=confirm_timeout,
+        )
+        channel.basic_ack(message.delivery_tag)
+        topics[topic] += 1
+        if progress is not None:
+            progress(index + 1, topic)
+    return topics
+
+
+def sample_topics(channel: Any, limit: int = SAMPLE_SIZE) -> Counter[str]:
+    """Topics of up to ``limit`` unrouted messages, read by moving them from the head of
+    the queue to its tail (confirmed, then acked)."""
+    timeout = float(app_settings.CONFIRM_TIMEOUT)
+    queue = unrouted_name()
+    return _move(channel, limit, "", lambda _message: queue, confirm_timeout=timeout)
+
+
+def republish_unrouted(
+    url: str | None = None,
+    *,
+    dry_run: bool = False,
+    limit: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> RepublishReport:
+    """Re-publish the unrouted events to ``EXCHANGE`` (their original routing keys).
+
+    Bounded by the queue's depth at the start (and ``limit``).  ``dry_run`` only counts.
+    Raises :class:`~reliable_events.exceptions.BrokerError` when the broker cannot be
+    used; messages already moved stay moved (each was confirmed before its ack).
+    """
+    url = str(url or app_settings.BROKER_URL)
+    if not is_amqp_url(url):
+        raise BrokerError(
+            "republish_unrouted needs an AMQP broker (RabbitMQ); on the embedded transports "
+            "an unrouted event is a message in the folder/queue "
+            f"{unrouted_name()!r} and can be re-published with publish_event"
+        )
+    queue = unrouted_name()
+    report = RepublishReport(queue=queue, dry_run=dry_run)
+    exchange = str(app_settings.EXCHANGE)
+    timeout = float(app_settings.CONFIRM_TIMEOUT)
+    try:
+        with _broker_channel(url, float(app_settings.CONNECT_TIMEOUT)) as channel:
+            report.at_start = queue_depth(channel, queue)
+            budget = report.at_start if limit is None else min(limit, report.at_start)
+            if not dry_run and budget:
+                channel.confirm_select()
+                total = budget
+
+                def step(done: int, topic: str) -> None:
+                    report.republished = done
+                    if progress is not None:
+                        progress(done, total, topic)
+
+                report.topics = _move(
+                    channel, budget, exchange, _topic_of, confirm_timeout=timeout, progress=step
+                )
+            report.at_end = queue_depth(channel, queue)
+    except BrokerError:
+        raise
+    except Exception as exc:
+        raise BrokerError(
+            f"republishing from {queue!r} on {safe_url(url)} stopped after "
+            f"{report.republished} message(s): {describe_error(exc, url)}"
+        ) from exc
+    if report.topics:
+        logger.warning(
+            "reliable_events: re-published %d unrouted event(s) to %r (topics: %s); %s left",
+            report.republished,
+            exchange,
+            describe_topics(report.topics),
+            report.at_end,
+        )
+    return report
