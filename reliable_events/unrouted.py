@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 SAMPLE_SIZE = 20
 #: The topics a log line or a page names at most.
 TOPICS_SHOWN = 10
+#: A message moved within the unrouted queue (to sample it) is re-published straight to
+#: the queue, so its routing key becomes the queue's name: its topic travels in here.
+TOPIC_HEADER = "x-event-unrouted-topic"
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,9 @@ def clear_cache() -> None:
 
 # -- moving messages (py-amqp channels) ---------------------------------------------------
 def _topic_of(message: Any) -> str:
+    headers = message.properties.get("application_headers") or {}
+    if TOPIC_HEADER in headers:
+        return str(headers[TOPIC_HEADER])
     routing_key = str(message.delivery_info.get("routing_key") or "")
     return routing_key or str(message.properties.get("type") or "")
 
@@ -202,6 +208,9 @@ def _move(
             break
         topic = _topic_of(message)
         headers = dict(message.properties.get("application_headers") or {})
+        headers.pop(TOPIC_HEADER, None)
+        if not exchange:  # back into the unrouted queue: keep the topic
+            headers[TOPIC_HEADER] = topic
         properties = {k: v for k, v in message.properties.items() if k != "application_headers"}
         copy = amqp.Message(message.body, application_headers=headers or None, **properties)
         # The confirm comes before the ack: a crash in between leaves both copies, and

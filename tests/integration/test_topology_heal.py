@@ -1,0 +1,201 @@
+"""A deleted events exchange heals without a restart, and what it diverted is visible
+and re-published (issue 8, item 5).
+
+Against the real PostgreSQL and RabbitMQ, with this test's own exchange (the ``broker``
+fixture); only that exchange is ever deleted.  ``TOPOLOGY_CHECK_SECONDS`` is the
+documented check interval, shortened so the test is quick; nothing else is tuned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connections
+
+from reliable_events import publish_event
+from reliable_events.broker import AmqpPublisher
+from reliable_events.consumer import Event, EventConsumer
+from reliable_events.consuming import Worker
+from reliable_events.models import OutboxMessage
+from reliable_events.overview import overview
+from reliable_events.relay import Relay, relay_once
+from reliable_events.topology import declare_on_amqp_channel, events_topology, unrouted_name
+from reliable_events.unrouted import clear_cache, count_unrouted
+from tests.consumer_support import applied, make_consumer, queue_names, running
+from tests.producer_support import wait_until
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.rabbitmq, pytest.mark.postgres]
+
+#: The check interval of this test (the shipped default is 30 s).
+CHECK_SECONDS = 1.0
+
+
+@pytest.fixture
+def relay_loop() -> Iterator[None]:
+    """A relay running next to the test, as deployed (publishes what the hook missed)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        try:
+            while not stop.is_set():
+                relay_once()
+                stop.wait(0.2)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def publish(topic: str, n: int = 1) -> list[str]:
+    return [publish_event(topic, {"n": i}).message_id for i in range(n)]
+
+
+def all_sent(ids: list[str]) -> Callable[[], bool]:
+    def check() -> bool:
+        return OutboxMessage.objects.sent().filter(message_id__in=ids).count() == len(ids)
+
+    return check
+
+
+def test_a_deleted_exchange_heals_and_what_it_diverted_is_shown_and_republished(
+    broker, rabbit, exchange_name, clean_registry, re_settings, relay_loop, caplog, report_figures
+):
+    re_settings(TOPOLOGY_CHECK_SECONDS=CHECK_SECONDS)
+    caplog.set_level(logging.WARNING, logger="reliable_events")
+    gate = threading.Event()
+
+    def hold_on_request(consumer: EventConsumer, event: Event) -> None:
+        if event.payload.get("hold"):
+            assert gate.wait(60), "the test never opened the gate"
+
+    consumer = make_consumer(clean_registry, topics=["orders.*"], behaviour=hold_on_request)
+    # Registered here but not running: its queue exists (declare_topology) and must be
+    # bound again by the running worker's check.
+    idle = make_consumer(clean_registry, topics=["invoices.*"])
+    rabbit.queues.extend(queue_names(consumer) + queue_names(idle))
+    call_command("declare_topology", stdout=StringIO())
+    unrouted = unrouted_name()
+    worker = Worker([consumer])
+
+    with running(worker) as box:
+        before = publish("orders.created", 10)
+        assert wait_until(lambda: applied(consumer) == 10, timeout=30), box
+
+        # 1. The worker is inside a handler (so it cannot check) while the exchange is
+        # deleted and re-declared the way a publisher's reconnect re-declares it: the
+        # bindings are gone, and what is published now is diverted.
+        blocker = publish_event("orders.created", {"hold": True}).message_id
+        assert wait_until(lambda: any(e.id == blocker for e in consumer.calls), timeout=30)
+        rabbit.channel.exchange_delete(exchange_name)
+        declare_on_amqp_channel(rabbit.channel, events_topology())
+        diverted = publish("orders.created", 20)
+        diverted_invoices = publish("invoices.created", 3)
+        assert wait_until(all_sent(diverted + diverted_invoices), timeout=30)
+        assert rabbit.count(unrouted) == 23  # confirmed, "sent", and in no consumer's queue
+
+        # 2. Visible: the overview and outbox_status count them; the flag exits 5.
+        clear_cache()
+        page = overview()
+        assert page.unrouted is not None
+        assert page.unrouted.count == 23
+        out = StringIO()
+        call_command("outbox_status", "--json", stdout=out)
+        assert json.loads(out.getvalue())["unrouted"] == 23
+        with pytest.raises(CommandError, match="23 event") as info:
+            call_command("outbox_status", "--fail-on-unrouted", stdout=StringIO())
+        assert info.value.returncode == 5
+
+        # 3. No restart: the worker's next check binds the queues again (also the idle
+        # consumer's) and a warning names the topic and the consumer.
+        gate.set()
+        assert wait_until(lambda: bool(_heal_warnings(caplog, consumer.name)), timeout=30)
+        after = publish("orders.created", 10)
+        after_invoices = publish("invoices.created", 2)
+        assert wait_until(lambda: all(applied(consumer, i) == 1 for i in after), timeout=30)
+        assert wait_until(lambda: rabbit.count(idle.queue_name()) == 2, timeout=10)
+
+        # 4. While idle, only the periodic check runs: delete the exchange again and keep
+        # publishing; events reach the consumer again within a few check intervals.
+        rabbit.channel.exchange_delete(exchange_name)
+        declare_on_amqp_channel(rabbit.channel, events_topology())
+        deleted_at = time.monotonic()
+        window: list[str] = []
+        while not window or not applied(consumer, window[-1]):
+            window += publish("orders.created")
+            assert time.monotonic() - deleted_at < 10 * CHECK_SECONDS + 10, "never healed"
+            time.sleep(0.1)
+        healed_in = time.monotonic() - deleted_at
+        report_figures(
+            f"topology heal: events reached the consumer again {healed_in:.1f}s after the "
+            f"exchange was deleted (TOPOLOGY_CHECK_SECONDS={CHECK_SECONDS}); "
+            f"{len(window)} published meanwhile"
+        )
+
+        # 5. Re-published with confirms: every diverted event reaches its queue.
+        out = StringIO()
+        call_command("republish_unrouted", stdout=out)
+        text = out.getvalue()
+        assert re.search(r"(\d+) of \1 event\(s\) re-published", text), text
+        orders = [*before, blocker, *diverted, *after, *window]
+        assert wait_until(lambda: all(applied(consumer, i) == 1 for i in orders), timeout=30)
+        assert count_unrouted().count == 0
+        call_command("outbox_status", "--fail-on-unrouted", stdout=StringIO())  # exit 0 now
+
+    assert "error" not in box, box
+    assert box["stats"].reconnects == 0  # healed by the check, not by a reconnect
+    # Every id, exactly once in effect (a duplicate would show as a second Order row).
+    assert [i for i in orders if applied(consumer, i) != 1] == []
+    assert applied(consumer) == len(orders)
+    invoices = rabbit.get_all(idle.queue_name(), expect=5, timeout=10)
+    got = sorted(str(m.properties["message_id"]) for m in invoices)
+    assert got == sorted(diverted_invoices + after_invoices)
+    assert rabbit.count(unrouted) == 0
+
+
+def _heal_warnings(caplog: Any, consumer: str) -> list[str]:
+    texts = [r.getMessage() for r in list(caplog.records) if r.levelno >= logging.WARNING]
+    return [
+        t for t in texts if "orders.created" in t and consumer in t and "republish_unrouted" in t
+    ]
+
+
+def test_the_relay_re_declares_an_exchange_deleted_under_it(
+    broker, rabbit, exchange_name, re_settings
+):
+    """A publish to a deleted exchange is a channel error (404); the next publish
+    reconnects and declares the exchange again, so nothing waits for a restart."""
+    re_settings(PUBLISH_ON_COMMIT=False)  # only the relay publishes here
+    queue = rabbit.bind_queue(exchange_name, "orders.#")
+    relay = Relay(publisher=AmqpPublisher(str(broker["BROKER_URL"])))
+    try:
+        first = publish("orders.created")
+        relay.drain()
+        assert rabbit.get_all(queue, expect=1)
+        rabbit.channel.exchange_delete(exchange_name)
+        ids = publish("orders.created", 5)
+        deadline = time.monotonic() + 30
+        while not all_sent(ids)() and time.monotonic() < deadline:
+            relay.drain()
+            time.sleep(0.1)
+    finally:
+        relay.close()
+    assert all_sent(first + ids)()
+    rabbit.channel.exchange_declare(exchange_name, "topic", passive=True)  # it exists again
+    # Its bindings did not come back with it: the events were kept, not dropped.
+    kept = rabbit.get_all(unrouted_name(), expect=5, timeout=10)
+    assert sorted(str(m.properties["message_id"]) for m in kept) == sorted(ids)
