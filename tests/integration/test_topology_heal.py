@@ -199,3 +199,60 @@ def test_the_relay_re_declares_an_exchange_deleted_under_it(
     # Its bindings did not come back with it: the events were kept, not dropped.
     kept = rabbit.get_all(unrouted_name(), expect=5, timeout=10)
     assert sorted(str(m.properties["message_id"]) for m in kept) == sorted(ids)
+
+
+def test_a_running_consumer_names_what_was_missing_and_declares_it_again(
+    broker, rabbit, amqp_url, exchange_name, clean_registry, re_settings, caplog
+):
+    re_settings(TOPOLOGY_CHECK_SECONDS=CHECK_SECONDS)
+    caplog.set_level(logging.WARNING, logger="reliable_events")
+    consumer = make_consumer(clean_registry, topics=["orders.*"], retry_delays=[5])
+    rabbit.queues.extend(queue_names(consumer))
+    worker = Worker([consumer])
+    with running(worker) as box:
+        assert wait_until(lambda: _queue_exists(amqp_url, consumer.retry_queue_name(1)), timeout=30)
+        rabbit.channel.exchange_delete(exchange_name)
+        rabbit.channel.queue_delete(consumer.retry_queue_name(1))
+
+        def warned() -> bool:
+            texts = [r.getMessage() for r in list(caplog.records) if "topology check" in r.msg]
+            return any(
+                f"exchange {exchange_name!r}" in t and repr(consumer.retry_queue_name(1)) in t
+                for t in texts
+            )
+
+        assert wait_until(warned, timeout=10 * CHECK_SECONDS + 10)
+        assert _queue_exists(amqp_url, consumer.retry_queue_name(1))
+        ids = publish("orders.created", 5)
+        assert wait_until(lambda: all(applied(consumer, i) == 1 for i in ids), timeout=30)
+    assert "error" not in box, box
+    assert box["stats"].reconnects == 0
+    assert rabbit.count(unrouted_name()) == 0
+
+
+def test_declare_topology_binds_the_queues_of_consumers_that_are_not_running(
+    broker, rabbit, exchange_name, clean_registry
+):
+    idle = make_consumer(clean_registry, topics=["invoices.*"])
+    rabbit.queues.extend(queue_names(idle))
+    call_command("declare_topology", stdout=StringIO())
+    rabbit.channel.exchange_delete(exchange_name)
+    declare_on_amqp_channel(rabbit.channel, events_topology())  # as a publisher would
+    call_command("declare_topology", stdout=StringIO())
+    ids = publish("invoices.created", 3)
+    assert wait_until(all_sent(ids), timeout=30)
+    got = rabbit.get_all(idle.queue_name(), expect=3, timeout=10)
+    assert sorted(str(m.properties["message_id"]) for m in got) == sorted(ids)
+    assert rabbit.count(unrouted_name()) == 0
+
+
+def _queue_exists(url: str, name: str) -> bool:
+    from kombu import Connection
+
+    with Connection(url) as conn:
+        channel: Any = conn.default_channel
+        try:
+            channel.queue_declare(name, passive=True)
+        except Exception:  # NOT_FOUND closes that channel; this connection is thrown away
+            return False
+    return True
