@@ -147,6 +147,12 @@ def test_a_deleted_exchange_heals_and_what_it_diverted_is_shown_and_republished(
         )
 
         # 5. Re-published with confirms: every diverted event reaches its queue.
+        left = rabbit.count(unrouted)
+        assert left >= 23
+        out = StringIO()
+        call_command("republish_unrouted", "--dry-run", stdout=out)
+        assert "(dry run: nothing moved)" in out.getvalue()
+        assert rabbit.count(unrouted) == left
         out = StringIO()
         call_command("republish_unrouted", stdout=out)
         text = out.getvalue()
