@@ -64,6 +64,7 @@ class TopologyCheck:
         #: The unrouted depth when its topics were last sampled (sample again on change).
         self._sampled_at: int | None = None
         self._topics: Counter[str] = Counter()
+        self._refusals: set[str] = set()
 
     def due(self) -> bool:
         return time.monotonic() >= self._next
@@ -87,17 +88,31 @@ class TopologyCheck:
                 if not side.exists("queue", queue.name):
                     result.missing.append(f"queue {queue.name!r}")
             declare_on_amqp_channel(side.channel, topology)
-            result.rebound = self._rebind_others(side)
-            result.unrouted = queue_depth(side.channel)
-            if result.unrouted:
-                result.topics = self._sample(side, result.unrouted)
-                result.ours = self._subscribed(result.topics)
+            # The rest is extra: a user allowed only its own queues still consumes.
+            optional = (amqp.exceptions.NotFound, amqp.exceptions.AccessRefused)
+            try:
+                result.rebound = self._rebind_others(side)
+            except optional as exc:
+                self._refused("bind the queues of the consumers it does not run", exc)
+                side.reopen()
+            try:
+                result.unrouted = queue_depth(side.channel)
+                if result.unrouted:
+                    result.topics = self._sample(side, result.unrouted)
+                    result.ours = self._subscribed(result.topics)
+            except optional as exc:
+                self._refused(f"read {unrouted_name()!r}", exc)
         except amqp.exceptions.NotFound:  # deleted under us between two calls: next time
             logger.debug("reliable_events: topology changed during the check", exc_info=True)
         finally:
             side.close()
         self._log(result, first=first)
         return result
+
+    def _refused(self, what: str, exc: BaseException) -> None:
+        if what not in self._refusals:  # once per worker: it will not change by itself
+            self._refusals.add(what)
+            logger.warning("reliable_events: topology check could not %s: %s", what, exc)
 
     def _rebind_others(self, side: _Side) -> list[str]:
         """Bind the existing queues of registered consumers this worker does not run."""
@@ -177,6 +192,10 @@ class _Side:
     def __init__(self, connection: Any) -> None:
         self.connection = connection
         self.channel = self._open()
+
+    def reopen(self) -> None:
+        if not self.channel.is_open:
+            self.channel = self._open()
 
     def _open(self) -> Any:
         import amqp
