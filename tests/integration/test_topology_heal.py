@@ -23,7 +23,6 @@ from django.core.management.base import CommandError
 from django.db import connections
 
 from reliable_events import publish_event
-from reliable_events.broker import AmqpPublisher
 from reliable_events.consumer import Event, EventConsumer
 from reliable_events.consuming import Worker
 from reliable_events.models import OutboxMessage
@@ -181,13 +180,13 @@ def _heal_warnings(caplog: Any, consumer: str) -> list[str]:
 
 
 def test_the_relay_re_declares_an_exchange_deleted_under_it(
-    broker, rabbit, exchange_name, re_settings
+    broker, rabbit, exchange_name, re_settings, caplog
 ):
     """A publish to a deleted exchange is a channel error (404); the next publish
     reconnects and declares the exchange again, so nothing waits for a restart."""
     re_settings(PUBLISH_ON_COMMIT=False)  # only the relay publishes here
     queue = rabbit.bind_queue(exchange_name, "orders.#")
-    relay = Relay(publisher=AmqpPublisher(str(broker["BROKER_URL"])))
+    relay = Relay()  # one connection kept across the deletion, as the relay daemon keeps it
     try:
         first = publish("orders.created")
         relay.drain()
@@ -201,6 +200,8 @@ def test_the_relay_re_declares_an_exchange_deleted_under_it(
     finally:
         relay.close()
     assert all_sent(first + ids)()
+    # The deletion was met (a 404 on the kept connection), not missed by a fresh connect.
+    assert any("NOT_FOUND" in r.getMessage() for r in caplog.records), caplog.text
     rabbit.channel.exchange_declare(exchange_name, "topic", passive=True)  # it exists again
     # Its bindings did not come back with it: the events were kept, not dropped.
     kept = rabbit.get_all(unrouted_name(), expect=5, timeout=10)
