@@ -120,6 +120,35 @@ def test_the_embedded_transport_counts_what_the_publisher_diverted() -> None:
     assert count.queue == unrouted_name()
 
 
+def test_the_filesystem_transport_counts_from_its_folder(re_settings: Any, tmp_path: Any) -> None:
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    re_settings(
+        BROKER_URL="filesystem://",
+        BROKER_TRANSPORT_OPTIONS={
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "control_folder": str(tmp_path / "control"),
+        },
+    )
+    publisher = open_publisher()
+    try:
+        message = OutgoingMessage(
+            ref=1,
+            exchange=str(app_settings.EXCHANGE),
+            routing_key="nobody.listens",
+            body=b"{}",
+            message_id="fs-1",
+            topic="nobody.listens",
+        )
+        assert publisher.publish([message], timeout=5).confirmed == [1]
+    finally:
+        publisher.close()
+    assert len(list(folder.iterdir())) == 1  # on disk: any process sees it
+    assert count_unrouted().count == 1
+    assert json.loads(run("outbox_status", "--json"))["unrouted"] == 1
+
+
 def test_an_unreachable_broker_gives_an_unknown_count_without_its_password() -> None:
     url = f"amqp://guest:s3cret@127.0.0.1:{free_port()}//"
     count = count_unrouted(url, timeout=0.5)
