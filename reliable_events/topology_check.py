@@ -129,7 +129,7 @@ class TopologyCheck:
 
     def _sample(self, side: _Side, depth: int) -> Counter[str]:
         if depth != self._sampled_at:
-            side.channel.confirm_select()
+            side.reopen(fresh=True)  # confirm mode stays on a channel: not for the checks
             self._topics = sample_topics(side.channel)
             self._sampled_at = depth
         return self._topics
@@ -193,8 +193,10 @@ class _Side:
         self.connection = connection
         self.channel = self._open()
 
-    def reopen(self) -> None:
-        if not self.channel.is_open:
+    def reopen(self, *, fresh: bool = False) -> None:
+        if fresh and self.channel.is_open:
+            self.channel.close()
+        if fresh or not self.channel.is_open:
             self.channel = self._open()
 
     def _open(self) -> Any:

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 #: Messages moved to learn which topics are in the unrouted queue.
 SAMPLE_SIZE = 20
+#: Messages moved per confirm wait (and per ``multiple`` ack).
+MOVE_WINDOW = 200
 #: The topics a log line or a page names at most.
 TOPICS_SHOWN = 10
 #: A message moved within the unrouted queue (to sample it) is re-published straight to
@@ -186,6 +188,55 @@ def _topic_of(message: Any) -> str:
     return routing_key or str(message.properties.get("type") or "")
 
 
+class _Confirms:
+    """Publisher confirms of one channel (put in confirm mode here), waited for in bulk."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.seq = 0
+        self.pending: set[int] = set()
+        self.failure = ""
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._ack)
+        channel.events["basic_nack"].add(self._nack)
+        channel.events["basic_return"].add(self._return)
+
+    def sent(self) -> None:
+        self.seq += 1
+        self.pending.add(self.seq)
+
+    def _settle(self, tag: int, multiple: bool) -> None:
+        if multiple:
+            self.pending = {seq for seq in self.pending if seq > tag}
+        else:
+            self.pending.discard(tag)
+
+    def _ack(self, tag: int, multiple: bool) -> None:
+        self._settle(tag, multiple)
+
+    def _nack(self, tag: int, multiple: bool) -> None:
+        self._settle(tag, multiple)
+        self.failure = self.failure or "the broker nacked a re-published message"
+
+    def _return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        self.failure = self.failure or f"the broker returned a message: {exc}"
+
+    def wait(self, timeout: float) -> None:
+        """Until every message sent is confirmed; raises on a nack, return or timeout."""
+        deadline = time.monotonic() + timeout
+        connection = self.channel.connection
+        while self.pending and not self.failure:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerError("the broker did not confirm the re-published messages in time")
+            try:
+                connection.drain_events(timeout=remaining)
+            except TimeoutError:
+                continue
+        if self.failure:
+            raise BrokerError(self.failure)
+
+
 def _move(
     channel: Any,
     budget: int,
@@ -196,42 +247,56 @@ def _move(
     progress: Callable[[int, str], None] | None = None,
 ) -> Counter[str]:
     """Take up to ``budget`` messages from the unrouted queue; publish each to
-    ``exchange`` with a confirm, then ack the original.  ``channel`` must be a py-amqp
-    channel; the topics moved are returned."""
+    ``exchange``, and ack the originals once the broker confirmed their copies.
+
+    ``channel`` is a fresh py-amqp channel (it is put in confirm mode here).  Messages go
+    in windows of ``MOVE_WINDOW``: one confirm wait and one ``multiple`` ack per window.
+    On a failure the window's originals stay unacked and return to the queue when the
+    channel closes: at worst a message exists twice (consumers skip the duplicate by its
+    message id), never not at all.  Returns the topics moved.
+    """
     import amqp
 
     queue = unrouted_name()
+    confirms = _Confirms(channel)
     topics: Counter[str] = Counter()
-    for index in range(budget):
-        message = channel.basic_get(queue, no_ack=False)
-        if message is None:
+    done = 0
+    while done < budget:
+        window: list[Any] = []
+        while len(window) < min(MOVE_WINDOW, budget - done):
+            message = channel.basic_get(queue, no_ack=False)
+            if message is None:
+                break
+            window.append(message)
+        if not window:
             break
-        topic = _topic_of(message)
-        headers = dict(message.properties.get("application_headers") or {})
-        headers.pop(TOPIC_HEADER, None)
-        if not exchange:  # back into the unrouted queue: keep the topic
-            headers[TOPIC_HEADER] = topic
-        properties = {k: v for k, v in message.properties.items() if k != "application_headers"}
-        copy = amqp.Message(message.body, application_headers=headers or None, **properties)
-        # The confirm comes before the ack: a crash in between leaves both copies, and
-        # consumers deduplicate by message id; never neither.
-        channel.basic_publish_confirm(
-            copy,
-            exchange=exchange,
-            routing_key=routing_key(message),
-            mandatory=not exchange,
-            confirm_timeout=confirm_timeout,
-        )
-        channel.basic_ack(message.delivery_tag)
-        topics[topic] += 1
-        if progress is not None:
-            progress(index + 1, topic)
+        moved = []
+        for message in window:
+            topic = _topic_of(message)
+            headers = dict(message.properties.get("application_headers") or {})
+            headers.pop(TOPIC_HEADER, None)
+            if not exchange:  # back into the unrouted queue: keep the topic
+                headers[TOPIC_HEADER] = topic
+            properties = {k: v for k, v in message.properties.items() if k != "application_headers"}
+            copy = amqp.Message(message.body, application_headers=headers or None, **properties)
+            channel.basic_publish(
+                copy, exchange=exchange, routing_key=routing_key(message), mandatory=not exchange
+            )
+            confirms.sent()
+            moved.append(topic)
+        confirms.wait(confirm_timeout)
+        channel.basic_ack(window[-1].delivery_tag, multiple=True)
+        for topic in moved:
+            topics[topic] += 1
+            done += 1
+            if progress is not None:
+                progress(done, topic)
     return topics
 
 
 def sample_topics(channel: Any, limit: int = SAMPLE_SIZE) -> Counter[str]:
     """Topics of up to ``limit`` unrouted messages, read by moving them from the head of
-    the queue to its tail (confirmed, then acked)."""
+    the queue to its tail (confirmed, then acked); ``channel`` must be a fresh one."""
     timeout = float(app_settings.CONFIRM_TIMEOUT)
     queue = unrouted_name()
     return _move(channel, limit, "", lambda _message: queue, confirm_timeout=timeout)
@@ -266,7 +331,6 @@ def republish_unrouted(
             report.at_start = queue_depth(channel, queue)
             budget = report.at_start if limit is None else min(limit, report.at_start)
             if not dry_run and budget:
-                channel.confirm_select()
                 total = budget
 
                 def step(done: int, topic: str) -> None:
