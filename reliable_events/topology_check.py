@@ -36,6 +36,7 @@ from typing import Any
 
 from reliable_events.conf import app_settings
 from reliable_events.consumer import EventConsumer, registry
+from reliable_events.exceptions import BrokerError
 from reliable_events.topology import declare_on_amqp_channel, full_topology, unrouted_name
 from reliable_events.unrouted import describe_topics, queue_depth, sample_topics, topic_matches
 
@@ -102,6 +103,8 @@ class TopologyCheck:
                     result.ours = self._subscribed(result.topics)
             except optional as exc:
                 self._refused(f"read {unrouted_name()!r}", exc)
+            except BrokerError as exc:  # a sample not confirmed: the originals stay
+                logger.warning("reliable_events: sampling %r failed: %s", unrouted_name(), exc)
         except amqp.exceptions.NotFound:  # deleted under us between two calls: next time
             logger.debug("reliable_events: topology changed during the check", exc_info=True)
         finally:
