@@ -7,7 +7,9 @@ subclasses over one broker connection (``consume_events``, the Celery
 1. **Decode** (:func:`decode_event`).  A body over ``MAX_PAYLOAD_BYTES``, a content type
    other than JSON, a body that is not UTF-8 JSON, a missing message id or an
    ``x-event-attempt`` header that is not a number from 1 to ``MAX_ATTEMPT`` is *poison*:
-   it becomes a ``DeadLetter`` with that reason, is acked, and the loop goes on.
+   it becomes a ``DeadLetter`` with that reason, is acked, and the loop goes on.  So is a
+   message the transport itself could not read (``undecodable``: e.g. a kombu virtual
+   transport's stored message that fails to decode inside ``drain_events``).
 2. **Process** (:meth:`EventConsumer.process`): in one ``transaction.atomic()``, insert
    ``ProcessedMessage(consumer, message_id)`` and run ``handle``.  Already processed:
    nothing runs.
@@ -1070,7 +1072,11 @@ class AmqpTransport(Transport):
             )
         except Exception as exc:  # raised here it would stop the loop on every redelivery
             delivery = undecodable_delivery(
-                consumer, exc, getattr(message, "body", b""), tag=info["delivery_tag"]
+                consumer,
+                exc,
+                getattr(message, "body", b""),
+                tag=info["delivery_tag"],
+                message=message,
             )
         self._buffer.append(delivery)
         self._unsettled.add(info["delivery_tag"])
@@ -1265,14 +1271,16 @@ class KombuTransport(Transport):
             )
         except Exception as exc:  # raised here it would stop the loop
             delivery = undecodable_delivery(
-                consumer, exc, getattr(message, "body", b""), tag=message
+                consumer, exc, getattr(message, "body", b""), tag=message, message=message
             )
         self._buffer.append(delivery)
 
     def _on_decode_error(self, consumer: str, message: Any, exc: Exception) -> None:
         """kombu found the message broken (e.g. a compression it cannot undo)."""
         self._buffer.append(
-            undecodable_delivery(consumer, exc, getattr(message, "body", b""), tag=message)
+            undecodable_delivery(
+                consumer, exc, getattr(message, "body", b""), tag=message, message=message
+            )
         )
 
     def get(self, timeout: float) -> Delivery | None:
@@ -1322,10 +1330,19 @@ class _FetchedUndecodable(Exception):
 
 
 def undecodable_delivery(
-    consumer: str, exc: BaseException, raw: Any, *, tag: Any = None, routing_key: str = ""
+    consumer: str,
+    exc: BaseException,
+    raw: Any,
+    *,
+    tag: Any = None,
+    routing_key: str = "",
+    message: Any = None,
 ) -> Delivery:
-    """A delivery the transport could not read: dead-lettered as ``undecodable``."""
+    """A delivery the transport could not read: dead-lettered as ``undecodable``, with
+    the message id of ``message`` (the transport's message object) when it has one."""
     body = raw if isinstance(raw, bytes) else str(raw or "").encode("utf-8", "backslashreplace")
+    message_id = getattr(message, "properties", None)
+    message_id = message_id.get("message_id") if isinstance(message_id, dict) else None
     logger.warning(
         "reliable_events: %s received a message its transport could not decode (%s); "
         "it will be dead-lettered",
@@ -1335,7 +1352,7 @@ def undecodable_delivery(
     return Delivery(
         consumer=consumer,
         body=body,
-        properties={},
+        properties={"message_id": message_id} if isinstance(message_id, str) else {},
         headers={},
         routing_key=routing_key,
         tag=tag,

@@ -35,7 +35,12 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 GOOD = b'{"order": 1, "sku": "BOOK-1"}'
 #: Bodies every transport must turn into a ``not-json`` dead letter.
-BODIES = {"empty-body": b"", "truncated-body": GOOD[:13]}
+BODIES = {
+    "empty-body": b"",
+    "truncated-body": GOOD[:13],
+    # Small enough, but deeper than the JSON parser recurses (RecursionError).
+    "deeply-nested-body": b"[" * 100_000,
+}
 
 
 def envelope(body: bytes, message_id: str) -> dict[str, Any]:
@@ -112,9 +117,12 @@ class MemoryCase(KombuCase):
     url = "memory://"
 
     def put_stored(self, consumer: type[EventConsumer], kind: str) -> None:
-        assert kind == "broken-envelope"
         stored = envelope(GOOD, "bad-1")
-        del stored["properties"]  # kombu's Message() raises KeyError on it
+        if kind == "broken-envelope":
+            del stored["properties"]  # kombu's Message() raises KeyError on it
+        else:
+            assert kind == "unknown-compression"  # kombu fails to decompress it
+            stored["headers"]["compression"] = "application/x-unknown"
         self._put(consumer, stored)
 
 
@@ -174,13 +182,16 @@ _AMQP = [pytest.mark.rabbitmq, pytest.mark.postgres]
 MATRIX = [
     pytest.param("memory", "empty-body", NOT_JSON),
     pytest.param("memory", "truncated-body", NOT_JSON),
+    pytest.param("memory", "deeply-nested-body", NOT_JSON),
     pytest.param("memory", "broken-envelope", UNDECODABLE),
+    pytest.param("memory", "unknown-compression", UNDECODABLE),
     pytest.param("filesystem", "empty-body", NOT_JSON),
     pytest.param("filesystem", "truncated-body", NOT_JSON),
     pytest.param("filesystem", "empty-file", UNDECODABLE),
     pytest.param("filesystem", "truncated-file", UNDECODABLE),
     pytest.param("amqp", "empty-body", NOT_JSON, marks=_AMQP),
     pytest.param("amqp", "truncated-body", NOT_JSON, marks=_AMQP),
+    pytest.param("amqp", "deeply-nested-body", NOT_JSON, marks=_AMQP),
 ]
 
 
@@ -215,6 +226,9 @@ def test_an_undecodable_message_is_dead_lettered_and_the_loop_goes_on(
         assert letter.message_id == "bad-1"
     elif kind == "truncated-file":  # the bytes kombu read are kept for the operator
         assert letter.raw_body.startswith('{"body": ')
+    elif kind == "unknown-compression":
+        assert letter.message_id == "bad-1"
+        assert "application/x-unknown" in letter.error_message
     # Nothing in it can be delivered again (an empty body is not a JSON null).
     assert retry_block_reason(letter) is not None
     assert case.left(consumer) == 0
