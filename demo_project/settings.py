@@ -27,13 +27,19 @@ VAR_DIR = Path(os.environ.get("DEMO_VAR_DIR", BASE_DIR / "var"))
 def _secret_key(path: Path) -> str:
     """A random key kept in ``path`` (shared by the demo's processes): a well-known key
     would let anyone who reaches the demo forge an admin session."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_urlsafe(50) + "\n")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside, then linked into place: a process never reads a half-written key.
+        draft = path.with_name(f"{path.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50) + "\n")
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process of the demo was first: use its key
+        finally:
+            draft.unlink()
     return path.read_text().strip()
 
 
