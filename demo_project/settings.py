@@ -4,20 +4,54 @@ With no environment at all it runs on SQLite and kombu's filesystem transport (n
 server needed).  Set ``DATABASE_URL``-style variables to use PostgreSQL and RabbitMQ:
 ``DEMO_PG_NAME`` (and ``DEMO_PG_HOST``/``DEMO_PG_PORT``/``DEMO_PG_USER``) and
 ``DEMO_BROKER_URL``.
+
+Safe by default: ``DEBUG`` is off (``DJANGO_DEBUG=1`` turns it on, and the library's
+exception-reporter filter then masks the broker password on the debug page), the secret
+key is random per ``DEMO_VAR_DIR`` (or ``DJANGO_SECRET_KEY``), only the demo's own host
+names are accepted (``demo_project.hosts``), and pages cannot be framed.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
+
+from demo_project.hosts import allowed_hosts
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("DEMO_VAR_DIR", BASE_DIR / "var"))
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "demo-only-not-secret")
-DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
-ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+
+def _secret_key(path: Path) -> str:
+    """A random key kept in ``path`` (shared by the demo's processes): a well-known key
+    would let anyone who reaches the demo forge an admin session."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside, then linked into place: a process never reads a half-written key.
+        draft = path.with_name(f"{path.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50) + "\n")
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process of the demo was first: use its key
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
+
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or _secret_key(VAR_DIR / "secret-key.txt")
+DEBUG = os.environ.get("DJANGO_DEBUG", "0") == "1"
+# DEMO_HOST is scripts/demo's --host (the supervisor passes it on to every process).
+ALLOWED_HOSTS = allowed_hosts(
+    os.environ.get("DEMO_HOST", "127.0.0.1"), os.environ.get("DEMO_ALLOWED_HOSTS", "")
+)
+# With DEBUG on, Django's debug page lists every setting and the environment: this
+# filter masks the password inside URLs (BROKER_URL, DEMO_BROKER_URL...).
+DEFAULT_EXCEPTION_REPORTER_FILTER = "reliable_events.debug.SafeExceptionReporterFilter"
 USE_TZ = True
 TIME_ZONE = "UTC"
 ROOT_URLCONF = "demo_project.urls"
@@ -45,7 +79,19 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+# No page of the demo may be framed (a framing page could make a click retry a group).
+X_FRAME_OPTIONS = "DENY"
+# Explicit, though Django's defaults: SecurityMiddleware sends nosniff, a same-origin
+# referrer policy and COOP; cookies are HttpOnly (session) and SameSite=Lax.  The demo
+# is plain HTTP, so no HSTS, SSL redirect or Secure cookies.
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
 
 TEMPLATES = [
     {

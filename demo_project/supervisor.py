@@ -17,7 +17,9 @@ on SQLite and kombu's ``filesystem://`` transport, with ``DEMO_PG_NAME`` /
 
 Exit codes: 0 ran and stopped cleanly (Ctrl-C, SIGTERM or ``--seconds``); 1 setup
 failed (port taken, database unreachable, migrations); 2 a process of the system died
-or would not start; 3 a process had to be killed at shutdown.
+or would not start; 3 a process had to be killed at shutdown; 4 the demo could not
+place its orders through the API (the web server refused them: then nothing it printed
+works either).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from demo_project.hosts import WILDCARD_BINDS, allowed_hosts, local_url_host
+
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_USER = "admin"
 VIEWER_USER = "viewer"
@@ -62,6 +66,7 @@ PR_SET_PDEATHSIG = 1
 EXIT_SETUP = 1
 EXIT_CHILD_DIED = 2
 EXIT_KILLED = 3
+EXIT_SEED_FAILED = 4
 
 
 def say(text: str) -> None:
@@ -351,6 +356,16 @@ class Seeder:
             index += 1
 
 
+def seed(seeder: Seeder, orders: int) -> int | None:
+    """Log in and place ``orders`` orders; ``EXIT_SEED_FAILED`` when none could be placed
+    because the API refused (then nothing the demo printed works)."""
+    if seeder.login():
+        for index in range(orders):
+            seeder.place(index)
+    say(f"placed {seeder.placed} orders through the API ({len(seeder.errors)} errors)")
+    return EXIT_SEED_FAILED if seeder.errors and not seeder.placed else None
+
+
 # -- figures ---------------------------------------------------------------------------------
 def summary() -> dict[str, Any]:
     from django.db import connections
@@ -430,6 +445,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.monotonic()
+    # The settings accept this host (ALLOWED_HOSTS), here and in every child process.
+    os.environ["DEMO_HOST"] = args.host
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "demo_project.settings")
     import django
     from django.conf import settings
@@ -470,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     children = [
         Child(
             "web",
-            [python, manage, "runserver", f"{args.host}:{args.port}", "--noreload"],
+            # --insecure: serve the admin's static files with DEBUG off (the default).
+            [python, manage, "runserver", f"{args.host}:{args.port}", "--noreload", "--insecure"],
             logs / "web.log",
         ),
         Child(
@@ -504,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     trickle_stop = threading.Event()
     code = 0
     up = 0.0
-    base_url = f"http://{args.host}:{args.port}"
+    base_url = f"http://{local_url_host(args.host)}:{args.port}"
     seeder = Seeder(base_url, password)
     try:
         for child in children:
@@ -524,11 +542,16 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  triage API    {base_url}/api/events/dead-letters/")
         say(f"  log in as     {ADMIN_USER} / {password}   (view-only: {VIEWER_USER} / same)")
         say(f"  logs          {logs}")
+        if args.host in WILDCARD_BINDS:
+            local = {*allowed_hosts("127.0.0.1"), "0.0.0.0"}
+            others = [h for h in allowed_hosts(args.host) if h not in local]
+            say(f"  also as       {', '.join(f'http://{h}:{args.port}/' for h in others)}")
+            say("  (reachable from your network, over plain HTTP: keep it on a trusted one)")
         say("")
-        if seeder.login():
-            for index in range(args.orders):
-                seeder.place(index)
-        say(f"placed {seeder.placed} orders through the API ({len(seeder.errors)} errors)")
+        if seed(seeder, args.orders) is not None:
+            say(f"seeding failed: {seeder.errors[0]}; see {logs / 'web.log'}")
+            code = EXIT_SEED_FAILED
+            stop.set()
         trickle = None
         if args.trickle:
             trickle = threading.Thread(
@@ -585,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
     if not clean and code == 0:
         code = EXIT_KILLED
+    if seeder.errors and code == 0:
+        say(f"{len(seeder.errors)} orders could not be placed: {seeder.errors[0]}")
+        code = EXIT_SEED_FAILED
     data = summary()
     data.update(
         {

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.utils.module_loading import import_string
 
 from reliable_events.conf import app_settings
 
@@ -241,6 +242,42 @@ def check_retry_policy() -> list[CheckMessage]:
     return []
 
 
+SAFE_FILTER = "reliable_events.debug.SafeExceptionReporterFilter"
+
+
+def _has_password(url: Any) -> bool:
+    try:
+        return isinstance(url, str) and bool(urlsplit(url).password)
+    except ValueError:
+        return False
+
+
+def check_debug_filter() -> list[CheckMessage]:
+    """Django's debug page shows every setting: a broker password in a URL too, unless
+    the filter that masks it is installed."""
+    if not settings.DEBUG:
+        return []
+    urls = (app_settings.BROKER_URL, getattr(settings, "CELERY_BROKER_URL", None))
+    if not any(_has_password(url) for url in urls):
+        return []
+    installed = str(getattr(settings, "DEFAULT_EXCEPTION_REPORTER_FILTER", ""))
+    try:
+        safe = issubclass(import_string(installed), import_string(SAFE_FILTER))
+    except (ImportError, TypeError):
+        safe = False
+    if safe:
+        return []
+    return [
+        Warning(
+            "DEBUG is on and the broker URL has a password: Django's debug page (any "
+            "error, or a request with a bad Host header) shows it in clear.",
+            hint=f"Set DEFAULT_EXCEPTION_REPORTER_FILTER = {SAFE_FILTER!r}, or turn DEBUG "
+            "off. " + DOCS,
+            id="reliable_events.W003",
+        )
+    ]
+
+
 CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
     check_settings_type,
     check_broker_url,
@@ -249,6 +286,7 @@ CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
     check_lanes,
     check_on_commit_grace,
     check_retry_policy,
+    check_debug_filter,
     _setting_errors,
 )
 

@@ -7,7 +7,9 @@ subclasses over one broker connection (``consume_events``, the Celery
 1. **Decode** (:func:`decode_event`).  A body over ``MAX_PAYLOAD_BYTES``, a content type
    other than JSON, a body that is not UTF-8 JSON, a missing message id or an
    ``x-event-attempt`` header that is not a number from 1 to ``MAX_ATTEMPT`` is *poison*:
-   it becomes a ``DeadLetter`` with that reason, is acked, and the loop goes on.
+   it becomes a ``DeadLetter`` with that reason, is acked, and the loop goes on.  So is a
+   message the transport itself could not read (``undecodable``: e.g. a kombu virtual
+   transport's stored message that fails to decode inside ``drain_events``).
 2. **Process** (:meth:`EventConsumer.process`): in one ``transaction.atomic()``, insert
    ``ProcessedMessage(consumer, message_id)`` and run ``handle``.  Already processed:
    nothing runs.
@@ -50,7 +52,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from django.db import (
     DEFAULT_DB_ALIAS,
@@ -131,6 +133,10 @@ NOT_JSON = "not-json"
 NO_MESSAGE_ID = "no-message-id"
 BAD_MESSAGE_ID = "bad-message-id"
 BAD_ATTEMPT_HEADER = "bad-attempt-header"
+#: The message could not be read at all: the transport's own envelope (a kombu virtual
+#: transport's stored message) or the frame's properties were broken, or decoding failed
+#: in an unforeseen way.  The dead letter keeps whatever bytes could be recovered.
+UNDECODABLE = "undecodable"
 POISON_REASONS = (
     TOO_LARGE,
     WRONG_CONTENT_TYPE,
@@ -138,6 +144,7 @@ POISON_REASONS = (
     NO_MESSAGE_ID,
     BAD_MESSAGE_ID,
     BAD_ATTEMPT_HEADER,
+    UNDECODABLE,
 )
 
 #: Characters of an undecodable body kept in ``DeadLetter.raw_body``.
@@ -172,6 +179,9 @@ class Delivery:
     redelivered: bool = False
     #: The transport's handle for ack/reject (a delivery tag, a kombu message).
     tag: Any = None
+    #: Set when the transport could not read the message itself (why, for the dead
+    #: letter); ``body`` then holds what bytes could be recovered.
+    undecodable: str = ""
 
     @property
     def message_id(self) -> str:
@@ -203,6 +213,8 @@ def decode_payload(body: bytes) -> Any:
         return json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
         raise Poison(NOT_JSON, f"body is not JSON: {str(exc)[:200]}") from exc
+    except RecursionError as exc:  # a small body can nest deeper than the parser goes
+        raise Poison(NOT_JSON, "body is not JSON: nested too deeply") from exc
 
 
 #: Largest ``x-event-attempt`` accepted: what ``DeadLetter.attempts`` can store (no retry
@@ -238,8 +250,21 @@ def decode_event(delivery: Delivery, *, max_bytes: int, exchange: str) -> Event:
 
     A message without ``content_type`` is read as JSON (plain AMQP clients often omit
     it); any other content type than ``application/json``, or an encoding other than
-    UTF-8, is poison.
+    UTF-8, is poison.  Any other failure to decode is poison too (``undecodable``): no
+    message may stop the loop.
     """
+    if delivery.undecodable:
+        raise Poison(UNDECODABLE, delivery.undecodable)
+    try:
+        return _decode_event(delivery, max_bytes=max_bytes, exchange=exchange)
+    except Poison:
+        raise
+    except Exception as exc:
+        logger.warning("reliable_events: a message could not be decoded", exc_info=True)
+        raise Poison(UNDECODABLE, f"decoding failed: {error_summary(exc)}") from exc
+
+
+def _decode_event(delivery: Delivery, *, max_bytes: int, exchange: str) -> Event:
     props = delivery.properties
     body = delivery.body
     if len(body) > max_bytes:
@@ -1032,24 +1057,32 @@ class AmqpTransport(Transport):
         )
 
     def _on_message(self, consumer: str, message: Any) -> None:
-        props = dict(message.properties)
-        headers = props.pop("application_headers", None) or {}
         info = message.delivery_info
-        body = message.body
-        if isinstance(body, str):  # pragma: no cover - the channel does not auto-decode
-            body = body.encode("utf-8")
-        self._buffer.append(
-            Delivery(
+        try:
+            props = dict(message.properties)
+            headers = dict(props.pop("application_headers", None) or {})
+            body = message.body
+            if isinstance(body, str):  # pragma: no cover - the channel does not auto-decode
+                body = body.encode("utf-8")
+            delivery = Delivery(
                 consumer=consumer,
                 body=bytes(body),
                 properties=props,
-                headers=dict(headers),
+                headers=headers,
                 exchange=str(info.get("exchange") or ""),
                 routing_key=str(info.get("routing_key") or ""),
                 redelivered=bool(info.get("redelivered")),
                 tag=info["delivery_tag"],
             )
-        )
+        except Exception as exc:  # raised here it would stop the loop on every redelivery
+            delivery = undecodable_delivery(
+                consumer,
+                exc,
+                getattr(message, "body", b""),
+                tag=info["delivery_tag"],
+                message=message,
+            )
+        self._buffer.append(delivery)
         self._unsettled.add(info["delivery_tag"])
 
     def _drain(self, timeout: float) -> None:
@@ -1172,25 +1205,69 @@ class KombuTransport(Transport):
                     no_ack=False,
                     accept=["application/json"],
                     on_message=partial(self._on_message, cls.name),
+                    on_decode_error=partial(self._on_decode_error, cls.name),
                     prefetch_count=self.prefetch,
                 )
                 consumer.consume()
                 consumers.append(consumer)
+            self._guard_fetch(channel)
         except BaseException:
             _quiet_release(conn)
             raise
         self._conn, self._consumers = conn, consumers
 
+    def _guard_fetch(self, channel: Any) -> None:
+        """Make the transport's own decoding failures poison deliveries.
+
+        A kombu virtual transport takes a stored message off its queue (``_get``: the
+        ``filesystem://`` transport moves and deletes the file), *then* decodes its
+        envelope, and builds a message from it inside ``drain_events``; a zero-length or
+        truncated file raised ``JSONDecodeError`` there and stopped the consumer, the
+        message already gone.  Wrapped, such a failure becomes a delivery that is
+        dead-lettered (``undecodable``) with the bytes the error still holds.
+        """
+        fetch = channel._get
+        queues = {cls.queue_name(): cls.name for cls in self.consumer_classes}
+
+        def guarded_get(queue: str, *args: Any, **kwargs: Any) -> Any:
+            try:
+                payload = fetch(queue, *args, **kwargs)
+            except (ValueError, LookupError, TypeError) as exc:
+                # Not ``Empty``: the message was taken off the queue and failed to decode.
+                self._fetched_undecodable(queues, queue, exc, _error_bytes(exc))
+            try:
+                channel.Message(payload, channel=channel)  # what kombu does next, unguarded
+            except Exception as exc:
+                self._fetched_undecodable(queues, queue, exc, _envelope_bytes(payload))
+            return payload
+
+        channel._get = guarded_get
+
+    def _fetched_undecodable(
+        self, queues: dict[str, str], queue: str, exc: BaseException, raw: bytes
+    ) -> NoReturn:
+        consumer = queues.get(queue)
+        if consumer is None:  # pragma: no cover - only our consumers' queues are polled
+            logger.warning(
+                "reliable_events: an undecodable message was taken off queue %s, which no "
+                "consumer of this worker reads; it is lost: %s",
+                queue,
+                error_summary(exc),
+            )
+        else:
+            self._buffer.append(undecodable_delivery(consumer, exc, raw, routing_key=queue))
+        raise _FetchedUndecodable() from exc
+
     def _on_message(self, consumer: str, message: Any) -> None:
-        props = dict(message.properties)
-        props["content_type"] = message.content_type
-        props["content_encoding"] = message.content_encoding
-        info = message.delivery_info or {}
-        body = message.body
-        if isinstance(body, str):
-            body = body.encode("utf-8")
-        self._buffer.append(
-            Delivery(
+        try:
+            props = dict(message.properties)
+            props["content_type"] = message.content_type
+            props["content_encoding"] = message.content_encoding
+            info = message.delivery_info or {}
+            body = message.body
+            if isinstance(body, str):
+                body = body.encode("utf-8")
+            delivery = Delivery(
                 consumer=consumer,
                 body=bytes(body),
                 properties=props,
@@ -1200,22 +1277,43 @@ class KombuTransport(Transport):
                 redelivered=bool(info.get("redelivered")),
                 tag=message,
             )
+        except Exception as exc:  # raised here it would stop the loop
+            delivery = undecodable_delivery(
+                consumer, exc, getattr(message, "body", b""), tag=message, message=message
+            )
+        self._buffer.append(delivery)
+
+    def _on_decode_error(self, consumer: str, message: Any, exc: Exception) -> None:
+        """kombu found the message broken (e.g. a compression it cannot undo)."""
+        self._buffer.append(
+            undecodable_delivery(
+                consumer, exc, getattr(message, "body", b""), tag=message, message=message
+            )
         )
 
     def get(self, timeout: float) -> Delivery | None:
         if not self._buffer:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(TimeoutError, _FetchedUndecodable):
                 self._conn.drain_events(timeout=timeout)
         return self._buffer.popleft() if self._buffer else None
 
     def _poll(self) -> None:
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError, _FetchedUndecodable):
             self._conn.drain_events(timeout=_NO_WAIT)
 
     def ack(self, delivery: Delivery) -> None:
-        delivery.tag.ack()
+        if delivery.tag is not None:  # None: the transport already dropped it
+            delivery.tag.ack()
 
     def requeue(self, delivery: Delivery) -> None:
+        if delivery.tag is None:
+            logger.error(
+                "reliable_events: %s could not store the dead letter of an undecodable "
+                "message the transport had already removed; it is lost: %s",
+                delivery.consumer,
+                delivery.undecodable,
+            )
+            return
         delivery.tag.reject(requeue=True)
 
     def close(self) -> None:
@@ -1232,6 +1330,60 @@ class KombuTransport(Transport):
 
     def make_scheduler(self) -> RetryScheduler:
         return OutboxRetryScheduler()
+
+
+class _FetchedUndecodable(Exception):
+    """Ends ``drain_events`` at once when an undecodable message was fetched (it waits
+    in the buffer as a poison delivery)."""
+
+
+def undecodable_delivery(
+    consumer: str,
+    exc: BaseException,
+    raw: Any,
+    *,
+    tag: Any = None,
+    routing_key: str = "",
+    message: Any = None,
+) -> Delivery:
+    """A delivery the transport could not read: dead-lettered as ``undecodable``, with
+    the message id of ``message`` (the transport's message object) when it has one."""
+    body = raw if isinstance(raw, bytes) else str(raw or "").encode("utf-8", "backslashreplace")
+    message_id = getattr(message, "properties", None)
+    message_id = message_id.get("message_id") if isinstance(message_id, dict) else None
+    logger.warning(
+        "reliable_events: %s received a message its transport could not decode (%s); "
+        "it will be dead-lettered",
+        consumer,
+        error_summary(exc),
+    )
+    return Delivery(
+        consumer=consumer,
+        body=body,
+        properties={"message_id": message_id} if isinstance(message_id, str) else {},
+        headers={},
+        routing_key=routing_key,
+        tag=tag,
+        undecodable=f"the transport could not decode the message ({len(body)} bytes): "
+        + error_summary(exc),
+    )
+
+
+def _error_bytes(exc: BaseException) -> bytes:
+    """The input a decoding error still holds (``JSONDecodeError.doc``,
+    ``UnicodeDecodeError.object``), else nothing."""
+    doc = getattr(exc, "doc", None)
+    if isinstance(doc, str):
+        return doc.encode("utf-8", "backslashreplace")
+    obj = getattr(exc, "object", None)
+    return bytes(obj) if isinstance(obj, bytes | bytearray) else b""
+
+
+def _envelope_bytes(payload: Any) -> bytes:
+    try:
+        return json.dumps(payload, default=repr).encode()
+    except (TypeError, ValueError, RecursionError):
+        return repr(payload).encode("utf-8", "backslashreplace")
 
 
 def open_transport(

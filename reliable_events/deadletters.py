@@ -19,10 +19,14 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from reliable_events.conf import app_settings
+from reliable_events.consuming import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
 from reliable_events.models import DeadLetter, OutboxMessage
 from reliable_events.publishing import json_value, lane_for, schedule_on_commit
 
 logger = logging.getLogger(__name__)
+
+#: Poison reasons whose body is not a payload that could be delivered again.
+_UNREADABLE_BODY = frozenset({NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE})
 
 
 @dataclass
@@ -76,7 +80,8 @@ def retry_block_reason(letter: DeadLetter) -> str | None:
         return f"it is {letter.status}, not open"
     if not letter.message_id:
         return "the message had no id"
-    if letter.payload is None and letter.raw_body:
+    # An empty body has no raw text either: the reason tells it from a JSON ``null``.
+    if letter.payload is None and (letter.raw_body or letter.reason in _UNREADABLE_BODY):
         return "the body was not valid JSON"
     if not (letter.queue or letter.consumer):
         return "the consumer queue is unknown"
