@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from amqp import spec as _amqp_spec
+from django.utils.module_loading import import_string
 
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import BrokerError, ConfigurationError, ConfirmTimeout
@@ -44,6 +45,14 @@ from reliable_events.topology import (
 logger = logging.getLogger(__name__)
 
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+#: This package's own transports by URL scheme: (publisher, consumer transport) classes
+#: by dotted path, imported when used (as kombu does with its transport aliases).
+OWN_TRANSPORTS: dict[str, tuple[str, str]] = {
+    "db": (
+        "reliable_events.database_transport.DatabasePublisher",
+        "reliable_events.database_transport.DatabaseTransport",
+    ),
+}
 #: Why a message sent straight to a queue failed when that queue does not exist.
 UNROUTABLE_QUEUE = "the broker returned the message: no such queue (basic.return)"
 CONTENT_TYPE = "application/json"
@@ -82,6 +91,11 @@ class PublishResult:
 
 def is_amqp_url(url: str) -> bool:
     return urlsplit(url).scheme.lower() in AMQP_SCHEMES
+
+
+def own_transport(url: str) -> tuple[str, str] | None:
+    """The (publisher, transport) class paths of one of this package's transports."""
+    return OWN_TRANSPORTS.get(urlsplit(url).scheme.lower())
 
 
 def redact(text: str, url: str | None = None) -> str:
@@ -606,6 +620,12 @@ def open_publisher(
     url = str(url or app_settings.BROKER_URL)
     if is_amqp_url(url):
         return AmqpPublisher(url, connect_timeout=connect_timeout, window=window)
+    own = own_transport(url)
+    if own is not None:
+        publisher: Publisher = import_string(own[0])(
+            url, connect_timeout=connect_timeout, window=window
+        )
+        return publisher
     return KombuPublisher(url, connect_timeout=connect_timeout)
 
 

@@ -61,6 +61,7 @@ from django.db import (
     transaction,
 )
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
 from reliable_events import signals
 from reliable_events.broker import (
@@ -69,6 +70,7 @@ from reliable_events.broker import (
     OutgoingMessage,
     describe_error,
     is_amqp_url,
+    own_transport,
     redact,
     safe_url,
 )
@@ -926,6 +928,11 @@ class Transport:
     def make_scheduler(self) -> RetryScheduler:
         raise NotImplementedError
 
+    def abandon(self, delivery: Delivery) -> bool:
+        """The database failed while ``delivery`` was processed: whether the transport gave
+        it back itself (the database transport rolls its claim back)."""
+        return False
+
 
 def _amqp_errors() -> tuple[type[BaseException], ...]:
     import amqp
@@ -1230,6 +1237,10 @@ def open_transport(
     url: str, consumers: Sequence[type[EventConsumer]], *, prefetch: int | None = None
 ) -> Transport:
     count = max(1, int(app_settings.PREFETCH_COUNT if prefetch is None else prefetch))
+    own = own_transport(url)
+    if own is not None:
+        transport: Transport = import_string(own[1])(url, consumers, prefetch=count)
+        return transport
     if is_amqp_url(url):
         return AmqpTransport(
             url,
@@ -1492,6 +1503,10 @@ class Worker:
                 outages += 1
                 self.stats.database_outages += 1
                 logger.warning("reliable_events: %s; waiting for the database", exc)
+                if self.transport.abandon(batch[0][0]):
+                    self.stats.requeued += len(batch)
+                    self._wait_for_database()
+                    return None
                 if outages >= _MAX_OUTAGES_PER_DELIVERY:
                     for delivery, _ in batch:
                         self.transport.requeue(delivery)
@@ -1537,6 +1552,10 @@ class Worker:
                 outages += 1
                 self.stats.database_outages += 1
                 logger.warning("reliable_events: %s; waiting for the database", exc)
+                if self.transport.abandon(delivery):
+                    self.stats.requeued += 1
+                    self._wait_for_database()
+                    return
                 if outages >= _MAX_OUTAGES_PER_DELIVERY:
                     self.transport.requeue(delivery)
                     self.stats.requeued += 1
