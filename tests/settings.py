@@ -80,10 +80,11 @@ else:
 
 AMQP_URL = os.environ.get("RE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
-# Unit tests run on the in-process transport; tests of guarantees override BROKER_URL
-# with AMQP_URL and a per-test exchange.
+# PostgreSQL tier: unit tests run on the in-process transport (memory://); tests of
+# guarantees override BROKER_URL with AMQP_URL and a per-test exchange.  SQLite tier: the
+# embedded default, the database transport (db://); tests written for memory:// ask for it.
 RELIABLE_EVENTS = {
-    "BROKER_URL": "memory://",
+    "BROKER_URL": "db://" if DATABASE_KIND == "sqlite" else "memory://",
     "BACKOFF_BASE": 0.05,
     "BACKOFF_MAX": 0.5,
 }

@@ -45,6 +45,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 URL = "memory://"
 
 
+@pytest.fixture(autouse=True)
+def _memory_broker(re_settings: Any) -> None:
+    """Events published by these tests go to the in-process transport the worker reads
+    (the SQLite tier's default is the database transport)."""
+    re_settings(BROKER_URL=URL)
+
+
 def started(*consumers: type[EventConsumer], **kwargs: Any) -> Worker:
     """A worker whose topology is declared, so that published events reach its queues."""
     worker = Worker(list(consumers), url=URL, **kwargs)
