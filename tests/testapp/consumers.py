@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from django.db import IntegrityError, transaction
 
@@ -30,6 +31,9 @@ from tests.testapp.models import Effect
 LEDGER_CONSUMER_ENV = "RE_TEST_LEDGER_CONSUMER"
 #: Text of the error a second application raises (searched for by the ledger test).
 APPLIED_TWICE = "APPLIED TWICE"
+#: Printed (flushed) right before the effect is written: a message id printed more often
+#: than it was applied had its transaction cut short (a kill) and was claimed again.
+APPLYING = "ledger: applying"
 
 
 def apply_ledger_event(consumer: str, event: Event) -> None:
@@ -40,6 +44,8 @@ def apply_ledger_event(consumer: str, event: Event) -> None:
         raise PermanentError(f"designed permanent failure of {event.id}")
     if fail == "once" and event.attempt == 1:
         raise RuntimeError(f"designed transient failure of {event.id} (attempt 1)")
+    sys.stdout.write(f"{APPLYING} {event.id}\n")
+    sys.stdout.flush()
     try:
         with transaction.atomic():
             Effect.objects.create(
