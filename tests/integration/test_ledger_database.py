@@ -13,9 +13,11 @@ Every setting is the shipped default but the broker URL and the exchange name.  
 each message id is checked: every committed event applied exactly once (its unique
 ``Effect`` and its ``ProcessedMessage``), dead letters exactly for the designed
 permanent failures, the designed transient failures applied on their retry, nothing
-left in the queue table.  That kills landed inside consumer transactions is shown by
-the ledger consumer's "applying" lines: an id printed more often than it was applied
-had its transaction cut short and was claimed again.
+left in the queue table.  Besides the random kills, two are aimed: a consumer that just
+printed it is applying a "slow" event (it pauses inside its transaction) is killed at
+once.  That kills landed inside consumer transactions is shown by the ledger consumer's
+"applying" lines: an id printed more often than it was applied had its transaction cut
+short and was claimed again.
 
 These tests kill only their own child processes (not ``disruptive``).
 ``RE_DB_LEDGER_EVENTS`` changes the number of events.
@@ -56,6 +58,8 @@ BUDGET_SECONDS = 170.0
 MAX_RETRIES = 3
 RETRY_DELAYS = [0.5]
 DUPLICATE_LINE = "skipped duplicate"
+#: Kills aimed inside a handler (at "slow" events), besides the random ones.
+HANDLER_KILLS = 2
 
 Query = Callable[[str], list[tuple[Any, ...]]]
 
@@ -66,6 +70,43 @@ def shipped_settings(exchange: str) -> dict[str, Any]:
     defaults = {name: getattr(AppSettings, name) for name in AppSettings.names()}
     defaults.update(BROKER_URL="db://", EXCHANGE=exchange, CELERY_CONSUMERS=None)
     return defaults
+
+
+def n_of(message_id: str) -> int:
+    return int(message_id.rsplit("-", 1)[1])
+
+
+def kill_in_handler(
+    fleet: Fleet, stop: threading.Event, errors: list[BaseException], record: list[str]
+) -> None:
+    """SIGKILL the consumer that just printed it is applying a ``"slow"`` event: it is
+    inside the handler, its transaction open (the random kills may or may not land
+    there).  Each slow event once, at most ``HANDLER_KILLS`` times."""
+    offsets: dict[Path, int] = {}
+    seen: set[str] = set()
+    try:
+        while len(record) < HANDLER_KILLS and not stop.wait(0.05):
+            for key in [k for k in fleet.targets() if k[0] == "consumer"]:
+                log = fleet.children[key].log
+                with log.open("rb") as handle:
+                    handle.seek(offsets.get(log, 0))
+                    chunk = handle.read()
+                complete = chunk[: chunk.rfind(b"\n") + 1]
+                offsets[log] = offsets.get(log, 0) + len(complete)
+                slow = [
+                    line.split()[-1]
+                    for line in complete.decode(errors="replace").splitlines()
+                    if line.startswith(APPLYING)
+                    and designed_failure(n_of(line.split()[-1])) == "slow"
+                    and line.split()[-1] not in seen
+                ]
+                if slow:
+                    seen.update(slow)
+                    fleet.kill_and_restart(key)
+                    fleet.note(f"killed {key[0]}-{key[1]} inside the handler of {slow[-1]}")
+                    record.append(slow[-1])
+    except BaseException as exc:  # reported by the test
+        errors.append(exc)
 
 
 def run_ledger(
@@ -104,6 +145,10 @@ def run_ledger(
     stop_chaos = threading.Event()
     chaos_errors: list[BaseException] = []
     chaos_thread = threading.Thread(target=chaos, args=(fleet, stop_chaos, chaos_errors))
+    aimed: list[str] = []
+    aim_thread = threading.Thread(
+        target=kill_in_handler, args=(fleet, stop_chaos, chaos_errors, aimed)
+    )
 
     def count(sql: str) -> int:
         return int(query(sql)[0][0])
@@ -136,6 +181,7 @@ def run_ledger(
             for i in range(PRODUCERS):
                 fleet.start("producer", i)
         chaos_thread.start()
+        aim_thread.start()
         wait_for(
             lambda: all(c.proc.poll() is not None for c in fleet.producers()),
             timeout=max(0.0, deadline - time.monotonic() - 40),
@@ -144,6 +190,7 @@ def run_ledger(
         codes = [c.proc.poll() for c in fleet.producers()]
         stop_chaos.set()
         chaos_thread.join(60)
+        aim_thread.join(60)
         quiet = wait_for(
             converged_twice, timeout=max(0.0, deadline - time.monotonic() - 15), interval=1.0
         )
@@ -151,8 +198,9 @@ def run_ledger(
         fleet.stop(("consumer", "relay"))
     finally:
         stop_chaos.set()
-        if chaos_thread.is_alive():
-            chaos_thread.join(60)
+        for thread in (chaos_thread, aim_thread):
+            if thread.is_alive():
+                thread.join(60)
         fleet.kill_all()
         (logs / "timeline.log").write_text("\n".join(fleet.timeline) + "\n")
 
@@ -187,6 +235,7 @@ def run_ledger(
         "codes": codes,
         "quiet": quiet,
         "kills": fleet.kills,
+        "aimed": aimed,
         "kills_by_kind": Counter(
             line.split("SIGKILLed ", 1)[1].split("-", 1)[0]
             for line in fleet.timeline
@@ -215,9 +264,6 @@ def check_ledger(figures: dict[str, Any], report_figures: Any, label: str) -> No
     letters: list[tuple[Any, ...]] = figures["letters"]
     dead = Counter(letter[0] for letter in letters)
 
-    def n_of(message_id: str) -> int:
-        return int(message_id.rsplit("-", 1)[1])
-
     permanent = {i for i in ids if designed_failure(n_of(i)) == "permanent"}
     once = {i for i in ids if designed_failure(n_of(i)) == "once"}
     lost = ids - set(applied) - set(dead)
@@ -230,7 +276,8 @@ def check_ledger(figures: dict[str, Any], report_figures: Any, label: str) -> No
         f"{EVENTS}) applied={len(applied)} dead_letters={len(letters)} (designed "
         f"{len(permanent)}) failed_once_then_applied="
         f"{sum(1 for i in once if attempts.get(i, 0) >= 2)}"
-        f"\n  kills={figures['kills']} ({dict(figures['kills_by_kind'])}) "
+        f"\n  kills={figures['kills']} ({dict(figures['kills_by_kind'])}, "
+        f"{len(figures['aimed'])} aimed inside a handler) "
         f"unexpected_exits={len(figures['unexpected_exits'])} "
         f"transactions_cut_by_kills={interrupted} duplicates_absorbed={figures['duplicates']} "
         f"lost={len(lost)} applied_twice={sum(1 for c in applied.values() if c > 1)}"
@@ -261,7 +308,9 @@ def check_ledger(figures: dict[str, Any], report_figures: Any, label: str) -> No
     assert not retried, f"{len(retried)} undesigned retries, e.g. {retried[:5]}"
     assert figures["leftover"] == {}, figures["leftover"]
     assert figures["kills"] >= 10, "the chaos did not happen"
-    assert interrupted > 0, "no kill landed inside a consumer transaction: the kills proved nothing"
+    assert len(figures["aimed"]) == HANDLER_KILLS, "the aimed kills did not happen"
+    assert set(figures["aimed"]) <= set(applied), "a slow event killed in its handler was lost"
+    assert interrupted >= len(figures["aimed"]), "no kill landed inside a consumer transaction"
     assert not figures["unexpected_exits"], figures["unexpected_exits"]
 
 

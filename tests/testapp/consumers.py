@@ -9,7 +9,8 @@ consumer and message id), recording the attempt and the ``redelivered`` flag it 
 applied with.  The payload's ``fail`` designs the failures:
 
 * ``"permanent"``: raise :class:`~reliable_events.exceptions.PermanentError` (dead letter);
-* ``"once"``: raise on attempt 1, apply on the retry.
+* ``"once"``: raise on attempt 1, apply on the retry;
+* ``"slow"``: apply after :data:`SLOW_SECONDS` inside the transaction.
 
 A second application of one id is never absorbed silently: the unique ``Effect`` row
 refuses it and the handler turns that into a ``PermanentError`` whose dead letter the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from django.db import IntegrityError, transaction
 
@@ -34,6 +36,8 @@ APPLIED_TWICE = "APPLIED TWICE"
 #: Printed (flushed) right before the effect is written: a message id printed more often
 #: than it was applied had its transaction cut short (a kill) and was claimed again.
 APPLYING = "ledger: applying"
+#: Pause of a ``"slow"`` event inside the handler's transaction, seconds.
+SLOW_SECONDS = 0.5
 
 
 def apply_ledger_event(consumer: str, event: Event) -> None:
@@ -46,6 +50,8 @@ def apply_ledger_event(consumer: str, event: Event) -> None:
         raise RuntimeError(f"designed transient failure of {event.id} (attempt 1)")
     sys.stdout.write(f"{APPLYING} {event.id}\n")
     sys.stdout.flush()
+    if fail == "slow":
+        time.sleep(SLOW_SECONDS)
     try:
         with transaction.atomic():
             Effect.objects.create(
