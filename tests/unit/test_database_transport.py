@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
+from io import StringIO
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
@@ -26,6 +28,7 @@ from reliable_events.database_transport import (
     insert_rows,
     queue_row,
 )
+from reliable_events.exceptions import PermanentError
 from reliable_events.models import DeadLetter, ProcessedMessage, QueuedMessage
 from reliable_events.relay import relay_once
 from reliable_events.routing import binding_matches
@@ -322,3 +325,37 @@ def test_checks_accept_db_and_refuse_filesystem(re_settings):
     assert _ids(re_settings, "db://") == []
     assert _ids(re_settings, "filesystem://") == ["reliable_events.E010"]
     assert _ids(re_settings, "db://nowhere") == ["reliable_events.E010"]
+
+
+def test_a_retried_dead_letter_goes_back_to_its_consumers_queue_only(clean_registry):
+    state = {"fixed": False}
+
+    def broken_until_fixed(consumer: EventConsumer, event: Event) -> None:
+        if not state["fixed"]:
+            raise PermanentError("not yet")
+
+    consumer = make_consumer(clean_registry, behaviour=broken_until_fixed)
+    other = make_consumer(clean_registry)
+    open_publisher().publish([message("orders.created", "m-1")], timeout=1)
+    Worker([consumer]).run(until_idle=0.3)
+    letter = DeadLetter.objects.get(consumer=consumer.name)
+    state["fixed"] = True
+    call_command("retry_dead_letters", "--id", str(letter.pk), stdout=StringIO())
+    assert rows() == sorted([(other.name, "m-1"), (consumer.name, "m-1")])
+    Worker([consumer]).run(until_idle=0.3)
+    assert applied(consumer, "m-1") == 1
+    assert rows() == [(other.name, "m-1")]  # the other consumer's copy, never duplicated
+
+
+def test_queued_messages_are_listed_read_only_in_the_admin(clean_registry, admin_client):
+    open_publisher().publish([message("nobody.listens", "m-unrouted")], timeout=1)
+    response = admin_client.get("/admin/reliable_events/queuedmessage/")
+    assert response.status_code == 200
+    assert b"m-unrouted" in response.content
+    assert b"events.unrouted" in response.content
+    row = QueuedMessage.objects.get()
+    assert (
+        admin_client.get(f"/admin/reliable_events/queuedmessage/{row.pk}/change/").status_code
+        == 200
+    )
+    assert admin_client.get("/admin/reliable_events/queuedmessage/add/").status_code == 403
