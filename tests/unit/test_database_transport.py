@@ -359,3 +359,36 @@ def test_queued_messages_are_listed_read_only_in_the_admin(clean_registry, admin
         == 200
     )
     assert admin_client.get("/admin/reliable_events/queuedmessage/add/").status_code == 403
+
+
+@pytest.mark.postgres
+def test_postgresql_wakes_an_idle_consumer_at_once_through_notify(clean_registry, re_settings):
+    """With polling pushed out to 10 s, only the publish's NOTIFY can wake it in time."""
+    if connection.vendor != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    re_settings(DATABASE_POLL_MAX=10.0)
+    consumer = make_consumer(clean_registry)
+    transport = DatabaseTransport(URL, [consumer], prefetch=1)
+    transport.connect()
+    try:
+        assert transport.get(3.0) is None  # idle: the listener is up, the back-off is ~2.5 s
+
+        def publish_later() -> None:
+            time.sleep(0.5)
+            try:
+                open_publisher().publish([message("orders.created", "m-notified")], timeout=1)
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=publish_later)
+        started = time.monotonic()
+        thread.start()
+        delivery = transport.get(8.0)
+        woke = time.monotonic() - started
+        thread.join()
+        assert delivery is not None
+        assert delivery.message_id == "m-notified"
+        assert woke < 0.5 + 1.0, woke
+        transport.ack(delivery)
+    finally:
+        transport.close()
