@@ -62,9 +62,13 @@ if DATABASE_KIND == "sqlite":
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": os.environ.get("RE_TEST_SQLITE_NAME", "reliable_events_test.sqlite3"),
             "TEST": {"NAME": os.environ.get("RE_TEST_SQLITE_TEST_NAME") or None},
-            # Several processes write in the SQLite ledger: BEGIN IMMEDIATE takes the write
-            # lock up front and waits for it, as the demo and docs/relay.md recommend.
-            "OPTIONS": {"timeout": 30, "transaction_mode": "IMMEDIATE"},
+            # Several processes write in the SQLite ledger: WAL, and BEGIN IMMEDIATE takes
+            # the write lock up front and waits for it, as the demo and docs/relay.md do.
+            "OPTIONS": {
+                "timeout": 30,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL;",
+            },
         }
     }
 else:
