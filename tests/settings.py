@@ -56,19 +56,21 @@ TEMPLATES = [
 STATIC_URL = "/static/"
 
 DATABASE_KIND = os.environ.get("RE_TEST_DATABASE", "postgres")
+# RE_TEST_SQLITE_WAL=1: several processes share the SQLite file (the SQLite ledger's
+# children): WAL, and BEGIN IMMEDIATE takes the write lock up front and waits for it, as
+# the demo and docs/relay.md recommend.
+_SQLITE_SHARED = (
+    {"transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    if os.environ.get("RE_TEST_SQLITE_WAL") == "1"
+    else {}
+)
 if DATABASE_KIND == "sqlite":
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": os.environ.get("RE_TEST_SQLITE_NAME", "reliable_events_test.sqlite3"),
             "TEST": {"NAME": os.environ.get("RE_TEST_SQLITE_TEST_NAME") or None},
-            # Several processes write in the SQLite ledger: WAL, and BEGIN IMMEDIATE takes
-            # the write lock up front and waits for it, as the demo and docs/relay.md do.
-            "OPTIONS": {
-                "timeout": 30,
-                "transaction_mode": "IMMEDIATE",
-                "init_command": "PRAGMA journal_mode=WAL;",
-            },
+            "OPTIONS": {"timeout": 30, **_SQLITE_SHARED},
         }
     }
 else:

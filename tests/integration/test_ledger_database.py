@@ -1,8 +1,8 @@
 """The ledger on the database transport (``BROKER_URL = "db://"``): 5,000 events through
 real processes while the relay and the consumers are SIGKILLed at random moments.
 
-* **SQLite** (the embedded default): its own database file, one relay, one consumer
-  process; runs in the SQLite tier of ``scripts/test`` (skipped on PostgreSQL, whose
+* **SQLite** (the embedded default): its own database file (WAL, ``BEGIN IMMEDIATE``, as
+  recommended for several processes), one relay, one consumer process; runs in the SQLite tier of ``scripts/test`` (skipped on PostgreSQL, whose
   tier runs the next one);
 * **PostgreSQL**: the test database, two relays and two competing consumer processes on
   the consumer's queue (``FOR UPDATE SKIP LOCKED``).
@@ -327,7 +327,12 @@ def test_ledger_on_sqlite_and_the_database_transport_survives_sigkills(
     if connection.vendor != "sqlite":
         pytest.skip("the SQLite tier runs it (RE_TEST_DATABASE=sqlite)")
     database = tmp_path / "ledger.sqlite3"
-    env = {**child_env(), "RE_TEST_DATABASE": "sqlite", "RE_TEST_SQLITE_NAME": str(database)}
+    env = {
+        **child_env(),
+        "RE_TEST_DATABASE": "sqlite",
+        "RE_TEST_SQLITE_NAME": str(database),
+        "RE_TEST_SQLITE_WAL": "1",
+    }
     subprocess.run(
         [sys.executable, str(ROOT / "manage.py"), "migrate", "--noinput", "-v", "0"],
         cwd=ROOT,
