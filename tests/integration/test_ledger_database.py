@@ -2,8 +2,8 @@
 real processes while the relay and the consumers are SIGKILLed at random moments.
 
 * **SQLite** (the embedded default): its own database file (WAL, ``BEGIN IMMEDIATE``, as
-  recommended for several processes), one relay, one consumer process; runs in the SQLite tier of ``scripts/test`` (skipped on PostgreSQL, whose
-  tier runs the next one);
+  recommended for several processes), one relay, one consumer process; runs in the
+  SQLite tier of ``scripts/test`` (skipped on PostgreSQL, whose tier runs the next one);
 * **PostgreSQL**: the test database, two relays and two competing consumer processes on
   the consumer's queue (``FOR UPDATE SKIP LOCKED``).
 
