@@ -1,37 +1,25 @@
 """The database transport (``BROKER_URL = "db://"``): queues in a table of the app's database.
 
-No broker process: messages are :class:`~reliable_events.models.QueuedMessage` rows in
-the database the consumers write to (``db://`` is the default alias; ``db://<alias>``
-another one).  PostgreSQL and SQLite are supported.  Both directions live here, like a
-kombu transport module:
+Messages are :class:`~reliable_events.models.QueuedMessage` rows in the consumers'
+database (``db://``: the default alias; ``db://<alias>``), PostgreSQL or SQLite.  Both
+directions live here, like a kombu transport module (docs/relay.md, docs/consumers.md):
 
-* **Publishing** (:class:`DatabasePublisher`, used by the relay and the on-commit hook):
-  one row per consumer queue the event's topic is bound to - the bindings are the
-  registered consumers' ``topics``, with AMQP topic wildcards (``*`` one word, ``#``
-  zero or more) - all inserted in one transaction.  The commit is the confirm: a
-  message is reported confirmed only once its rows are committed.  An event no queue is
-  bound for goes to ``<EXCHANGE>.unrouted`` (kept, with a warning, never dropped); a
-  message addressed to a queue that no consumer owns fails, as a ``mandatory`` publish
-  does on RabbitMQ.  On PostgreSQL the transaction also sends a ``NOTIFY``.
-* **Consuming** (:class:`DatabaseTransport`, run by the usual
-  :class:`~reliable_events.consuming.Worker`): a delivery is *claimed* by deleting its
-  row (``DELETE ... RETURNING``; on PostgreSQL the row is picked ``FOR UPDATE SKIP
-  LOCKED``, so several consumer processes share a queue; on SQLite the ``DELETE`` is the
-  transaction's first statement, which takes the database's single write lock).  The
-  transaction stays open while the consumer runs: its ``ProcessedMessage``, the
-  handler's writes, a retry row or a dead letter all commit together with the delete -
-  the commit *is* the ack.  A process killed at any moment rolls back and the row is in
-  its queue again; nothing is held in process memory.
-* **Retries** are rows inserted in that transaction with ``available_at`` in the future
-  (no delay queues, no outbox rows); poison and exhausted messages become dead letters
-  exactly as on RabbitMQ.
-* **Idle**: a consumer with nothing due sleeps with a bounded exponential back-off
-  (``DATABASE_POLL_MAX``) and never past the next retry's due time.  On PostgreSQL it
-  also ``LISTEN``\\ s on a second connection and wakes as soon as a publish commits.
+* **Publishing** (:class:`DatabasePublisher`): one row per consumer queue bound to the
+  topic (AMQP wildcards, :mod:`reliable_events.routing`), unrouted events to
+  ``<EXCHANGE>.unrouted``, all of a call in one transaction: the commit is the confirm.
+  On PostgreSQL the transaction also sends a ``NOTIFY``.
+* **Consuming** (:class:`DatabaseTransport`, run by the usual Worker): a delivery is
+  claimed by deleting its row (PostgreSQL: picked ``FOR UPDATE SKIP LOCKED``; SQLite: the
+  delete takes the single write lock) in a transaction that stays open while the
+  consumer runs; its ``ProcessedMessage``, the handler's writes, a retry row or a dead
+  letter commit with the delete - the commit is the ack.  A process killed at any
+  moment rolls back: the row is in its queue again, nothing was held in memory.
+* **Retries** are rows inserted in that transaction, due later (``available_at``).
+* **Idle**: a bounded exponential back-off (``DATABASE_POLL_MAX``), never past the next
+  retry's due time; on PostgreSQL a ``LISTEN`` connection wakes it at once.
 
-What it does not have: a redelivery counter (a claim that rolls back leaves no trace,
-like a classic RabbitMQ queue: ``MAX_DELIVERIES`` does not apply) and per-message
-``redelivered`` flags.  See docs/consumers.md and docs/relay.md.
+Not there: a redelivery counter and ``redelivered`` flags (a rolled-back claim leaves no
+trace, as on a classic RabbitMQ queue).
 """
 
 from __future__ import annotations
@@ -113,15 +101,10 @@ class Dialect:
     later: str
     headers_in: str
     headers_out: str
-    #: Seconds from now until the earliest ``available_at`` (negative: due).
+    #: Seconds from now until ``{due}`` (negative: due).
     due_in: str
     lock: str
     listens: bool
-
-    def queue_filter(self, queues: Sequence[str]) -> tuple[str, list[Any]]:
-        if self.listens:  # PostgreSQL: one array parameter
-            return "queue = ANY(%s)", [list(queues)]
-        return f"queue IN ({', '.join(['%s'] * len(queues))})", list(queues)
 
     def later_param(self, seconds: float) -> Any:
         return float(seconds) if self.listens else f"+{float(seconds):.6f} seconds"
@@ -134,7 +117,7 @@ DIALECTS = {
         later="statement_timestamp() + make_interval(secs => %s)",
         headers_in="%s::jsonb",
         headers_out="headers::text",
-        due_in="EXTRACT(EPOCH FROM MIN(available_at) - statement_timestamp())",
+        due_in="EXTRACT(EPOCH FROM {due} - statement_timestamp())",
         lock="FOR UPDATE SKIP LOCKED",
         listens=True,
     ),
@@ -143,7 +126,7 @@ DIALECTS = {
         later="STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW', %s)",
         headers_in="%s",
         headers_out="headers",
-        due_in="(julianday(MIN(available_at)) - julianday('now')) * 86400.0",
+        due_in="(julianday({due}) - julianday('now')) * 86400.0",
         lock="",
         listens=False,
     ),
@@ -347,6 +330,7 @@ class DatabaseTransport(Transport):
         self._open: set[int] = set()
         self._generation = 0
         self._idle_rounds = 0
+        self._turn = 0
         self._listener: _Listener | None = None
         self._listen_retry_at = 0.0
         self._drained_at = 0.0
@@ -379,15 +363,20 @@ class DatabaseTransport(Transport):
             self._rollback()
         deadline = time.monotonic() + timeout
         while True:
-            due_in = self._due_in() if self._idle_rounds else 0.0
-            if due_in <= 0:
-                delivery = self._claim_first()
+            wait = 0.0
+            ready = list(self.queues)
+            if self._idle_rounds:  # idle: look (cheaply, no lock) before claiming
+                due = self._due()
+                ready = [queue for queue in self.queues if due.get(queue, math.inf) <= 0]
+                wait = min(due.values(), default=math.inf)
+            if ready:
+                delivery = self._claim_first(ready)
                 if delivery is not None:
                     self._idle_rounds = 0
                     return delivery
-                due_in = math.inf  # another consumer was faster
+                wait = math.inf  # another consumer was faster
             self._idle_rounds += 1
-            pause = min(due_in, self._backoff(), deadline - time.monotonic())
+            pause = min(wait, self._backoff(), deadline - time.monotonic())
             if pause <= 0:
                 return None
             if self._sleep(pause):
@@ -400,13 +389,21 @@ class DatabaseTransport(Transport):
         if self._atomic is None or limit < 1:
             return []
         queue = next(q for q, name in self.queues.items() if name == consumer)
-        return [self._delivery(row) for row in self._delete([queue], limit)]
+        return [self._delivery(row) for row in self._delete(queue, limit)]
 
-    def _claim_first(self) -> Delivery | None:
+    def _claim_first(self, queues: list[str]) -> Delivery | None:
+        """Open the transaction and claim the oldest due row of one of ``queues`` (tried in
+        turn, starting after the last one served, so that no queue starves)."""
+        self._turn = (self._turn + 1) % len(queues)
+        order = queues[self._turn :] + queues[: self._turn]
         atomic = db_transaction.atomic(using=self.alias)
         atomic.__enter__()
         try:
-            rows = self._delete(list(self.queues), 1)
+            rows: list[tuple[Any, ...]] = []
+            for queue in order:
+                rows = self._delete(queue, 1)
+                if rows:
+                    break
         except BaseException as exc:
             atomic.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -421,32 +418,45 @@ class DatabaseTransport(Transport):
             self._listen(lambda listener: listener.drain())
         return self._delivery(rows[0])
 
-    def _delete(self, queues: list[str], limit: int) -> list[tuple[Any, ...]]:
+    def _delete(self, queue: str, limit: int) -> list[tuple[Any, ...]]:
+        """Delete (claim) up to ``limit`` due rows of ``queue``, oldest first.
+
+        The ``(queue, id)`` index is walked, so other queues' rows (an unrouted backlog, a
+        stopped consumer's queue) are never scanned.  The queue is written as a range:
+        with ``queue = %s`` PostgreSQL's planner may walk the primary key instead,
+        expecting this queue's rows to be spread evenly among the others.
+        """
         dialect = self._dialect
         assert dialect is not None
-        where, params = dialect.queue_filter(queues)
         table = _table(self.alias)
         sql = (
             f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "  # noqa: S608
-            f"WHERE {where} AND available_at <= {dialect.now} ORDER BY id LIMIT %s "
-            f"{dialect.lock}) RETURNING {_COLUMNS.format(headers=dialect.headers_out)}"
+            f"WHERE queue >= %s AND queue <= %s AND available_at <= {dialect.now} "
+            f"ORDER BY queue, id LIMIT %s {dialect.lock}) "
+            f"RETURNING {_COLUMNS.format(headers=dialect.headers_out)}"
         )
         with connections[self.alias].cursor() as cursor:
-            cursor.execute(sql, [*params, limit])
+            cursor.execute(sql, [queue, queue, limit])
             rows = sorted(cursor.fetchall())
         self._open.update(row[0] for row in rows)
         return rows
 
-    def _due_in(self) -> float:
-        """Seconds until the next row of these queues is due (``inf``: none)."""
+    def _due(self) -> dict[str, float]:
+        """Seconds until the next row of each non-empty queue is due (one query; each
+        ``MIN`` is read from the ``(queue, available_at)`` index)."""
         dialect = self._dialect
         assert dialect is not None
-        where, params = dialect.queue_filter(list(self.queues))
-        sql = f"SELECT {dialect.due_in} FROM {_table(self.alias)} WHERE {where}"  # noqa: S608
+        table = _table(self.alias)
+        due_in = dialect.due_in.format(due="MIN(available_at)")
+        queues = list(self.queues)
+        sql = " UNION ALL ".join(
+            f"SELECT {index}, {due_in} FROM {table} WHERE queue = %s"  # noqa: S608
+            for index in range(len(queues))
+        )
         with connections[self.alias].cursor() as cursor:
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
-        return math.inf if row is None or row[0] is None else float(row[0])
+            cursor.execute(sql, queues)
+            rows = cursor.fetchall()
+        return {queues[index]: float(seconds) for index, seconds in rows if seconds is not None}
 
     def _delivery(self, row: tuple[Any, ...]) -> Delivery:
         pk, queue, message_id, topic, key, headers_text, body, published_at = row
