@@ -118,6 +118,9 @@ def safe_url(url: str) -> str:
     """``url`` without its password, for logs and errors."""
     from kombu.utils.url import maybe_sanitize_url
 
+    if own_transport(url) is not None:
+        return url  # db://[alias] carries no credentials (kombu would print "db:///")
+
     return str(maybe_sanitize_url(url))
 
 

@@ -3,7 +3,7 @@
 ``scripts/demo --seconds N`` must set everything up (migrations, users), run web, relay
 and consumers as separate processes, get orders through both consumers (some after
 retries), leave dead letters behind, and stop every process it started: on the embedded
-default (SQLite + ``filesystem://``) and on PostgreSQL + RabbitMQ (a database and a
+default (SQLite + ``db://``) and on PostgreSQL + RabbitMQ (a database and a
 vhost of its own, removed afterwards).
 """
 
@@ -166,7 +166,7 @@ def check_database(summary: dict[str, Any], figures: list[int]) -> None:
 
 def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
     run = run_demo(tmp_path, {})
-    assert "broker:   filesystem://" in run.output
+    assert "broker:   db://" in run.output
     assert "database: sqlite3" in run.output
     check_run(run)
     with sqlite3.connect(run.var_dir / "demo.sqlite3") as db:
