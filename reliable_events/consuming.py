@@ -28,8 +28,10 @@ SIGTERM (through a :class:`~reliable_events.runner.StopFlag`) lets the current m
 finish and be acked; prefetched messages not yet started go back to the queue.
 
 Transports: on ``amqp://`` the worker speaks py-amqp directly (manual acks, ``basic.qos``
-prefetch, delay queues with TTL).  On the embedded ``memory://`` / ``filesystem://``
-transports, which have no TTL dead-lettering, a retry is an ``OutboxMessage`` row
+prefetch, delay queues with TTL).  On ``db://`` (:mod:`reliable_events.database_transport`)
+the claim, the handler and the "ack" are one database transaction, and a retry is a row
+due later.  On the in-process ``memory://`` transport, which has no TTL
+dead-lettering, a retry is an ``OutboxMessage`` row
 addressed to the consumer's queue with ``next_attempt_at = now + delay``: the relay
 delivers it when it is due (on ``memory://`` the worker runs that relay itself when
 idle, since no other process can reach its queues).

@@ -392,3 +392,28 @@ def test_postgresql_wakes_an_idle_consumer_at_once_through_notify(clean_registry
         transport.ack(delivery)
     finally:
         transport.close()
+
+
+def test_a_database_failure_while_processing_rolls_the_claim_back(clean_registry, monkeypatch):
+    """The idempotency record cannot be written (here: SQLite's "database is locked"
+    once): the claim is rolled back, the row is in its queue again, and the worker
+    processes it once the database answers."""
+    from django.db import OperationalError
+
+    from reliable_events import consumer as consumer_module
+
+    real = consumer_module._insert_record
+    failures = [OperationalError("database is locked")]
+
+    def flaky(*args: Any) -> bool:
+        if failures:
+            raise failures.pop()
+        return real(*args)
+
+    monkeypatch.setattr(consumer_module, "_insert_record", flaky)
+    consumer = make_consumer(clean_registry)
+    open_publisher().publish([message("orders.created", "m-1")], timeout=1)
+    stats = Worker([consumer]).run(until_idle=0.5)
+    assert (stats.database_outages, stats.requeued, stats.processed) == (1, 1, 1)
+    assert applied(consumer, "m-1") == 1
+    assert not QueuedMessage.objects.exists()
