@@ -33,7 +33,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from django.db import DatabaseError, InterfaceError, connection
@@ -91,9 +91,6 @@ CHILD_SETTINGS: dict[str, Any] = {
     "CONFIRM_TIMEOUT": 10.0,
     "PREFETCH_COUNT": 20,
 }
-
-T = TypeVar("T")
-
 
 # -- services: see tests/service_control.py; processes: tests/ledger_support.py ----------
 
