@@ -157,7 +157,7 @@ else:
 # ``filesystem://`` keeps each queue as files in this folder; every process of the demo
 # (web, Celery worker with beat, consumers) shares it.
 _QUEUE_DIR = VAR_DIR / "broker"
-BROKER_URL = os.environ.get("DEMO_BROKER_URL", "filesystem://")
+BROKER_URL = os.environ.get("DEMO_BROKER_URL", "db://")  # events: the database transport
 RELIABLE_EVENTS: dict[str, Any] = {
     "BROKER_URL": BROKER_URL,
     "BROKER_TRANSPORT_OPTIONS": (
@@ -166,12 +166,12 @@ RELIABLE_EVENTS: dict[str, Any] = {
             "data_folder_out": str(_QUEUE_DIR),
             "control_folder": str(VAR_DIR / "broker-control"),
         }
-        if BROKER_URL.startswith("filesystem")
+        if not BROKER_URL.startswith("amqp")  # Celery's own ticks, without RabbitMQ
         else {}
     ),
 }
 
-CELERY_BROKER_URL = BROKER_URL
+CELERY_BROKER_URL = BROKER_URL if BROKER_URL.startswith("amqp") else "filesystem://"
 CELERY_BROKER_TRANSPORT_OPTIONS = RELIABLE_EVENTS["BROKER_TRANSPORT_OPTIONS"]
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"

@@ -46,7 +46,7 @@ from django.utils.translation import gettext_lazy as _
 
 from reliable_events import deadletters
 from reliable_events.deadletters import TriageResult
-from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
+from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage, QueuedMessage
 from reliable_events.overview import build_chart, failure_groups, overview
 from reliable_events.relay import retry_dead
 
@@ -760,9 +760,29 @@ class ProcessedMessageAdmin(ReadOnlyAdmin):
         css = CSS
 
 
+# -- queued messages (the database transport) ---------------------------------------------
+@admin.register(QueuedMessage)
+class QueuedMessageAdmin(ReadOnlyAdmin):
+    """What waits in the database transport's queues (``db://``): backlogs, retries due
+    later, and events no consumer was bound for (``<EXCHANGE>.unrouted``)."""
+
+    list_display = ("id", "queue", "message_id", "topic", "key", "attempt", "available_at")
+    list_filter = ("queue",)
+    search_fields = ("=message_id", "=queue", "^topic")
+    search_help_text = _("Exact message id or queue name, or the start of a topic.")
+    ordering = ("id",)
+    list_per_page = 100
+    show_full_result_count = False
+    heavy_fields = ("body", "headers")
+
+    class Media:
+        css = CSS
+
+
 __all__ = [
     "DeadLetterAdmin",
     "OutboxMessageAdmin",
     "ProcessedMessageAdmin",
+    "QueuedMessageAdmin",
     "pretty_json",
 ]

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from amqp import spec as _amqp_spec
+from django.utils.module_loading import import_string
 
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import BrokerError, ConfigurationError, ConfirmTimeout
@@ -44,6 +45,14 @@ from reliable_events.topology import (
 logger = logging.getLogger(__name__)
 
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+#: This package's own transports by URL scheme: (publisher, consumer transport) classes
+#: by dotted path, imported when used (as kombu does with its transport aliases).
+OWN_TRANSPORTS: dict[str, tuple[str, str]] = {
+    "db": (
+        "reliable_events.database_transport.DatabasePublisher",
+        "reliable_events.database_transport.DatabaseTransport",
+    ),
+}
 #: Why a message sent straight to a queue failed when that queue does not exist.
 UNROUTABLE_QUEUE = "the broker returned the message: no such queue (basic.return)"
 CONTENT_TYPE = "application/json"
@@ -84,6 +93,11 @@ def is_amqp_url(url: str) -> bool:
     return urlsplit(url).scheme.lower() in AMQP_SCHEMES
 
 
+def own_transport(url: str) -> tuple[str, str] | None:
+    """The (publisher, transport) class paths of one of this package's transports."""
+    return OWN_TRANSPORTS.get(urlsplit(url).scheme.lower())
+
+
 def redact(text: str, url: str | None = None) -> str:
     """``text`` with the password of ``url`` (default: the configured broker) masked."""
     url = url if url is not None else str(app_settings.BROKER_URL)
@@ -103,6 +117,9 @@ def describe_error(exc: BaseException, url: str | None = None) -> str:
 def safe_url(url: str) -> str:
     """``url`` without its password, for logs and errors."""
     from kombu.utils.url import maybe_sanitize_url
+
+    if own_transport(url) is not None:
+        return url  # db://[alias] carries no credentials (kombu would print "db:///")
 
     return str(maybe_sanitize_url(url))
 
@@ -606,6 +623,12 @@ def open_publisher(
     url = str(url or app_settings.BROKER_URL)
     if is_amqp_url(url):
         return AmqpPublisher(url, connect_timeout=connect_timeout, window=window)
+    own = own_transport(url)
+    if own is not None:
+        publisher: Publisher = import_string(own[0])(
+            url, connect_timeout=connect_timeout, window=window
+        )
+        return publisher
     return KombuPublisher(url, connect_timeout=connect_timeout)
 
 

@@ -11,7 +11,10 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.utils.module_loading import import_string
 
+from reliable_events.broker import OWN_TRANSPORTS
 from reliable_events.conf import app_settings
+from reliable_events.database_transport import alias_for, dialect_for
+from reliable_events.exceptions import ConfigurationError
 
 DOCS = "See docs/settings.md."
 
@@ -37,6 +40,7 @@ _POSITIVE_NUMBERS = (
     "PROCESSED_RETENTION_DAYS",
     "CONSUMER_RECONNECT_MAX",
     "TOPOLOGY_CHECK_SECONDS",
+    "DATABASE_POLL_MAX",
 )
 _NON_NEGATIVE_NUMBERS = (
     "RELAY_IDLE_SECONDS",
@@ -122,11 +126,13 @@ def check_broker_url() -> list[CheckMessage]:
     from kombu.transport import TRANSPORT_ALIASES
 
     scheme = urlsplit(url).scheme.lower()
+    if scheme in OWN_TRANSPORTS or scheme in UNSAFE_TRANSPORTS:
+        return check_own_transport(url, scheme)
     if scheme not in TRANSPORT_ALIASES and scheme != "amqps":
         return [
             Error(
                 f"RELIABLE_EVENTS['BROKER_URL'] uses the unknown transport {scheme!r}.",
-                hint="Use amqp:// (RabbitMQ) in production, or filesystem:// / memory:// embedded.",
+                hint="Use amqp:// (RabbitMQ) in production, or db:// (the database transport).",
                 id="reliable_events.E002",
             )
         ]
@@ -135,9 +141,34 @@ def check_broker_url() -> list[CheckMessage]:
             Warning(
                 "RELIABLE_EVENTS['BROKER_URL'] is memory://: events only reach consumers "
                 "running in the same process and are lost when it exits.",
-                hint="Use amqp:// in production (filesystem:// for a server-less demo).",
+                hint="Use amqp:// in production (db:// without a broker); memory:// is for tests.",
                 id="reliable_events.W002",
             )
+        ]
+    return []
+
+
+#: kombu transports that lose messages (see docs/settings.md): refused, pointing to db://.
+UNSAFE_TRANSPORTS = frozenset({"filesystem"})
+
+
+def check_own_transport(url: str, scheme: str) -> list[CheckMessage]:
+    """``filesystem://`` is refused; ``db://`` needs a PostgreSQL or SQLite alias."""
+    if scheme in UNSAFE_TRANSPORTS:
+        return [
+            Error(
+                f"RELIABLE_EVENTS['BROKER_URL'] is {scheme}://: kombu's {scheme} transport "
+                "loses messages (a reader can take a file before it is written; unacked "
+                "messages live in the consumer's memory).",
+                hint="Use db:// (queues in your database) or amqp:// (RabbitMQ). " + DOCS,
+                id="reliable_events.E010",
+            )
+        ]
+    try:
+        dialect_for(alias_for(url))
+    except ConfigurationError as exc:
+        return [
+            Error(f"RELIABLE_EVENTS['BROKER_URL']: {exc}.", hint=DOCS, id="reliable_events.E010")
         ]
     return []
 

@@ -13,8 +13,8 @@ from typing import Any
 from django.conf import settings as django_settings
 
 #: Fallback broker when neither ``RELIABLE_EVENTS["BROKER_URL"]`` nor
-#: ``CELERY_BROKER_URL`` is set: a kombu transport that needs no server.
-EMBEDDED_BROKER_URL = "memory://"
+#: ``CELERY_BROKER_URL`` is set: the database transport (queues in the app's database).
+EMBEDDED_BROKER_URL = "db://"
 
 
 class AppSettings:
@@ -81,6 +81,9 @@ class AppSettings:
     #: before acking it) is dead-lettered with reason ``redelivery-limit`` instead of run
     #: again.  Must stay below the queues' ``x-delivery-limit``.
     MAX_DELIVERIES: int = 50
+    #: Database transport (``db://``): longest an idle consumer sleeps between two looks
+    #: at its queues, seconds (PostgreSQL also wakes it at once through LISTEN/NOTIFY).
+    DATABASE_POLL_MAX: float = 0.5
     #: Default ``EventConsumer.batch_size``: messages already received that may share one
     #: transaction (1 = one transaction, one commit per message).
     CONSUMER_BATCH_SIZE: int = 1

@@ -30,8 +30,10 @@ SIGTERM (through a :class:`~reliable_events.runner.StopFlag`) lets the current m
 finish and be acked; prefetched messages not yet started go back to the queue.
 
 Transports: on ``amqp://`` the worker speaks py-amqp directly (manual acks, ``basic.qos``
-prefetch, delay queues with TTL).  On the embedded ``memory://`` / ``filesystem://``
-transports, which have no TTL dead-lettering, a retry is an ``OutboxMessage`` row
+prefetch, delay queues with TTL).  On ``db://`` (:mod:`reliable_events.database_transport`)
+the claim, the handler and the "ack" are one database transaction, and a retry is a row
+due later.  On the in-process ``memory://`` transport, which has no TTL
+dead-lettering, a retry is an ``OutboxMessage`` row
 addressed to the consumer's queue with ``next_attempt_at = now + delay``: the relay
 delivers it when it is due (on ``memory://`` the worker runs that relay itself when
 idle, since no other process can reach its queues).
@@ -63,6 +65,7 @@ from django.db import (
     transaction,
 )
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
 from reliable_events import signals
 from reliable_events.broker import (
@@ -71,6 +74,7 @@ from reliable_events.broker import (
     OutgoingMessage,
     describe_error,
     is_amqp_url,
+    own_transport,
     redact,
     safe_url,
 )
@@ -955,6 +959,11 @@ class Transport:
     def check_topology(self) -> None:
         """Verify (and repair) the broker topology when ``TOPOLOGY_CHECK_SECONDS`` passed."""
 
+    def abandon(self, delivery: Delivery) -> bool:
+        """The database failed while ``delivery`` was processed: whether the transport gave
+        it back itself (the database transport rolls its claim back)."""
+        return False
+
 
 def _amqp_errors() -> tuple[type[BaseException], ...]:
     import amqp
@@ -1390,6 +1399,10 @@ def open_transport(
     url: str, consumers: Sequence[type[EventConsumer]], *, prefetch: int | None = None
 ) -> Transport:
     count = max(1, int(app_settings.PREFETCH_COUNT if prefetch is None else prefetch))
+    own = own_transport(url)
+    if own is not None:
+        transport: Transport = import_string(own[1])(url, consumers, prefetch=count)
+        return transport
     if is_amqp_url(url):
         return AmqpTransport(
             url,
@@ -1653,6 +1666,10 @@ class Worker:
                 outages += 1
                 self.stats.database_outages += 1
                 logger.warning("reliable_events: %s; waiting for the database", exc)
+                if self.transport.abandon(batch[0][0]):
+                    self.stats.requeued += len(batch)
+                    self._wait_for_database()
+                    return None
                 if outages >= _MAX_OUTAGES_PER_DELIVERY:
                     for delivery, _ in batch:
                         self.transport.requeue(delivery)
@@ -1698,6 +1715,10 @@ class Worker:
                 outages += 1
                 self.stats.database_outages += 1
                 logger.warning("reliable_events: %s; waiting for the database", exc)
+                if self.transport.abandon(delivery):
+                    self.stats.requeued += 1
+                    self._wait_for_database()
+                    return
                 if outages >= _MAX_OUTAGES_PER_DELIVERY:
                     self.transport.requeue(delivery)
                     self.stats.requeued += 1

@@ -262,3 +262,53 @@ class DeadLetter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.consumer}: {self.message_id or '(no id)'} ({self.status})"
+
+
+class QueuedMessage(models.Model):
+    """A message waiting in a queue of the database transport (``BROKER_URL = "db://"``).
+
+    Written by the relay (one row per queue the topic is bound to) and by consumers
+    scheduling a retry; a consumer deletes it in the transaction that applies it.  See
+    :mod:`reliable_events.database_transport`.
+    """
+
+    id = models.BigAutoField(primary_key=True, help_text=_("Queue order: consumers claim by id."))
+    queue = models.CharField(
+        max_length=NAME_MAX_LENGTH, help_text=_("The consumer queue (or the unrouted queue).")
+    )
+    message_id = models.CharField(
+        max_length=MESSAGE_ID_MAX_LENGTH, help_text=_("The message's id (consumers deduplicate).")
+    )
+    topic = models.CharField(
+        max_length=TOPIC_MAX_LENGTH, blank=True, default="", help_text=_("The event's topic.")
+    )
+    key = models.CharField(  # noqa: DJ001
+        max_length=KEY_MAX_LENGTH, null=True, blank=True, help_text=_("The event's ordering key.")
+    )
+    headers = models.JSONField(default=dict, blank=True, help_text=_("The message's headers."))
+    body = models.BinaryField(help_text=_("The message body as published (JSON bytes)."))
+    attempt = models.PositiveIntegerField(
+        default=1, help_text=_("Handler attempt this delivery is (retries count up).")
+    )
+    available_at = models.DateTimeField(
+        db_default=Now(), help_text=_("Consumers do not take it before this time (retry delay).")
+    )
+    published_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("When the event was first stored.")
+    )
+    created_at = models.DateTimeField(
+        db_default=Now(), help_text=_("When this row was written (database clock).")
+    )
+
+    class Meta:
+        verbose_name = _("queued message")
+        verbose_name_plural = _("queued messages")
+        ordering = ("id",)
+        indexes = (
+            # The claim walks a queue in id order; the idle look finds the next due time.
+            models.Index(fields=("queue", "id"), name="re_queued_claim"),
+            models.Index(fields=("queue", "available_at"), name="re_queued_due"),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.queue}: {self.message_id}"

@@ -56,13 +56,21 @@ TEMPLATES = [
 STATIC_URL = "/static/"
 
 DATABASE_KIND = os.environ.get("RE_TEST_DATABASE", "postgres")
+# RE_TEST_SQLITE_WAL=1: several processes share the SQLite file (the SQLite ledger's
+# children): WAL, and BEGIN IMMEDIATE takes the write lock up front and waits for it, as
+# the demo and docs/relay.md recommend.
+_SQLITE_SHARED = (
+    {"transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    if os.environ.get("RE_TEST_SQLITE_WAL") == "1"
+    else {}
+)
 if DATABASE_KIND == "sqlite":
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": os.environ.get("RE_TEST_SQLITE_NAME", "reliable_events_test.sqlite3"),
             "TEST": {"NAME": os.environ.get("RE_TEST_SQLITE_TEST_NAME") or None},
-            "OPTIONS": {"timeout": 30},
+            "OPTIONS": {"timeout": 30, **_SQLITE_SHARED},
         }
     }
 else:
@@ -80,10 +88,11 @@ else:
 
 AMQP_URL = os.environ.get("RE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
-# Unit tests run on the in-process transport; tests of guarantees override BROKER_URL
-# with AMQP_URL and a per-test exchange.
+# PostgreSQL tier: unit tests run on the in-process transport (memory://); tests of
+# guarantees override BROKER_URL with AMQP_URL and a per-test exchange.  SQLite tier: the
+# embedded default, the database transport (db://); tests written for memory:// ask for it.
 RELIABLE_EVENTS = {
-    "BROKER_URL": "memory://",
+    "BROKER_URL": "db://" if DATABASE_KIND == "sqlite" else "memory://",
     "BACKOFF_BASE": 0.05,
     "BACKOFF_MAX": 0.5,
 }

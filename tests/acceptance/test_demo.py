@@ -3,7 +3,7 @@
 ``scripts/demo --seconds N`` must set everything up (migrations, users), run web, relay
 and consumers as separate processes, get orders through both consumers (some after
 retries), leave dead letters behind, and stop every process it started: on the embedded
-default (SQLite + whatever transport the demo defaults to; at least 300 events, bound
+default (SQLite + ``db://``; at least 300 events, bound
 to ``0.0.0.0``) and on PostgreSQL + RabbitMQ (a database, a vhost and a user of its
 own, removed afterwards; with ``DJANGO_DEBUG=1``).  While it runs, a request with a
 bad ``Host:`` header must get a 400 without any password in it, and every order must
@@ -293,7 +293,7 @@ def check_database(summary: dict[str, Any], figures: list[int]) -> None:
 
 def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
     """The documented ``--host 0.0.0.0``, with a password in the environment that must
-    show nowhere; transport-independent (whatever the demo defaults to)."""
+    show nowhere."""
     canary = secrets.token_urlsafe(12)
     run = run_demo(
         tmp_path,
@@ -302,6 +302,7 @@ def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
         seconds=EMBEDDED_SECONDS,
         check=safety_requests(good_host=socket.gethostname()),
     )
+    assert "broker:   db://" in run.output
     assert "database: sqlite3" in run.output
     assert "http://127.0.0.1:" in run.output  # printed: a URL that works locally
     assert f"placed {EMBEDDED_ORDERS} orders through the API (0 errors)" in run.output

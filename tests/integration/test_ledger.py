@@ -27,18 +27,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any
 
 import pytest
 from django.db import DatabaseError, InterfaceError, connection
@@ -47,7 +42,8 @@ from reliable_events.consuming import PERMANENT_ERROR
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.consumer_support import make_consumer
-from tests.producer_support import ROOT, child_env
+from tests.ledger_support import Fleet, chaos, db
+from tests.producer_support import child_env
 from tests.service_control import (
     ensure_postgres,
     ensure_rabbitmq,
@@ -96,153 +92,7 @@ CHILD_SETTINGS: dict[str, Any] = {
     "PREFETCH_COUNT": 20,
 }
 
-T = TypeVar("T")
-
-
-# -- services: see tests/service_control.py --------------------------------------------
-def db(query: Callable[[], T], timeout: float = 60.0) -> T:
-    """``query()`` on this process's connection, reconnecting across a PostgreSQL restart."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return query()
-        except (DatabaseError, InterfaceError):
-            with contextlib.suppress(DatabaseError, InterfaceError):
-                connection.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
-# -- child processes --------------------------------------------------------------------
-@dataclass
-class Child:
-    kind: str
-    index: int
-    generation: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-    out: IO[bytes]
-
-
-@dataclass
-class Fleet:
-    """The relay, consumer and producer processes, their restarts and their logs."""
-
-    env: dict[str, str]
-    logs: Path
-    consumer: str
-    run: str
-    children: dict[tuple[str, int], Child] = field(default_factory=dict)
-    retired: list[Child] = field(default_factory=list)
-    kills: int = 0
-    #: What happened when (wall clock, like the children's log lines): timeline.log.
-    timeline: list[str] = field(default_factory=list)
-    unexpected_exits: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def argv(self, kind: str, index: int) -> list[str]:
-        manage = [sys.executable, str(ROOT / "manage.py")]
-        if kind == "relay":
-            return [*manage, "relay_outbox"]
-        if kind == "consumer":
-            return [*manage, "consume_events", self.consumer]
-        count = EVENTS // PRODUCERS + (1 if index < EVENTS % PRODUCERS else 0)
-        return [
-            *manage,
-            "ledger_produce",
-            f"--prefix={self.run}-p{index}",
-            f"--count={count}",
-            f"--per-transaction={PER_TRANSACTION}",
-            f"--max-seconds={BUDGET_SECONDS - 60:.0f}",
-        ]
-
-    def start(self, kind: str, index: int) -> Child:
-        previous = self.children.get((kind, index))
-        generation = previous.generation + 1 if previous else 0
-        log = self.logs / f"{kind}-{index}-{generation}.log"
-        out = log.open("wb")
-        proc = subprocess.Popen(
-            self.argv(kind, index), cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
-        )
-        child = Child(kind, index, generation, proc, log, out)
-        if previous is not None:
-            self.retired.append(previous)
-        self.children[(kind, index)] = child
-        self.note(f"started {log.stem} pid={proc.pid}")
-        return child
-
-    def targets(self) -> list[tuple[str, int]]:
-        return [key for key in self.children if key[0] != "producer"]
-
-    def kill_and_restart(self, key: tuple[str, int]) -> None:
-        with self.lock:
-            child = self.children[key]
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGKILL)
-                child.proc.wait(30)
-                self.kills += 1
-                self.note(f"SIGKILLed {child.log.stem} pid={child.proc.pid}")
-            self.start(*key)
-
-    def revive(self) -> None:
-        """Restart relays and consumers that exited on their own (and remember them)."""
-        with self.lock:
-            for key in self.targets():
-                child = self.children[key]
-                code = child.proc.poll()
-                if code is not None and code != -signal.SIGKILL:
-                    self.unexpected_exits.append(f"{child.log.name}: exit {code}")
-                    self.start(*key)
-
-    def producers(self) -> list[Child]:
-        return [c for k, c in self.children.items() if k[0] == "producer"]
-
-    def stop(self, kinds: tuple[str, ...], timeout: float = 20.0) -> None:
-        """SIGTERM the children of ``kinds``, SIGKILL what has not exited in ``timeout``."""
-        with self.lock:
-            chosen = [c for k, c in self.children.items() if k[0] in kinds]
-            for child in chosen:
-                if child.proc.poll() is None:
-                    child.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            for child in chosen:
-                try:
-                    child.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    child.proc.kill()
-                    child.proc.wait(30)
-
-    def kill_all(self) -> None:
-        for child in [*self.children.values(), *self.retired]:
-            if child.proc.poll() is None:
-                child.proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    child.proc.wait(30)
-            child.out.close()
-
-    def note(self, text: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S") + f",{int(time.time() * 1000) % 1000:03d}"
-        self.timeline.append(f"{stamp} {text}")
-
-    def text(self, kind: str) -> str:
-        every = [*self.retired, *self.children.values()]
-        return "".join(
-            c.log.read_text(errors="replace")
-            for c in sorted(every, key=lambda c: c.log.name)
-            if c.kind == kind
-        )
-
-
-def chaos(fleet: Fleet, stop: threading.Event, errors: list[BaseException]) -> None:
-    """Every 1-3 s, SIGKILL a random relay or consumer and start it again at once."""
-    rng = random.Random()
-    try:
-        while not stop.wait(rng.uniform(1.0, 3.0)):
-            fleet.kill_and_restart(rng.choice(fleet.targets()))
-            fleet.revive()
-    except BaseException as exc:  # reported by the test
-        errors.append(exc)
+# -- services: see tests/service_control.py; processes: tests/ledger_support.py ----------
 
 
 # -- the broker, seen from outside --------------------------------------------------------
@@ -368,7 +218,16 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
             )
         },
     )
-    fleet = Fleet(env=env, logs=tmp_path, consumer=name, run=run)
+    fleet = Fleet(
+        env=env,
+        logs=tmp_path,
+        consumer=name,
+        run=run,
+        events=EVENTS,
+        producer_count=PRODUCERS,
+        per_transaction=PER_TRANSACTION,
+        max_seconds=BUDGET_SECONDS - 60,
+    )
     stop_chaos = threading.Event()
     chaos_errors: list[BaseException] = []
     chaos_thread = threading.Thread(target=chaos, args=(fleet, stop_chaos, chaos_errors))

@@ -9,7 +9,8 @@ consumer and message id), recording the attempt and the ``redelivered`` flag it 
 applied with.  The payload's ``fail`` designs the failures:
 
 * ``"permanent"``: raise :class:`~reliable_events.exceptions.PermanentError` (dead letter);
-* ``"once"``: raise on attempt 1, apply on the retry.
+* ``"once"``: raise on attempt 1, apply on the retry;
+* ``"slow"``: apply after :data:`SLOW_SECONDS` inside the transaction.
 
 A second application of one id is never absorbed silently: the unique ``Effect`` row
 refuses it and the handler turns that into a ``PermanentError`` whose dead letter the
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 
 from django.db import IntegrityError, transaction
 
@@ -30,6 +33,11 @@ from tests.testapp.models import Effect
 LEDGER_CONSUMER_ENV = "RE_TEST_LEDGER_CONSUMER"
 #: Text of the error a second application raises (searched for by the ledger test).
 APPLIED_TWICE = "APPLIED TWICE"
+#: Printed (flushed) right before the effect is written: a message id printed more often
+#: than it was applied had its transaction cut short (a kill) and was claimed again.
+APPLYING = "ledger: applying"
+#: Pause of a ``"slow"`` event inside the handler's transaction, seconds.
+SLOW_SECONDS = 0.5
 
 
 def apply_ledger_event(consumer: str, event: Event) -> None:
@@ -40,6 +48,10 @@ def apply_ledger_event(consumer: str, event: Event) -> None:
         raise PermanentError(f"designed permanent failure of {event.id}")
     if fail == "once" and event.attempt == 1:
         raise RuntimeError(f"designed transient failure of {event.id} (attempt 1)")
+    sys.stdout.write(f"{APPLYING} {event.id}\n")
+    sys.stdout.flush()
+    if fail == "slow":
+        time.sleep(SLOW_SECONDS)
     try:
         with transaction.atomic():
             Effect.objects.create(

@@ -36,7 +36,7 @@ def test_broker_url_falls_back_to_celery_then_to_the_embedded_transport():
     with override_settings(RELIABLE_EVENTS={"BROKER_URL": None}, CELERY_BROKER_URL="amqp://c//"):
         assert app_settings.BROKER_URL == "amqp://c//"
     with override_settings(RELIABLE_EVENTS={}, CELERY_BROKER_URL=None):
-        assert app_settings.BROKER_URL == EMBEDDED_BROKER_URL
+        assert app_settings.BROKER_URL == EMBEDDED_BROKER_URL == "db://"
     with override_settings(RELIABLE_EVENTS={"BROKER_URL": "amqp://own//"}):
         assert app_settings.BROKER_URL == "amqp://own//"
 

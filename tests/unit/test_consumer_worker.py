@@ -45,6 +45,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 URL = "memory://"
 
 
+@pytest.fixture(autouse=True)
+def _memory_broker(re_settings: Any) -> None:
+    """Events published by these tests go to the in-process transport the worker reads
+    (the SQLite tier's default is the database transport)."""
+    re_settings(BROKER_URL=URL)
+
+
 def started(*consumers: type[EventConsumer], **kwargs: Any) -> Worker:
     """A worker whose topology is declared, so that published events reach its queues."""
     worker = Worker(list(consumers), url=URL, **kwargs)
@@ -616,38 +623,3 @@ def test_consumer_settings_are_checked(settings):
         "CONSUMER_RECONNECT_MAX",
     ):
         assert name in text
-
-
-def test_the_filesystem_transport_consumes_and_retries_through_the_relay(
-    clean_registry, settings, tmp_path
-):
-    """The demo's server-less transport: retries are outbox rows the relay delivers."""
-    from reliable_events.relay import relay_once
-
-    folder = tmp_path / "broker"
-    folder.mkdir()
-    settings.RELIABLE_EVENTS = {
-        **settings.RELIABLE_EVENTS,
-        "BROKER_URL": "filesystem://",
-        "BROKER_TRANSPORT_OPTIONS": {
-            "data_folder_in": str(folder),
-            "data_folder_out": str(folder),
-            "control_folder": str(tmp_path / "control"),
-        },
-    }
-
-    def fail_once(consumer: EventConsumer, event: Event) -> None:
-        if event.attempt == 1:
-            raise RuntimeError("first time")
-
-    consumer = make_consumer(clean_registry, retry_delays=[0], behaviour=fail_once)
-    worker = Worker([consumer])
-    worker.transport.connect()
-    publish_event("orders.created", {"n": 1}, message_id="m-1")  # on commit, through the outbox
-    worker.run(until_idle=0.5)
-    assert [e.attempt for e in consumer.calls] == [1]
-    assert OutboxMessage.objects.get(queue=consumer.name).status == OutboxMessage.Status.PENDING
-    relay_once()
-    Worker([consumer]).run(until_idle=0.5)
-    assert [e.attempt for e in consumer.calls] == [1, 2]
-    assert applied(consumer, "m-1") == 1

@@ -7,7 +7,8 @@ share one transaction, like a request that changes a few rows), with message ids
 retried until it commits; it is idempotent (the order is created only if missing, the
 event carries a fixed ``message_id``), so a commit whose outcome was unknown is never
 doubled.  Payload ``fail`` designs consumer failures: ``"permanent"`` for
-``n % 100 == 7``, ``"once"`` for ``n % 100 == 42``.
+``n % 100 == 7``, ``"once"`` for ``n % 100 == 42``; ``"slow"`` (``n % 1000 == 77``) is
+applied after a pause inside its transaction (a window for a test to kill the consumer).
 
 Exit codes: 0 every event committed; 2 ``--max-seconds`` passed first.
 """
@@ -33,6 +34,8 @@ def designed_failure(n: int) -> str | None:
         return "permanent"
     if n % 100 == 42:
         return "once"
+    if n % 1000 == 77:
+        return "slow"  # applied, after a pause inside the handler's transaction
     return None
 
 

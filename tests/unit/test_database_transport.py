@@ -1,0 +1,419 @@
+"""The database transport (``db://``): routing, the claim in the handler's transaction,
+retries through ``available_at``, poison bodies, idle back-off and wake-up.
+
+Runs on PostgreSQL and on SQLite (both tiers of ``scripts/test``); the process-level
+guarantee (SIGKILL at any moment) is the ledger in ``tests/integration``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.db import connection, connections, transaction
+from django.test.utils import CaptureQueriesContext
+
+from reliable_events import publish_event
+from reliable_events.broker import KEY_HEADER, UNROUTABLE_QUEUE, OutgoingMessage, open_publisher
+from reliable_events.checks import reliable_events_checks
+from reliable_events.consumer import Event, EventConsumer
+from reliable_events.consuming import ATTEMPT_HEADER, NOT_JSON, Worker
+from reliable_events.database_transport import (
+    DatabasePublisher,
+    DatabaseTransport,
+    insert_rows,
+    queue_row,
+)
+from reliable_events.exceptions import PermanentError
+from reliable_events.models import DeadLetter, ProcessedMessage, QueuedMessage
+from reliable_events.relay import relay_once
+from reliable_events.routing import binding_matches
+from tests.consumer_support import applied, make_consumer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+URL = "db://"
+
+
+@pytest.fixture(autouse=True)
+def database_broker(re_settings: Any) -> None:
+    re_settings(BROKER_URL=URL, EXCHANGE="events")
+
+
+def message(topic: str, message_id: str, *, queue: str = "", **headers: Any) -> OutgoingMessage:
+    return OutgoingMessage(
+        ref=message_id,
+        exchange="" if queue else "events",
+        routing_key=queue or topic,
+        body=b'{"n": 1}',
+        message_id=message_id,
+        topic=topic,
+        headers=headers,
+    )
+
+
+def rows() -> list[tuple[str, str]]:
+    return sorted(QueuedMessage.objects.values_list("queue", "message_id"))
+
+
+def put(queue: str, body: bytes, message_id: str, topic: str = "orders.created") -> None:
+    """A row as any writer of the table could leave it (the body is not checked)."""
+    row = queue_row(
+        queue, message_id=message_id, topic=topic, headers={}, body=body, published_at=None
+    )
+    insert_rows(connection.alias, [row])
+
+
+# -- routing ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("binding", "key", "expected"),
+    [
+        ("orders.created", "orders.created", True),
+        ("orders.created", "orders.paid", False),
+        ("orders.*", "orders.created", True),
+        ("orders.*", "orders", False),
+        ("orders.*", "orders.created.eu", False),
+        ("orders.#", "orders", True),
+        ("orders.#", "orders.created.eu", True),
+        ("#", "anything.at.all", True),
+        ("#.eu", "orders.created.eu", True),
+        ("#.eu", "eu", True),
+        ("*.created.#", "orders.created", True),
+        ("*.created.#", "created", False),
+        ("orders.#.eu", "orders.eu", True),
+        ("orders.#.eu", "orders.a.b.eu", True),
+        ("orders.#.eu", "orders.a.b.us", False),
+    ],
+)
+def test_bindings_match_like_a_rabbitmq_topic_exchange(binding, key, expected):
+    assert binding_matches(binding, key) is expected
+
+
+def test_publish_inserts_one_row_per_bound_queue_and_keeps_unrouted_events(clean_registry, caplog):
+    star = make_consumer(clean_registry, topics=["orders.*"])
+    hash_ = make_consumer(clean_registry, topics=["orders.#", "payments.created"])
+    publisher = open_publisher()
+    assert isinstance(publisher, DatabasePublisher)
+    result = publisher.publish(
+        [
+            message("orders.created", "m-1"),
+            message("orders.created.eu", "m-2"),
+            message("payments.created", "m-3"),
+            message("shipping.sent", "m-4"),
+        ],
+        timeout=1,
+    )
+    assert result.confirmed == ["m-1", "m-2", "m-3", "m-4"]
+    assert rows() == sorted(
+        [
+            (star.name, "m-1"),
+            (hash_.name, "m-1"),
+            (hash_.name, "m-2"),
+            (hash_.name, "m-3"),
+            ("events.unrouted", "m-4"),
+        ]
+    )
+    assert "1 event(s) matched no consumer queue and were kept in events.unrouted" in caplog.text
+
+
+def test_a_message_addressed_to_a_queue_goes_there_only_and_an_unknown_queue_fails(
+    clean_registry,
+):
+    first = make_consumer(clean_registry, topics=["orders.*"])
+    make_consumer(clean_registry, topics=["orders.*"])
+    result = open_publisher().publish(
+        [
+            message("orders.created", "m-1", queue=first.name),
+            message("orders.created", "m-2", queue="nobody"),
+        ],
+        timeout=1,
+    )
+    assert result.confirmed == ["m-1"]
+    assert result.failed == {"m-2": UNROUTABLE_QUEUE}
+    assert rows() == [(first.name, "m-1")]
+
+
+def test_the_relay_publishes_into_the_table_and_marks_sent(clean_registry):
+    consumer = make_consumer(clean_registry, topics=["orders.*"])
+    with transaction.atomic():
+        publish_event("orders.created", {"n": 1}, key="k1", message_id="m-1")
+    relay_once()
+    [row] = QueuedMessage.objects.all()
+    assert (row.queue, row.message_id, row.topic, row.key) == (
+        consumer.name,
+        "m-1",
+        "orders.created",
+        "k1",
+    )
+    assert bytes(row.body) == b'{"n": 1}'
+    assert row.headers[KEY_HEADER] == "k1"
+
+
+# -- consuming ------------------------------------------------------------------------------
+def test_events_are_applied_once_and_their_rows_deleted(clean_registry):
+    consumer = make_consumer(clean_registry)
+    open_publisher().publish(
+        [
+            message("orders.created", "m-1"),
+            message("orders.created", "m-1"),
+            message("orders.paid", "m-2"),
+        ],
+        timeout=1,
+    )
+    stats = Worker([consumer]).run(until_idle=0.3)
+    assert (stats.processed, stats.duplicates) == (2, 1)
+    assert applied(consumer, "m-1") == applied(consumer, "m-2") == 1
+    assert not QueuedMessage.objects.exists()
+    [event] = [e for e in consumer.calls if e.id == "m-2"]
+    assert (event.topic, event.payload, event.attempt) == ("orders.paid", {"n": 1}, 1)
+
+
+def test_the_row_is_deleted_in_the_handlers_transaction_and_comes_back_if_it_dies(
+    clean_registry,
+):
+    """The claim, the idempotency record and the effects are one transaction: a process
+    that dies in the handler (here: an exception no handler code catches, as SIGKILL
+    would end it) leaves the row in its queue and nothing applied."""
+    seen: list[bool] = []
+
+    def die_first_time(consumer: EventConsumer, event: Event) -> None:
+        seen.append(QueuedMessage.objects.filter(message_id=event.id).exists())
+        if len(seen) == 1:
+            raise KeyboardInterrupt("killed in the handler")
+
+    consumer = make_consumer(clean_registry, behaviour=die_first_time)
+    open_publisher().publish([message("orders.created", "m-1")], timeout=1)
+    with pytest.raises(KeyboardInterrupt):
+        Worker([consumer]).run(until_idle=0.3)
+    assert seen == [False]  # deleted by the claim, inside the handler's transaction
+    assert rows() == [(consumer.name, "m-1")]  # rolled back: back in its queue
+    assert applied(consumer, "m-1") == 0
+    assert not ProcessedMessage.objects.exists()
+    Worker([consumer]).run(until_idle=0.3)
+    assert applied(consumer, "m-1") == 1
+    assert not QueuedMessage.objects.exists()
+
+
+def test_a_failed_handler_is_retried_through_available_at(clean_registry):
+    def fail_once(consumer: EventConsumer, event: Event) -> None:
+        if event.attempt == 1:
+            raise RuntimeError("first time")
+
+    consumer = make_consumer(clean_registry, retry_delays=[0.6], behaviour=fail_once)
+    open_publisher().publish([message("orders.created", "m-1", **{KEY_HEADER: "k"})], timeout=1)
+    worker = Worker([consumer])
+    worker.run(max_messages=1)
+    [row] = QueuedMessage.objects.all()
+    assert (row.queue, row.attempt, row.headers[ATTEMPT_HEADER], row.key) == (
+        consumer.name,
+        2,
+        2,
+        "k",
+    )
+    assert row.available_at > row.created_at
+    assert applied(consumer, "m-1") == 0
+    started = time.monotonic()
+    stats = Worker([consumer]).run(max_messages=1)
+    waited = time.monotonic() - started
+    assert stats.processed == 1
+    assert waited >= 0.4  # not before it was due (database clock vs ours: a little slack)
+    assert [e.attempt for e in consumer.calls] == [1, 2]
+    assert applied(consumer, "m-1") == 1
+    assert not QueuedMessage.objects.exists()
+
+
+def test_exhausted_retries_become_a_dead_letter_and_the_row_goes(clean_registry):
+    def fail(consumer: EventConsumer, event: Event) -> None:
+        raise RuntimeError(f"boom {event.attempt}")
+
+    consumer = make_consumer(clean_registry, max_retries=1, retry_delays=[0], behaviour=fail)
+    open_publisher().publish([message("orders.created", "m-1")], timeout=1)
+    stats = Worker([consumer]).run(until_idle=0.3)
+    assert (stats.retried, stats.dead_lettered) == (1, 1)
+    letter = DeadLetter.objects.get()
+    assert (letter.message_id, letter.reason, letter.attempts) == ("m-1", "retries-exhausted", 2)
+    assert not QueuedMessage.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b'{"n": 1', b"\xff\xfe"], ids=["empty", "truncated", "binary"]
+)
+def test_a_body_that_cannot_be_decoded_is_dead_lettered_and_the_loop_goes_on(clean_registry, body):
+    consumer = make_consumer(clean_registry)
+    put(consumer.name, body, "bad")
+    put(consumer.name, b'{"n": 2}', "good")
+    stats = Worker([consumer]).run(until_idle=0.3)
+    assert (stats.poison, stats.processed) == (1, 1)
+    letter = DeadLetter.objects.get()
+    assert (letter.message_id, letter.reason) == ("bad", NOT_JSON)
+    assert letter.error_message.startswith("body is not")
+    assert applied(consumer, "good") == 1
+    assert not QueuedMessage.objects.exists()
+
+
+def test_batches_share_one_transaction_and_a_failure_is_retried_alone(clean_registry, re_settings):
+    re_settings(CONSUMER_BATCH_SIZE=5)
+
+    def fail_m3_once(consumer: EventConsumer, event: Event) -> None:
+        if event.id == "m-3" and event.attempt == 1:
+            raise RuntimeError("m-3 fails once")
+
+    consumer = make_consumer(clean_registry, retry_delays=[0], behaviour=fail_m3_once)
+    open_publisher().publish([message("orders.created", f"m-{n}") for n in range(12)], timeout=1)
+    stats = Worker([consumer]).run(until_idle=0.3)
+    assert stats.processed == 12
+    assert stats.retried == 1
+    assert all(applied(consumer, f"m-{n}") == 1 for n in range(12))
+    assert not QueuedMessage.objects.exists()
+
+
+def test_an_idle_consumer_backs_off_and_wakes_when_a_row_arrives(clean_registry, re_settings):
+    re_settings(DATABASE_POLL_MAX=0.3)
+    consumer = make_consumer(clean_registry)
+    transport = DatabaseTransport(URL, [consumer], prefetch=1)
+    transport.connect()
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            started = time.monotonic()
+            assert transport.get(1.5) is None
+            idle = time.monotonic() - started
+        assert 1.4 <= idle < 3.0
+        # Bounded back-off: ~0.01, 0.02, ... 0.3 s, not a busy loop (hundreds of queries).
+        assert 3 <= len(queries) <= 25, len(queries)
+
+        def publish_later() -> None:
+            time.sleep(0.8)
+            try:
+                open_publisher().publish([message("orders.created", "m-late")], timeout=1)
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=publish_later)
+        started = time.monotonic()
+        thread.start()
+        delivery = transport.get(5.0)
+        woke = time.monotonic() - started
+        thread.join()
+        assert delivery is not None
+        assert delivery.message_id == "m-late"
+        assert woke < 0.8 + 0.3 + 0.5  # within one back-off step (PostgreSQL: NOTIFY)
+        transport.ack(delivery)
+    finally:
+        transport.close()
+    assert not QueuedMessage.objects.exists()
+
+
+def test_a_consumer_on_another_database_is_refused(clean_registry):
+    consumer = make_consumer(clean_registry)
+    consumer.database = "other"
+    transport = DatabaseTransport(URL, [consumer], prefetch=1)
+    with pytest.raises(Exception, match="must be one database"):
+        transport.connect()
+
+
+# -- checks ---------------------------------------------------------------------------------
+def _ids(re_settings: Any, url: str) -> list[str]:
+    re_settings(BROKER_URL=url)
+    return [m.id for m in reliable_events_checks() if m.id and m.id.startswith("reliable_events")]
+
+
+def test_checks_accept_db_and_refuse_filesystem(re_settings):
+    assert _ids(re_settings, "db://") == []
+    assert _ids(re_settings, "filesystem://") == ["reliable_events.E010"]
+    assert _ids(re_settings, "db://nowhere") == ["reliable_events.E010"]
+
+
+def test_a_retried_dead_letter_goes_back_to_its_consumers_queue_only(clean_registry):
+    state = {"fixed": False}
+
+    def broken_until_fixed(consumer: EventConsumer, event: Event) -> None:
+        if not state["fixed"]:
+            raise PermanentError("not yet")
+
+    consumer = make_consumer(clean_registry, behaviour=broken_until_fixed)
+    other = make_consumer(clean_registry)
+    open_publisher().publish([message("orders.created", "m-1")], timeout=1)
+    Worker([consumer]).run(until_idle=0.3)
+    letter = DeadLetter.objects.get(consumer=consumer.name)
+    state["fixed"] = True
+    call_command("retry_dead_letters", "--id", str(letter.pk), stdout=StringIO())
+    assert rows() == sorted([(other.name, "m-1"), (consumer.name, "m-1")])
+    Worker([consumer]).run(until_idle=0.3)
+    assert applied(consumer, "m-1") == 1
+    assert rows() == [(other.name, "m-1")]  # the other consumer's copy, never duplicated
+
+
+def test_queued_messages_are_listed_read_only_in_the_admin(clean_registry, admin_client):
+    open_publisher().publish([message("nobody.listens", "m-unrouted")], timeout=1)
+    response = admin_client.get("/admin/reliable_events/queuedmessage/")
+    assert response.status_code == 200
+    assert b"m-unrouted" in response.content
+    assert b"events.unrouted" in response.content
+    row = QueuedMessage.objects.get()
+    assert (
+        admin_client.get(f"/admin/reliable_events/queuedmessage/{row.pk}/change/").status_code
+        == 200
+    )
+    assert admin_client.get("/admin/reliable_events/queuedmessage/add/").status_code == 403
+
+
+@pytest.mark.postgres
+def test_postgresql_wakes_an_idle_consumer_at_once_through_notify(clean_registry, re_settings):
+    """With polling pushed out to 10 s, only the publish's NOTIFY can wake it in time."""
+    if connection.vendor != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    re_settings(DATABASE_POLL_MAX=10.0)
+    consumer = make_consumer(clean_registry)
+    transport = DatabaseTransport(URL, [consumer], prefetch=1)
+    transport.connect()
+    try:
+        assert transport.get(3.0) is None  # idle: the listener is up, the back-off is ~2.5 s
+
+        def publish_later() -> None:
+            time.sleep(0.5)
+            try:
+                open_publisher().publish([message("orders.created", "m-notified")], timeout=1)
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=publish_later)
+        started = time.monotonic()
+        thread.start()
+        delivery = transport.get(8.0)
+        woke = time.monotonic() - started
+        thread.join()
+        assert delivery is not None
+        assert delivery.message_id == "m-notified"
+        assert woke < 0.5 + 1.0, woke
+        transport.ack(delivery)
+    finally:
+        transport.close()
+
+
+def test_a_database_failure_while_processing_rolls_the_claim_back(clean_registry, monkeypatch):
+    """The idempotency record cannot be written (here: SQLite's "database is locked"
+    once): the claim is rolled back, the row is in its queue again, and the worker
+    processes it once the database answers."""
+    from django.db import OperationalError
+
+    from reliable_events import consumer as consumer_module
+
+    real = consumer_module._insert_record
+    failures = [OperationalError("database is locked")]
+
+    def flaky(*args: Any) -> bool:
+        if failures:
+            raise failures.pop()
+        return real(*args)
+
+    monkeypatch.setattr(consumer_module, "_insert_record", flaky)
+    consumer = make_consumer(clean_registry)
+    open_publisher().publish([message("orders.created", "m-1")], timeout=1)
+    stats = Worker([consumer]).run(until_idle=0.5)
+    assert (stats.database_outages, stats.requeued, stats.processed) == (1, 1, 1)
+    assert applied(consumer, "m-1") == 1
+    assert not QueuedMessage.objects.exists()
