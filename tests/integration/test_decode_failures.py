@@ -27,7 +27,7 @@ from kombu import Connection
 from reliable_events.consumer import EventConsumer
 from reliable_events.consuming import NOT_JSON, UNDECODABLE, Worker
 from reliable_events.deadletters import retry_block_reason
-from reliable_events.models import DeadLetter
+from reliable_events.models import DeadLetter, QueuedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.consumer_support import applied, make_consumer, queue_names
 
@@ -173,10 +173,26 @@ class AmqpCase(TransportCase):
         return int(self.rabbit.count(consumer.queue_name()))
 
 
+class DatabaseCase(TransportCase):
+    """Rows straight into the database transport's queue table."""
+
+    def configure(self) -> None:
+        self._set(BROKER_URL="db://")
+
+    def put_body(self, consumer: type[EventConsumer], body: bytes, message_id: str) -> None:
+        QueuedMessage.objects.create(
+            queue=consumer.queue_name(), message_id=message_id, topic="orders.created", body=body
+        )
+
+    def left(self, consumer: type[EventConsumer]) -> int:
+        return QueuedMessage.objects.filter(queue=consumer.queue_name()).count()
+
+
 CASES: dict[str, type[TransportCase]] = {
     "memory": MemoryCase,
     "filesystem": FilesystemCase,
     "amqp": AmqpCase,
+    "db": DatabaseCase,
 }
 _AMQP = [pytest.mark.rabbitmq, pytest.mark.postgres]
 MATRIX = [
@@ -192,6 +208,9 @@ MATRIX = [
     pytest.param("amqp", "empty-body", NOT_JSON, marks=_AMQP),
     pytest.param("amqp", "truncated-body", NOT_JSON, marks=_AMQP),
     pytest.param("amqp", "deeply-nested-body", NOT_JSON, marks=_AMQP),
+    pytest.param("db", "empty-body", NOT_JSON),
+    pytest.param("db", "truncated-body", NOT_JSON),
+    pytest.param("db", "deeply-nested-body", NOT_JSON),
 ]
 
 
