@@ -5,20 +5,25 @@ on-commit hook (:func:`publish_after_commit`) and the admin actions.
 
 How a batch goes (PostgreSQL):
 
-1. **Lanes.**  Every row has a lane (its key's hash modulo ``LANES``).  The relay takes
-   a session-level advisory lock on each lane no other relay holds
-   (``pg_try_advisory_lock``), so events of one key are only ever published by one
-   relay at a time.  A relay that dies loses its connection and with it its locks.
+1. **Lanes.**  Every row has a lane (its key's hash modulo ``LANES``).  A relay holds a
+   session-level advisory lock on each of its lanes (``pg_try_advisory_lock``), so
+   events of one key are only ever published by one relay at a time.  Relays announce
+   themselves (one advisory lock each) and each keeps its fair share of the lanes,
+   ``ceil(LANES / live relays)`` (:class:`LaneShare`).  A relay that dies loses its
+   connection and with it its locks; the others take its lanes at their next run.
 2. **Claim.**  In a short transaction: ``SELECT ... FOR UPDATE SKIP LOCKED`` the due
    pending rows of the held lanes, oldest first, leaving out every row whose key has an
    earlier pending row that is not yet due (a failing event holds back its own key and
    nothing else).  A retried event goes without its key's later events (see
    :func:`_retries_go_alone`), so that if it fails again they are not already on their way.
 3. **Publish** them in id order through the confirm window (:mod:`reliable_events.broker`).
-4. **Mark**: the confirmed rows become ``sent`` in one statement; each failed row gets
-   ``attempts + 1``, ``last_error`` and ``next_attempt_at = now() + backoff`` (database
-   clock, exponential with jitter), or ``dead`` once it reached ``MAX_ATTEMPTS``.
-5. Release the lanes.
+4. **Mark**: the confirmed rows become ``sent`` in one statement; each row the broker
+   refused (``basic.nack``, ``basic.return``) gets ``attempts + 1``, ``last_error`` and
+   ``next_attempt_at = now() + backoff`` (database clock, exponential with jitter), or
+   ``dead`` once it reached ``MAX_ATTEMPTS``.  Rows a *broker* failure interrupted
+   (connection refused or lost, blocked, confirm timeout) are not charged: they stay due,
+   and the relay as a whole pauses (:class:`BrokerBreaker`: jittered, at most
+   ``RELAY_BROKER_RETRY_MAX``) and tries the broker again.
 
 On SQLite (the embedded default) there are no advisory locks and ``FOR UPDATE`` is a
 no-op: run a single relay there (documented in ``docs/relay.md``).
@@ -43,9 +48,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router, transaction
 from django.db.models import Exists, F, OuterRef, TextField
-from django.db.models.functions import Cast, Now
+from django.db.models.functions import Cast, Least, Now
 from django.utils import timezone
 
 from reliable_events import signals
@@ -57,12 +62,16 @@ from reliable_events.broker import (
     open_publisher,
 )
 from reliable_events.conf import app_settings
+from reliable_events.exceptions import BrokerError
 from reliable_events.models import OutboxMessage
 
 logger = logging.getLogger(__name__)
 
 #: First key of the two-key advisory locks that guard lanes ("RE").
 LANE_LOCK_NAMESPACE = 0x5245
+#: First key of the advisory lock each relay holds while it runs (second key: its
+#: backend pid), by which relays count each other to share the lanes.
+RELAY_LOCK_NAMESPACE = 0x5246
 
 _FIELDS = (
     "id",
@@ -77,8 +86,10 @@ _FIELDS = (
 )
 #: Index of ``attempts`` in a claimed row (not part of the message).
 _ATTEMPTS = 8
-#: Longest a relay holds its lanes while it streams batches (:meth:`Relay.run`), seconds.
+#: Longest one :meth:`Relay.run` streams batches before it rebalances its lanes, seconds.
 RUN_SECONDS = 1.0
+#: Longest :meth:`Relay.drain` waits for a share of the lanes when others hold them all.
+LANE_WAIT = 3.0
 
 # The claim on PostgreSQL, in SQL rather than through the ORM: it is the relay's hot path.
 # Same semantics as the ORM version used elsewhere (see claim_due): due pending rows
@@ -116,31 +127,43 @@ class RelayReport:
 
     claimed: int = 0
     sent: int = 0
+    #: Rows the broker refused (each counted as an attempt).
     failed: int = 0
     dead: int = 0
+    #: Rows a broker failure interrupted (not counted as attempts; they go again).
+    interrupted: int = 0
     batches: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    #: Why the broker was unavailable, when it was (nothing was charged to the rows).
+    broker_error: str = ""
+    #: Lanes the relay held.
+    lanes: int = 0
 
     def add(self, other: RelayReport) -> None:
         self.claimed += other.claimed
         self.sent += other.sent
         self.failed += other.failed
         self.dead += other.dead
+        self.interrupted += other.interrupted
         self.batches += other.batches
         self.errors.extend(other.errors[:5])
+        self.broker_error = other.broker_error or self.broker_error
+        self.lanes = max(self.lanes, other.lanes)
 
     def __str__(self) -> str:
         return (
             f"claimed={self.claimed} sent={self.sent} failed={self.failed} "
-            f"dead={self.dead} batches={self.batches} seconds={self.seconds:.3f}"
+            f"dead={self.dead} interrupted={self.interrupted} batches={self.batches} "
+            f"seconds={self.seconds:.3f}"
         )
 
 
 def backoff_seconds(attempts: int) -> float:
-    """Delay before attempt ``attempts + 1``: exponential, capped, with equal jitter."""
-    base = float(app_settings.BACKOFF_BASE)
-    cap = float(app_settings.BACKOFF_MAX)
+    """Delay before attempt ``attempts + 1``: exponential, capped, with equal jitter
+    (on the relay's clock: ``TIME_SCALE`` applies)."""
+    base = app_settings.seconds("BACKOFF_BASE")
+    cap = app_settings.seconds("BACKOFF_MAX")
     exponent = min(max(attempts - 1, 0), 62)
     ceiling = min(cap, base * (2.0**exponent))
     return ceiling * (0.5 + random.random() / 2)
@@ -155,19 +178,25 @@ def _is_postgres(alias: str) -> bool:
 
 
 # -- lanes ------------------------------------------------------------------------------
-def lock_lanes(alias: str, lanes: Iterable[int] | None = None) -> list[int]:
-    """Try to take the advisory lock of each lane; return the lanes now held.
+def lock_lanes(
+    alias: str, lanes: Iterable[int] | None = None, *, limit: int | None = None
+) -> list[int]:
+    """Try to take the advisory lock of each lane (at most ``limit`` of them); return the
+    lanes now held.
 
     On databases without advisory locks every lane counts as held.
     """
     wanted = list(range(int(app_settings.LANES))) if lanes is None else list(lanes)
     if not _is_postgres(alias):
         return wanted
+    if limit is not None and limit <= 0:
+        return []
     random.shuffle(wanted)  # spread contention between relays
     with connections[alias].cursor() as cursor:
+        # LIMIT stops the scan (and the lock attempts) once ``limit`` lanes are taken.
         cursor.execute(
-            "SELECT l FROM unnest(%s::int[]) AS l WHERE pg_try_advisory_lock(%s, l)",
-            [wanted, LANE_LOCK_NAMESPACE],
+            "SELECT l FROM unnest(%s::int[]) AS l WHERE pg_try_advisory_lock(%s, l) LIMIT %s",
+            [wanted, LANE_LOCK_NAMESPACE, limit if limit is not None else len(wanted)],
         )
         return sorted(row[0] for row in cursor.fetchall())
 
@@ -180,6 +209,88 @@ def unlock_lanes(alias: str, lanes: Sequence[int]) -> None:
             "SELECT pg_advisory_unlock(%s, l) FROM unnest(%s::int[]) AS l",
             [LANE_LOCK_NAMESPACE, list(lanes)],
         )
+
+
+# Who holds what, from PostgreSQL's lock table: the relays of this database (one
+# advisory lock each) and the lanes this session holds.  Two-key advisory locks show as
+# classid = first key, objid = second key, objsubid = 2.
+_PG_LANE_STATE = """SELECT
+  (SELECT count(*) FROM pg_locks
+   WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = %(relay)s::oid
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())),
+  ARRAY(SELECT objid::int FROM pg_locks
+   WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = %(lane)s::oid
+     AND pid = pg_backend_pid()),
+  EXISTS(SELECT 1 FROM pg_locks
+   WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = %(relay)s::oid
+     AND pid = pg_backend_pid())"""
+
+
+class LaneShare:
+    """The lanes one relay holds, kept between runs and rebalanced before each.
+
+    A relay announces itself with an advisory lock of its own (released with its
+    session, so a dead relay stops counting at once), counts the live relays, keeps
+    ``ceil(LANES / live)`` lanes, releases the surplus and takes free lanes up to its
+    share.  :meth:`refresh` runs only between runs, when nothing of the relay is in
+    flight, so a lane changes hands only when its previous holder has settled every
+    row it claimed from it.  The lanes are held on the relay's own database connection:
+    if that connection was lost (and with it the locks), :meth:`refresh` finds out from
+    ``pg_locks`` and takes a share again.
+    """
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+        self.held: list[int] = []
+        self.relays = 1
+        self._announced = False
+
+    def refresh(self) -> list[int]:
+        """Rebalance; return the lanes held for the next run."""
+        total = int(app_settings.LANES)
+        if not _is_postgres(self.alias):
+            self.held = list(range(total))
+            return self.held
+        with connections[self.alias].cursor() as cursor:
+            params = {"relay": RELAY_LOCK_NAMESPACE, "lane": LANE_LOCK_NAMESPACE}
+            cursor.execute(_PG_LANE_STATE, params)
+            live, session_lanes, announced = cursor.fetchone()
+            if not announced or not self._announced:
+                # A new session (the old one and its locks are gone) or a new relay.
+                cursor.execute(
+                    "SELECT pg_advisory_lock(%s, pg_backend_pid())", [RELAY_LOCK_NAMESPACE]
+                )
+                live += 0 if announced else 1
+                self._announced = True
+        in_session = set(session_lanes)
+        self.held = [lane for lane in self.held if lane in in_session]
+        self.relays = max(1, int(live))
+        share = -(-total // self.relays)
+        if len(self.held) > share:
+            random.shuffle(self.held)
+            surplus, self.held = self.held[share:], self.held[:share]
+            unlock_lanes(self.alias, surplus)
+        elif len(self.held) < share:
+            mine = set(self.held)
+            free = [lane for lane in range(total) if lane not in mine]
+            self.held += lock_lanes(self.alias, free, limit=share - len(self.held))
+        self.held.sort()
+        return self.held
+
+    def release(self) -> None:
+        """Give every lane back and stop counting as a relay."""
+        if not _is_postgres(self.alias):
+            self.held = []
+            return
+        lanes, self.held = self.held, []
+        if not self._announced:
+            return
+        self._announced = False
+        unlock_lanes(self.alias, lanes)
+        with connections[self.alias].cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_advisory_unlock(%s, pg_backend_pid())", [RELAY_LOCK_NAMESPACE]
+            )
 
 
 # -- claim / build / mark -----------------------------------------------------------------
@@ -394,7 +505,9 @@ def publish_rows(
 
 
 def record_result(alias: str, result: PublishResult, report: RelayReport) -> None:
-    """Mark what ``result`` settled (confirmed: sent; failed: backoff or dead)."""
+    """Mark what ``result`` settled: confirmed rows sent; refused rows an attempt
+    (backoff or dead); rows a broker failure interrupted nothing but ``last_error`` (they
+    are due again at once, see :func:`mark_interrupted`)."""
     if result.confirmed:
         mark_sent(alias, result.confirmed)
         report.sent += len(result.confirmed)
@@ -402,9 +515,87 @@ def record_result(alias: str, result: PublishResult, report: RelayReport) -> Non
         report.failed += len(result.failed)
         report.dead += mark_failed(alias, result.failed)
         report.errors.append(next(iter(result.failed.values())))
+    if result.interrupted:
+        report.interrupted += len(result.interrupted)
+        report.broker_error = result.broker_error
+        report.errors.append(result.broker_error)
+        mark_interrupted(alias, list(result.interrupted), result.broker_error)
+
+
+def mark_interrupted(alias: str, ids: Iterable[Hashable], reason: str) -> None:
+    """Rows whose publish a broker failure interrupted: no attempt is counted.
+
+    They keep ``attempts`` and become due now (a reservation of the on-commit hook or
+    the lease of a retried row ends: the row is no longer in flight), and ``last_error``
+    says why they wait.  One statement.
+    """
+    OutboxMessage.objects.using(alias).filter(
+        pk__in=list(ids), status=OutboxMessage.Status.PENDING
+    ).update(last_error=reason[:2000], next_attempt_at=Least(F("next_attempt_at"), Now()))
 
 
 # -- the relay ----------------------------------------------------------------------------
+class BrokerBreaker:
+    """The relay's one circuit breaker for broker-wide failures.
+
+    Broker health is not message health: a refused or lost connection, a blocked one or
+    a confirm timeout pauses the whole relay instead of charging its rows.  The pause
+    doubles per consecutive failure from an eighth of ``RELAY_BROKER_RETRY_MAX`` up to
+    it (equal jitter, ``TIME_SCALE`` applies), so a relay resumes within about that long
+    after the broker answers again.  An outage is logged when it starts, every
+    ``LOG_EVERY`` seconds while it lasts, and when it ends.
+    """
+
+    LOG_EVERY = 30.0
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+        self.down_since: float | None = None
+        self.error = ""
+        self._logged = 0.0
+
+    def remaining(self) -> float:
+        return max(0.0, self.open_until - time.monotonic())
+
+    def trip(self, error: str, *, waiting: int = 0) -> float:
+        """Record a broker failure; return the pause before the next try."""
+        now = time.monotonic()
+        self.failures += 1
+        self.error = error
+        cap = app_settings.seconds("RELAY_BROKER_RETRY_MAX")
+        ceiling = min(cap, cap / 8 * 2.0 ** min(self.failures - 1, 16))
+        pause = ceiling * (0.5 + random.random() / 2)
+        self.open_until = now + pause
+        if self.down_since is None:
+            self.down_since = self._logged = now
+            logger.warning(
+                "reliable_events: broker unavailable (%s); the relay pauses and retries "
+                "every %.1fs at most, no attempt is counted against the events",
+                error,
+                cap,
+            )
+        elif now - self._logged >= self.LOG_EVERY:
+            self._logged = now
+            logger.warning(
+                "reliable_events: broker still unavailable after %.0fs (%s)",
+                now - self.down_since,
+                error,
+            )
+        return pause
+
+    def reset(self) -> None:
+        if self.down_since is not None:
+            logger.warning(
+                "reliable_events: broker available again after %.1fs; the relay resumes",
+                time.monotonic() - self.down_since,
+            )
+        self.failures = 0
+        self.open_until = 0.0
+        self.down_since = None
+        self.error = ""
+
+
 class _DatabaseWorker:
     """A helper thread with its own database connection (a relay has two: one for its
     claims, one for its mark-sent updates): the relay's thread keeps publishing while
@@ -445,7 +636,8 @@ def _done(value: Any) -> Future[Any]:
 
 
 class Relay:
-    """Publishes due outbox rows in batches; reuse one instance in a loop."""
+    """Publishes due outbox rows in batches; reuse one instance in a loop, then
+    :meth:`close` it (which gives its lanes back)."""
 
     def __init__(
         self,
@@ -457,6 +649,8 @@ class Relay:
         self.alias = _alias(using)
         self.batch_size = max(1, int(batch_size or app_settings.RELAY_BATCH_SIZE))
         self.publisher = publisher or open_publisher()
+        self.lanes = LaneShare(self.alias)
+        self.breaker = BrokerBreaker()
         self._workers: tuple[_DatabaseWorker, _DatabaseWorker] | None = None
 
     def _database_workers(self) -> tuple[_DatabaseWorker, _DatabaseWorker] | None:
@@ -467,24 +661,49 @@ class Relay:
             self._workers = (_DatabaseWorker(self.alias), _DatabaseWorker(self.alias))
         return self._workers
 
-    def run_batch(self) -> RelayReport:
-        """Claim, publish and mark one batch.  Returns what it did (``claimed=0``: idle)."""
-        started = time.monotonic()
-        lanes = lock_lanes(self.alias)
+    def _broker_ready(self, report: RelayReport) -> bool:
+        """Whether to publish now: the breaker is closed and the broker answers.
+
+        Checked before claiming, so that while the broker is down no row is touched.
+        """
+        if self.breaker.remaining() > 0:
+            report.broker_error = self.breaker.error
+            return False
         try:
-            if not lanes:
-                return RelayReport()
-            rows = claim_due(self.alias, lanes, self.batch_size)
-            report = publish_rows(
-                self.alias, rows, self.publisher, timeout=float(app_settings.CONFIRM_TIMEOUT)
-            )
-        finally:
-            unlock_lanes(self.alias, lanes)
+            self.publisher.connect()
+        except BrokerError as exc:
+            report.broker_error = str(exc)
+            self.breaker.trip(str(exc))
+            return False
+        return True
+
+    def _settle_breaker(self, report: RelayReport) -> None:
+        if report.interrupted:
+            self.breaker.trip(report.broker_error)
+        elif report.sent or report.failed:
+            self.breaker.reset()
+
+    def run_batch(self) -> RelayReport:
+        """Claim, publish and mark one batch, waiting for every confirm (stop-and-wait;
+        :meth:`run` is the fast path).  Returns what it did (``claimed=0``: idle)."""
+        started = time.monotonic()
+        report = RelayReport()
+        if not self._broker_ready(report):
+            return report
+        lanes = self.lanes.refresh()
+        if not lanes:
+            return report
+        rows = claim_due(self.alias, lanes, self.batch_size)
+        report = publish_rows(
+            self.alias, rows, self.publisher, timeout=float(app_settings.CONFIRM_TIMEOUT)
+        )
+        report.lanes = len(lanes)
+        self._settle_breaker(report)
         report.seconds = time.monotonic() - started
         return report
 
     def run(self, *, max_seconds: float = RUN_SECONDS) -> RelayReport:
-        """Hold the free lanes and stream batches through the confirm window.
+        """Stream batches of this relay's lanes through the confirm window.
 
         The next batch is claimed and the confirmed rows are marked while the broker
         works on the outstanding window, so the broker is never idle waiting for the
@@ -492,12 +711,18 @@ class Relay:
         run is still publishing (claimed, not yet confirmed or failed): rows of a key go
         out in id order on one channel, and a key's rows are only ever in one relay's
         lanes.  Stops when caught up (a short claim), after a failure, or after
-        ``max_seconds``; then waits for every outstanding confirm, marks, and releases
-        the lanes.
+        ``max_seconds``; then waits for every outstanding confirm and marks.  The lanes
+        are rebalanced (:class:`LaneShare`) before the run, never during it.
+
+        While the broker is unavailable (:class:`BrokerBreaker` open, or it does not
+        answer) it returns at once with ``broker_error`` set and nothing claimed.
         """
         started = time.monotonic()
         report = RelayReport()
-        lanes = lock_lanes(self.alias)
+        if not self._broker_ready(report):
+            return report
+        lanes = self.lanes.refresh()
+        report.lanes = len(lanes)
         if not lanes:
             return report
         alias, limit = self.alias, self.batch_size
@@ -533,9 +758,14 @@ class Relay:
                     marks.append((workers[1].submit(set_sent, alias, ids), ids))
                     marking.append(marks[-1])
                 report.sent += len(ids)
-            if result.failed:
-                record_result(alias, PublishResult(failed=result.failed), report)
+            if result.failed or result.interrupted:
+                record_result(
+                    alias,
+                    PublishResult(failed=result.failed, interrupted=result.interrupted),
+                    report,
+                )
                 unsettled.difference_update(result.failed)
+                unsettled.difference_update(result.interrupted)
 
         try:
             next_claim = claim()
@@ -553,7 +783,7 @@ class Relay:
                 messages = [build_message(row, exchange) for row in rows]
                 result = self.publisher.publish(messages, timeout=timeout, wait=False)
                 record(result)
-                if result.failed or last:
+                if result.failed or result.interrupted or last:
                     break
             if next_claim is not None:
                 next_claim.result()  # unused after a failure: those rows stay pending
@@ -567,25 +797,35 @@ class Relay:
             # pending and go again later (at-least-once), never marked without a confirm.
             self.publisher.close()
             for future in [f for f, _ in marks] + ([next_claim] if next_claim else []):
-                future.exception()  # let the helper finish before the lanes go
+                future.exception()  # let the helper finish before the lanes change hands
             raise
-        finally:
-            unlock_lanes(alias, lanes)
+        self._settle_breaker(report)
         report.seconds = time.monotonic() - started
         return report
 
     def drain(self, *, max_seconds: float | None = None) -> RelayReport:
-        """Publish until nothing is due (or ``max_seconds`` passed), pipelined."""
+        """Publish until nothing is due (or ``max_seconds`` passed), pipelined.
+
+        Stops at once while the broker is unavailable (``broker_error`` in the report).
+        A relay that finds every lane held by others waits up to ``LANE_WAIT`` seconds
+        for them to release its share.
+        """
         started = time.monotonic()
         total = RelayReport()
         while True:
+            elapsed = time.monotonic() - started
             budget = RUN_SECONDS
             if max_seconds is not None:
-                budget = min(budget, max(0.0, max_seconds - (time.monotonic() - started)))
+                budget = min(budget, max(0.0, max_seconds - elapsed))
             report = self.run(max_seconds=budget)
             total.add(report)
+            if report.broker_error:
+                break
+            if report.lanes == 0 and elapsed < LANE_WAIT and self.lanes.relays > 1:
+                time.sleep(0.1)  # the other relays give up their surplus between runs
+                continue
             if report.claimed == 0 or report.sent == 0:
-                break  # idle, or the broker is failing: let backoff work
+                break  # idle, or the broker refused rows: let backoff work
             if max_seconds is not None and time.monotonic() - started >= max_seconds:
                 break
         total.seconds = time.monotonic() - started
@@ -597,6 +837,10 @@ class Relay:
             for worker in self._workers:
                 worker.close()
             self._workers = None
+        try:
+            self.lanes.release()
+        except DatabaseError:  # the connection is gone, and with it the locks
+            logger.debug("reliable_events: releasing lanes failed", exc_info=True)
 
 
 def relay_once(
@@ -624,7 +868,7 @@ class _OnCommitDispatcher:
         return time.monotonic() < self.open_until
 
     def trip(self) -> None:
-        self.open_until = time.monotonic() + float(app_settings.ON_COMMIT_BREAKER_SECONDS)
+        self.open_until = time.monotonic() + app_settings.seconds("ON_COMMIT_BREAKER_SECONDS")
 
     def reset(self) -> None:
         with self.lock:
@@ -657,6 +901,9 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
     """
     alias = _alias(using)
     if dispatcher.breaker_open():
+        # The broker failed moments ago: the relay takes these rows now, not after the
+        # grace (nothing is charged to them; the relay's breaker paces the broker).
+        mark_interrupted(alias, ids, "on-commit publish skipped: the broker failed moments ago")
         return RelayReport()
     timeout = float(app_settings.ON_COMMIT_CONFIRM_TIMEOUT)
     if not dispatcher.lock.acquire(timeout=timeout):
@@ -666,7 +913,7 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
         if not rows:
             return RelayReport()
         report = publish_rows(alias, rows, dispatcher.get_publisher(), timeout=timeout)
-        if report.failed:
+        if report.failed or report.interrupted:
             dispatcher.trip()
         return report
     finally:
