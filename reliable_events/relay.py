@@ -522,16 +522,20 @@ def record_result(alias: str, result: PublishResult, report: RelayReport) -> Non
         mark_interrupted(alias, list(result.interrupted), result.broker_error)
 
 
-def mark_interrupted(alias: str, ids: Iterable[Hashable], reason: str) -> None:
-    """Rows whose publish a broker failure interrupted: no attempt is counted.
+def mark_interrupted(alias: str, ids: Iterable[Hashable], reason: str | None) -> None:
+    """Rows whose publish a broker failure interrupted, or that the on-commit hook left:
+    no attempt is counted.
 
     They keep ``attempts`` and become due now (a reservation of the on-commit hook or
     the lease of a retried row ends: the row is no longer in flight), and ``last_error``
-    says why they wait.  One statement.
+    says why they wait (when ``reason`` is given).  One statement.
     """
+    changes: dict[str, Any] = {"next_attempt_at": Least(F("next_attempt_at"), Now())}
+    if reason is not None:
+        changes["last_error"] = reason[:2000]
     OutboxMessage.objects.using(alias).filter(
         pk__in=list(ids), status=OutboxMessage.Status.PENDING
-    ).update(last_error=reason[:2000], next_attempt_at=Least(F("next_attempt_at"), Now()))
+    ).update(**changes)
 
 
 # -- the relay ----------------------------------------------------------------------------
@@ -897,7 +901,9 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
     """Publish the rows a transaction just committed, bounded in time.
 
     Skipped while the breaker is open (the broker failed moments ago) or while another
-    thread of this process is publishing: the relay sends those rows after the grace.
+    thread of this process is publishing.  Rows it does not publish (skipped, or held
+    back by an earlier pending row of their key) are handed to the relay at once: their
+    on-commit reservation ends, so they never wait for the grace.
     """
     alias = _alias(using)
     if dispatcher.breaker_open():
@@ -907,9 +913,13 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
         return RelayReport()
     timeout = float(app_settings.ON_COMMIT_CONFIRM_TIMEOUT)
     if not dispatcher.lock.acquire(timeout=timeout):
+        mark_interrupted(alias, ids, None)
         return RelayReport()
     try:
         rows = claim_committed(alias, ids)
+        if len(rows) < len(ids):
+            claimed = {row[0] for row in rows}
+            mark_interrupted(alias, [pk for pk in ids if pk not in claimed], None)
         if not rows:
             return RelayReport()
         report = publish_rows(alias, rows, dispatcher.get_publisher(), timeout=timeout)
