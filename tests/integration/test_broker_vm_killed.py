@@ -50,7 +50,7 @@ def old_time_to_dead() -> float:
     """How long the old accounting took at most to kill a row in an outage: every failed
     try charged, the backoff ceiling before each of the MAX_ATTEMPTS - 1 retries."""
     base, cap = app_settings.seconds("BACKOFF_BASE"), app_settings.seconds("BACKOFF_MAX")
-    return sum(min(cap, base * 2**a) for a in range(int(app_settings.MAX_ATTEMPTS) - 1))
+    return float(sum(min(cap, base * 2**a) for a in range(int(app_settings.MAX_ATTEMPTS) - 1)))
 
 
 @pytest.fixture

@@ -103,7 +103,8 @@ def test_connection_lost_mid_batch_resends_everything_unconfirmed_in_order(
     broker, rabbit, exchange_name, re_settings
 ):
     queue = rabbit.bind_queue(exchange_name, "#")
-    re_settings(PUBLISH_ON_COMMIT=False, BACKOFF_BASE=60, BACKOFF_MAX=60)
+    # the shipped policy on a slow clock: a charged attempt would wait a minute
+    re_settings(PUBLISH_ON_COMMIT=False, TIME_SCALE=60)
     with transaction.atomic():
         rows = [publish_event("t.x", {"n": n}, key=f"k{n % 3}") for n in range(12)]
     cut = CutAtPublisher(open_publisher(), cut_ids={rows[5].message_id})
@@ -140,10 +141,11 @@ def test_max_attempts_makes_the_row_dead_then_retry_dead_delivers_it(
     broker, rabbit, exchange_name, re_settings
 ):
     queue = rabbit.bind_queue(exchange_name, "#")
-    re_settings(PUBLISH_ON_COMMIT=False, MAX_ATTEMPTS=3, BACKOFF_BASE=60, BACKOFF_MAX=60)
+    # the shipped MAX_ATTEMPTS (10); a slow clock keeps the row in its backoff between tries
+    re_settings(PUBLISH_ON_COMMIT=False, TIME_SCALE=60)
     row = publish_event("orders.created", {"n": 1}, key="A")
     failing = FailingPublisher(open_publisher(), fail_ids={row.message_id})
-    for attempt in range(1, 4):
+    for attempt in range(1, 11):
         _make_due(row)
         report = _relay(failing)
         assert report.failed == 1
@@ -315,7 +317,7 @@ def test_a_message_the_broker_nacks_stays_pending_and_is_retried(
     broker, rabbit, exchange_name, re_settings
 ):
     """A real basic.nack: a bound queue that is full and rejects publishes."""
-    re_settings(PUBLISH_ON_COMMIT=False, BACKOFF_BASE=60, BACKOFF_MAX=60)
+    re_settings(PUBLISH_ON_COMMIT=False, TIME_SCALE=60)  # the backoff lasts (slow clock)
     full = f"test-full-{exchange_name}"
     rabbit.bind_queue(exchange_name, "full.#", name=full)  # declares the exchange
     rabbit.channel.queue_delete(full)
