@@ -575,7 +575,7 @@ class BrokerBreaker:
             self.down_since = self._logged = now
             logger.warning(
                 "reliable_events: broker unavailable (%s); the relay pauses and retries "
-                "every %.1fs at most, no attempt is counted against the events",
+                "every %.2gs at most, no attempt is counted against the events",
                 error,
                 cap,
             )

@@ -57,6 +57,7 @@ class Command(BaseCommand):
         report = relay.drain()
         self.stdout.write(f"relay_outbox: {report}")
         if report.broker_error and not report.interrupted:
+            self.stderr.write(f"  error: {report.broker_error}")
             raise CommandError(
                 f"the broker is unavailable ({report.broker_error}): due events could not "
                 "be published; they stay pending",
