@@ -72,6 +72,8 @@ LANE_LOCK_NAMESPACE = 0x5245
 #: First key of the advisory lock each relay holds while it runs (second key: its
 #: backend pid), by which relays count each other to share the lanes.
 RELAY_LOCK_NAMESPACE = 0x5246
+#: PostgreSQL ``LISTEN``/``NOTIFY`` channel on which idle relay daemons are woken.
+WAKE_CHANNEL = "reliable_events_relay"
 
 _FIELDS = (
     "id",
@@ -482,6 +484,14 @@ def mark_failed(alias: str, failed: dict[Hashable, str]) -> int:
     return dead
 
 
+def wake_relays(alias: str) -> None:
+    """Wake the idle relay daemons of ``alias`` (PostgreSQL ``NOTIFY``; elsewhere they
+    poll).  Called when rows are handed to the relay, so they do not wait for its poll."""
+    if _is_postgres(alias):
+        with connections[alias].cursor() as cursor:
+            cursor.execute(f"NOTIFY {WAKE_CHANNEL}")
+
+
 def _db_now(alias: str) -> datetime:
     """The database's clock (PostgreSQL), else this process's."""
     if _is_postgres(alias):
@@ -656,6 +666,7 @@ class Relay:
         self.lanes = LaneShare(self.alias)
         self.breaker = BrokerBreaker()
         self._workers: tuple[_DatabaseWorker, _DatabaseWorker] | None = None
+        self._listening: Any = None  # the raw connection this relay LISTENs on
 
     def _database_workers(self) -> tuple[_DatabaseWorker, _DatabaseWorker] | None:
         """The (claims, marks) helper threads, when this run may use other connections."""
@@ -835,6 +846,31 @@ class Relay:
         total.seconds = time.monotonic() - started
         return total
 
+    def wait_for_work(self, seconds: float, stop: Callable[[], bool] | None = None) -> None:
+        """Idle: wait up to ``seconds``, returning early when :func:`wake_relays` is
+        called (PostgreSQL ``LISTEN`` on this relay's connection) or ``stop()`` is true.
+        Without ``NOTIFY`` (SQLite) it just sleeps."""
+        deadline = time.monotonic() + seconds
+        if not _is_postgres(self.alias):
+            while not (stop and stop()) and time.monotonic() < deadline:
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            return
+        connection = connections[self.alias]
+        connection.ensure_connection()
+        raw = connection.connection
+        # driver errors (the session was dropped) as Django's, which the loop handles
+        with connection.wrap_database_errors:
+            if self._listening is not raw:  # a new session: LISTEN again
+                raw.execute(f"LISTEN {WAKE_CHANNEL}")
+                self._listening = raw
+            while not (stop and stop()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                # short slices, so that a stop request is seen within 0.2 s
+                for _notify in raw.notifies(timeout=min(0.2, remaining), stop_after=1):
+                    return
+
     def close(self) -> None:
         self.publisher.close()
         if self._workers is not None:
@@ -914,12 +950,14 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
     timeout = float(app_settings.ON_COMMIT_CONFIRM_TIMEOUT)
     if not dispatcher.lock.acquire(timeout=timeout):
         mark_interrupted(alias, ids, None)
+        wake_relays(alias)
         return RelayReport()
     try:
         rows = claim_committed(alias, ids)
         if len(rows) < len(ids):
             claimed = {row[0] for row in rows}
             mark_interrupted(alias, [pk for pk in ids if pk not in claimed], None)
+            wake_relays(alias)
         if not rows:
             return RelayReport()
         report = publish_rows(alias, rows, dispatcher.get_publisher(), timeout=timeout)

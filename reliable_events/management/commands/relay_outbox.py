@@ -1,9 +1,10 @@
 """``relay_outbox``: publish pending outbox rows to the broker.
 
 Without ``--once`` it is the relay daemon: the pipelined relay (:meth:`Relay.run`), run
-after run on one kept database connection (which holds its share of the lanes), idle
-polls every ``RELAY_IDLE_SECONDS``, and while the broker is unavailable a pause of at
-most ``RELAY_BROKER_RETRY_MAX`` between tries.
+after run on one kept database connection (which holds its share of the lanes); idle,
+it waits for a wake-up (PostgreSQL ``NOTIFY`` from the on-commit hook) or polls every
+``RELAY_IDLE_SECONDS``; while the broker is unavailable it pauses at most
+``RELAY_BROKER_RETRY_MAX`` between tries.
 
 Exit codes: 0 done (or stopped by SIGTERM/SIGINT); 1 bad arguments or configuration;
 3 with ``--once``, when some events could not be published (they stay pending).
@@ -84,14 +85,20 @@ class Command(BaseCommand):
             if report.broker_error:  # paused as a whole: wait for the breaker, not the idle
                 stop.wait(relay.breaker.remaining())
                 return True
-            return report.claimed > 0 and (report.sent > 0 or report.interrupted > 0)
+            if report.claimed > 0 and (report.sent > 0 or report.interrupted > 0):
+                return True
+            # idle: until woken (rows handed over by the on-commit hook) or the next poll
+            relay.wait_for_work(idle, stop.is_set)
+            return True
+
+        idle = app_settings.seconds("RELAY_IDLE_SECONDS")
 
         with stop_on_signals(stop):  # installed before "running": a signal after it stops cleanly
             self.stdout.write("relay_outbox: running (SIGTERM or Ctrl-C stops after the batch)")
             run_loop(
                 step,
                 stop=stop,
-                idle_seconds=app_settings.seconds("RELAY_IDLE_SECONDS"),
+                idle_seconds=idle,
                 recycle_connections=False,
             )
         self.stdout.write(
