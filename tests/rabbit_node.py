@@ -21,6 +21,7 @@ A later cluster test can start several :class:`RabbitNode` objects with one shar
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import secrets
@@ -34,19 +35,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 RABBITMQ_BIN = Path(os.environ.get("RE_TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
-#: The shared node's AMQP port: never used by a private node.
-SHARED_PORT = 5672
+#: Ports of the shared node (AMQP, management, distribution, its CLI tools' range):
+#: never used by a private node.
+SHARED_PORTS = frozenset({5672, 15672, 25672, *range(35672, 35683)})
+#: Private nodes still running (stopped at exit even if a test run is interrupted).
+_RUNNING: set[RabbitNode] = set()
 
 
 def _free_port(exclude: set[int]) -> int:
-    """A TCP port nothing listens on (and not in ``exclude``)."""
+    """A TCP port nothing listens on (and not in ``exclude`` or the shared node's)."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        # the distribution port + 20000 is the CLI's range; stay clear of the shared one
-        if port not in exclude and port != SHARED_PORT and port < 45000:
+        # below 45000: the node's CLI tools use its distribution port + 10000 and up
+        if port not in exclude and port not in SHARED_PORTS and port < 45000:
             return port
+
+
+@atexit.register
+def _stop_all() -> None:
+    for node in list(_RUNNING):
+        node.stop()
 
 
 def available() -> bool:
@@ -75,8 +85,8 @@ class RabbitNode:
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix=f"{self.short_name}-"))
         self.cookie = cookie or secrets.token_hex(16)
         self.start_timeout = start_timeout
-        self.port = _free_port({SHARED_PORT})
-        self.dist_port = _free_port({SHARED_PORT, self.port})
+        self.port = _free_port(set())
+        self.dist_port = _free_port({self.port})
         self.process: subprocess.Popen[bytes] | None = None
         self._prepare()
 
@@ -140,6 +150,7 @@ class RabbitNode:
             return self
         with contextlib.suppress(FileNotFoundError):
             self.pid_file.unlink()
+        _RUNNING.add(self)
         output = open(self.log_dir / "console.log", "ab")  # noqa: SIM115 - kept for the child
         try:
             self.process = subprocess.Popen(
@@ -278,6 +289,7 @@ class RabbitNode:
             self._terminate(timeout=30)
         finally:
             self.process = None
+            _RUNNING.discard(self)
             if self._own_dir:
                 shutil.rmtree(self.base_dir, ignore_errors=True)
 
@@ -290,9 +302,11 @@ class RabbitNode:
 
 
 @contextlib.contextmanager
-def private_rabbit_node(**kwargs: object) -> Iterator[RabbitNode]:
+def private_rabbit_node(
+    *, name: str | None = None, cookie: str | None = None, start_timeout: float = 90.0
+) -> Iterator[RabbitNode]:
     """A started :class:`RabbitNode`, stopped and removed afterwards whatever happens."""
-    node = RabbitNode(**kwargs)  # type: ignore[arg-type]
+    node = RabbitNode(name=name, cookie=cookie, start_timeout=start_timeout)
     try:
         node.start()
         yield node
