@@ -90,6 +90,15 @@ def _sent_span_rate(rows: int) -> float:
     return rows / max(float(span), 1e-6)
 
 
+def _seed(rows: int) -> None:
+    """Seed the backlog; the rows and their statistics (ANALYZE) commit together, so a
+    daemon already polling never plans its first claims on the empty table's."""
+    from django.db import transaction
+
+    with transaction.atomic():
+        common.seed_rows(rows)
+
+
 def _all_sent() -> bool:
     return common.count_status("pending") == 0
 
@@ -112,7 +121,7 @@ def _stop(process: subprocess.Popen[str]) -> int:
 
 def run_once(env: dict[str, str], broker: common.BenchBroker, rows: int) -> float:
     common.truncate_outbox()
-    common.seed_rows(rows)
+    _seed(rows)
     process = _manage(env, "--once")
     _out, err = process.communicate(timeout=600)
     if process.returncode != 0:
@@ -130,7 +139,7 @@ def run_daemons(
     try:
         share = -(-64 // count)
         _wait(lambda: _lanes() == [64 - share * (count - 1)] + [share] * (count - 1), 60, "lanes")
-        common.seed_rows(rows)
+        _seed(rows)
         _wait(_all_sent, 600, "the backlog to drain")
     finally:
         sent = []
