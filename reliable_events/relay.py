@@ -690,6 +690,8 @@ class Relay:
             report.broker_error = str(exc)
             self.breaker.trip(str(exc))
             return False
+        if self.breaker.down_since is not None:
+            self.breaker.reset()  # it answers again (logged); a new failure trips it anew
         return True
 
     def _settle_breaker(self, report: RelayReport) -> None:
