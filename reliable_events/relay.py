@@ -9,8 +9,9 @@ How a batch goes (PostgreSQL):
    session-level advisory lock on each of its lanes (``pg_try_advisory_lock``), so
    events of one key are only ever published by one relay at a time.  Relays announce
    themselves (one advisory lock each) and each keeps its fair share of the lanes,
-   ``ceil(LANES / live relays)`` (:class:`LaneShare`).  A relay that dies loses its
-   connection and with it its locks; the others take its lanes at their next run.
+   ``ceil(LANES / live relays)`` (:mod:`reliable_events.lanes`).  A relay that dies
+   loses its connection and with it its locks; the others take its lanes at their next
+   run.
 2. **Claim.**  In a short transaction: ``SELECT ... FOR UPDATE SKIP LOCKED`` the due
    pending rows of the held lanes, oldest first, leaving out every row whose key has an
    earlier pending row that is not yet due (a failing event holds back its own key and
@@ -22,7 +23,8 @@ How a batch goes (PostgreSQL):
    ``next_attempt_at = now() + backoff`` (database clock, exponential with jitter), or
    ``dead`` once it reached ``MAX_ATTEMPTS``.  Rows a *broker* failure interrupted
    (connection refused or lost, blocked, confirm timeout) are not charged: they stay due,
-   and the relay as a whole pauses (:class:`BrokerBreaker`: jittered, at most
+   and the relay as a whole pauses (:class:`~reliable_events.relay_breaker.BrokerBreaker`:
+   jittered, at most
    ``RELAY_BROKER_RETRY_MAX``) and tries the broker again.
 
 On SQLite (the embedded default) there are no advisory locks and ``FOR UPDATE`` is a
@@ -63,15 +65,16 @@ from reliable_events.broker import (
 )
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import BrokerError
+from reliable_events.lanes import LANE_LOCK_NAMESPACE as LANE_LOCK_NAMESPACE
+from reliable_events.lanes import RELAY_LOCK_NAMESPACE as RELAY_LOCK_NAMESPACE
+from reliable_events.lanes import LaneShare
+from reliable_events.lanes import lock_lanes as lock_lanes
+from reliable_events.lanes import unlock_lanes as unlock_lanes
 from reliable_events.models import OutboxMessage
+from reliable_events.relay_breaker import BrokerBreaker
 
 logger = logging.getLogger(__name__)
 
-#: First key of the two-key advisory locks that guard lanes ("RE").
-LANE_LOCK_NAMESPACE = 0x5245
-#: First key of the advisory lock each relay holds while it runs (second key: its
-#: backend pid), by which relays count each other to share the lanes.
-RELAY_LOCK_NAMESPACE = 0x5246
 #: PostgreSQL ``LISTEN``/``NOTIFY`` channel on which idle relay daemons are woken.
 WAKE_CHANNEL = "reliable_events_relay"
 
@@ -177,122 +180,6 @@ def _alias(using: str | None) -> str:
 
 def _is_postgres(alias: str) -> bool:
     return connections[alias].vendor == "postgresql"
-
-
-# -- lanes ------------------------------------------------------------------------------
-def lock_lanes(
-    alias: str, lanes: Iterable[int] | None = None, *, limit: int | None = None
-) -> list[int]:
-    """Try to take the advisory lock of each lane (at most ``limit`` of them); return the
-    lanes now held.
-
-    On databases without advisory locks every lane counts as held.
-    """
-    wanted = list(range(int(app_settings.LANES))) if lanes is None else list(lanes)
-    if not _is_postgres(alias):
-        return wanted
-    if limit is not None and limit <= 0:
-        return []
-    random.shuffle(wanted)  # spread contention between relays
-    with connections[alias].cursor() as cursor:
-        # LIMIT stops the scan (and the lock attempts) once ``limit`` lanes are taken.
-        cursor.execute(
-            "SELECT l FROM unnest(%s::int[]) AS l WHERE pg_try_advisory_lock(%s, l) LIMIT %s",
-            [wanted, LANE_LOCK_NAMESPACE, limit if limit is not None else len(wanted)],
-        )
-        return sorted(row[0] for row in cursor.fetchall())
-
-
-def unlock_lanes(alias: str, lanes: Sequence[int]) -> None:
-    if not lanes or not _is_postgres(alias):
-        return
-    with connections[alias].cursor() as cursor:
-        cursor.execute(
-            "SELECT pg_advisory_unlock(%s, l) FROM unnest(%s::int[]) AS l",
-            [LANE_LOCK_NAMESPACE, list(lanes)],
-        )
-
-
-# Who holds what, from PostgreSQL's lock table: the relays of this database (one
-# advisory lock each) and the lanes this session holds.  Two-key advisory locks show as
-# classid = first key, objid = second key, objsubid = 2.
-_PG_LANE_STATE = """SELECT
-  (SELECT count(*) FROM pg_locks
-   WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = %(relay)s::oid
-     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())),
-  ARRAY(SELECT objid::int FROM pg_locks
-   WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = %(lane)s::oid
-     AND pid = pg_backend_pid()),
-  EXISTS(SELECT 1 FROM pg_locks
-   WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = %(relay)s::oid
-     AND pid = pg_backend_pid())"""
-
-
-class LaneShare:
-    """The lanes one relay holds, kept between runs and rebalanced before each.
-
-    A relay announces itself with an advisory lock of its own (released with its
-    session, so a dead relay stops counting at once), counts the live relays, keeps
-    ``ceil(LANES / live)`` lanes, releases the surplus and takes free lanes up to its
-    share.  :meth:`refresh` runs only between runs, when nothing of the relay is in
-    flight, so a lane changes hands only when its previous holder has settled every
-    row it claimed from it.  The lanes are held on the relay's own database connection:
-    if that connection was lost (and with it the locks), :meth:`refresh` finds out from
-    ``pg_locks`` and takes a share again.
-    """
-
-    def __init__(self, alias: str) -> None:
-        self.alias = alias
-        self.held: list[int] = []
-        self.relays = 1
-        self._announced = False
-
-    def refresh(self) -> list[int]:
-        """Rebalance; return the lanes held for the next run."""
-        total = int(app_settings.LANES)
-        if not _is_postgres(self.alias):
-            self.held = list(range(total))
-            return self.held
-        with connections[self.alias].cursor() as cursor:
-            params = {"relay": RELAY_LOCK_NAMESPACE, "lane": LANE_LOCK_NAMESPACE}
-            cursor.execute(_PG_LANE_STATE, params)
-            live, session_lanes, announced = cursor.fetchone()
-            if not announced or not self._announced:
-                # A new session (the old one and its locks are gone) or a new relay.
-                cursor.execute(
-                    "SELECT pg_advisory_lock(%s, pg_backend_pid())", [RELAY_LOCK_NAMESPACE]
-                )
-                live += 0 if announced else 1
-                self._announced = True
-        in_session = set(session_lanes)
-        self.held = [lane for lane in self.held if lane in in_session]
-        self.relays = max(1, int(live))
-        share = -(-total // self.relays)
-        if len(self.held) > share:
-            random.shuffle(self.held)
-            surplus, self.held = self.held[share:], self.held[:share]
-            unlock_lanes(self.alias, surplus)
-        elif len(self.held) < share:
-            mine = set(self.held)
-            free = [lane for lane in range(total) if lane not in mine]
-            self.held += lock_lanes(self.alias, free, limit=share - len(self.held))
-        self.held.sort()
-        return self.held
-
-    def release(self) -> None:
-        """Give every lane back and stop counting as a relay."""
-        if not _is_postgres(self.alias):
-            self.held = []
-            return
-        lanes, self.held = self.held, []
-        if not self._announced:
-            return
-        self._announced = False
-        unlock_lanes(self.alias, lanes)
-        with connections[self.alias].cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_advisory_unlock(%s, pg_backend_pid())", [RELAY_LOCK_NAMESPACE]
-            )
 
 
 # -- claim / build / mark -----------------------------------------------------------------
@@ -549,67 +436,6 @@ def mark_interrupted(alias: str, ids: Iterable[Hashable], reason: str | None) ->
 
 
 # -- the relay ----------------------------------------------------------------------------
-class BrokerBreaker:
-    """The relay's one circuit breaker for broker-wide failures.
-
-    Broker health is not message health: a refused or lost connection, a blocked one or
-    a confirm timeout pauses the whole relay instead of charging its rows.  The pause
-    doubles per consecutive failure from an eighth of ``RELAY_BROKER_RETRY_MAX`` up to
-    it (equal jitter, ``TIME_SCALE`` applies), so a relay resumes within about that long
-    after the broker answers again.  An outage is logged when it starts, every
-    ``LOG_EVERY`` seconds while it lasts, and when it ends.
-    """
-
-    LOG_EVERY = 30.0
-
-    def __init__(self) -> None:
-        self.failures = 0
-        self.open_until = 0.0
-        self.down_since: float | None = None
-        self.error = ""
-        self._logged = 0.0
-
-    def remaining(self) -> float:
-        return max(0.0, self.open_until - time.monotonic())
-
-    def trip(self, error: str, *, waiting: int = 0) -> float:
-        """Record a broker failure; return the pause before the next try."""
-        now = time.monotonic()
-        self.failures += 1
-        self.error = error
-        cap = app_settings.seconds("RELAY_BROKER_RETRY_MAX")
-        ceiling = min(cap, cap / 8 * 2.0 ** min(self.failures - 1, 16))
-        pause = ceiling * (0.5 + random.random() / 2)
-        self.open_until = now + pause
-        if self.down_since is None:
-            self.down_since = self._logged = now
-            logger.warning(
-                "reliable_events: broker unavailable (%s); the relay pauses and retries "
-                "every %.2gs at most, no attempt is counted against the events",
-                error,
-                cap,
-            )
-        elif now - self._logged >= self.LOG_EVERY:
-            self._logged = now
-            logger.warning(
-                "reliable_events: broker still unavailable after %.0fs (%s)",
-                now - self.down_since,
-                error,
-            )
-        return pause
-
-    def reset(self) -> None:
-        if self.down_since is not None:
-            logger.warning(
-                "reliable_events: broker available again after %.1fs; the relay resumes",
-                time.monotonic() - self.down_since,
-            )
-        self.failures = 0
-        self.open_until = 0.0
-        self.down_since = None
-        self.error = ""
-
-
 class _DatabaseWorker:
     """A helper thread with its own database connection (a relay has two: one for its
     claims, one for its mark-sent updates): the relay's thread keeps publishing while
