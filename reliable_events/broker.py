@@ -82,20 +82,31 @@ class PublishResult:
     confirmed: list[Hashable] = field(default_factory=list)
     failed: dict[Hashable, str] = field(default_factory=dict)
     interrupted: dict[Hashable, str] = field(default_factory=dict)
+    #: Why the broker failed as a whole (empty when it did not: messages can also be
+    #: interrupted because another message of the batch could not be written).
+    broker_error: str = ""
 
     def fail(self, refs: Sequence[Hashable], reason: str) -> None:
         for ref in refs:
             self.failed.setdefault(ref, reason)
 
-    def interrupt(self, refs: Sequence[Hashable], reason: str) -> None:
+    def interrupt(self, refs: Sequence[Hashable], reason: str, *, broker: bool = True) -> None:
+        """Report ``refs`` interrupted; ``broker``: by a failure of the broker itself."""
         for ref in refs:
             if ref not in self.failed:
                 self.interrupted.setdefault(ref, reason)
+        if broker and refs and not self.broker_error:
+            self.broker_error = reason
 
-    @property
-    def broker_error(self) -> str:
-        """Why the broker failed as a whole (empty when it did not)."""
-        return next(iter(self.interrupted.values()), "")
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the connection failing (socket error, closed connection) rather
+    than one message being unwritable (an encoding error: a header py-amqp cannot
+    encode, an integer too large for AMQP, ...)."""
+    from amqp.exceptions import RecoverableConnectionError
+    from kombu.exceptions import OperationalError
+
+    return isinstance(exc, OSError | RecoverableConnectionError | OperationalError)
 
 
 def is_broker_failure(exc: BaseException) -> bool:
@@ -436,14 +447,18 @@ class AmqpPublisher(Publisher):
         assert result is not None
         reason = str(exc) if isinstance(exc, ConfirmTimeout) else describe_error(exc, self.url)
         outstanding = list(self._inflight.values())
-        if is_broker_failure(exc):
-            result.interrupt(outstanding, reason)
-        elif culprit is not None:
+        if culprit is not None and not is_connection_failure(exc):
+            # Writing this one message failed (it cannot be encoded): its own failure.
             result.fail([culprit], reason)
-            result.interrupt(outstanding, f"not confirmed: {reason}")
+            others = f"not sent: another message of the batch failed ({reason})"
+            result.interrupt(outstanding, others, broker=False)
+            result.interrupt(unsent, others, broker=False)
         else:
-            result.fail(outstanding, reason)
-        result.interrupt(unsent, f"not sent: {reason}")
+            if is_broker_failure(exc):
+                result.interrupt(outstanding, reason)
+            else:
+                result.fail(outstanding, reason)
+            result.interrupt(unsent, f"not sent: {reason}")
         logger.warning("reliable_events: publish failed: %s", reason)
         self.close()
 
@@ -616,7 +631,11 @@ class KombuPublisher(Publisher):
                     result.interrupt([m.ref for m in messages[index:]], reason)
                 else:  # this message could not be published: the rest is not to blame
                     result.fail([message.ref], reason)
-                    result.interrupt([m.ref for m in messages[index + 1 :]], f"not sent: {reason}")
+                    result.interrupt(
+                        [m.ref for m in messages[index + 1 :]],
+                        f"not sent: another message of the batch failed ({reason})",
+                        broker=False,
+                    )
                 self.close()
                 break
             result.confirmed.append(message.ref)

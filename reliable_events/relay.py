@@ -413,10 +413,11 @@ def record_result(alias: str, result: PublishResult, report: RelayReport) -> Non
         report.dead += mark_failed(alias, result.failed)
         report.errors.append(next(iter(result.failed.values())))
     if result.interrupted:
+        reason = result.broker_error or next(iter(result.interrupted.values()))
         report.interrupted += len(result.interrupted)
-        report.broker_error = result.broker_error
-        report.errors.append(result.broker_error)
-        mark_interrupted(alias, list(result.interrupted), result.broker_error)
+        report.broker_error = result.broker_error or report.broker_error
+        report.errors.append(reason)
+        mark_interrupted(alias, list(result.interrupted), reason)
 
 
 def mark_interrupted(alias: str, ids: Iterable[Hashable], reason: str | None) -> None:
@@ -521,7 +522,7 @@ class Relay:
         return True
 
     def _settle_breaker(self, report: RelayReport) -> None:
-        if report.interrupted:
+        if report.broker_error:
             self.breaker.trip(report.broker_error)
         elif report.sent or report.failed:
             self.breaker.reset()
@@ -604,7 +605,11 @@ class Relay:
             if result.failed or result.interrupted:
                 record_result(
                     alias,
-                    PublishResult(failed=result.failed, interrupted=result.interrupted),
+                    PublishResult(
+                        failed=result.failed,
+                        interrupted=result.interrupted,
+                        broker_error=result.broker_error,
+                    ),
                     report,
                 )
                 unsettled.difference_update(result.failed)
