@@ -44,7 +44,7 @@ PRODUCERS = 2
 KEYS_PER_PRODUCER = 8
 #: Generous bound (noisy shared machine) on "backlog done after the broker could take
 #: messages again" (its first confirm of a publish to the recovered queue).
-DRAIN_BOUND_SECONDS = 10.0
+DRAIN_BOUND_SECONDS = 20.0
 PROBE_ID = "probe-broker-ready"
 
 
