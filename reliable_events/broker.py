@@ -79,14 +79,57 @@ class OutgoingMessage:
 
 @dataclass
 class PublishResult:
-    """What the broker confirmed, and why the rest failed."""
+    """What the broker confirmed, what failed, and what a broker failure interrupted.
+
+    ``failed``: the broker refused *these* messages (``basic.nack``, ``basic.return`` of
+    a mandatory message, an error writing this one message): each counts as an attempt.
+    ``interrupted``: not settled because the broker as a whole failed (connection refused
+    or lost, blocked, confirm timeout); the messages are not to blame and are sent again
+    once the broker answers, without counting an attempt.
+    """
 
     confirmed: list[Hashable] = field(default_factory=list)
     failed: dict[Hashable, str] = field(default_factory=dict)
+    interrupted: dict[Hashable, str] = field(default_factory=dict)
+    #: Why the broker failed as a whole (empty when it did not: messages can also be
+    #: interrupted because another message of the batch could not be written).
+    broker_error: str = ""
 
     def fail(self, refs: Sequence[Hashable], reason: str) -> None:
         for ref in refs:
             self.failed.setdefault(ref, reason)
+
+    def interrupt(self, refs: Sequence[Hashable], reason: str, *, broker: bool = True) -> None:
+        """Report ``refs`` interrupted; ``broker``: by a failure of the broker itself."""
+        for ref in refs:
+            if ref not in self.failed:
+                self.interrupted.setdefault(ref, reason)
+        if broker and refs and not self.broker_error:
+            self.broker_error = reason
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the connection failing (socket error, closed connection) rather
+    than one message being unwritable (an encoding error: a header py-amqp cannot
+    encode, an integer too large for AMQP, ...)."""
+    from amqp.exceptions import RecoverableConnectionError
+    from kombu.exceptions import OperationalError
+
+    return isinstance(exc, OSError | RecoverableConnectionError | OperationalError)
+
+
+def is_broker_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broker (or the way to it) failing as a whole.
+
+    Socket errors, refused or lost connections, a connection closed by the broker
+    (``connection.close``, e.g. on shutdown), a confirm timeout (also what a blocked
+    connection leads to) and connect errors are; a channel error (the broker refused
+    something on the channel), an encoding error of one message and the like are not.
+    """
+    from amqp.exceptions import ConnectionError as AmqpConnectionError
+    from kombu.exceptions import OperationalError
+
+    return isinstance(exc, OSError | AmqpConnectionError | OperationalError | BrokerError)
 
 
 def is_amqp_url(url: str) -> bool:
@@ -128,6 +171,9 @@ class Publisher:
     """A broker connection that publishes batches and reports what was confirmed."""
 
     url: str
+
+    def connect(self) -> None:
+        """Connect now if not connected (raises :class:`BrokerError` when it cannot)."""
 
     def publish(
         self, messages: Sequence[OutgoingMessage], *, timeout: float, wait: bool = True
@@ -329,7 +375,7 @@ class AmqpPublisher(Publisher):
         try:
             self.connect()
         except BrokerError as exc:
-            self._result.fail([m.ref for m in messages], str(exc))
+            self._result.interrupt([m.ref for m in messages], str(exc))
             return self._take()
         deadline = time.monotonic() + timeout
         inflight = self._inflight
@@ -344,6 +390,7 @@ class AmqpPublisher(Publisher):
         static = _STATIC_PROPERTIES
         sent = 0
         writes = _CoalescedWrites(self._kombu.connection.transport)
+        writing: Hashable | None = None  # the message being encoded and written
         try:
             for message in messages:
                 if len(inflight) >= window:
@@ -369,12 +416,14 @@ class AmqpPublisher(Publisher):
                 direct = not message.exchange
                 if direct:
                     self._mandatory[self._seq] = message.message_id
+                writing = message.ref
                 send_method(
                     _BASIC_PUBLISH,
                     "Bssbb",
                     (0, message.exchange, message.routing_key, direct, False),
                     _Message(message.body, props),
                 )
+                writing = None
                 sent += 1
                 if writes.full:
                     writes.flush()
@@ -383,7 +432,7 @@ class AmqpPublisher(Publisher):
                 self._wait_for_confirms(deadline, 1)
         except Exception as exc:
             writes.stop()
-            self._fail_outstanding(exc, [m.ref for m in messages[sent:]])
+            self._fail_outstanding(exc, [m.ref for m in messages[sent:]], culprit=writing)
         finally:
             self.last_used = time.monotonic()
         return self._take()
@@ -401,13 +450,32 @@ class AmqpPublisher(Publisher):
                 self.last_used = time.monotonic()
         return self._take()
 
-    def _fail_outstanding(self, exc: Exception, unsent: list[Hashable]) -> None:
-        """Report every outstanding and unsent message failed; drop the connection."""
+    def _fail_outstanding(
+        self, exc: Exception, unsent: list[Hashable], *, culprit: Hashable | None = None
+    ) -> None:
+        """Settle every outstanding and unsent message after ``exc``; drop the connection.
+
+        A broker failure interrupts them all (no message is to blame).  An error writing
+        one message (``culprit``) fails that message alone.  Any other error (the broker
+        closed the channel over something it refused) fails the outstanding messages:
+        which one it was is unknown.  Unsent messages are always only interrupted.
+        """
         result = self._result
         assert result is not None
         reason = str(exc) if isinstance(exc, ConfirmTimeout) else describe_error(exc, self.url)
-        result.fail(list(self._inflight.values()), reason)
-        result.fail(unsent, f"not sent: {reason}")
+        outstanding = list(self._inflight.values())
+        if culprit is not None and not is_connection_failure(exc):
+            # Writing this one message failed (it cannot be encoded): its own failure.
+            result.fail([culprit], reason)
+            others = f"not sent: another message of the batch failed ({reason})"
+            result.interrupt(outstanding, others, broker=False)
+            result.interrupt(unsent, others, broker=False)
+        else:
+            if is_broker_failure(exc):
+                result.interrupt(outstanding, reason)
+            else:
+                result.fail(outstanding, reason)
+            result.interrupt(unsent, f"not sent: {reason}")
         logger.warning("reliable_events: publish failed: %s", reason)
         self.close()
 
@@ -555,7 +623,7 @@ class KombuPublisher(Publisher):
         try:
             self.connect()
         except BrokerError as exc:
-            result.fail([m.ref for m in messages], str(exc))
+            result.interrupt([m.ref for m in messages], str(exc))
             return result
         for index, message in enumerate(messages):
             properties: dict[str, Any] = {"message_id": message.message_id, "type": message.topic}
@@ -576,7 +644,15 @@ class KombuPublisher(Publisher):
                 )
             except Exception as exc:
                 reason = describe_error(exc, self.url)
-                result.fail([m.ref for m in messages[index:]], reason)
+                if is_broker_failure(exc):
+                    result.interrupt([m.ref for m in messages[index:]], reason)
+                else:  # this message could not be published: the rest is not to blame
+                    result.fail([message.ref], reason)
+                    result.interrupt(
+                        [m.ref for m in messages[index + 1 :]],
+                        f"not sent: another message of the batch failed ({reason})",
+                        broker=False,
+                    )
                 self.close()
                 break
             result.confirmed.append(message.ref)

@@ -46,6 +46,12 @@ class AppSettings:
     CONFIRM_TIMEOUT: float = 30.0
     #: Seconds ``relay_outbox`` sleeps when nothing was due.
     RELAY_IDLE_SECONDS: float = 1.0
+    #: Longest pause of the relay between two tries of a broker that is unavailable
+    #: (connection refused or lost, blocked, confirm timeout), seconds.
+    RELAY_BROKER_RETRY_MAX: float = 1.0
+    #: Multiplies every delay of the relay's retry policy (backoff, broker retry pause,
+    #: on-commit breaker, idle poll): < 1 runs the same policy on a faster clock (tests).
+    TIME_SCALE: float = 1.0
     #: Number of ordering lanes; events of one key always share a lane.
     LANES: int = 64
     #: Seconds a row published by the on-commit hook is reserved for it before the relay
@@ -109,6 +115,10 @@ class AppSettings:
             if name == "BROKER_URL":  # unset or None: Celery's broker, else the embedded one
                 return getattr(django_settings, "CELERY_BROKER_URL", None) or EMBEDDED_BROKER_URL
         return object.__getattribute__(self, name)
+
+    def seconds(self, name: str) -> float:
+        """The policy delay ``name`` in seconds on the relay's clock (times ``TIME_SCALE``)."""
+        return float(getattr(self, name)) * float(self.TIME_SCALE)
 
     @classmethod
     def names(cls) -> list[str]:

@@ -59,16 +59,20 @@ def run_loop(
     stop: StopFlag,
     idle_seconds: float,
     max_error_sleep: float = 30.0,
+    recycle_connections: bool = True,
 ) -> None:
     """Call ``step`` until ``stop`` is set.
 
     ``step`` returns ``True`` when it did work (call again at once) and ``False`` when
     idle (sleep ``idle_seconds``).  Stale database connections are closed before each
-    step; a ``DatabaseError`` is logged and retried with a growing pause.
+    step (unless ``recycle_connections`` is false: the step keeps its connection, e.g.
+    the relay's, which holds its lanes); a ``DatabaseError`` is logged, every connection
+    closed, and the step retried with a growing pause.
     """
     failures = 0
     while not stop.is_set():
-        close_old_connections()
+        if recycle_connections:
+            close_old_connections()
         try:
             busy = step()
         except (DatabaseError, InterfaceError) as exc:

@@ -5,8 +5,9 @@ Put them on django-celery-beat's DatabaseScheduler with one command::
     python manage.py install_beat_schedule
 
 A relay task fired while the previous run is still going does no harm: on PostgreSQL
-each ordering lane is held by one relay at a time (advisory locks), and every run is
-bounded by ``max_seconds``.
+each ordering lane is held by one relay at a time (advisory locks; relays share the
+lanes fairly), and every run is bounded by ``max_seconds``.  The task runs the same
+pipelined relay as ``relay_outbox`` (:meth:`reliable_events.relay.Relay.drain`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def relay_outbox(max_seconds: float = 50.0) -> dict[str, Any]:
         "sent": report.sent,
         "failed": report.failed,
         "dead": report.dead,
+        "interrupted": report.interrupted,
+        "broker_error": report.broker_error,
     }
 
 

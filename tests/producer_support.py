@@ -90,6 +90,26 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float, interval: float
         time.sleep(interval)
 
 
+def lanes_by_relay() -> dict[int, int]:
+    """Lanes held per relay (backend pid) in the test database, from ``pg_locks``."""
+    from django.db import connection
+
+    from reliable_events.relay import LANE_LOCK_NAMESPACE, RELAY_LOCK_NAMESPACE
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """SELECT r.pid, count(l.objid) FROM pg_locks r
+            LEFT JOIN pg_locks l ON l.pid = r.pid AND l.locktype = 'advisory'
+                AND l.classid = %(lane)s::oid AND l.objsubid = 2 AND l.granted
+            WHERE r.locktype = 'advisory' AND r.classid = %(relay)s::oid AND r.objsubid = 2
+                AND r.granted
+                AND r.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            GROUP BY r.pid""",
+            {"lane": LANE_LOCK_NAMESPACE, "relay": RELAY_LOCK_NAMESPACE},
+        )
+        return {int(pid): int(count) for pid, count in cursor.fetchall()}
+
+
 # -- reading queues -----------------------------------------------------------------------
 def drain_queue(
     channel: Any, queue: str, *, expect: int, timeout: float = 30.0, linger: float = 0.3
@@ -176,7 +196,8 @@ class FailingPublisher(WrappingPublisher):
 
 class CutAtPublisher(WrappingPublisher):
     """Wraps a real publisher; from the first message whose id is in ``cut_ids`` on, the
-    batch fails like a lost connection (what comes before it is published for real)."""
+    batch is interrupted like a lost connection (what comes before it is published for
+    real)."""
 
     def __init__(self, inner: Publisher, cut_ids: Iterable[str] = ()) -> None:
         super().__init__(inner)
@@ -190,7 +211,7 @@ class CutAtPublisher(WrappingPublisher):
         result = self.inner.publish(head, timeout=timeout) if head else PublishResult()
         if cut is not None:
             refs: list[Hashable] = [m.ref for m in messages[cut:]]
-            result.fail(refs, "injected connection loss")
+            result.interrupt(refs, "injected connection loss")
         return result
 
 

@@ -78,9 +78,9 @@ def broker_failure_surfaces(
         row = publish_event("orders.created", {"order": 1})
     OutboxMessage.objects.filter(pk=row.pk).update(next_attempt_at=timezone.now())
     report = relay_once()
-    surfaces["relay report"] = f"{report}\n{report.errors!r}"
+    surfaces["relay report"] = f"{report}\n{report.errors!r}\n{report.broker_error}"
     row.refresh_from_db()
-    assert row.attempts >= 1, "the relay never tried"
+    assert report.broker_error, "the relay never tried"
     assert row.last_error, "the failure was not recorded"
     surfaces["OutboxMessage.last_error"] = row.last_error
 

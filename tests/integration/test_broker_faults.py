@@ -87,25 +87,27 @@ def test_broker_down_at_commit_then_back_relay_delivers_everything(
     stored = {r.pk: r for r in OutboxMessage.objects.all()}
     assert all(r.status == OutboxMessage.Status.PENDING for r in stored.values())
     tried = stored[first.pk]
-    assert tried.attempts == 1
+    # the broker failed, not the event: no attempt counted, and the row is handed to the
+    # relay at once (its on-commit reservation ends), with the reason
+    assert tried.attempts == 0
     assert "cannot connect to broker" in tried.last_error
-    # rescheduled by the backoff (database clock), not left at its on-commit reservation
     assert tried.created_at < tried.next_attempt_at < tried.created_at + timedelta(seconds=1.5)
     assert [stored[r.pk].attempts for r in rows[1:]] == [0, 0, 0, 0]  # skipped by the breaker
+    # skipped by the breaker: due for the relay at once too, not after the grace
+    assert all(stored[r.pk].next_attempt_at < r.created_at + timedelta(seconds=1.5) for r in rows)
 
-    # a relay while the broker is still down: attempts and backoff, nothing sent
+    # a relay while the broker is still down: nothing claimed, nothing charged
     OutboxMessage.objects.update(next_attempt_at=Now())
     err = StringIO()
     with pytest.raises(CommandError) as info:
         call_command("relay_outbox", "--once", stdout=StringIO(), stderr=err)
     assert info.value.returncode == 3
+    assert "broker is unavailable" in str(info.value)
     after = OutboxMessage.objects.all()
-    assert all(r.status == "pending" and r.attempts >= 1 and r.last_error for r in after)
-    assert all(r.next_attempt_at > r.created_at for r in after)
+    assert all(r.status == "pending" and r.attempts == 0 and r.last_error for r in after)
 
-    # the broker is back: once the backoff has passed, one relay run delivers every event
+    # the broker is back: one relay run delivers every event
     tcp_proxy.start()
-    OutboxMessage.objects.update(next_attempt_at=Now())
     out = StringIO()
     call_command("relay_outbox", "--once", stdout=out)
     assert "sent=5" in out.getvalue()
@@ -170,10 +172,12 @@ def test_broker_password_never_appears_in_errors_or_logs(broker, rabbit, re_sett
         with pytest.raises(CommandError) as declared:
             call_command("declare_topology", stdout=StringIO())
     stored = OutboxMessage.objects.get(pk=row.pk)
-    assert stored.attempts == 3
+    assert stored.attempts == 0  # a broker failure is not charged to the event
     assert "cannot connect to broker" in stored.last_error
+    assert "cannot connect to broker" in report.broker_error
     texts = [
         stored.last_error,
+        report.broker_error,
         *report.errors,
         str(info.value),
         err.getvalue(),
@@ -196,8 +200,11 @@ def test_broker_refusing_the_credentials_keeps_rows_pending_without_the_password
     row = _create_order(1)
     OutboxMessage.objects.update(next_attempt_at=Now())
     report = relay_once()
-    assert report.failed == 1
+    assert (report.claimed, report.failed) == (0, 0)  # the relay pauses as a whole
+    assert "ACCESS_REFUSED" in report.broker_error
     stored = OutboxMessage.objects.get(pk=row.pk)
-    assert stored.status == OutboxMessage.Status.PENDING
+    assert (stored.status, stored.attempts) == (OutboxMessage.Status.PENDING, 0)
+    # the on-commit hook's try left the reason on the row
     assert "ACCESS_REFUSED" in stored.last_error or "refused" in stored.last_error.lower()
     assert secret not in stored.last_error
+    assert secret not in report.broker_error

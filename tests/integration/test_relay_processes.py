@@ -21,6 +21,7 @@ from reliable_events.models import OutboxMessage
 from tests.producer_support import (
     child_env,
     drain_queue,
+    lanes_by_relay,
     manage,
     message_ids,
     stop_process,
@@ -116,16 +117,19 @@ def test_relay_killed_mid_batch_and_restarted_loses_nothing(
 
 
 def test_three_relays_at_once_over_5000_events(broker, rabbit, exchange_name, re_settings):
-    """Three relay_outbox loops drain 5,000 events: none lost, none sent twice, per-key
-    order holds; each stops cleanly (exit 0) on SIGTERM."""
+    """Three relay_outbox loops share the lanes (22/22/20) and drain 5,000 events: none
+    lost, none sent twice, per-key order holds; each stops cleanly (exit 0) on SIGTERM."""
     queue = rabbit.bind_queue(exchange_name, "#")
     re_settings(PUBLISH_ON_COMMIT=False)
-    rows = _publish_many(5000, keys=50)
-    ids = [r.message_id for r in rows]
-    env = child_env(RELAY_BATCH_SIZE=100, RELAY_IDLE_SECONDS=0.2)
+    # idle poll 0.2 s on the tests' clock (TIME_SCALE 0.05)
+    env = child_env(RELAY_BATCH_SIZE=100, RELAY_IDLE_SECONDS=4)
 
     relays = [manage("relay_outbox", env=env) for _ in range(3)]
     try:
+        # every relay announced itself and holds its fair share before the rows come
+        assert wait_until(lambda: sorted(lanes_by_relay().values()) == [20, 22, 22], timeout=60)
+        rows = _publish_many(5000, keys=50)
+        ids = [r.message_id for r in rows]
         done = wait_until(
             lambda: not OutboxMessage.objects.pending().exists(), timeout=120, interval=0.2
         )
@@ -158,7 +162,7 @@ def test_three_relays_at_once_over_5000_events(broker, rabbit, exchange_name, re
 
 
 def test_relay_loop_stops_on_sigterm_when_idle(broker):
-    relay = manage("relay_outbox", env=child_env(RELAY_IDLE_SECONDS=0.2))
+    relay = manage("relay_outbox", env=child_env())
     try:
         line = relay.stdout.readline() if relay.stdout else ""
         assert "relay_outbox: running" in line
@@ -169,7 +173,7 @@ def test_relay_loop_stops_on_sigterm_when_idle(broker):
 
 
 def test_relay_loop_stops_on_sigint(broker):
-    relay = manage("relay_outbox", env=child_env(RELAY_IDLE_SECONDS=0.2))
+    relay = manage("relay_outbox", env=child_env())
     try:
         assert relay.stdout is not None
         assert "running" in relay.stdout.readline()

@@ -158,7 +158,14 @@ def test_relay_task_publishes_due_rows(celery_app, re_settings):
     for n in range(3):
         publish_event("tasks.test", {"n": n})
     result = relay_outbox.delay(max_seconds=5)
-    assert result.get() == {"claimed": 3, "sent": 3, "failed": 0, "dead": 0}
+    assert result.get() == {
+        "claimed": 3,
+        "sent": 3,
+        "failed": 0,
+        "dead": 0,
+        "interrupted": 0,
+        "broker_error": "",
+    }
     assert OutboxMessage.objects.pending().count() == 0
     assert relay_outbox.delay().get()["claimed"] == 0
 

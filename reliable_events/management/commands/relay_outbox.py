@@ -1,5 +1,11 @@
 """``relay_outbox``: publish pending outbox rows to the broker.
 
+Without ``--once`` it is the relay daemon: the pipelined relay (:meth:`Relay.run`), run
+after run on one kept database connection (which holds its share of the lanes); idle,
+it waits for a wake-up (PostgreSQL ``NOTIFY`` from the on-commit hook) or polls every
+``RELAY_IDLE_SECONDS``; while the broker is unavailable it pauses at most
+``RELAY_BROKER_RETRY_MAX`` between tries.
+
 Exit codes: 0 done (or stopped by SIGTERM/SIGINT); 1 bad arguments or configuration;
 3 with ``--once``, when some events could not be published (they stay pending).
 """
@@ -51,11 +57,19 @@ class Command(BaseCommand):
     def _once(self, relay: Relay) -> None:
         report = relay.drain()
         self.stdout.write(f"relay_outbox: {report}")
-        if report.failed:
+        if report.broker_error and not report.interrupted:
+            self.stderr.write(f"  error: {report.broker_error}")
+            raise CommandError(
+                f"the broker is unavailable ({report.broker_error}): due events could not "
+                "be published; they stay pending",
+                returncode=EXIT_SOME_FAILED,
+            )
+        if report.failed or report.interrupted:
             for error in report.errors[:3]:
                 self.stderr.write(f"  error: {error}")
             raise CommandError(
-                f"{report.failed} event(s) could not be published; they stay pending",
+                f"{report.failed + report.interrupted} event(s) could not be published; "
+                "they stay pending",
                 returncode=EXIT_SOME_FAILED,
             )
 
@@ -64,16 +78,31 @@ class Command(BaseCommand):
         total = RelayReport()
 
         def step() -> bool:
-            report = relay.run_batch()
+            report = relay.run()
             total.add(report)
             if report.claimed:
-                self.stdout.write(f"relay_outbox: {report}")
-            return report.claimed > 0 and report.sent > 0
+                self.stdout.write(f"relay_outbox: {report} lanes={report.lanes}")
+            if report.broker_error:  # paused as a whole: wait for the breaker, not the idle
+                stop.wait(relay.breaker.remaining())
+                return True
+            if report.claimed > 0 and (report.sent > 0 or report.interrupted > 0):
+                return True
+            # idle: until woken (rows handed over by the on-commit hook) or the next poll
+            relay.wait_for_work(idle, stop.is_set)
+            return True
+
+        idle = app_settings.seconds("RELAY_IDLE_SECONDS")
 
         with stop_on_signals(stop):  # installed before "running": a signal after it stops cleanly
             self.stdout.write("relay_outbox: running (SIGTERM or Ctrl-C stops after the batch)")
-            run_loop(step, stop=stop, idle_seconds=float(app_settings.RELAY_IDLE_SECONDS))
+            run_loop(
+                step,
+                stop=stop,
+                idle_seconds=idle,
+                recycle_connections=False,
+            )
         self.stdout.write(
             f"relay_outbox: stopped ({stop.signal_name or 'done'}); "
-            f"sent={total.sent} failed={total.failed} dead={total.dead}"
+            f"sent={total.sent} failed={total.failed} dead={total.dead} "
+            f"interrupted={total.interrupted}"
         )
