@@ -695,7 +695,8 @@ class AmqpRetryScheduler(RetryScheduler):
         )
         result = self.publisher.publish([message], timeout=float(app_settings.CONFIRM_TIMEOUT))
         if event.id not in result.confirmed:
-            reason = next(iter(result.failed.values()), "not confirmed")
+            reasons = {**result.interrupted, **result.failed}
+            reason = reasons.get(event.id) or result.broker_error or "not confirmed"
             raise RetryPublishFailed(f"retry of {event.id!r} to {queue} not confirmed: {reason}")
 
     def close(self) -> None:
