@@ -6,6 +6,7 @@ from typing import Any
 
 from rest_framework import serializers
 
+from reliable_events.api.filters import MAX_ID
 from reliable_events.deadletters import TriageResult
 from reliable_events.models import DeadLetter
 
@@ -69,7 +70,7 @@ class SelectionSerializer(serializers.Serializer[Any]):
     """
 
     ids = serializers.ListField(
-        child=serializers.IntegerField(min_value=1),
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
         required=False,
         allow_empty=False,
         max_length=MAX_BULK_IDS,
@@ -108,7 +109,7 @@ class OutboxRetrySerializer(serializers.Serializer[Any]):
     """Which dead outbox rows to make pending again: ``ids`` or ``all: true``."""
 
     ids = serializers.ListField(
-        child=serializers.IntegerField(min_value=1),
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
         required=False,
         allow_empty=False,
         max_length=MAX_BULK_IDS,

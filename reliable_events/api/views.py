@@ -14,7 +14,8 @@ from rest_framework.response import Response
 from rest_framework.viewsets import GenericViewSet, ViewSet
 
 from reliable_events import deadletters
-from reliable_events.api.filters import MAX_PAGE_SIZE, filter_dead_letters
+from reliable_events.api.filters import MAX_ID, MAX_PAGE_SIZE, as_id, filter_dead_letters
+from reliable_events.api.parsers import PARSERS
 from reliable_events.api.permissions import DeadLetterPermission, OutboxPermission
 from reliable_events.api.serializers import (
     HEAVY_FIELDS,
@@ -57,6 +58,7 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
     """
 
     permission_classes = (DeadLetterPermission,)
+    parser_classes = PARSERS
     pagination_class = DeadLetterPagination
     lookup_value_regex = "[^/]+"
 
@@ -68,11 +70,15 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
 
     def get_object(self) -> DeadLetter:
         raw = str(self.kwargs.get(self.lookup_field, ""))
-        if not raw.isdigit():
-            raise NotFound(f"{raw[:40]!r} is not a dead-letter id: ids are positive integers.")
-        letter = self.get_queryset().filter(pk=int(raw)).first()
+        pk = as_id(raw)
+        if pk is None:
+            raise NotFound(
+                f"{raw[:40]!r} is not a dead-letter id: ids are positive integers "
+                f"(ASCII digits, at most {MAX_ID})."
+            )
+        letter = self.get_queryset().filter(pk=pk).first()
         if letter is None:
-            raise NotFound(f"No dead letter with id {int(raw)}.")
+            raise NotFound(f"No dead letter with id {pk}.")
         self.check_object_permissions(self.request, letter)
         return letter
 
@@ -94,10 +100,10 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
             raise ValidationError(
                 {"detail": [f"unknown parameter(s): {', '.join(unknown)}; allowed: limit."]}
             )
-        raw = request.query_params.get("limit", "100")
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_GROUPS:
+        limit = as_id(request.query_params.get("limit", "100"))
+        if limit is None or limit > MAX_GROUPS:
             raise ValidationError({"limit": [f"must be an integer from 1 to {MAX_GROUPS}."]})
-        groups = failure_groups(limit=int(raw))
+        groups = failure_groups(limit=limit)
         return Response({"count": len(groups), "results": [g.as_dict() for g in groups]})
 
     # -- one dead letter --------------------------------------------------------------
@@ -166,6 +172,7 @@ class OutboxViewSet(ViewSet):
     """Outbox health and retrying dead outbox rows."""
 
     permission_classes = (OutboxPermission,)
+    parser_classes = PARSERS
 
     @action(detail=False, methods=["get"])
     def stats(self, request: Request) -> Response:
