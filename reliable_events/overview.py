@@ -221,6 +221,8 @@ class FailureGroup:
     first_failed_at: datetime | None
     last_failed_at: datetime | None
     sample_error: str
+    #: The group's highest dead-letter id: group actions act on ids up to it (what was seen).
+    last_id: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -231,6 +233,7 @@ class FailureGroup:
             "first_failed_at": self.first_failed_at.isoformat() if self.first_failed_at else None,
             "last_failed_at": self.last_failed_at.isoformat() if self.last_failed_at else None,
             "sample_error": self.sample_error,
+            "last_id": self.last_id,
         }
 
 
@@ -255,6 +258,7 @@ def failure_groups(
             first=Min("first_failed_at"),
             last=Max("last_failed_at"),
             sample=Max(Substr("error_message", 1, 300)),
+            last_id=Max("id"),
         )
         .order_by("-count", "consumer", "fingerprint")[: max(1, limit)]
     )
@@ -267,6 +271,7 @@ def failure_groups(
             first_failed_at=row["first"],
             last_failed_at=row["last"],
             sample_error=row["sample"] or "",
+            last_id=row["last_id"] or 0,
         )
         for row in rows
     ]

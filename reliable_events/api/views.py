@@ -33,6 +33,8 @@ from reliable_events.overview import failure_groups, overview
 from reliable_events.relay import retry_dead
 
 MAX_GROUPS = 500
+#: ``TriageEntry.source`` of changes made through the API.
+SOURCE = "api"
 
 
 class DeadLetterPagination(PageNumberPagination):
@@ -112,7 +114,9 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
         letter = self.get_object()
         body = NoteSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        result = deadletters.retry([letter], user=_user(request), note=body.validated_data["note"])
+        result = deadletters.retry(
+            [letter], user=_user(request), note=body.validated_data["note"], source=SOURCE
+        )
         return self._single_outcome("retry", result)
 
     @action(detail=True, methods=["post"])
@@ -121,7 +125,7 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
         body = DiscardNoteSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         result = deadletters.discard(
-            [letter], note=body.validated_data["note"], user=_user(request)
+            [letter], note=body.validated_data["note"], user=_user(request), source=SOURCE
         )
         return self._single_outcome("discard", result)
 
@@ -139,7 +143,11 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
         body.is_valid(raise_exception=True)
         data = body.validated_data
         result = deadletters.retry(
-            self._selection(data), user=_user(request), note=data["note"], dry_run=data["dry_run"]
+            self._selection(data),
+            user=_user(request),
+            note=data["note"],
+            source=SOURCE,
+            dry_run=data["dry_run"],
         )
         return Response(triage_outcome("retry", result, dry_run=data["dry_run"]))
 
@@ -153,6 +161,7 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
             self._selection(data),
             note=data["note"].strip(),
             user=_user(request),
+            source=SOURCE,
             dry_run=data["dry_run"],
         )
         return Response(triage_outcome("discard", result, dry_run=data["dry_run"]))

@@ -243,23 +243,32 @@ def test_group_page_and_group_actions() -> None:
     assert "Retry 4" in page.content.decode()
 
     act = reverse("admin:reliable_events_deadletter_group_action")
-    response = client.post(
-        act, {"consumer": "billing.charge", "fingerprint": "fp-a", "op": "retry"}
-    )
+    shown = {
+        (r["group"].consumer, r["group"].fingerprint): r["group"] for r in page.context["groups"]
+    }
+
+    def snapshot(consumer: str, fingerprint: str) -> dict[str, Any]:
+        group = shown[(consumer, fingerprint)]
+        return {
+            "consumer": consumer,
+            "fingerprint": fingerprint,
+            "upto": group.last_id,
+            "seen": group.count,
+        }
+
+    response = client.post(act, {**snapshot("billing.charge", "fp-a"), "op": "retry"})
     assert any("Retried 4 dead letter(s)" in t for t in follow_messages(client, response))
     assert DeadLetter.objects.filter(status="retried").count() == 4
     assert OutboxMessage.objects.count() == 4
     # The same fingerprint under another consumer is another group: untouched.
     assert DeadLetter.objects.filter(consumer="mail.send", status="open").count() == 2
 
-    response = client.post(
-        act, {"consumer": "billing.charge", "fingerprint": "fp-b", "op": "discard"}
-    )
+    response = client.post(act, {**snapshot("billing.charge", "fp-b"), "op": "discard"})
     assert any("note is required" in t for t in follow_messages(client, response))
     assert DeadLetter.objects.filter(fingerprint="fp-b", status="open").count() == 3
     response = client.post(
         act,
-        {"consumer": "billing.charge", "fingerprint": "fp-b", "op": "discard", "note": "bug #12"},
+        {**snapshot("billing.charge", "fp-b"), "op": "discard", "note": "bug #12"},
     )
     assert any("Discarded 3 dead letter(s)" in t for t in follow_messages(client, response))
     assert (

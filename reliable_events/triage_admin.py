@@ -1,0 +1,336 @@
+"""Admin pages of triage beyond the changelists: timeline, edit and retry, audit history.
+
+Thin views over :mod:`reliable_events.timeline` and :mod:`reliable_events.deadletters`;
+``admin.py`` wires them into the dead-letter admin's URLs.  Also the guard that keeps the
+changelists' URL lookups to the documented filters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+)
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.http import urlencode
+from django.utils.safestring import SafeString
+from django.utils.translation import gettext_lazy as _
+
+from reliable_events import deadletters
+from reliable_events.conf import app_settings
+from reliable_events.deadletters import TriageResult
+from reliable_events.models import DeadLetter, TriageEntry
+from reliable_events.timeline import timeline
+
+if TYPE_CHECKING:
+    _ModelAdmin = admin.ModelAdmin[Any]
+else:
+    _ModelAdmin = admin.ModelAdmin
+
+APP_LABEL = "reliable_events"
+MESSAGE_ID_PARAM = "message_id"
+
+
+# -- URL lookups ------------------------------------------------------------------------
+class DocumentedLookupsOnly:
+    """Refuse every URL lookup but the documented filters (a 400, not a scan or a 500).
+
+    Django's admin accepts any lookup on a local field in the query string:
+    ``?payload__contains=`` (a 500 on SQLite), ``?consumer__regex=.*`` or
+    ``?traceback__icontains=`` (unindexed scans any viewer may start).  ``url_lookups``
+    lists the parameters the list filters and links of the page produce.
+    """
+
+    url_lookups: Collection[str] = ()
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        return lookup in self.url_lookups
+
+
+def int_or_none(value: str | None) -> int | None:
+    """A positive 64-bit id in ASCII digits (``int()`` takes "١٢"; SQLite overflows past 2**63)."""
+    text = (value or "").strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 19):
+        return None
+    number = int(text)
+    return number if 0 < number < 2**63 else None
+
+
+#: Skipped ids listed in a message before "and N more".
+MAX_LISTED = 10
+
+
+def report(modeladmin: _ModelAdmin, request: HttpRequest, result: TriageResult, verb: str) -> None:
+    """Tell the user what a triage call did, including why it skipped rows."""
+    text = result.summary(verb).capitalize() + "."
+    if result.skipped:
+        listed = list(result.skipped.items())[:MAX_LISTED]
+        details = "; ".join(f"#{pk}: {why}" for pk, why in listed)
+        more = len(result.skipped) - len(listed)
+        text += f" Skipped {details}" + (f"; and {more} more." if more else ".")
+    if result.done and not result.skipped:
+        level = messages.SUCCESS
+    elif result.done:
+        level = messages.WARNING
+    else:
+        level = messages.ERROR
+    modeladmin.message_user(request, text, level)
+
+
+# -- links --------------------------------------------------------------------------------
+def timeline_url(site_name: str, message_id: str) -> str:
+    return (
+        reverse(f"{site_name}:reliable_events_timeline")
+        + "?"
+        + urlencode({MESSAGE_ID_PARAM: message_id})
+    )
+
+
+def timeline_link(site_name: str, message_id: str) -> SafeString | str:
+    if not message_id:
+        return "-"
+    return format_html(
+        '<a class="re-timeline-link" href="{}" title="{}">timeline</a>',
+        timeline_url(site_name, message_id),
+        message_id,
+    )
+
+
+# -- timeline -------------------------------------------------------------------------------
+def can_see_timeline(request: HttpRequest) -> bool:
+    user = request.user
+    return any(
+        user.has_perm(f"{APP_LABEL}.view_{model}")
+        for model in ("deadletter", "outboxmessage", "processedmessage")
+    )
+
+
+def timeline_view(modeladmin: _ModelAdmin, request: HttpRequest) -> HttpResponse:
+    """Everything known about one message id (``?message_id=``), oldest first."""
+    if not can_see_timeline(request):
+        raise PermissionDenied
+    message_id = request.GET.get(MESSAGE_ID_PARAM, "").strip()
+    if "\x00" in message_id or len(message_id) > 255:
+        raise Http404("not a message id")
+    data = timeline(message_id) if message_id else None
+    site = modeladmin.admin_site.name
+    links = {
+        "deadletter": request.user.has_perm(f"{APP_LABEL}.view_deadletter"),
+        "outboxmessage": request.user.has_perm(f"{APP_LABEL}.view_outboxmessage"),
+        "processedmessage": request.user.has_perm(f"{APP_LABEL}.view_processedmessage"),
+    }
+    rows = [
+        {
+            "event": event,
+            "url": reverse(f"{site}:reliable_events_{event.row[0]}_change", args=[event.row[1]])
+            if links[event.row[0]]
+            else "",
+            "note": event.details.get("note", ""),
+            "changes": json.dumps(event.details.get("changes"), indent=2, sort_keys=True)
+            if event.details.get("changes")
+            else "",
+        }
+        for event in (data.events if data else [])
+    ]
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": _("Message timeline"),
+        "opts": modeladmin.opts,
+        "message_id": message_id,
+        "timeline": data,
+        "rows": rows,
+        "copies": [(copy, timeline_url(site, copy)) for copy in (data.copies if data else [])],
+        "copy_of_url": timeline_url(site, data.copy_of) if data and data.copy_of else "",
+        "retry_counts": sorted(data.retry_counts().items()) if data else [],
+    }
+    return TemplateResponse(request, "admin/reliable_events/timeline.html", context)
+
+
+# -- edit and retry -----------------------------------------------------------------------
+def has_edit_permission(request: HttpRequest) -> bool:
+    return bool(request.user.has_perm(f"{APP_LABEL}.edit_deadletter"))
+
+
+class EditPayloadForm(forms.Form):
+    payload = forms.CharField(
+        widget=forms.Textarea(
+            attrs={"rows": 18, "cols": 90, "class": "re-pre", "id": "re-payload"}
+        ),
+        strip=False,
+        help_text=_("The corrected payload, as JSON. It is published as a copy with a new id."),
+    )
+    note = forms.CharField(
+        max_length=2000,
+        widget=forms.TextInput(attrs={"size": 60, "id": "re-edit-note"}),
+        help_text=_("What you changed and why (kept in the audit trail)."),
+    )
+
+    def clean_payload(self) -> Any:
+        text = self.cleaned_data["payload"]
+        limit = int(app_settings.MAX_PAYLOAD_BYTES)
+        if len(text.encode()) > limit:
+            raise forms.ValidationError(f"The payload is over MAX_PAYLOAD_BYTES ({limit} bytes).")
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise forms.ValidationError(f"Not valid JSON: {str(exc)[:200]}") from None
+
+
+def initial_payload(letter: DeadLetter) -> str:
+    if letter.payload is not None or not letter.raw_body:
+        return json.dumps(letter.payload, indent=2, sort_keys=True, ensure_ascii=False)
+    return letter.raw_body
+
+
+def edit_view(modeladmin: _ModelAdmin, request: HttpRequest, letter_id: int) -> HttpResponse:
+    """Edit an open dead letter's payload and publish the fix as a copy (new message id)."""
+    if not has_edit_permission(request):
+        raise PermissionDenied
+    letter = DeadLetter.objects.filter(pk=letter_id).first()
+    if letter is None:
+        raise Http404("no such dead letter")
+    site = modeladmin.admin_site.name
+    change_url = reverse(f"{site}:reliable_events_deadletter_change", args=[letter.pk])
+    if letter.status != DeadLetter.Status.OPEN:
+        modeladmin.message_user(
+            request,
+            f"Dead letter #{letter.pk} is {letter.status}: nothing to edit.",
+            messages.ERROR,
+        )
+        return HttpResponseRedirect(change_url)
+    form = EditPayloadForm(
+        request.POST if request.method == "POST" else None,
+        initial={"payload": initial_payload(letter)},
+    )
+    if request.method == "POST" and form.is_valid():
+        result = deadletters.edit_and_retry(
+            letter,
+            form.cleaned_data["payload"],
+            user=str(request.user.get_username()),
+            note=form.cleaned_data["note"].strip(),
+            source="admin",
+        )
+        if result.done:
+            copy_id = result.copies[letter.pk]
+            modeladmin.message_user(
+                request,
+                f"Published an edited copy of dead letter #{letter.pk} as message {copy_id} "
+                f"to queue {letter.queue or letter.consumer}.",
+                messages.SUCCESS,
+            )
+            return HttpResponseRedirect(timeline_url(site, letter.message_id or copy_id))
+        reason = "; ".join(result.skipped.values()) or "it is gone"
+        modeladmin.message_user(request, f"Not retried: {reason}.", messages.ERROR)
+        return HttpResponseRedirect(change_url)
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": _("Edit and retry dead letter #%(id)s") % {"id": letter.pk},
+        "opts": modeladmin.opts,
+        "original": letter,
+        "form": form,
+        "change_url": change_url,
+    }
+    return TemplateResponse(request, "admin/reliable_events/deadletter/edit.html", context)
+
+
+# -- group actions ------------------------------------------------------------------------
+def group_action_view(modeladmin: Any, request: HttpRequest) -> HttpResponse:
+    """Retry or discard exactly the open letters of a group that the user saw (POST only).
+
+    The groups page posts the group's highest id (``upto``) and its count (``seen``) with
+    the button.  Letters that arrived since have higher ids and are left alone (and
+    counted in the message); if more letters up to ``upto`` are open than were shown (a
+    transaction that committed late), nothing is done and the user is asked to look
+    again.  Letters resolved meanwhile by someone else are skipped by the service.
+    """
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    back = reverse(f"{modeladmin.admin_site.name}:reliable_events_deadletter_groups")
+    fingerprint = request.POST.get("fingerprint")
+    consumer = request.POST.get("consumer")
+    op = request.POST.get("op")
+    note = request.POST.get("note", "").strip()
+    user = str(request.user.get_username())
+    if op == "retry" and not modeladmin.has_retry_permission(request):
+        raise PermissionDenied
+    if op == "discard" and not modeladmin.has_discard_permission(request):
+        raise PermissionDenied
+
+    def fail(text: str) -> HttpResponse:
+        modeladmin.message_user(request, text, messages.ERROR)
+        return HttpResponseRedirect(back)
+
+    if op not in ("retry", "discard"):
+        return fail("Unknown operation.")
+    if fingerprint is None or not consumer or "\x00" in fingerprint + consumer:
+        return fail("Pick a group: consumer and fingerprint are required.")
+    if op == "discard" and not note:
+        return fail("Say why you discard them: the note is required.")
+    upto, seen = int_or_none(request.POST.get("upto")), int_or_none(request.POST.get("seen"))
+    if upto is None or seen is None:
+        return fail("Reload the groups page: the group's snapshot (upto, seen) is missing.")
+    group = deadletters.select(consumer=consumer, fingerprint=fingerprint)
+    shown = group.filter(pk__lte=upto)
+    matching = shown.count()
+    if matching > seen:
+        return fail(
+            f"The group changed since you looked: {matching} open letters up to #{upto} now, "
+            f"{seen} shown. Nothing was done; look at the group again."
+        )
+    newer = group.filter(pk__gt=upto).count()
+    if op == "retry":
+        result = deadletters.retry(shown.only("id"), user=user, note=note, source="admin group")
+    else:
+        result = deadletters.discard(shown.only("id"), note=note, user=user, source="admin group")
+    report(modeladmin, request, result, "retried" if op == "retry" else "discarded")
+    if newer or result.count < seen:
+        modeladmin.message_user(
+            request,
+            f"The group changed since you looked: you saw {seen}, {result.count} were acted on; "
+            f"{newer} newer letter(s) arrived meanwhile and were not touched.",
+            messages.WARNING,
+        )
+    return HttpResponseRedirect(back)
+
+
+# -- audit ----------------------------------------------------------------------------------
+def history_context(letter_id: str) -> dict[str, Any]:
+    """The triage entries of one dead letter, for its History page."""
+    try:
+        pk = int(letter_id)
+    except ValueError:
+        return {"triage_entries": []}
+    entries = TriageEntry.objects.filter(dead_letter_id=pk).order_by("id")[:500]
+    return {
+        "triage_entries": [
+            {
+                "entry": entry,
+                "changes": json.dumps(entry.changes, indent=2, sort_keys=True)
+                if entry.changes
+                else "",
+            }
+            for entry in entries
+        ]
+    }
+
+
+__all__ = [
+    "DocumentedLookupsOnly",
+    "edit_view",
+    "history_context",
+    "timeline_link",
+    "timeline_url",
+    "timeline_view",
+]
