@@ -179,6 +179,7 @@ def test_every_triage_action_leaves_an_audit_entry_shown_on_the_history_page() -
         assert entry.at is not None
         assert entry.message_id == DeadLetter.objects.get(pk=pk).message_id
         if action == "retry":
+            assert entry.outbox_id is not None
             assert OutboxMessage.objects.filter(pk=entry.outbox_id, queue=entry.consumer).exists()
     history = client.get(reverse("admin:reliable_events_deadletter_history", args=[by_detail.pk]))
     html = history.content.decode()
