@@ -14,7 +14,13 @@ from rest_framework.response import Response
 from rest_framework.viewsets import GenericViewSet, ViewSet
 
 from reliable_events import deadletters
-from reliable_events.api.filters import MAX_ID, MAX_PAGE_SIZE, as_id, filter_dead_letters
+from reliable_events.api.filters import (
+    MAX_ID,
+    MAX_PAGE_SIZE,
+    as_id,
+    filter_dead_letters,
+    reject_nul,
+)
 from reliable_events.api.parsers import PARSERS
 from reliable_events.api.permissions import DeadLetterPermission, OutboxPermission
 from reliable_events.api.serializers import (
@@ -23,14 +29,16 @@ from reliable_events.api.serializers import (
     DeadLetterListSerializer,
     DiscardNoteSerializer,
     DiscardSelectionSerializer,
+    EditRetrySerializer,
     NoteSerializer,
     OutboxRetrySerializer,
     SelectionSerializer,
     triage_outcome,
 )
-from reliable_events.models import DeadLetter
+from reliable_events.models import MESSAGE_ID_MAX_LENGTH, DeadLetter
 from reliable_events.overview import failure_groups, overview
 from reliable_events.relay import retry_dead
+from reliable_events.timeline import timeline
 
 MAX_GROUPS = 500
 #: ``TriageEntry.source`` of changes made through the API.
@@ -108,6 +116,23 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
         groups = failure_groups(limit=limit)
         return Response({"count": len(groups), "results": [g.as_dict() for g in groups]})
 
+    @action(detail=False, methods=["get"])
+    def timeline(self, request: Request) -> Response:
+        """Everything known about one ``message_id``: outbox, consumers, dead letters, audit."""
+        params = request.query_params
+        reject_nul(params)
+        unknown = sorted(set(params) - {"message_id", "format"})
+        if unknown:
+            raise ValidationError(
+                {"detail": [f"unknown parameter(s): {', '.join(unknown)}; allowed: message_id."]}
+            )
+        message_id = params.get("message_id", "").strip()
+        if not message_id or len(message_id) > MESSAGE_ID_MAX_LENGTH:
+            raise ValidationError(
+                {"message_id": [f"give a message id of 1 to {MESSAGE_ID_MAX_LENGTH} characters."]}
+            )
+        return Response(timeline(message_id).as_dict())
+
     # -- one dead letter --------------------------------------------------------------
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
@@ -128,6 +153,21 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
             [letter], note=body.validated_data["note"], user=_user(request), source=SOURCE
         )
         return self._single_outcome("discard", result)
+
+    @action(detail=True, methods=["post"], url_path="edit-retry")
+    def edit_retry(self, request: Request, pk: str | None = None) -> Response:
+        """Publish a corrected ``payload`` as a copy with a new message id; ``note`` required."""
+        letter = self.get_object()
+        body = EditRetrySerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        result = deadletters.edit_and_retry(
+            letter,
+            body.validated_data["payload"],
+            user=_user(request),
+            note=body.validated_data["note"],
+            source=SOURCE,
+        )
+        return self._single_outcome("edit-retry", result)
 
     @staticmethod
     def _single_outcome(name: str, result: deadletters.TriageResult) -> Response:
@@ -174,6 +214,7 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
             consumer=data.get("consumer"),
             fingerprint=data.get("fingerprint"),
             everything=bool(data.get("all")),
+            upto=data.get("upto"),
         ).only("id")
 
 

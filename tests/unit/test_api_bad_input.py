@@ -27,6 +27,7 @@ EVERY_PERMISSION = (
     "discard_deadletter",
     "view_outboxmessage",
     "change_outboxmessage",
+    "edit_deadletter",
 )
 HUGE = 2**63
 UNICODE_DIGITS = ("²", "٣", "\uff11", "1²")
@@ -88,6 +89,7 @@ def test_ids_past_64_bits_are_a_400(oncall: APIClient, url: str) -> None:
         LIST + "discard/",
         LIST + "{id}/retry/",
         LIST + "{id}/discard/",
+        LIST + "{id}/edit-retry/",
         BASE + "outbox/retry-dead/",
     ],
 )

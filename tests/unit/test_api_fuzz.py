@@ -28,6 +28,7 @@ POST_URLS = (
     LIST + "discard/",
     LIST + "{id}/retry/",
     LIST + "{id}/discard/",
+    LIST + "{id}/edit-retry/",
     BASE + "outbox/retry-dead/",
 )
 PERMISSIONS = (
@@ -36,6 +37,7 @@ PERMISSIONS = (
     "discard_deadletter",
     "view_outboxmessage",
     "change_outboxmessage",
+    "edit_deadletter",
 )
 FUZZ = settings(
     max_examples=150,
