@@ -50,11 +50,13 @@ from reliable_events.overview import build_chart, failure_groups, overview
 from reliable_events.relay import retry_dead
 from reliable_events.triage_admin import (
     DocumentedLookupsOnly,
+    PayloadFilter,
     edit_view,
     group_action_view,
     has_edit_permission,
     history_context,
     int_or_none,
+    overview_options,
     report,
     timeline_link,
     timeline_url,
@@ -234,6 +236,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         "topic",
         "error_summary",
         "tries",
+        "retries",
         "failed_ago",
         "timeline",
     )
@@ -243,6 +246,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         {
             "status",
             "fingerprint",
+            "payload",
             "consumer",
             "topic",
             "error_type",
@@ -268,6 +272,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         ("reason", admin.AllValuesFieldListFilter),
         FailureGroupFilter,
         ("last_failed_at", admin.DateFieldListFilter),
+        PayloadFilter,
     )
     search_fields = ("=message_id", "=key", "error_message")
     search_help_text = _("Exact message id or key, or any words of the error message.")
@@ -333,6 +338,14 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             obj.last_failed_at.isoformat(timespec="seconds"),
             _age((timezone.now() - obj.last_failed_at).total_seconds()).split(" ")[0],
         )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[DeadLetter]:
+        return deadletters.with_retry_counts(super().get_queryset(request))
+
+    @admin.display(description=_("retries"), ordering="retry_count")
+    def retries(self, obj: DeadLetter) -> int:
+        """How often this message was retried for this consumer (from the audit trail)."""
+        return int(getattr(obj, "retry_count", 0))
 
     @admin.display(description=_("tries"), ordering="attempts")
     def tries(self, obj: DeadLetter) -> int:
@@ -613,7 +626,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         )
         if not allowed:
             raise PermissionDenied
-        data = overview()
+        hours, options = overview_options(request)
+        data = overview(hours=hours)
         name = self.admin_site.name
         deadletters_url = reverse(f"{name}:reliable_events_deadletter_changelist")
         outbox_url = reverse(f"{name}:reliable_events_outboxmessage_changelist")
@@ -637,6 +651,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             "deadletters_url": deadletters_url,
             "groups_url": reverse(f"{name}:reliable_events_deadletter_groups"),
             "top_groups": failure_groups(limit=5),
+            **options,
         }
         return TemplateResponse(request, "admin/reliable_events/overview.html", context)
 

@@ -16,7 +16,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, router, transaction
-from django.db.models import QuerySet
+from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from reliable_events.conf import app_settings
@@ -82,6 +83,21 @@ def select(
     if upto is not None:
         query = query.filter(pk__lte=upto)
     return query.order_by("id")
+
+
+def with_retry_counts(query: QuerySet[DeadLetter]) -> QuerySet[DeadLetter]:
+    """``query`` annotated with ``retry_count``: retries (plain or edited) of each letter's
+    message for its consumer so far, from the audit trail (one correlated, indexed count)."""
+    retries = (
+        TriageEntry.objects.filter(consumer=OuterRef("consumer"), message_id=OuterRef("message_id"))
+        .exclude(message_id="")
+        .exclude(action=TriageEntry.Action.DISCARD)
+        .order_by()
+        .values("consumer")
+        .annotate(n=Count("id"))
+        .values("n")[:1]
+    )
+    return query.annotate(retry_count=Coalesce(Subquery(retries), 0))
 
 
 def retry_block_reason(letter: DeadLetter) -> str | None:

@@ -181,8 +181,9 @@ def build_chart(buckets: list[HourBucket]) -> Chart:
                     title=f"{bucket.start:%H}:00 UTC: {value} {label}",
                 )
             )
-        if index % 3 == 0 or index == len(buckets) - 1:
-            labels.append((round(left + slot / 2, 2), f"{bucket.start:%H}h"))
+        if index % max(3, len(buckets) // 8) == 0 or index == len(buckets) - 1:
+            label = f"{bucket.start:%a %H}h" if len(buckets) > 24 else f"{bucket.start:%H}h"
+            labels.append((round(left + slot / 2, 2), label))
     ticks = [
         (round(bottom - plot_h * fraction, 2), round(ceiling * fraction))
         for fraction in (0, 0.5, 1)

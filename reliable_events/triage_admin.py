@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
 from django.http import (
     Http404,
     HttpRequest,
@@ -28,7 +29,7 @@ from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
-from reliable_events import deadletters
+from reliable_events import deadletters, payload_search
 from reliable_events.conf import app_settings
 from reliable_events.deadletters import TriageResult
 from reliable_events.models import DeadLetter, TriageEntry
@@ -87,6 +88,27 @@ def report(modeladmin: _ModelAdmin, request: HttpRequest, result: TriageResult, 
     else:
         level = messages.ERROR
     modeladmin.message_user(request, text, level)
+
+
+class PayloadFilter(admin.SimpleListFilter):
+    """``?payload=order_id=42`` or ``?payload={"order_id": 42}``: see :mod:`payload_search`."""
+
+    title = _("payload")
+    parameter_name = "payload"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        value = self.value()
+        return [(value, f"contains {value[:60]}")] if value else []
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if not value:
+            return queryset
+        try:
+            return payload_search.search(queryset, payload_search.parse(value))
+        except payload_search.PayloadQueryError as exc:
+            messages.error(request, f"Payload search: {exc}")
+            return queryset.none()
 
 
 # -- links --------------------------------------------------------------------------------
@@ -243,6 +265,40 @@ def edit_view(modeladmin: _ModelAdmin, request: HttpRequest, letter_id: int) -> 
         "change_url": change_url,
     }
     return TemplateResponse(request, "admin/reliable_events/deadletter/edit.html", context)
+
+
+# -- overview options ---------------------------------------------------------------------
+#: ``?range=`` of the overview: hourly buckets shown.
+OVERVIEW_RANGES = {"1h": 1, "24h": 24, "7d": 168}
+#: ``?refresh=`` of the overview: seconds between reloads (0: off).
+REFRESH_CHOICES = (0, 10, 30, 60)
+
+
+def overview_options(request: HttpRequest) -> tuple[int, dict[str, Any]]:
+    """Hours to chart and the range / auto-refresh links of the overview page.
+
+    Auto-refresh is a ``<meta http-equiv="refresh">`` chosen by a link: no script, so it
+    works under a strict Content-Security-Policy.  Unknown values fall back to 24 h, off.
+    """
+    chosen = request.GET.get("range", "24h")
+    if chosen not in OVERVIEW_RANGES:
+        chosen = "24h"
+    refresh = int_or_none(request.GET.get("refresh")) or 0
+    if refresh not in REFRESH_CHOICES:
+        refresh = 0
+
+    def link(**changes: Any) -> str:
+        params = {"range": chosen, "refresh": refresh, **changes}
+        return "?" + urlencode({k: v for k, v in params.items() if v})
+
+    return OVERVIEW_RANGES[chosen], {
+        "range": chosen,
+        "refresh_seconds": refresh,
+        "range_links": [(name, link(range=name), name == chosen) for name in OVERVIEW_RANGES],
+        "refresh_links": [
+            (f"{n} s" if n else "off", link(refresh=n), n == refresh) for n in REFRESH_CHOICES
+        ],
+    }
 
 
 # -- group actions ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 from rest_framework.exceptions import ValidationError
 
+from reliable_events import payload_search
 from reliable_events.models import DeadLetter
 
 #: Exact-match filters: query parameter -> model field.
@@ -32,7 +33,7 @@ ORDERINGS = ("id", "-id", "last_failed_at", "-last_failed_at", "attempts", "-att
 #: Parameters the pagination and DRF themselves read.
 PASS_THROUGH = frozenset({"page", "page_size", "format"})
 ALLOWED = frozenset(
-    {*EXACT, "status", "q", "failed_after", "failed_before", "ordering", *PASS_THROUGH}
+    {*EXACT, "status", "q", "payload", "failed_after", "failed_before", "ordering", *PASS_THROUGH}
 )
 STATUSES = tuple(value for value, _ in DeadLetter.Status.choices)
 MAX_PAGE_SIZE = 500
@@ -120,6 +121,11 @@ def filter_dead_letters(
     text = (params.get("q") or "").strip()
     if text:
         query = query.filter(Q(message_id=text) | Q(key=text) | Q(error_message__icontains=text))
+    if "payload" in params:
+        try:
+            query = payload_search.search(query, payload_search.parse(params["payload"]))
+        except payload_search.PayloadQueryError as exc:
+            raise ValidationError({"payload": [str(exc)]}) from None
     if "failed_after" in params:
         query = query.filter(last_failed_at__gte=_datetime("failed_after", params["failed_after"]))
     if "failed_before" in params:

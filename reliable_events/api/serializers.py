@@ -40,16 +40,19 @@ HEAVY_FIELDS = ("payload", "raw_body", "headers", "traceback", "history", "note"
 
 
 class DeadLetterListSerializer(serializers.ModelSerializer[DeadLetter]):
+    #: Retries of this message for this consumer so far (``deadletters.with_retry_counts``).
+    retries = serializers.IntegerField(source="retry_count", read_only=True, default=0)
+
     class Meta:
         model = DeadLetter
-        fields = LIST_FIELDS
-        read_only_fields = LIST_FIELDS
+        fields = (*LIST_FIELDS, "retries")
+        read_only_fields = fields
 
 
-class DeadLetterDetailSerializer(serializers.ModelSerializer[DeadLetter]):
+class DeadLetterDetailSerializer(DeadLetterListSerializer):
     class Meta:
         model = DeadLetter
-        fields = (*LIST_FIELDS, *HEAVY_FIELDS)
+        fields = (*LIST_FIELDS, "retries", *HEAVY_FIELDS)
         read_only_fields = fields
 
 

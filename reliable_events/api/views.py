@@ -73,7 +73,7 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
     lookup_value_regex = "[^/]+"
 
     def get_queryset(self) -> QuerySet[DeadLetter]:
-        return DeadLetter.objects.all()
+        return deadletters.with_retry_counts(DeadLetter.objects.all())
 
     def get_serializer_class(self) -> Any:
         return DeadLetterDetailSerializer if self.action == "retrieve" else DeadLetterListSerializer
