@@ -679,7 +679,7 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
         "timeline",
     )
     list_filter = ("status", PendingAgeFilter)
-    url_lookups = frozenset({"status__exact", "pending_for"})
+    url_lookups = frozenset({"status", "status__exact", "pending_for"})
     search_fields = ("=message_id", "=key", "^topic")
     search_help_text = _("Exact message id or key, or the start of a topic.")
     ordering = ("-id",)
