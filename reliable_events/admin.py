@@ -241,28 +241,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         "timeline",
     )
     list_display_links = ("id",)
-    #: The query-string parameters of the list filters, the date drill-down and group links.
-    url_lookups = frozenset(
-        {
-            "status",
-            "fingerprint",
-            "payload",
-            "consumer",
-            "topic",
-            "error_type",
-            "reason",
-            *(
-                f"{name}__{lookup}"
-                for name in ("consumer", "topic", "error_type", "reason")
-                for lookup in ("exact", "isnull")
-            ),
-            "last_failed_at__gte",
-            "last_failed_at__lt",
-            "created_at__year",
-            "created_at__month",
-            "created_at__day",
-        }
-    )
+    #: Plain ``field=value`` links (group links, the overview); the filters add their own.
+    url_lookups = frozenset({"consumer", "topic", "error_type", "reason"})
     object_history_template = "admin/reliable_events/deadletter/object_history.html"
     list_filter = (
         DeadLetterStatusFilter,
@@ -679,7 +659,7 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
         "timeline",
     )
     list_filter = ("status", PendingAgeFilter)
-    url_lookups = frozenset({"status", "status__exact", "pending_for"})
+    url_lookups = frozenset({"status"})
     search_fields = ("=message_id", "=key", "^topic")
     search_help_text = _("Exact message id or key, or the start of a topic.")
     ordering = ("-id",)

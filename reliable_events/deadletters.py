@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 
 #: Header of an edited copy naming the message id it replaces.
 COPY_OF_HEADER = "re-copy-of"
-#: Dead-letter reasons (``consuming.POISON_REASONS``) of a body that never decoded as JSON.
-UNDECODABLE = frozenset({"not-json", "wrong-content-type", "too-large"})
+#: Poison reasons whose body is not a payload that could be delivered again
+#: (``consuming.NOT_JSON``, ``WRONG_CONTENT_TYPE``, ``TOO_LARGE``).
+_UNREADABLE_BODY = frozenset({"not-json", "wrong-content-type", "too-large"})
 
 
 @dataclass
@@ -106,9 +107,8 @@ def retry_block_reason(letter: DeadLetter) -> str | None:
         return f"it is {letter.status}, not open"
     if not letter.message_id:
         return "the message had no id"
-    if letter.payload is None and (letter.raw_body or letter.reason in UNDECODABLE):
-        if letter.reason == "wrong-content-type":
-            return "its content type or encoding was not JSON"
+    # An empty body has no raw text either: the reason tells it from a JSON ``null``.
+    if letter.payload is None and (letter.raw_body or letter.reason in _UNREADABLE_BODY):
         return "the body was not valid JSON"
     if not (letter.queue or letter.consumer):
         return "the consumer queue is unknown"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.db.models import DateField, QuerySet
 from django.http import (
     Http404,
     HttpRequest,
@@ -50,14 +50,33 @@ class DocumentedLookupsOnly:
 
     Django's admin accepts any lookup on a local field in the query string:
     ``?payload__contains=`` (a 500 on SQLite), ``?consumer__regex=.*`` or
-    ``?traceback__icontains=`` (unindexed scans any viewer may start).  ``url_lookups``
-    lists the parameters the list filters and links of the page produce.
+    ``?traceback__icontains=`` (unindexed scans any viewer may start).  Allowed are the
+    parameters the page's own ``list_filter`` entries and ``date_hierarchy`` produce,
+    plus ``url_lookups`` (plain ``field=value`` links from other pages).
     """
 
     url_lookups: Collection[str] = ()
 
+    def documented_lookups(self) -> set[str]:
+        allowed = set(self.url_lookups)
+        model: Any = getattr(self, "model")  # noqa: B009 - set by ModelAdmin, not this mixin
+        for item in getattr(self, "list_filter", ()):
+            if isinstance(item, type) and issubclass(item, admin.SimpleListFilter):
+                allowed.add(str(item.parameter_name))
+                continue
+            name = item[0] if isinstance(item, tuple | list) else item
+            if not isinstance(name, str):
+                continue
+            allowed |= {f"{name}__exact", f"{name}__isnull"}
+            if isinstance(model._meta.get_field(name), DateField):
+                allowed |= {f"{name}__gte", f"{name}__lt"}
+        hierarchy = getattr(self, "date_hierarchy", None)
+        if hierarchy:
+            allowed |= {f"{hierarchy}__{part}" for part in ("year", "month", "day")}
+        return allowed
+
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
-        return lookup in self.url_lookups
+        return lookup in self.documented_lookups()
 
 
 def int_or_none(value: str | None) -> int | None:

@@ -81,7 +81,7 @@ json_values = st.recursive(
     max_leaves=12,
 )
 bodies = st.dictionaries(
-    st.sampled_from(["ids", "note", "consumer", "fingerprint", "all", "dry_run", "payload"])
+    st.sampled_from(["ids", "note", "consumer", "fingerprint", "all", "dry_run", "payload", "upto"])
     | st.text(max_size=8),
     json_values,
     max_size=5,

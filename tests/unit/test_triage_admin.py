@@ -110,14 +110,37 @@ def test_a_group_action_without_a_snapshot_does_nothing() -> None:
     assert DeadLetter.objects.open().count() == 2
 
 
+def test_api_group_selection_acts_only_up_to_the_listed_letters() -> None:
+    client = APIClient()
+    client.force_authenticate(staff_user("oncall", *ONCALL))
+    seen = many_dead_letters(3, consumer="mail.send", fingerprint="fp-bounce")
+    (group,) = client.get("/api/events/dead-letters/groups/").json()["results"]
+    assert (group["count"], group["last_id"]) == (3, max(letter.pk for letter in seen))
+    late = dead_letter(consumer="mail.send", queue="mail.send", fingerprint="fp-bounce")
+    response = client.post(
+        "/api/events/dead-letters/discard/",
+        {
+            "consumer": "mail.send",
+            "fingerprint": "fp-bounce",
+            "upto": group["last_id"],
+            "note": "x",
+        },
+        format="json",
+    )
+    assert response.json()["done"] == [letter.pk for letter in seen]
+    late.refresh_from_db()
+    assert late.status == "open"
+
+
 # -- no "Retry now" on letters that can never be retried ------------------------------------
 @pytest.mark.parametrize(
     ("overrides", "why"),
     [
         ({"payload": None, "raw_body": "<xml/>", "reason": "not-json"}, "not valid JSON"),
+        ({"payload": None, "raw_body": "", "reason": "not-json"}, "not valid JSON"),
         (
             {"payload": None, "raw_body": '{"a": 1}', "reason": "wrong-content-type"},
-            "content type or encoding was not JSON",
+            "not valid JSON",
         ),
         ({"message_id": ""}, "the message had no id"),
     ],
