@@ -383,9 +383,8 @@ def group_action_view(modeladmin: Any, request: HttpRequest) -> HttpResponse:
 # -- audit ----------------------------------------------------------------------------------
 def history_context(letter_id: str) -> dict[str, Any]:
     """The triage entries of one dead letter, for its History page."""
-    try:
-        pk = int(letter_id)
-    except ValueError:
+    pk = int_or_none(letter_id)
+    if pk is None:
         return {"triage_entries": []}
     entries = TriageEntry.objects.filter(dead_letter_id=pk).order_by("id")[:500]
     return {

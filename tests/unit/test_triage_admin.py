@@ -277,3 +277,15 @@ def test_documented_filters_still_work(
     dead_letter()
     response = admin_client.get(reverse(f"admin:reliable_events_{model}_changelist"), params)
     assert response.status_code == 200, response.content[:300]
+
+
+# -- odd ids in admin URLs -------------------------------------------------------------------
+@pytest.mark.parametrize("odd", ["\u00b2", "\u0661\u0662", str(2**63), "9" * 30, "-1", "abc"])
+@pytest.mark.parametrize("view", ["change", "history", "edit", "triage"])
+def test_odd_ids_in_admin_urls_are_never_a_500(admin_client: Client, view: str, odd: str) -> None:
+    dead_letter()
+    url = f"/admin/reliable_events/deadletter/{odd}/{view}/"
+    response = (
+        admin_client.post(url, {"op": "retry"}) if view == "triage" else admin_client.get(url)
+    )
+    assert response.status_code in (302, 404), (url, response.status_code)
