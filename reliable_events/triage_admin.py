@@ -50,7 +50,8 @@ class DocumentedLookupsOnly:
 
     Django's admin accepts any lookup on a local field in the query string:
     ``?payload__contains=`` (a 500 on SQLite), ``?consumer__regex=.*`` or
-    ``?traceback__icontains=`` (unindexed scans any viewer may start).  Allowed are the
+    ``?traceback__icontains=`` (unindexed scans any viewer may start), and a NUL in a
+    value is a 500 on PostgreSQL.  Allowed are the
     parameters the page's own ``list_filter`` entries and ``date_hierarchy`` produce,
     plus ``url_lookups`` (plain ``field=value`` links from other pages).
     """
@@ -76,7 +77,8 @@ class DocumentedLookupsOnly:
         return allowed
 
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
-        return lookup in self.documented_lookups()
+        # PostgreSQL refuses NUL in text: that would be a 500, not "no match".
+        return lookup in self.documented_lookups() and "\x00" not in str(value)
 
 
 def int_or_none(value: str | None) -> int | None:

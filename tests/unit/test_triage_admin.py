@@ -289,3 +289,23 @@ def test_odd_ids_in_admin_urls_are_never_a_500(admin_client: Client, view: str, 
         admin_client.post(url, {"op": "retry"}) if view == "triage" else admin_client.get(url)
     )
     assert response.status_code in (302, 404), (url, response.status_code)
+
+
+@pytest.mark.parametrize(
+    ("model", "param"),
+    [
+        ("deadletter", "status"),
+        ("deadletter", "consumer"),
+        ("deadletter", "consumer__exact"),
+        ("deadletter", "fingerprint"),
+        ("deadletter", "payload"),
+        ("outboxmessage", "status"),
+        ("outboxmessage", "status__exact"),
+    ],
+)
+def test_nul_in_a_filter_value_is_a_400(admin_client: Client, model: str, param: str) -> None:
+    dead_letter()
+    response = admin_client.get(
+        reverse(f"admin:reliable_events_{model}_changelist") + f"?{param}=a%00b"
+    )
+    assert response.status_code == 400
