@@ -505,7 +505,9 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
-        letter = DeadLetter.objects.filter(pk=_int_or_404(object_id)).first()
+        letter = deadletters.with_retry_counts(
+            DeadLetter.objects.filter(pk=_int_or_404(object_id))
+        ).first()
         name = self.admin_site.name
         context = {
             "can_retry": self.has_retry_permission(request),
@@ -513,6 +515,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             "can_edit": has_edit_permission(request),
             # Why "Retry now" would fail (not JSON, no id...): shown instead of the button.
             "retry_blocked": deadletters.retry_block_reason(letter) if letter else None,
+            "retry_count": getattr(letter, "retry_count", 0),
             "triage_url": reverse(f"{name}:reliable_events_deadletter_triage", args=[object_id]),
             "edit_url": reverse(f"{name}:reliable_events_deadletter_edit", args=[object_id]),
             "timeline_url": timeline_url(name, letter.message_id)

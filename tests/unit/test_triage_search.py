@@ -109,6 +109,10 @@ def test_retry_count_per_letter_in_admin_and_api(admin_client: Client) -> None:
     page = admin_client.get(reverse("admin:reliable_events_deadletter_changelist"))
     counts = {o.pk: o.retry_count for o in page.context["cl"].result_list}
     assert counts == {third.pk: 2, fresh.pk: 0}
+    detail = admin_client.get(
+        reverse("admin:reliable_events_deadletter_change", args=[third.pk])
+    ).content.decode()
+    assert "retried 2 times before" in detail
     body = api().get(LIST, {"status": "all"}).json()
     assert {r["id"]: r["retries"] for r in body["results"]} == {
         first.pk: 2,
