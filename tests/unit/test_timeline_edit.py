@@ -195,3 +195,17 @@ def test_api_edit_and_retry() -> None:
     copy_id = response.json()["copies"][str(letter.pk)]
     assert OutboxMessage.objects.get(message_id=copy_id).payload == {"order_id": 7}
     assert client.post(url, body, format="json").status_code == 409
+
+
+def test_timeline_and_history_escape_what_they_show(admin_client: Client) -> None:
+    evil = "<script>alert(1)</script>"
+    letter = dead_letter(error_message=evil, payload={"x": evil})
+    deadletters.edit_and_retry(letter, {"x": evil}, user="alice", note=evil)
+    for url in (
+        reverse("admin:reliable_events_timeline") + f"?message_id={letter.message_id}",
+        reverse("admin:reliable_events_deadletter_history", args=[letter.pk]),
+        reverse("admin:reliable_events_deadletter_change", args=[letter.pk]),
+    ):
+        html = admin_client.get(url).content.decode()
+        assert evil not in html, url
+        assert "&lt;script&gt;" in html, url
