@@ -282,6 +282,16 @@ def retry(
     return result
 
 
+def changed_keys(before: Any, after: Any) -> list[str]:
+    """Top-level keys whose value an edit changed, added or removed (``["(body)"]`` when
+    either side is not an object)."""
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return [] if before == after else ["(body)"]
+    return sorted(
+        k for k in before.keys() | after.keys() if before.get(k, ...) != after.get(k, ...)
+    )
+
+
 def edit_and_retry(
     letter: DeadLetter,
     payload: Any,
@@ -328,7 +338,11 @@ def edit_and_retry(
             note=note,
             outbox_id=row.pk,
             copy_message_id=copy_id,
-            changes={"before": current.payload, "after": payload},
+            changes={
+                "before": current.payload,
+                "after": payload,
+                "changed": changed_keys(current.payload, payload),
+            },
         ).save(using=alias)
         result.done.append(current.pk)
         result.outbox_ids.append(row.pk)

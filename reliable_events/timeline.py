@@ -144,6 +144,9 @@ def _entry_event(entry: TriageEntry) -> TimelineEvent:
         summary += f" ({entry.source})"
     if entry.copy_message_id:
         summary += f" as copy {entry.copy_message_id}"
+    changed = entry.changes.get("changed") if isinstance(entry.changes, dict) else None
+    if changed:
+        summary += f", changing {', '.join(str(key) for key in changed[:10])}"
     return TimelineEvent(
         at=entry.at,
         kind="triage",

@@ -141,7 +141,13 @@ def test_edit_and_retry_publishes_a_copy_with_a_new_id_and_records_it() -> None:
         "order id must be a number",
     )
     assert entry.copy_message_id == copy_id
-    assert entry.changes == {"before": {"order_id": "forty-two"}, "after": {"order_id": 42}}
+    assert entry.changes == {
+        "before": {"order_id": "forty-two"},
+        "after": {"order_id": 42},
+        "changed": ["order_id"],
+    }
+    (triage,) = [e for e in timeline(letter.message_id).events if e.kind == "triage"]
+    assert "changing order_id" in triage.summary
     # Only once: the letter is no longer open.
     assert deadletters.edit_and_retry(letter, {}, user="alice").skipped
 
