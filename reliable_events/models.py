@@ -123,6 +123,13 @@ class OutboxMessage(models.Model):
             ),
             models.Index(fields=("sent_at",), condition=Q(status="sent"), name="re_outbox_sent_at"),
             models.Index(fields=("status", "id"), name="re_outbox_status"),
+            # A message's timeline: the re-deliveries of retries (few rows; the originals
+            # are found through re_outbox_unique_message_id).
+            models.Index(
+                fields=("message_id",),
+                condition=~Q(queue=""),
+                name="re_outbox_redelivery_id",
+            ),
         )
 
     def __str__(self) -> str:

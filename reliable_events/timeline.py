@@ -8,7 +8,10 @@ and retry publishes a copy under a new message id: the timeline follows the link
 ways (copies of this message, and the original this one is a copy of) and shows the
 copies' records too, so "was the fix processed?" is answered on one page.
 
-Every query is bounded (``LIMIT`` rows per table) and uses an index on ``message_id``.
+Every query is bounded (``LIMIT`` rows per table) and uses an index: ``message_id`` on
+dead letters and audit entries, the outbox's two partial indexes (originals, and
+re-deliveries), and ``(consumer, message_id)`` on processed records, asked for the
+consumers registered in this process plus those that dead-lettered or triaged the message.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, router
 
+from reliable_events.consumer import registry
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage, TriageEntry
 
 #: Rows read per table (a message is retried a handful of times, not thousands).
 LIMIT = 200
 #: Edited copies followed from one message.
 MAX_COPIES = 50
+#: Consumers whose processed records are looked up.
+MAX_CONSUMERS = 500
 #: The fields of a timeline event, in the API's order.
 KINDS = ("outbox", "redelivery", "processed", "dead-letter", "triage")
 
@@ -180,14 +186,14 @@ def timeline(message_id: str, *, using: str | None = None) -> Timeline:
         .values_list("copy_message_id", flat=True)[:MAX_COPIES]
     )
     ids = [message_id, *copies]
-    outbox = list(
-        OutboxMessage.objects.using(alias)
-        .filter(message_id__in=ids)
-        .defer("payload", "headers")
-        .order_by("id")[:LIMIT]
-    )
-    processed = list(
-        ProcessedMessage.objects.using(alias).filter(message_id__in=ids).order_by("id")[:LIMIT]
+    outbox_rows = OutboxMessage.objects.using(alias).defer("payload", "headers")
+    # Two queries, one per partial index: originals (queue "") and re-deliveries.
+    outbox = sorted(
+        [
+            *outbox_rows.filter(queue="", message_id__in=ids).order_by("id")[:LIMIT],
+            *outbox_rows.filter(message_id__in=ids).exclude(queue="").order_by("id")[:LIMIT],
+        ],
+        key=lambda row: row.pk,
     )
     dead_letters = list(
         DeadLetter.objects.using(alias)
@@ -206,6 +212,20 @@ def timeline(message_id: str, *, using: str | None = None) -> Timeline:
         .order_by("id")[:LIMIT]
     )
     entries = list(entries_db.filter(message_id__in=ids).order_by("id")[:LIMIT])
+    # Processed records are indexed by (consumer, message_id) only (an index on the id
+    # alone would slow every consume): ask for the consumers that can have one.
+    consumers = sorted(
+        {*registry.names(), *(d.consumer for d in dead_letters), *(e.consumer for e in entries)}
+    )[:MAX_CONSUMERS]
+    processed = (
+        list(
+            ProcessedMessage.objects.using(alias)
+            .filter(consumer__in=consumers, message_id__in=ids)
+            .order_by("id")[:LIMIT]
+        )
+        if consumers
+        else []
+    )
     events = [
         *map(_outbox_event, outbox),
         *map(_processed_event, processed),

@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
+from django.db import connection, transaction
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -14,6 +16,7 @@ from rest_framework.test import APIClient
 from reliable_events import deadletters
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage, TriageEntry
 from reliable_events.timeline import timeline
+from tests.consumer_support import make_consumer
 from tests.unit.deadletter_factory import dead_letter, outbox_row, staff_user
 
 pytestmark = pytest.mark.django_db
@@ -32,6 +35,12 @@ def api_for(user: User) -> APIClient:
     client = APIClient()
     client.force_authenticate(user)
     return client
+
+
+@pytest.fixture(autouse=True)
+def mail_consumer(clean_registry: Any) -> None:
+    """``mail.send`` is registered here: the timeline asks the known consumers."""
+    make_consumer(clean_registry, name="mail.send")
 
 
 def a_message_with_history() -> tuple[str, DeadLetter]:
@@ -73,7 +82,7 @@ def test_timeline_follows_retries_and_edited_copies() -> None:
 def test_timeline_is_bounded_in_queries(django_assert_max_num_queries: Any) -> None:
     message_id, letter = a_message_with_history()
     deadletters.retry([letter], user="alice")
-    with django_assert_max_num_queries(6):
+    with django_assert_max_num_queries(7):
         timeline(message_id)
 
 
@@ -215,3 +224,34 @@ def test_timeline_and_history_escape_what_they_show(admin_client: Client) -> Non
         html = admin_client.get(url).content.decode()
         assert evil not in html, url
         assert "&lt;script&gt;" in html, url
+
+
+#: Table -> the indexes a timeline query on it must use (found by message id).
+TIMELINE_INDEXES = {
+    "reliable_events_deadletter": ("re_deadletter_message_id",),
+    "reliable_events_triageentry": ("re_triage_message_id", "re_triage_copy_id"),
+    "reliable_events_outboxmessage": ("re_outbox_unique_message_id", "re_outbox_redelivery_id"),
+    "reliable_events_processedmessage": ("re_processed_unique",),
+}
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's plans")
+def test_every_timeline_query_finds_its_rows_through_an_index() -> None:
+    """Not a scan of the table nor of a whole index: the outbox and the processed records
+    hold every message ever sent and applied."""
+    message_id, letter = a_message_with_history()
+    deadletters.edit_and_retry(letter, {"order_id": 1}, user="alice", note="fix")
+    with CaptureQueriesContext(connection) as ctx:
+        timeline(message_id)
+    assert len(ctx.captured_queries) == 7
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        for query in ctx.captured_queries:
+            table = query["sql"].split(" FROM ", 1)[1].split()[0].strip('"')
+            cursor.execute("EXPLAIN " + query["sql"])
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+            assert any(name in plan for name in TIMELINE_INDEXES[table]), (query["sql"], plan)
+            conditions = [line for line in plan.splitlines() if "Cond:" in line]
+            # The lookup keys are the index's leading column(s), not a filter on its rows.
+            leading = "consumer" if table.endswith("processedmessage") else "message_id"
+            assert any(leading in line for line in conditions), plan
