@@ -54,8 +54,10 @@ from reliable_events.triage_admin import (
     edit_view,
     group_action_view,
     has_edit_permission,
+    highest_id,
     history_context,
     int_or_none,
+    listed_selection,
     overview_options,
     report,
     timeline_link,
@@ -421,7 +423,10 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     # -- actions --------------------------------------------------------------------
     @admin.action(description=_("Retry selected dead letters"), permissions=["retry"])
     def retry_selected(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
-        result = deadletters.retry(queryset.only("id"), user=_username(request), source="admin")
+        listed = listed_selection(self, request, queryset)
+        if listed is None:
+            return
+        result = deadletters.retry(listed.only("id"), user=_username(request), source="admin")
         report(self, request, result, "retried")
 
     @admin.action(
@@ -431,6 +436,10 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         self, request: HttpRequest, queryset: QuerySet[DeadLetter]
     ) -> HttpResponse | None:
         note = request.POST.get("note", "").strip()
+        listed = listed_selection(self, request, queryset)
+        if listed is None:
+            return None
+        queryset = listed
         if request.POST.get("confirm") == "yes":
             if note:
                 result = deadletters.discard(
@@ -454,6 +463,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             "select_across": request.POST.get("select_across", "0"),
             "action_name": "discard_selected",
             "note": note,
+            "re_upto": request.POST.get("re_upto", ""),
+            "re_seen": request.POST.get("re_seen", ""),
         }
         return TemplateResponse(
             request, "admin/reliable_events/deadletter/discard_confirmation.html", context
@@ -494,6 +505,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         context = {
             "groups_url": reverse(f"{self.admin_site.name}:reliable_events_deadletter_groups"),
             "top_groups": failure_groups(limit=5),
+            # "Select all N" then acts on these letters only: see listed_selection().
+            "re_upto": highest_id(),
             **(extra_context or {}),
         }
         return super().changelist_view(request, extra_context=context)

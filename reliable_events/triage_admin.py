@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import DateField, QuerySet
+from django.db.models import DateField, Max, QuerySet
 from django.http import (
     Http404,
     HttpRequest,
@@ -320,6 +320,49 @@ def overview_options(request: HttpRequest) -> tuple[int, dict[str, Any]]:
             (f"{n} s" if n else "off", link(refresh=n), n == refresh) for n in REFRESH_CHOICES
         ],
     }
+
+
+# -- "select all N" acts on what was listed ---------------------------------------------------
+def listed_selection(
+    modeladmin: Any, request: HttpRequest, queryset: QuerySet[DeadLetter]
+) -> QuerySet[DeadLetter] | None:
+    """The letters an action may touch: explicit ids as ticked; with "select all N", the
+    matching letters up to the highest id when the list was drawn (``re_upto``), and
+    nothing when more of those match than were listed (``re_seen``: a late commit).
+    ``None`` (after telling the user) when the action must not run."""
+    if request.POST.get("select_across") != "1":
+        return queryset
+    upto = int_or_none(request.POST.get("re_upto"))
+    seen = int_or_none(request.POST.get("re_seen"))
+    if upto is None or seen is None:
+        modeladmin.message_user(
+            request, "Reload the list: its snapshot (re_upto, re_seen) is missing.", messages.ERROR
+        )
+        return None
+    shown = queryset.filter(pk__lte=upto)
+    matching = shown.count()
+    if matching > seen:
+        modeladmin.message_user(
+            request,
+            f"The list changed since you looked: {matching} letters up to #{upto} match now, "
+            f"{seen} were listed. Nothing was done; look at the list again.",
+            messages.ERROR,
+        )
+        return None
+    newer = queryset.filter(pk__gt=upto).count()
+    if newer:
+        modeladmin.message_user(
+            request,
+            f"{newer} dead letter(s) matching the filters arrived since the list was drawn "
+            "and were not touched.",
+            messages.WARNING,
+        )
+    return shown
+
+
+def highest_id() -> int:
+    """The snapshot of a changelist: every letter it lists has an id up to this."""
+    return int(DeadLetter.objects.aggregate(top=Max("id"))["top"] or 0)
 
 
 # -- group actions ------------------------------------------------------------------------

@@ -212,9 +212,11 @@ def test_select_across_acts_on_the_filtered_set() -> None:
     client = client_for(staff_user("retrier", "view_deadletter", "retry_deadletter"))
     many_dead_letters(60, consumer="billing.charge", fingerprint="fp-a")
     other = dead_letter(consumer="mail.send", fingerprint="fp-a")
+    page = client.get(changelist_url() + "?consumer=billing.charge")
+    snapshot = {"re_upto": page.context["re_upto"], "re_seen": page.context["cl"].result_count}
     response = client.post(
         changelist_url() + "?consumer=billing.charge",
-        {"action": "retry_selected", "select_across": "1", ACTION_CHECKBOX: ["1"]},
+        {"action": "retry_selected", "select_across": "1", ACTION_CHECKBOX: ["1"], **snapshot},
     )
     assert any("Retried 60 dead letter(s)" in t for t in follow_messages(client, response))
     other.refresh_from_db()

@@ -76,6 +76,65 @@ def test_letters_arriving_between_view_and_click_are_not_touched(op: str) -> Non
     assert OutboxMessage.objects.count() == (14 if op == "retry" else 0)
 
 
+def listed(client: Client, query: str = "") -> dict[str, Any]:
+    """The hidden snapshot fields of the changelist form, as the page rendered them."""
+    page = client.get(reverse("admin:reliable_events_deadletter_changelist") + query)
+    upto, seen = page.context["re_upto"], page.context["cl"].result_count
+    html = page.content.decode()
+    assert f'name="re_upto" value="{upto}"' in html
+    assert f'name="re_seen" value="{seen}"' in html
+    return {"re_upto": upto, "re_seen": seen}
+
+
+@pytest.mark.parametrize("action", ["retry_selected", "discard_selected"])
+def test_select_all_acts_only_on_the_letters_listed(action: str) -> None:
+    client = client_for(staff_user("oncall", *ONCALL))
+    seen = many_dead_letters(5, consumer="mail.send")
+    snapshot = listed(client, "?consumer=mail.send")
+    late = many_dead_letters(2, consumer="mail.send")
+    body = {
+        "action": action,
+        "select_across": "1",
+        "_selected_action": [seen[0].pk],
+        "confirm": "yes",
+        "note": "bounces",
+        **snapshot,
+    }
+    response = client.post(
+        reverse("admin:reliable_events_deadletter_changelist") + "?consumer=mail.send", body
+    )
+    texts = messages_after(client, response)
+    assert any("2 dead letter(s) matching the filters arrived" in t for t in texts), texts
+    assert set(DeadLetter.objects.open().values_list("pk", flat=True)) == {x.pk for x in late}
+
+
+def test_discard_confirmation_keeps_the_snapshot() -> None:
+    client = client_for(staff_user("oncall", *ONCALL))
+    many_dead_letters(3, consumer="mail.send")
+    snapshot = listed(client)
+    page = client.post(
+        reverse("admin:reliable_events_deadletter_changelist"),
+        {"action": "discard_selected", "select_across": "1", "_selected_action": ["1"], **snapshot},
+    )
+    html = page.content.decode()
+    assert f'name="re_upto" value="{snapshot["re_upto"]}"' in html
+    assert f'name="re_seen" value="{snapshot["re_seen"]}"' in html
+
+
+def test_select_all_without_a_snapshot_or_with_a_late_commit_does_nothing() -> None:
+    client = client_for(staff_user("oncall", *ONCALL))
+    many_dead_letters(3, consumer="mail.send")
+    url = reverse("admin:reliable_events_deadletter_changelist")
+    body = {"action": "retry_selected", "select_across": "1", "_selected_action": ["1"]}
+    texts = messages_after(client, client.post(url, body))
+    assert any("snapshot" in t for t in texts), texts
+    snapshot = listed(client)
+    late = {**snapshot, "re_seen": snapshot["re_seen"] - 1}
+    texts = messages_after(client, client.post(url, {**body, **late}))
+    assert any("The list changed since you looked" in t for t in texts), texts
+    assert DeadLetter.objects.open().count() == 3
+
+
 def test_a_late_commit_below_the_snapshot_stops_the_action() -> None:
     """More open letters up to ``upto`` than were shown: one committed late; do nothing."""
     client = client_for(staff_user("oncall", *ONCALL))
