@@ -41,6 +41,8 @@ from reliable_events.relay import retry_dead
 from reliable_events.timeline import timeline
 
 MAX_GROUPS = 500
+#: ``outbox/stats/?range=``: hours of the hourly series (as the admin overview offers).
+STATS_RANGES = {"1h": 1, "24h": 24, "7d": 168}
 #: ``TriageEntry.source`` of changes made through the API.
 SOURCE = "api"
 
@@ -226,8 +228,28 @@ class OutboxViewSet(ViewSet):
 
     @action(detail=False, methods=["get"])
     def stats(self, request: Request) -> Response:
-        """Backlog, dead rows, open dead letters by consumer, last 24 hours per hour."""
-        return Response(overview().as_dict())
+        """Backlog, dead rows, open dead letters by consumer, per hour over ``range``.
+
+        ``range`` is ``1h``, ``24h`` (default) or ``7d``: ``hourly`` covers it and
+        ``totals`` sums it; ``last_24h`` always sums the last 24 hours of it.
+        """
+        reject_nul(request.query_params)
+        unknown = sorted(set(request.query_params) - {"range", "format"})
+        if unknown:
+            raise ValidationError(
+                {"detail": [f"unknown parameter(s): {', '.join(unknown)}; allowed: range."]}
+            )
+        chosen = request.query_params.get("range", "24h")
+        if chosen not in STATS_RANGES:
+            raise ValidationError({"range": [f"use one of {', '.join(STATS_RANGES)}."]})
+        data = overview(hours=STATS_RANGES[chosen])
+        body = data.as_dict()
+        body["range"] = chosen
+        body["totals"] = data.totals
+        body["last_24h"] = {
+            key: sum(getattr(bucket, key) for bucket in data.hours[-24:]) for key in data.totals
+        }
+        return Response(body)
 
     @action(detail=False, methods=["post"], url_path="retry-dead")
     def retry_dead(self, request: Request) -> Response:

@@ -148,3 +148,26 @@ def test_overview_auto_refresh_without_scripts(admin_client: Client) -> None:
         assert page.status_code == 200
         assert 'http-equiv="refresh"' not in page.content.decode()
         assert len(page.context["data"].hours) == 24
+
+
+def test_api_stats_time_range() -> None:
+    client = APIClient()
+    client.force_authenticate(staff_user("viewer", "view_outboxmessage"))
+    dead_letter()
+    default = client.get("/api/events/outbox/stats/").json()
+    assert (default["range"], len(default["hourly"])) == ("24h", 24)
+    assert (
+        default["totals"]
+        == default["last_24h"]
+        == {
+            "published": 0,
+            "failed": 0,
+            "dead_lettered": 1,
+        }
+    )
+    week = client.get("/api/events/outbox/stats/", {"range": "7d"}).json()
+    assert len(week["hourly"]) == 168
+    assert week["last_24h"]["dead_lettered"] == 1
+    assert len(client.get("/api/events/outbox/stats/", {"range": "1h"}).json()["hourly"]) == 1
+    for bad in ({"range": "2y"}, {"range": "\x00"}, {"hours": "3"}):
+        assert client.get("/api/events/outbox/stats/", bad).status_code == 400
