@@ -6,7 +6,7 @@ it parses, else as a string).  A dead letter matches when its payload has every 
 key path with exactly that value.
 
 * PostgreSQL: one containment test (``payload @> '{...}'``), which the GIN index
-  ``re_deadletter_payload_gin`` (``jsonb_path_ops``, migration ``triage_payload_gin``)
+  ``re_deadletter_payload_gin`` (``jsonb_path_ops``, migration ``0003_triage``)
   answers without reading the table.
 * SQLite (no containment operator): one ``json_extract`` equality per key path, over
   the rows the other filters leave; the page size bounds what is returned.
