@@ -45,10 +45,25 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 
 from reliable_events import deadletters
-from reliable_events.deadletters import TriageResult
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage, QueuedMessage
 from reliable_events.overview import build_chart, failure_groups, overview
 from reliable_events.relay import retry_dead
+from reliable_events.triage_admin import (
+    DocumentedLookupsOnly,
+    PayloadFilter,
+    edit_view,
+    group_action_view,
+    has_edit_permission,
+    highest_id,
+    history_context,
+    int_or_none,
+    listed_selection,
+    overview_options,
+    report,
+    timeline_link,
+    timeline_url,
+    timeline_view,
+)
 
 if TYPE_CHECKING:
     _ModelAdmin = admin.ModelAdmin[Any]
@@ -60,8 +75,6 @@ DEADLETTER_HEAVY_FIELDS = ("payload", "raw_body", "headers", "traceback", "histo
 OUTBOX_HEAVY_FIELDS = ("payload", "headers")
 #: Known keys of attempt-history entries, in display order (others follow).
 HISTORY_COLUMNS = ("attempt", "at", "error_type", "error")
-#: Skipped ids listed in a message before "and N more".
-MAX_LISTED = 10
 CSS = {"all": ("reliable_events/admin.css",)}
 
 
@@ -90,23 +103,6 @@ def _age(seconds: float | None) -> str:
     if minutes:
         return f"{minutes}m {secs}s"
     return f"{secs}s"
-
-
-def report(modeladmin: _ModelAdmin, request: HttpRequest, result: TriageResult, verb: str) -> None:
-    """Tell the user what a triage call did, including why it skipped rows."""
-    text = result.summary(verb).capitalize() + "."
-    if result.skipped:
-        listed = list(result.skipped.items())[:MAX_LISTED]
-        details = "; ".join(f"#{pk}: {why}" for pk, why in listed)
-        more = len(result.skipped) - len(listed)
-        text += f" Skipped {details}" + (f"; and {more} more." if more else ".")
-    if result.done and not result.skipped:
-        level = messages.SUCCESS
-    elif result.done:
-        level = messages.WARNING
-    else:
-        level = messages.ERROR
-    modeladmin.message_user(request, text, level)
 
 
 def _username(request: HttpRequest) -> str:
@@ -196,7 +192,7 @@ class LightChangeList(ChangeList):
         return query.defer(*heavy) if heavy else query
 
 
-class ReadOnlyAdmin(_ModelAdmin):
+class ReadOnlyAdmin(DocumentedLookupsOnly, _ModelAdmin):
     """No add, change or delete: the system owns these rows."""
 
     heavy_fields: Sequence[str] = ()
@@ -226,6 +222,10 @@ class ReadOnlyAdmin(_ModelAdmin):
         context = {"overview_url": self.overview_url(), **(extra_context or {})}
         return super().changelist_view(request, extra_context=context)
 
+    @admin.display(description=_("timeline"))
+    def timeline(self, obj: Any) -> SafeString | str:
+        return timeline_link(self.admin_site.name, obj.message_id)
+
 
 # -- dead letters ---------------------------------------------------------------------
 @admin.register(DeadLetter)
@@ -238,9 +238,14 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         "topic",
         "error_summary",
         "tries",
+        "retries",
         "failed_ago",
+        "timeline",
     )
     list_display_links = ("id",)
+    #: Plain ``field=value`` links (group links, the overview); the filters add their own.
+    url_lookups = frozenset({"consumer", "topic", "error_type", "reason"})
+    object_history_template = "admin/reliable_events/deadletter/object_history.html"
     list_filter = (
         DeadLetterStatusFilter,
         ("consumer", admin.AllValuesFieldListFilter),
@@ -249,6 +254,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         ("reason", admin.AllValuesFieldListFilter),
         FailureGroupFilter,
         ("last_failed_at", admin.DateFieldListFilter),
+        PayloadFilter,
     )
     search_fields = ("=message_id", "=key", "error_message")
     search_help_text = _("Exact message id or key, or any words of the error message.")
@@ -314,6 +320,14 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             obj.last_failed_at.isoformat(timespec="seconds"),
             _age((timezone.now() - obj.last_failed_at).total_seconds()).split(" ")[0],
         )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[DeadLetter]:
+        return deadletters.with_retry_counts(super().get_queryset(request))
+
+    @admin.display(description=_("retries"), ordering="retry_count")
+    def retries(self, obj: DeadLetter) -> int:
+        """How often this message was retried for this consumer (from the audit trail)."""
+        return int(getattr(obj, "retry_count", 0))
 
     @admin.display(description=_("tries"), ordering="attempts")
     def tries(self, obj: DeadLetter) -> int:
@@ -409,7 +423,10 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     # -- actions --------------------------------------------------------------------
     @admin.action(description=_("Retry selected dead letters"), permissions=["retry"])
     def retry_selected(self, request: HttpRequest, queryset: QuerySet[DeadLetter]) -> None:
-        result = deadletters.retry(queryset.only("id"), user=_username(request))
+        listed = listed_selection(self, request, queryset)
+        if listed is None:
+            return
+        result = deadletters.retry(listed.only("id"), user=_username(request), source="admin")
         report(self, request, result, "retried")
 
     @admin.action(
@@ -419,10 +436,14 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         self, request: HttpRequest, queryset: QuerySet[DeadLetter]
     ) -> HttpResponse | None:
         note = request.POST.get("note", "").strip()
+        listed = listed_selection(self, request, queryset)
+        if listed is None:
+            return None
+        queryset = listed
         if request.POST.get("confirm") == "yes":
             if note:
                 result = deadletters.discard(
-                    queryset.only("id"), note=note, user=_username(request)
+                    queryset.only("id"), note=note, user=_username(request), source="admin"
                 )
                 report(self, request, result, "discarded")
                 return None
@@ -442,6 +463,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             "select_across": request.POST.get("select_across", "0"),
             "action_name": "discard_selected",
             "note": note,
+            "re_upto": request.POST.get("re_upto", ""),
+            "re_seen": request.POST.get("re_seen", ""),
         }
         return TemplateResponse(
             request, "admin/reliable_events/deadletter/discard_confirmation.html", context
@@ -462,6 +485,12 @@ class DeadLetterAdmin(ReadOnlyAdmin):
                 wrap(self.group_action_view),
                 name="reliable_events_deadletter_group_action",
             ),
+            path("timeline/", wrap(self.timeline_view), name="reliable_events_timeline"),
+            path(
+                "<path:object_id>/edit/",
+                wrap(self.edit_view),
+                name="reliable_events_deadletter_edit",
+            ),
             path(
                 "<path:object_id>/triage/",
                 wrap(self.triage_view),
@@ -476,6 +505,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         context = {
             "groups_url": reverse(f"{self.admin_site.name}:reliable_events_deadletter_groups"),
             "top_groups": failure_groups(limit=5),
+            # "Select all N" then acts on these letters only: see listed_selection().
+            "re_upto": highest_id(),
             **(extra_context or {}),
         }
         return super().changelist_view(request, extra_context=context)
@@ -487,15 +518,38 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
+        letter = deadletters.with_retry_counts(
+            DeadLetter.objects.filter(pk=_int_or_404(object_id))
+        ).first()
+        name = self.admin_site.name
         context = {
             "can_retry": self.has_retry_permission(request),
             "can_discard": self.has_discard_permission(request),
-            "triage_url": reverse(
-                f"{self.admin_site.name}:reliable_events_deadletter_triage", args=[object_id]
-            ),
+            "can_edit": has_edit_permission(request),
+            # Why "Retry now" would fail (not JSON, no id...): shown instead of the button.
+            "retry_blocked": deadletters.retry_block_reason(letter) if letter else None,
+            "retry_count": getattr(letter, "retry_count", 0),
+            "triage_url": reverse(f"{name}:reliable_events_deadletter_triage", args=[object_id]),
+            "edit_url": reverse(f"{name}:reliable_events_deadletter_edit", args=[object_id]),
+            "timeline_url": timeline_url(name, letter.message_id)
+            if letter and letter.message_id
+            else "",
             **(extra_context or {}),
         }
         return super().change_view(request, object_id, form_url, extra_context=context)
+
+    def history_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        """Django's history page plus the letter's triage audit trail."""
+        context = {**history_context(object_id), **(extra_context or {})}
+        return super().history_view(request, object_id, extra_context=context)
+
+    def timeline_view(self, request: HttpRequest) -> HttpResponse:
+        return timeline_view(self, request)
+
+    def edit_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return edit_view(self, request, _int_or_404(object_id))
 
     def triage_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         """Retry or discard one dead letter from its detail page (POST only)."""
@@ -510,7 +564,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         if op == "retry":
             if not self.has_retry_permission(request):
                 raise PermissionDenied
-            result = deadletters.retry([letter], user=_username(request), note=note)
+            result = deadletters.retry([letter], user=_username(request), note=note, source="admin")
             report(self, request, result, "retried")
         elif op == "discard":
             if not self.has_discard_permission(request):
@@ -520,7 +574,9 @@ class DeadLetterAdmin(ReadOnlyAdmin):
                     request, "Say why you discard it: the note is required.", messages.ERROR
                 )
                 return HttpResponseRedirect(back)
-            result = deadletters.discard([letter], note=note, user=_username(request))
+            result = deadletters.discard(
+                [letter], note=note, user=_username(request), source="admin"
+            )
             report(self, request, result, "discarded")
         else:
             self.message_user(request, "Unknown operation.", messages.ERROR)
@@ -555,46 +611,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         return TemplateResponse(request, "admin/reliable_events/deadletter/groups.html", context)
 
     def group_action_view(self, request: HttpRequest) -> HttpResponse:
-        """Retry or discard every open dead letter of one group (POST only)."""
-        if request.method != "POST":
-            return HttpResponseNotAllowed(["POST"])
-        back = reverse(f"{self.admin_site.name}:reliable_events_deadletter_groups")
-        fingerprint = request.POST.get("fingerprint")
-        consumer = request.POST.get("consumer")
-        op = request.POST.get("op")
-        note = request.POST.get("note", "").strip()
-        if fingerprint is None or not consumer:
-            self.message_user(
-                request, "Pick a group: consumer and fingerprint are required.", messages.ERROR
-            )
-            return HttpResponseRedirect(back)
-        group = deadletters.select(consumer=consumer, fingerprint=fingerprint).only("id")
-        if op == "retry":
-            if not self.has_retry_permission(request):
-                raise PermissionDenied
-            report(
-                self,
-                request,
-                deadletters.retry(group, user=_username(request), note=note),
-                "retried",
-            )
-        elif op == "discard":
-            if not self.has_discard_permission(request):
-                raise PermissionDenied
-            if not note:
-                self.message_user(
-                    request, "Say why you discard them: the note is required.", messages.ERROR
-                )
-                return HttpResponseRedirect(back)
-            report(
-                self,
-                request,
-                deadletters.discard(group, note=note, user=_username(request)),
-                "discarded",
-            )
-        else:
-            self.message_user(request, "Unknown operation.", messages.ERROR)
-        return HttpResponseRedirect(back)
+        """Retry or discard the open dead letters of one group the user saw (POST only)."""
+        return group_action_view(self, request)
 
     def overview_view(self, request: HttpRequest) -> HttpResponse:
         """Backlog, dead rows, open dead letters by consumer, the last 24 hours."""
@@ -604,7 +622,8 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         )
         if not allowed:
             raise PermissionDenied
-        data = overview()
+        hours, options = overview_options(request)
+        data = overview(hours=hours)
         name = self.admin_site.name
         deadletters_url = reverse(f"{name}:reliable_events_deadletter_changelist")
         outbox_url = reverse(f"{name}:reliable_events_outboxmessage_changelist")
@@ -628,15 +647,16 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             "deadletters_url": deadletters_url,
             "groups_url": reverse(f"{name}:reliable_events_deadletter_groups"),
             "top_groups": failure_groups(limit=5),
+            **options,
         }
         return TemplateResponse(request, "admin/reliable_events/overview.html", context)
 
 
 def _int_or_404(value: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError) as exc:
-        raise Http404(f"{value!r} is not a dead-letter id") from exc
+    number = int_or_none(value)
+    if number is None:
+        raise Http404(f"{value[:40]!r} is not a dead-letter id")
+    return number
 
 
 # -- outbox ---------------------------------------------------------------------------
@@ -652,8 +672,10 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
         "attempts",
         "next_attempt",
         "short_error",
+        "timeline",
     )
     list_filter = ("status", PendingAgeFilter)
+    url_lookups = frozenset({"status"})
     search_fields = ("=message_id", "=key", "^topic")
     search_help_text = _("Exact message id or key, or the start of a topic.")
     ordering = ("-id",)
@@ -749,7 +771,7 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
 # -- processed messages -----------------------------------------------------------------
 @admin.register(ProcessedMessage)
 class ProcessedMessageAdmin(ReadOnlyAdmin):
-    list_display = ("id", "consumer", "message_id", "topic", "processed_at")
+    list_display = ("id", "consumer", "message_id", "topic", "processed_at", "timeline")
     search_fields = ("=message_id", "=consumer", "^topic")
     search_help_text = _("Exact message id or consumer name, or the start of a topic.")
     ordering = ("-id",)

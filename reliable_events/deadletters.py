@@ -12,19 +12,23 @@ import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, router, transaction
-from django.db.models import QuerySet
+from django.db.models import Count, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from reliable_events.conf import app_settings
 from reliable_events.consuming import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
-from reliable_events.models import DeadLetter, OutboxMessage
+from reliable_events.models import DeadLetter, OutboxMessage, TriageEntry
 from reliable_events.publishing import json_value, lane_for, schedule_on_commit
 
 logger = logging.getLogger(__name__)
 
+#: Header of an edited copy naming the message id it replaces.
+COPY_OF_HEADER = "re-copy-of"
 #: Poison reasons whose body is not a payload that could be delivered again.
 _UNREADABLE_BODY = frozenset({NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE})
 
@@ -37,6 +41,8 @@ class TriageResult:
     skipped: dict[int, str] = field(default_factory=dict)
     #: Outbox rows a retry wrote (one per retried dead letter): the re-deliveries.
     outbox_ids: list[int] = field(default_factory=list)
+    #: Edit and retry: the new message id of each published copy (by dead-letter id).
+    copies: dict[int, str] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -59,9 +65,13 @@ def select(
     consumer: str | None = None,
     fingerprint: str | None = None,
     everything: bool = False,
+    upto: int | None = None,
     using: str | None = None,
 ) -> QuerySet[DeadLetter]:
-    """Open dead letters chosen by id, consumer, fingerprint, or all of them."""
+    """Open dead letters chosen by id, consumer, fingerprint, or all of them.
+
+    ``upto`` keeps only ids up to it: the letters a user saw, not those that arrived since.
+    """
     query = DeadLetter.objects.using(_alias(using)).open()
     if ids is None and consumer is None and fingerprint is None and not everything:
         return query.none()
@@ -71,7 +81,24 @@ def select(
         query = query.for_consumer(consumer)
     if fingerprint is not None:
         query = query.filter(fingerprint=fingerprint)
+    if upto is not None:
+        query = query.filter(pk__lte=upto)
     return query.order_by("id")
+
+
+def with_retry_counts(query: QuerySet[DeadLetter]) -> QuerySet[DeadLetter]:
+    """``query`` annotated with ``retry_count``: retries (plain or edited) of each letter's
+    message for its consumer so far, from the audit trail (one correlated, indexed count)."""
+    retries = (
+        TriageEntry.objects.filter(consumer=OuterRef("consumer"), message_id=OuterRef("message_id"))
+        .exclude(message_id="")
+        .exclude(action=TriageEntry.Action.DISCARD)
+        .order_by()
+        .values("consumer")
+        .annotate(n=Count("id"))
+        .values("n")[:1]
+    )
+    return query.annotate(retry_count=Coalesce(Subquery(retries), 0))
 
 
 def retry_block_reason(letter: DeadLetter) -> str | None:
@@ -139,15 +166,70 @@ def _lock(alias: str, ids: list[int], result: TriageResult) -> list[DeadLetter]:
     return locked
 
 
+def _redelivery(
+    letter: DeadLetter, *, message_id: str, payload: Any, due: datetime
+) -> OutboxMessage:
+    """The outbox row re-delivering ``letter`` to its consumer's queue only."""
+    return OutboxMessage(
+        message_id=message_id,
+        topic=letter.topic or "retry",
+        key=letter.key or None,
+        lane=lane_for(letter.key or None, message_id or uuid.uuid4().hex),
+        queue=letter.queue or letter.consumer,
+        payload=json_value(payload),
+        headers={
+            k: v
+            for k, v in (letter.headers or {}).items()
+            if isinstance(v, str) and not k.lower().startswith("x-")
+        },
+        next_attempt_at=due,
+    )
+
+
+def _due() -> tuple[datetime, bool]:
+    """When a new re-delivery row is due, and whether the on-commit publish will send it."""
+    # Reserved for the on-commit publish (like publish_event), else due at once.
+    on_commit = bool(app_settings.PUBLISH_ON_COMMIT)
+    hold = timedelta(seconds=float(app_settings.ON_COMMIT_GRACE_SECONDS) if on_commit else 0)
+    return timezone.now() + hold, on_commit
+
+
+def _entry(
+    letter: DeadLetter, action: str, *, user: str, source: str, note: str, **extra: Any
+) -> TriageEntry:
+    return TriageEntry(
+        dead_letter_id=letter.pk,
+        consumer=letter.consumer,
+        message_id=letter.message_id,
+        action=action,
+        user=user[:150],
+        source=source[:50],
+        note=note,
+        **extra,
+    )
+
+
+def _resolve(letter: DeadLetter, status: str, *, user: str, note: str) -> None:
+    letter.status = status
+    letter.resolved_at = timezone.now()
+    letter.resolved_by = user[:150]
+    letter.note = note
+
+
 def retry(
     letters: Iterable[DeadLetter] | QuerySet[DeadLetter],
     *,
     user: str = "",
     note: str = "",
+    source: str = "",
     using: str | None = None,
     dry_run: bool = False,
 ) -> TriageResult:
-    """Re-deliver each open dead letter to its consumer's queue and mark it retried."""
+    """Re-deliver each open dead letter to its consumer's queue and mark it retried.
+
+    Each retry leaves a :class:`TriageEntry` (who, when, from where, the note, the
+    outbox row) in the same transaction.
+    """
     alias = _alias(using)
     result = TriageResult()
     ids = [letter.pk for letter in letters]
@@ -155,44 +237,39 @@ def retry(
         return result
     with transaction.atomic(using=alias):
         locked = _lock(alias, ids, result)
-        rows: list[OutboxMessage] = []
-        now = timezone.now()
-        # Reserved for the on-commit publish (like publish_event), else due at once.
-        on_commit = bool(app_settings.PUBLISH_ON_COMMIT)
-        hold = timedelta(seconds=float(app_settings.ON_COMMIT_GRACE_SECONDS) if on_commit else 0)
+        retried: list[DeadLetter] = []
+        due, on_commit = _due()
         for letter in locked:
             reason = retry_block_reason(letter)
             if reason is not None:
                 result.skipped[letter.pk] = reason
                 continue
             result.done.append(letter.pk)
-            if dry_run:
-                continue
-            rows.append(
-                OutboxMessage(
-                    message_id=letter.message_id,
-                    topic=letter.topic or "retry",
-                    key=letter.key or None,
-                    lane=lane_for(letter.key or None, letter.message_id or uuid.uuid4().hex),
-                    queue=letter.queue or letter.consumer,
-                    payload=json_value(letter.payload),
-                    headers={
-                        k: v
-                        for k, v in (letter.headers or {}).items()
-                        if isinstance(v, str) and not k.lower().startswith("x-")
-                    },
-                    next_attempt_at=now + hold,
-                )
+            retried.append(letter)
+        if not dry_run and retried:
+            created = OutboxMessage.objects.using(alias).bulk_create(
+                [
+                    _redelivery(
+                        letter, message_id=letter.message_id, payload=letter.payload, due=due
+                    )
+                    for letter in retried
+                ]
             )
-            letter.status = DeadLetter.Status.RETRIED
-            letter.resolved_at = now
-            letter.resolved_by = user[:150]
-            letter.note = note
-        if not dry_run and rows:
-            created = OutboxMessage.objects.using(alias).bulk_create(rows)
+            for letter in retried:
+                _resolve(letter, DeadLetter.Status.RETRIED, user=user, note=note)
             DeadLetter.objects.using(alias).bulk_update(
-                [letter for letter in locked if letter.pk in result.done],
-                ["status", "resolved_at", "resolved_by", "note"],
+                retried, ["status", "resolved_at", "resolved_by", "note"]
+            )
+            TriageEntry.objects.using(alias).bulk_create(
+                _entry(
+                    letter,
+                    TriageEntry.Action.RETRY,
+                    user=user,
+                    source=source,
+                    note=note,
+                    outbox_id=row.pk,
+                )
+                for letter, row in zip(retried, created, strict=True)
             )
             for row in created:
                 if row.pk is None:  # pragma: no cover - every supported backend returns ids
@@ -205,15 +282,92 @@ def retry(
     return result
 
 
+def changed_keys(before: Any, after: Any) -> list[str]:
+    """Top-level keys whose value an edit changed, added or removed (``["(body)"]`` when
+    either side is not an object)."""
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return [] if before == after else ["(body)"]
+    return sorted(
+        k for k in before.keys() | after.keys() if before.get(k, ...) != after.get(k, ...)
+    )
+
+
+def edit_and_retry(
+    letter: DeadLetter,
+    payload: Any,
+    *,
+    user: str,
+    note: str = "",
+    source: str = "",
+    using: str | None = None,
+) -> TriageResult:
+    """Publish an edited copy of ``letter`` under a **new** message id and mark it retried.
+
+    The consumer already knows the original id (a dead letter after failed attempts,
+    or, for another consumer of the topic, a processed one), so a copy under the same id
+    could be swallowed as a duplicate.  The copy goes to this consumer's queue only; the
+    :class:`TriageEntry` links the original id to the copy's and keeps both payloads.
+    Letters that had no message id or were not JSON may be edited too: that is the fix.
+    """
+    alias = _alias(using)
+    result = TriageResult()
+    with transaction.atomic(using=alias):
+        locked = _lock(alias, [letter.pk], result)
+        if not locked:
+            return result
+        current = locked[0]
+        if current.status != DeadLetter.Status.OPEN:
+            result.skipped[current.pk] = f"it is {current.status}, not open"
+            return result
+        if not (current.queue or current.consumer):
+            result.skipped[current.pk] = "the consumer queue is unknown"
+            return result
+        due, on_commit = _due()
+        copy_id = str(uuid.uuid4())
+        row = _redelivery(current, message_id=copy_id, payload=payload, due=due)
+        if current.message_id:
+            row.headers[COPY_OF_HEADER] = current.message_id
+        row.save(using=alias)
+        _resolve(current, DeadLetter.Status.RETRIED, user=user, note=note)
+        current.save(using=alias, update_fields=["status", "resolved_at", "resolved_by", "note"])
+        _entry(
+            current,
+            TriageEntry.Action.EDIT_RETRY,
+            user=user,
+            source=source,
+            note=note,
+            outbox_id=row.pk,
+            copy_message_id=copy_id,
+            changes={
+                "before": current.payload,
+                "after": payload,
+                "changed": changed_keys(current.payload, payload),
+            },
+        ).save(using=alias)
+        result.done.append(current.pk)
+        result.outbox_ids.append(row.pk)
+        result.copies[current.pk] = copy_id
+        if on_commit:
+            schedule_on_commit(row.pk, alias)
+    logger.info(
+        "reliable_events: %s edited dead letter %s and retried it as message %s",
+        user or "system",
+        letter.pk,
+        copy_id,
+    )
+    return result
+
+
 def discard(
     letters: Iterable[DeadLetter] | QuerySet[DeadLetter],
     *,
     note: str = "",
     user: str = "",
+    source: str = "",
     using: str | None = None,
     dry_run: bool = False,
 ) -> TriageResult:
-    """Mark each open dead letter discarded, with a note saying why."""
+    """Mark each open dead letter discarded, with a note saying why (and an audit entry)."""
     alias = _alias(using)
     result = TriageResult()
     ids = [letter.pk for letter in letters]
@@ -221,16 +375,22 @@ def discard(
         return result
     with transaction.atomic(using=alias):
         locked = _lock(alias, ids, result)
+        discarded: list[DeadLetter] = []
         for letter in locked:
             if letter.status != DeadLetter.Status.OPEN:
                 result.skipped[letter.pk] = f"it is {letter.status}, not open"
             else:
                 result.done.append(letter.pk)
-        if result.done and not dry_run:
+                discarded.append(letter)
+        if discarded and not dry_run:
             DeadLetter.objects.using(alias).filter(pk__in=result.done).update(
                 status=DeadLetter.Status.DISCARDED,
                 resolved_at=timezone.now(),
                 resolved_by=user[:150],
                 note=note,
+            )
+            TriageEntry.objects.using(alias).bulk_create(
+                _entry(letter, TriageEntry.Action.DISCARD, user=user, source=source, note=note)
+                for letter in discarded
             )
     return result

@@ -123,6 +123,13 @@ class OutboxMessage(models.Model):
             ),
             models.Index(fields=("sent_at",), condition=Q(status="sent"), name="re_outbox_sent_at"),
             models.Index(fields=("status", "id"), name="re_outbox_status"),
+            # A message's timeline: the re-deliveries of retries (few rows; the originals
+            # are found through re_outbox_unique_message_id).
+            models.Index(
+                fields=("message_id",),
+                condition=~Q(queue=""),
+                name="re_outbox_redelivery_id",
+            ),
         )
 
     def __str__(self) -> str:
@@ -253,6 +260,7 @@ class DeadLetter(models.Model):
         permissions = (
             ("retry_deadletter", "Can retry dead letters"),
             ("discard_deadletter", "Can discard dead letters"),
+            ("edit_deadletter", "Can edit a dead letter's payload and retry the copy"),
         )
         indexes = (
             models.Index(fields=("status", "consumer"), name="re_deadletter_status"),
@@ -312,3 +320,63 @@ class QueuedMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.queue}: {self.message_id}"
+
+
+class TriageEntry(models.Model):
+    """The audit trail of dead-letter triage: one row per letter per retry, discard or edit.
+
+    Written by :mod:`reliable_events.deadletters` in the transaction that changes the
+    letter, whoever asked (admin, API, management command); never changed afterwards.
+    It keeps the letter's id and message id as plain values, so it outlives a purge.
+    """
+
+    class Action(models.TextChoices):
+        RETRY = "retry", _("retry")
+        DISCARD = "discard", _("discard")
+        EDIT_RETRY = "edit-retry", _("edit and retry")
+
+    id = models.BigAutoField(primary_key=True, help_text=_("Row id."))
+    dead_letter_id = models.BigIntegerField(help_text=_("The dead letter acted on."))
+    consumer = models.CharField(
+        max_length=NAME_MAX_LENGTH, help_text=_("The dead letter's consumer.")
+    )
+    message_id = models.CharField(
+        max_length=MESSAGE_ID_MAX_LENGTH, blank=True, default="", help_text=_("Its message id.")
+    )
+    action = models.CharField(max_length=20, choices=Action.choices, help_text=_("What was done."))
+    user = models.CharField(max_length=150, blank=True, default="", help_text=_("Who did it."))
+    source = models.CharField(
+        max_length=50,
+        blank=True,
+        default="",
+        help_text=_("Where: admin, admin group, api, command."),
+    )
+    at = models.DateTimeField(db_default=Now(), help_text=_("When (database clock)."))
+    note = models.TextField(blank=True, default="", help_text=_("The note given."))
+    outbox_id = models.BigIntegerField(
+        null=True, blank=True, help_text=_("The outbox row carrying the re-delivery.")
+    )
+    copy_message_id = models.CharField(
+        max_length=MESSAGE_ID_MAX_LENGTH,
+        blank=True,
+        default="",
+        help_text=_("Edit and retry: the new message id of the edited copy."),
+    )
+    changes = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text=_("Edit and retry: the payload before and after."),
+    )
+
+    class Meta:
+        verbose_name = _("triage entry")
+        verbose_name_plural = _("triage entries")
+        ordering = ("id",)
+        indexes = (
+            models.Index(fields=("dead_letter_id", "id"), name="re_triage_letter"),
+            models.Index(fields=("message_id",), name="re_triage_message_id"),
+            models.Index(fields=("copy_message_id",), name="re_triage_copy_id"),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.action} of dead letter {self.dead_letter_id} by {self.user or 'system'}"

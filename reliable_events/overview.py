@@ -189,8 +189,9 @@ def build_chart(buckets: list[HourBucket]) -> Chart:
                     title=f"{bucket.start:%H}:00 UTC: {value} {label}",
                 )
             )
-        if index % 3 == 0 or index == len(buckets) - 1:
-            labels.append((round(left + slot / 2, 2), f"{bucket.start:%H}h"))
+        if index % max(3, len(buckets) // 8) == 0 or index == len(buckets) - 1:
+            label = f"{bucket.start:%a %H}h" if len(buckets) > 24 else f"{bucket.start:%H}h"
+            labels.append((round(left + slot / 2, 2), label))
     ticks = [
         (round(bottom - plot_h * fraction, 2), round(ceiling * fraction))
         for fraction in (0, 0.5, 1)
@@ -229,6 +230,8 @@ class FailureGroup:
     first_failed_at: datetime | None
     last_failed_at: datetime | None
     sample_error: str
+    #: The group's highest dead-letter id: group actions act on ids up to it (what was seen).
+    last_id: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -239,6 +242,7 @@ class FailureGroup:
             "first_failed_at": self.first_failed_at.isoformat() if self.first_failed_at else None,
             "last_failed_at": self.last_failed_at.isoformat() if self.last_failed_at else None,
             "sample_error": self.sample_error,
+            "last_id": self.last_id,
         }
 
 
@@ -263,6 +267,7 @@ def failure_groups(
             first=Min("first_failed_at"),
             last=Max("last_failed_at"),
             sample=Max(Substr("error_message", 1, 300)),
+            last_id=Max("id"),
         )
         .order_by("-count", "consumer", "fingerprint")[: max(1, limit)]
     )
@@ -275,6 +280,7 @@ def failure_groups(
             first_failed_at=row["first"],
             last_failed_at=row["last"],
             sample_error=row["sample"] or "",
+            last_id=row["last_id"] or 0,
         )
         for row in rows
     ]

@@ -6,6 +6,7 @@ allowed, rather than a silently unfiltered list.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime, time
 from typing import Any
@@ -15,6 +16,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 from rest_framework.exceptions import ValidationError
 
+from reliable_events import payload_search
 from reliable_events.models import DeadLetter
 
 #: Exact-match filters: query parameter -> model field.
@@ -31,10 +33,14 @@ ORDERINGS = ("id", "-id", "last_failed_at", "-last_failed_at", "attempts", "-att
 #: Parameters the pagination and DRF themselves read.
 PASS_THROUGH = frozenset({"page", "page_size", "format"})
 ALLOWED = frozenset(
-    {*EXACT, "status", "q", "failed_after", "failed_before", "ordering", *PASS_THROUGH}
+    {*EXACT, "status", "q", "payload", "failed_after", "failed_before", "ordering", *PASS_THROUGH}
 )
 STATUSES = tuple(value for value, _ in DeadLetter.Status.choices)
 MAX_PAGE_SIZE = 500
+#: The largest id a 64-bit primary key holds; a larger one would overflow SQLite's driver.
+MAX_ID = 2**63 - 1
+#: ASCII digits only: ``str.isdigit()`` also accepts "²" and "٣", which ``int()`` refuses.
+_DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 def _datetime(name: str, value: str, *, end_of_day: bool = False) -> datetime:
@@ -55,16 +61,34 @@ def _datetime(name: str, value: str, *, end_of_day: bool = False) -> datetime:
     return parsed
 
 
+def as_id(value: str) -> int | None:
+    """``value`` as a positive 64-bit integer, or ``None`` when it is not one."""
+    if not _DIGITS.fullmatch(value):
+        return None
+    number = int(value)
+    return number if 1 <= number <= MAX_ID else None
+
+
 def _positive_int(name: str, value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
+    number = as_id(value)
+    if number is None:
         raise ValidationError({name: [f"{value[:40]!r} is not a positive integer."]})
-    return int(value)
+    return number
+
+
+def reject_nul(params: Mapping[str, Any]) -> None:
+    """A NUL character in a parameter is a 400 (PostgreSQL cannot compare text with one)."""
+    for name in params:
+        values = params.getlist(name) if hasattr(params, "getlist") else [params[name]]
+        if "\x00" in name or any("\x00" in str(value) for value in values):
+            raise ValidationError({"detail": ["a parameter contains a NUL character."]})
 
 
 def filter_dead_letters(
     query: QuerySet[DeadLetter], params: Mapping[str, Any]
 ) -> QuerySet[DeadLetter]:
     """Apply the documented filters in ``params`` to ``query``; ValidationError on bad input."""
+    reject_nul(params)
     unknown = sorted(set(params) - ALLOWED)
     if unknown:
         raise ValidationError(
@@ -97,6 +121,11 @@ def filter_dead_letters(
     text = (params.get("q") or "").strip()
     if text:
         query = query.filter(Q(message_id=text) | Q(key=text) | Q(error_message__icontains=text))
+    if "payload" in params:
+        try:
+            query = payload_search.search(query, payload_search.parse(params["payload"]))
+        except payload_search.PayloadQueryError as exc:
+            raise ValidationError({"payload": [str(exc)]}) from None
     if "failed_after" in params:
         query = query.filter(last_failed_at__gte=_datetime("failed_after", params["failed_after"]))
     if "failed_before" in params:

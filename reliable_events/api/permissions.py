@@ -3,6 +3,8 @@
 * reading dead letters: ``reliable_events.view_deadletter``;
 * retrying them: ``reliable_events.retry_deadletter``;
 * discarding them: ``reliable_events.discard_deadletter``;
+* editing one's payload and retrying the copy: ``reliable_events.edit_deadletter``;
+* a message's timeline: ``reliable_events.view_deadletter``;
 * outbox stats: ``reliable_events.view_outboxmessage``;
 * retrying dead outbox rows: ``reliable_events.change_outboxmessage``.
 
@@ -24,10 +26,12 @@ DEADLETTER_PERMISSIONS = {
     "list": "view_deadletter",
     "retrieve": "view_deadletter",
     "groups": "view_deadletter",
+    "timeline": "view_deadletter",
     "retry": "retry_deadletter",
     "bulk_retry": "retry_deadletter",
     "discard": "discard_deadletter",
     "bulk_discard": "discard_deadletter",
+    "edit_retry": "edit_deadletter",
 }
 OUTBOX_PERMISSIONS = {
     "stats": "view_outboxmessage",

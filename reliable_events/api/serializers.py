@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rest_framework import serializers
 
+from reliable_events.api.filters import MAX_ID
+from reliable_events.conf import app_settings
 from reliable_events.deadletters import TriageResult
 from reliable_events.models import DeadLetter
 
@@ -37,16 +40,19 @@ HEAVY_FIELDS = ("payload", "raw_body", "headers", "traceback", "history", "note"
 
 
 class DeadLetterListSerializer(serializers.ModelSerializer[DeadLetter]):
+    #: Retries of this message for this consumer so far (``deadletters.with_retry_counts``).
+    retries = serializers.IntegerField(source="retry_count", read_only=True, default=0)
+
     class Meta:
         model = DeadLetter
-        fields = LIST_FIELDS
-        read_only_fields = LIST_FIELDS
+        fields = (*LIST_FIELDS, "retries")
+        read_only_fields = fields
 
 
-class DeadLetterDetailSerializer(serializers.ModelSerializer[DeadLetter]):
+class DeadLetterDetailSerializer(DeadLetterListSerializer):
     class Meta:
         model = DeadLetter
-        fields = (*LIST_FIELDS, *HEAVY_FIELDS)
+        fields = (*LIST_FIELDS, "retries", *HEAVY_FIELDS)
         read_only_fields = fields
 
 
@@ -62,6 +68,19 @@ class DiscardNoteSerializer(serializers.Serializer[Any]):
     note = serializers.CharField(max_length=MAX_NOTE, allow_blank=False, trim_whitespace=True)
 
 
+class EditRetrySerializer(serializers.Serializer[Any]):
+    """Body of an edit and retry: the corrected ``payload`` (any JSON) and a ``note``."""
+
+    payload = serializers.JSONField()
+    note = serializers.CharField(max_length=MAX_NOTE, allow_blank=False, trim_whitespace=True)
+
+    def validate_payload(self, value: Any) -> Any:
+        limit = int(app_settings.MAX_PAYLOAD_BYTES)
+        if len(json.dumps(value).encode()) > limit:
+            raise serializers.ValidationError(f"over MAX_PAYLOAD_BYTES ({limit} bytes).")
+        return value
+
+
 class SelectionSerializer(serializers.Serializer[Any]):
     """Which open dead letters a bulk call acts on.
 
@@ -69,7 +88,7 @@ class SelectionSerializer(serializers.Serializer[Any]):
     """
 
     ids = serializers.ListField(
-        child=serializers.IntegerField(min_value=1),
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
         required=False,
         allow_empty=False,
         max_length=MAX_BULK_IDS,
@@ -77,6 +96,8 @@ class SelectionSerializer(serializers.Serializer[Any]):
     consumer = serializers.CharField(required=False, allow_blank=False, max_length=200)
     fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=64)
     all = serializers.BooleanField(required=False, default=False)
+    #: Only letters with ids up to this one: what the caller saw (a group's ``last_id``).
+    upto = serializers.IntegerField(required=False, min_value=1, max_value=MAX_ID)
     dry_run = serializers.BooleanField(required=False, default=False)
     note = serializers.CharField(required=False, allow_blank=True, max_length=MAX_NOTE, default="")
 
@@ -108,7 +129,7 @@ class OutboxRetrySerializer(serializers.Serializer[Any]):
     """Which dead outbox rows to make pending again: ``ids`` or ``all: true``."""
 
     ids = serializers.ListField(
-        child=serializers.IntegerField(min_value=1),
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
         required=False,
         allow_empty=False,
         max_length=MAX_BULK_IDS,
@@ -123,8 +144,8 @@ class OutboxRetrySerializer(serializers.Serializer[Any]):
 
 def triage_outcome(action: str, result: TriageResult, *, dry_run: bool = False) -> dict[str, Any]:
     """The response body of a retry or discard."""
-    verb = {"retry": "retried", "discard": "discarded"}[action]
-    return {
+    verb = {"retry": "retried", "discard": "discarded", "edit-retry": "retried"}[action]
+    outcome = {
         "action": action,
         "dry_run": dry_run,
         "count": result.count,
@@ -134,3 +155,6 @@ def triage_outcome(action: str, result: TriageResult, *, dry_run: bool = False) 
         "outbox_ids": list(getattr(result, "outbox_ids", [])),
         "detail": ("would have " if dry_run else "") + result.summary(verb),
     }
+    if action == "edit-retry":  # the new message id of the copy, by dead-letter id
+        outcome["copies"] = {str(pk): copy for pk, copy in result.copies.items()}
+    return outcome

@@ -2,7 +2,8 @@
 
 ``dead-letters/`` (list, filters), ``dead-letters/groups/``, ``dead-letters/retry/`` and
 ``dead-letters/discard/`` (bulk), ``dead-letters/<id>/``, ``dead-letters/<id>/retry/``,
-``dead-letters/<id>/discard/``, ``outbox/stats/``, ``outbox/retry-dead/``.
+``dead-letters/<id>/discard/``, ``dead-letters/<id>/edit-retry/``,
+``dead-letters/timeline/?message_id=``, ``outbox/stats/``, ``outbox/retry-dead/``.
 See ``docs/api.md``.
 """
 

@@ -212,9 +212,11 @@ def test_select_across_acts_on_the_filtered_set() -> None:
     client = client_for(staff_user("retrier", "view_deadletter", "retry_deadletter"))
     many_dead_letters(60, consumer="billing.charge", fingerprint="fp-a")
     other = dead_letter(consumer="mail.send", fingerprint="fp-a")
+    page = client.get(changelist_url() + "?consumer=billing.charge")
+    snapshot = {"re_upto": page.context["re_upto"], "re_seen": page.context["cl"].result_count}
     response = client.post(
         changelist_url() + "?consumer=billing.charge",
-        {"action": "retry_selected", "select_across": "1", ACTION_CHECKBOX: ["1"]},
+        {"action": "retry_selected", "select_across": "1", ACTION_CHECKBOX: ["1"], **snapshot},
     )
     assert any("Retried 60 dead letter(s)" in t for t in follow_messages(client, response))
     other.refresh_from_db()
@@ -243,23 +245,32 @@ def test_group_page_and_group_actions() -> None:
     assert "Retry 4" in page.content.decode()
 
     act = reverse("admin:reliable_events_deadletter_group_action")
-    response = client.post(
-        act, {"consumer": "billing.charge", "fingerprint": "fp-a", "op": "retry"}
-    )
+    shown = {
+        (r["group"].consumer, r["group"].fingerprint): r["group"] for r in page.context["groups"]
+    }
+
+    def snapshot(consumer: str, fingerprint: str) -> dict[str, Any]:
+        group = shown[(consumer, fingerprint)]
+        return {
+            "consumer": consumer,
+            "fingerprint": fingerprint,
+            "upto": group.last_id,
+            "seen": group.count,
+        }
+
+    response = client.post(act, {**snapshot("billing.charge", "fp-a"), "op": "retry"})
     assert any("Retried 4 dead letter(s)" in t for t in follow_messages(client, response))
     assert DeadLetter.objects.filter(status="retried").count() == 4
     assert OutboxMessage.objects.count() == 4
     # The same fingerprint under another consumer is another group: untouched.
     assert DeadLetter.objects.filter(consumer="mail.send", status="open").count() == 2
 
-    response = client.post(
-        act, {"consumer": "billing.charge", "fingerprint": "fp-b", "op": "discard"}
-    )
+    response = client.post(act, {**snapshot("billing.charge", "fp-b"), "op": "discard"})
     assert any("note is required" in t for t in follow_messages(client, response))
     assert DeadLetter.objects.filter(fingerprint="fp-b", status="open").count() == 3
     response = client.post(
         act,
-        {"consumer": "billing.charge", "fingerprint": "fp-b", "op": "discard", "note": "bug #12"},
+        {**snapshot("billing.charge", "fp-b"), "op": "discard", "note": "bug #12"},
     )
     assert any("Discarded 3 dead letter(s)" in t for t in follow_messages(client, response))
     assert (

@@ -405,7 +405,15 @@ def _admin_attempt(client: Client, surface: str, op: str, letter: DeadLetter) ->
         )
     return client.post(
         reverse("admin:reliable_events_deadletter_group_action"),
-        {"consumer": letter.consumer, "fingerprint": letter.fingerprint, "op": op, **note},
+        {
+            "consumer": letter.consumer,
+            "fingerprint": letter.fingerprint,
+            # The group as the page showed it: this one letter.
+            "upto": letter.pk,
+            "seen": 1,
+            "op": op,
+            **note,
+        },
     )
 
 

@@ -82,6 +82,7 @@ class Command(BaseCommand):
             selected,
             user=options["user"] or "retry_dead_letters",
             note=options["note"],
+            source="command",
             using=using,
             dry_run=dry_run,
         )
