@@ -12,7 +12,6 @@ import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from django.db import DEFAULT_DB_ALIAS, router, transaction
 from django.db.models import QuerySet
@@ -20,7 +19,7 @@ from django.utils import timezone
 
 from reliable_events.conf import app_settings
 from reliable_events.models import DeadLetter, OutboxMessage
-from reliable_events.publishing import json_value, lane_for, schedule_on_commit
+from reliable_events.publishing import json_value, lane_for, on_commit_due, schedule_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +151,9 @@ def retry(
         locked = _lock(alias, ids, result)
         rows: list[OutboxMessage] = []
         now = timezone.now()
-        # Reserved for the on-commit publish (like publish_event), else due at once.
+        # Like publish_event: due for the on-commit publish (see on_commit_due), else at once.
         on_commit = bool(app_settings.PUBLISH_ON_COMMIT)
-        hold = timedelta(seconds=float(app_settings.ON_COMMIT_GRACE_SECONDS) if on_commit else 0)
+        due = on_commit_due(alias) if on_commit else now
         for letter in locked:
             reason = retry_block_reason(letter)
             if reason is not None:
@@ -176,7 +175,7 @@ def retry(
                         for k, v in (letter.headers or {}).items()
                         if isinstance(v, str) and not k.lower().startswith("x-")
                     },
-                    next_attempt_at=now + hold,
+                    next_attempt_at=due,
                 )
             )
             letter.status = DeadLetter.Status.RETRIED
