@@ -107,30 +107,36 @@ FOR UPDATE OF o SKIP LOCKED"""
 _PG_CLAIM_PLAN = """SELECT set_config('enable_sort', 'off', true),
     set_config('enable_bitmapscan', 'off', true), set_config('enable_seqscan', 'off', true),
     set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)"""
-# The on-commit hook's claim (PostgreSQL): with the lanes of its rows held, the pending
-# rows of the keys its transaction published (and its keyless rows), in id order, minus
-# those behind an earlier row of their key that is not due (a delayed event, a backoff).
-# Its own rows are due whatever the clocks say; earlier rows of the keys that another
-# hook or relay missed go with them, first.
+# The on-commit hook's claim (PostgreSQL), with the lanes of its rows held: the pending
+# chain of each of its keys (walked in id order through re_outbox_pending_key, at most
+# ``limit`` rows a key, so a backlog on the key costs nothing) and its keyless rows, in
+# id order, minus those behind an earlier row of their key that is not due (a delayed
+# event, a backoff).  Its own rows are due whatever the clocks say; earlier rows of the
+# keys that another hook or relay missed go with them, first.
 _PG_CLAIM_CHAINS = """SELECT {columns} FROM {table} o
-WHERE o.status = 'pending'
+WHERE o.id IN (
+    SELECT c.id FROM unnest(%(keys)s::text[]) AS k(key) CROSS JOIN LATERAL (
+      SELECT p.id FROM {table} p WHERE p.status = 'pending' AND p.key = k.key
+      ORDER BY p.id LIMIT %(limit)s) c
+    UNION ALL
+    SELECT q.id FROM {table} q WHERE q.id = ANY(%(ids)s::bigint[]) AND q.key IS NULL)
+  AND o.status = 'pending'
   AND (o.next_attempt_at <= statement_timestamp()
        OR (o.id = ANY(%(ids)s::bigint[]) AND o.attempts = 0))
-  AND (o.id = ANY(%(ids)s::bigint[]) OR o.key IN (
-    SELECT c.key FROM {table} c WHERE c.id = ANY(%(ids)s::bigint[]) AND c.key IS NOT NULL))
   AND NOT EXISTS (
     SELECT 1 FROM {table} e
-    WHERE e.status = 'pending' AND e.key = o.key AND e.id < o.id
-      AND e.next_attempt_at > statement_timestamp()
-      AND NOT (e.id = ANY(%(ids)s::bigint[]) AND e.attempts = 0))
+    WHERE e.status = 'pending' AND e.key = o.key AND e.next_attempt_at > statement_timestamp()
+      AND e.id < o.id AND NOT (e.id = ANY(%(ids)s::bigint[]) AND e.attempts = 0))
 ORDER BY o.id
 LIMIT %(limit)s
 FOR UPDATE OF o SKIP LOCKED"""
 # Waits (bounded by lock_timeout) for the lanes of the hook's pending rows, in lane order
 # so that two hooks cannot deadlock; released at the end of the hook's transaction.
-_PG_LOCK_HOOK_LANES = """SELECT s.lane, pg_advisory_xact_lock(%(namespace)s, s.lane)
-FROM (SELECT DISTINCT lane FROM {table}
-      WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending' ORDER BY lane) s"""
+# Returns the keys of those rows, per lane.
+_PG_LOCK_HOOK_LANES = """SELECT s.lane, pg_advisory_xact_lock(%(namespace)s, s.lane), s.keys
+FROM (SELECT lane, array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL) AS keys
+      FROM {table} WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending'
+      GROUP BY lane ORDER BY lane) s"""
 _PG_MARK_SENT = """UPDATE {table} SET status = 'sent', sent_at = statement_timestamp(),
     attempts = attempts + 1, last_error = ''
 WHERE id = ANY(%(ids)s::bigint[])"""
@@ -298,16 +304,18 @@ def _retries_go_alone(alias: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any
     return kept
 
 
-def claim_committed(alias: str, ids: Sequence[int]) -> list[tuple[Any, ...]]:
+def claim_committed(
+    alias: str, ids: Sequence[int], keys: Sequence[str] = ()
+) -> list[tuple[Any, ...]]:
     """The rows the on-commit hook publishes for the just-committed ``ids``.
 
-    PostgreSQL (call it with the lanes of ``ids`` held, see :func:`publish_after_commit`):
-    the pending rows of the keys of ``ids`` and the keyless rows among them, oldest first,
-    minus any row behind an earlier row of its key that is not due.  An earlier row of the
-    key that nobody published (another hook missed it, or a delayed event fell due) goes
-    first, with them: a miss never leaves a key waiting.  At most
-    ``ON_COMMIT_CHAIN_LIMIT`` rows more than ``ids``: a longer chain is a backlog, for
-    the relay.
+    PostgreSQL (call it with the lanes of ``ids`` held; ``keys``: the keys of ``ids``, see
+    :func:`lock_hook_lanes`): the pending rows of ``keys`` and the keyless rows among
+    ``ids``, oldest first, minus any row behind an earlier row of its key that is not
+    due.  An earlier row of the key that nobody published (another hook missed it, or a
+    delayed event fell due) goes first, with them: a miss never leaves a key waiting.  At
+    most ``len(ids) + ON_COMMIT_CHAIN_LIMIT`` rows: a longer chain is a backlog, left to
+    the relay (with the rows of ``ids`` behind it).
 
     Elsewhere (SQLite: no lane locks, the grace period keeps the relay off these rows):
     the still-pending rows among ``ids``, minus those whose key has an earlier pending row
@@ -317,7 +325,7 @@ def claim_committed(alias: str, ids: Sequence[int]) -> list[tuple[Any, ...]]:
         sql = _PG_CLAIM_CHAINS.format(columns=_PG_COLUMNS, table=_table(alias))
         limit = len(ids) + int(app_settings.ON_COMMIT_CHAIN_LIMIT)
         with connections[alias].cursor() as cursor:
-            cursor.execute(sql, {"ids": list(ids), "limit": limit})
+            cursor.execute(sql, {"ids": list(ids), "keys": list(keys), "limit": limit})
             chains: list[tuple[Any, ...]] = cursor.fetchall()
             return _retries_go_alone(alias, chains)
     earlier = (
@@ -334,9 +342,10 @@ def claim_committed(alias: str, ids: Sequence[int]) -> list[tuple[Any, ...]]:
     )
 
 
-def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> bool:
+def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> list[str] | None:
     """Take (for the current transaction) the lanes of the pending rows among ``ids``,
-    waiting at most ``wait`` seconds; False when none of them is pending any more.
+    waiting at most ``wait`` seconds; return the keys of those rows (``None``: none of
+    them is pending any more).
 
     Raises :class:`django.db.OperationalError` when a lane stays busy that long.
     """
@@ -348,7 +357,10 @@ def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> bool:
             _PG_LOCK_HOOK_LANES.format(table=_table(alias)),
             {"ids": list(ids), "namespace": LANE_LOCK_NAMESPACE},
         )
-        return bool(cursor.fetchall())
+        lanes = cursor.fetchall()
+    if not lanes:
+        return None
+    return sorted({key for _lane, _lock, keys in lanes for key in keys or ()})
 
 
 def build_message(row: tuple[Any, ...], exchange: str | None = None) -> OutgoingMessage:
@@ -733,10 +745,11 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
         locking = True
         try:
             with transaction.atomic(using=alias):
-                if not lock_hook_lanes(alias, ids, min(HOOK_LANE_WAIT, timeout)):
+                keys = lock_hook_lanes(alias, ids, min(HOOK_LANE_WAIT, timeout))
+                if keys is None:
                     return RelayReport()
                 locking = False
-                return _publish_committed(alias, claim_committed(alias, ids), timeout)
+                return _publish_committed(alias, claim_committed(alias, ids, keys), timeout)
         except OperationalError:
             if locking:  # a lane stayed busy: its holder (a relay) sends these rows
                 return RelayReport()
