@@ -32,6 +32,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,12 +81,15 @@ def drain(broker: common.BenchBroker, mode: str, rows: int, timeout: float) -> f
     """Drain the seeded backlog with a ``relay_outbox`` child; return events/s."""
     from django.db import connection
 
+    # Output to a file, not a pipe: the daemon prints a line per batch, and a pipe nobody
+    # reads until the end fills up and blocks it.
+    log = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(
         [sys.executable, str(common.ROOT / "manage.py"), "relay_outbox", *MODES[mode]],
         cwd=common.ROOT,
         env=relay_env(broker),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         text=True,
     )
     deadline = time.monotonic() + timeout
@@ -104,12 +108,15 @@ def drain(broker: common.BenchBroker, mode: str, rows: int, timeout: float) -> f
         if process.poll() is None and mode == "daemon":
             process.send_signal(signal.SIGTERM)
         try:
-            _out, err = process.communicate(timeout=120)
+            process.wait(timeout=120)
         except subprocess.TimeoutExpired:
             process.kill()
-            _out, err = process.communicate()
+            process.wait()
+        log.seek(0)
+        output = log.read()
+        log.close()
     if process.returncode != 0:
-        raise SystemExit(f"{mode}: relay_outbox exited {process.returncode}: {err[-2000:]}")
+        raise SystemExit(f"{mode}: relay_outbox exited {process.returncode}: {output[-2000:]}")
     broker.purge()
     with connection.cursor() as cursor:
         cursor.execute(

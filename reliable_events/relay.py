@@ -23,11 +23,12 @@ How a batch goes (PostgreSQL):
 On SQLite (the embedded default) there are no advisory locks and ``FOR UPDATE`` is a
 no-op: run a single relay there (documented in ``docs/relay.md``).
 
-The on-commit hook publishes the rows its transaction stored.  ``publish_event``
-stored them with ``next_attempt_at = now + ON_COMMIT_GRACE_SECONDS``: that reservation
-is the hook's claim, so the relay does not take them while the hook (bounded by short
-connect and confirm timeouts) is at work.  Whatever the hook could not confirm stays
-pending for the relay.
+The on-commit hook publishes the rows its transaction stored.  On PostgreSQL they are
+due at once; the hook holds their lanes (transaction-level advisory locks) and publishes
+each of their keys' pending chains in order, so a row it missed goes with the next event
+of its key (see :func:`publish_after_commit`).  On SQLite ``publish_event`` stored them
+with ``next_attempt_at = now + ON_COMMIT_GRACE_SECONDS``: that reservation is the hook's
+claim there.  Whatever the hook could not confirm stays pending for the relay.
 """
 
 from __future__ import annotations
