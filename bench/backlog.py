@@ -83,38 +83,27 @@ def drain(broker: common.BenchBroker, mode: str, rows: int, timeout: float) -> f
 
     # Output to a file, not a pipe: the daemon prints a line per batch, and a pipe nobody
     # reads until the end fills up and blocks it.
-    log = tempfile.TemporaryFile(mode="w+")
-    process = subprocess.Popen(
-        [sys.executable, str(common.ROOT / "manage.py"), "relay_outbox", *MODES[mode]],
-        cwd=common.ROOT,
-        env=relay_env(broker),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + timeout
-    last_purge = time.monotonic()
-    try:
-        while pending_left():
-            if process.poll() is not None:
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{mode}: backlog not drained within {timeout:.0f} s")
-            time.sleep(0.2)
-            if time.monotonic() - last_purge > PURGE_EVERY:
-                broker.purge()
-                last_purge = time.monotonic()
-    finally:
-        if process.poll() is None and mode == "daemon":
-            process.send_signal(signal.SIGTERM)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(common.ROOT / "manage.py"), "relay_outbox", *MODES[mode]],
+            cwd=common.ROOT,
+            env=relay_env(broker),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            _wait_drained(broker, process, mode, timeout)
+        finally:
+            if process.poll() is None and mode == "daemon":
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         log.seek(0)
         output = log.read()
-        log.close()
     if process.returncode != 0:
         raise SystemExit(f"{mode}: relay_outbox exited {process.returncode}: {output[-2000:]}")
     broker.purge()
@@ -127,6 +116,21 @@ def drain(broker: common.BenchBroker, mode: str, rows: int, timeout: float) -> f
     if sent != rows:
         raise SystemExit(f"{mode}: {sent} of {rows} rows sent")
     return (rows - 1) / max(float(seconds), 1e-6)
+
+
+def _wait_drained(
+    broker: common.BenchBroker, process: subprocess.Popen[str], mode: str, timeout: float
+) -> None:
+    """Until nothing is pending (or the child exited), purging the queue now and then."""
+    deadline = time.monotonic() + timeout
+    last_purge = time.monotonic()
+    while pending_left() and process.poll() is None:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{mode}: backlog not drained within {timeout:.0f} s")
+        time.sleep(0.2)
+        if time.monotonic() - last_purge > PURGE_EVERY:
+            broker.purge()
+            last_purge = time.monotonic()
 
 
 def main(argv: list[str] | None = None) -> int:
