@@ -15,14 +15,15 @@ it as deployed, a subprocess on the benchmark database:
   once nothing is pending;
 * **once**: ``relay_outbox --once``.
 
-The rate is rows / (last ``sent_at`` - first ``sent_at``) on the database clock, so the
-process start-up is not counted.  Phases: 20k (baseline), 1M, 20k again (the baseline
-brackets the large phase on this shared, noisy machine); the ratio is the 1M rate over
-the median 20k rate, per mode.  Target: >= 0.8 for the daemon.  The messages go to a
-private queue, purged every few seconds so that the shared broker never holds the backlog.
+The rate is the rows marked after the first mark over the time from the first ``sent_at``
+to the last (database clock), so the process start-up is not counted.  Phases: 20k
+(baseline), 1M, 20k again (the baseline brackets the large phase on this shared, noisy
+machine); the ratio is the 1M rate over the median 20k rate, per mode.  Target: >= 0.8
+for the daemon.  The messages go to a private queue, purged every few seconds so that
+the shared broker never holds the backlog.
 
 Usage: ``python bench/backlog.py [--quick] [--small N] [--large N] [--modes daemon once]``
-(``--quick``: 5,000 vs 100,000).
+(``--quick``: 20,000 vs 200,000).
 """
 
 from __future__ import annotations
@@ -110,15 +111,19 @@ def drain(broker: common.BenchBroker, mode: str, rows: int, timeout: float) -> f
     if process.returncode != 0:
         raise SystemExit(f"{mode}: relay_outbox exited {process.returncode}: {output[-2000:]}")
     broker.purge()
+    table = common.outbox_table()
     with connection.cursor() as cursor:
+        # From the first mark to the last: the rows marked after the first one.
         cursor.execute(
-            f"SELECT count(*), extract(epoch FROM max(sent_at) - min(sent_at))"
-            f" FROM {common.outbox_table()} WHERE status = 'sent'"
+            f"""SELECT count(*), count(*) FILTER (WHERE o.sent_at > f.first),
+                extract(epoch FROM max(o.sent_at) - f.first)
+            FROM {table} o, (SELECT min(sent_at) AS first FROM {table}) f
+            WHERE o.status = 'sent' GROUP BY f.first"""
         )
-        sent, seconds = cursor.fetchone()
+        sent, after_first, seconds = cursor.fetchone()
     if sent != rows:
         raise SystemExit(f"{mode}: {sent} of {rows} rows sent")
-    return (rows - 1) / max(float(seconds), 1e-6)
+    return float(after_first) / max(float(seconds), 1e-6)
 
 
 def _wait_drained(
@@ -138,13 +143,13 @@ def _wait_drained(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="5,000 vs 100,000 pending rows")
+    parser.add_argument("--quick", action="store_true", help="20,000 vs 200,000 pending rows")
     parser.add_argument("--small", type=int, default=None, help="baseline backlog (20000)")
     parser.add_argument("--large", type=int, default=None, help="deep backlog (1000000)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     args = parser.parse_args(argv)
-    small = args.small or (5_000 if args.quick else 20_000)
-    large = args.large or (100_000 if args.quick else 1_000_000)
+    small = args.small or 20_000  # smaller: a handful of batches, too noisy a baseline
+    large = args.large or (200_000 if args.quick else 1_000_000)
 
     common.setup_django()
     rates: dict[str, dict[str, list[float]]] = {m: {"small": [], "large": []} for m in args.modes}
