@@ -211,11 +211,14 @@ def truncate_outbox() -> None:
         cursor.execute(f"TRUNCATE {outbox_table()} RESTART IDENTITY")
 
 
-def seed_rows(count: int, *, status: str = "pending", age_seconds: float = 0.0) -> None:
+def seed_rows(
+    count: int, *, status: str = "pending", age_seconds: float = 0.0, analyze: bool = True
+) -> None:
     """Insert ``count`` ~1 KiB events in one ``INSERT ... SELECT generate_series``.
 
     The rows look like ``publish_event`` wrote them (keys ``k0..k999``, their lanes).
-    ``status="sent"`` makes history rows, confirmed ``age_seconds`` ago.
+    ``status="sent"`` makes history rows, confirmed ``age_seconds`` ago.  ``analyze=False``
+    leaves the table's statistics as they were (what autovacuum lag looks like).
     """
     from django.db import connection
 
@@ -240,7 +243,8 @@ def seed_rows(count: int, *, status: str = "pending", age_seconds: float = 0.0) 
                 "count": count,
             },
         )
-        cursor.execute(f"ANALYZE {outbox_table()}")
+        if analyze:
+            cursor.execute(f"ANALYZE {outbox_table()}")
 
 
 def count_status(status: str) -> int:

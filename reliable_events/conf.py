@@ -63,6 +63,9 @@ class AppSettings:
     ON_COMMIT_CONFIRM_TIMEOUT: float = 1.0
     #: Seconds the on-commit publish is skipped after a broker failure (circuit breaker).
     ON_COMMIT_BREAKER_SECONDS: float = 5.0
+    #: Most rows the on-commit hook publishes beyond its transaction's own: earlier pending
+    #: rows of the same keys (PostgreSQL); a longer chain is a backlog left to the relay.
+    ON_COMMIT_CHAIN_LIMIT: int = 100
     #: Connect timeout of relay and consumer connections, seconds.
     CONNECT_TIMEOUT: float = 5.0
     #: Days a sent outbox row is kept before ``purge_outbox`` deletes it.

@@ -12,18 +12,18 @@ import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, router, transaction
 from django.db.models import Count, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from reliable_events.conf import app_settings
 from reliable_events.consuming import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
 from reliable_events.models import DeadLetter, OutboxMessage, TriageEntry
-from reliable_events.publishing import json_value, lane_for, schedule_on_commit
+from reliable_events.publishing import json_value, lane_for, on_commit_due, schedule_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _lock(alias: str, ids: list[int], result: TriageResult) -> list[DeadLetter]:
 
 
 def _redelivery(
-    letter: DeadLetter, *, message_id: str, payload: Any, due: datetime
+    letter: DeadLetter, *, message_id: str, payload: Any, due: datetime | Now
 ) -> OutboxMessage:
     """The outbox row re-delivering ``letter`` to its consumer's queue only."""
     return OutboxMessage(
@@ -186,12 +186,11 @@ def _redelivery(
     )
 
 
-def _due() -> tuple[datetime, bool]:
-    """When a new re-delivery row is due, and whether the on-commit publish will send it."""
-    # Reserved for the on-commit publish (like publish_event), else due at once.
+def _due(alias: str) -> tuple[datetime | Now, bool]:
+    """When a new re-delivery row is due, and whether the on-commit publish will send it:
+    like publish_event, due for the on-commit publish (see ``on_commit_due``), else at once."""
     on_commit = bool(app_settings.PUBLISH_ON_COMMIT)
-    hold = timedelta(seconds=float(app_settings.ON_COMMIT_GRACE_SECONDS) if on_commit else 0)
-    return timezone.now() + hold, on_commit
+    return (on_commit_due(alias) if on_commit else timezone.now()), on_commit
 
 
 def _entry(
@@ -238,7 +237,7 @@ def retry(
     with transaction.atomic(using=alias):
         locked = _lock(alias, ids, result)
         retried: list[DeadLetter] = []
-        due, on_commit = _due()
+        due, on_commit = _due(alias)
         for letter in locked:
             reason = retry_block_reason(letter)
             if reason is not None:
@@ -322,7 +321,7 @@ def edit_and_retry(
         if not (current.queue or current.consumer):
             result.skipped[current.pk] = "the consumer queue is unknown"
             return result
-        due, on_commit = _due()
+        due, on_commit = _due(alias)
         copy_id = str(uuid.uuid4())
         row = _redelivery(current, message_id=copy_id, payload=payload, due=due)
         if current.message_id:

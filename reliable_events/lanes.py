@@ -77,7 +77,8 @@ _PG_LANE_STATE = """SELECT
 
 
 class LaneShare:
-    """The lanes one relay holds, kept between runs and rebalanced before each.
+    """The lanes one relay holds, kept between runs while it is busy, rebalanced before
+    each run and given back while it idles (:meth:`rest`).
 
     A relay announces itself with an advisory lock of its own (released with its
     session, so a dead relay stops counting at once), counts the live relays, keeps
@@ -126,6 +127,15 @@ class LaneShare:
             self.held += lock_lanes(self.alias, free, limit=share - len(self.held))
         self.held.sort()
         return self.held
+
+    def rest(self) -> None:
+        """Give the lanes back while the relay has nothing to do; it still counts as a
+        relay.  The on-commit hook takes a lane for the moment it publishes a key's
+        chain: a relay sitting on idle lanes would make every hook wait for it."""
+        if not is_postgres(self.alias) or not self.held:
+            return
+        lanes, self.held = self.held, []
+        unlock_lanes(self.alias, lanes)
 
     def release(self) -> None:
         """Give every lane back and stop counting as a relay."""

@@ -115,6 +115,15 @@ class OutboxMessage(models.Model):
                 condition=Q(status="pending"),
                 name="re_outbox_pending_key",
             ),
+            # The claim's hold-back check, once per claimed row: has the row's key a
+            # pending row that is not due (delayed, backing off)?  A range of that key's
+            # not-due rows, whatever the number of its due ones (a hot key's rows in
+            # flight) or of other keys' not-due ones (a scheduler's delayed events).
+            models.Index(
+                fields=("key", "next_attempt_at"),
+                condition=Q(status="pending"),
+                name="re_outbox_pending_key_due",
+            ),
             # The relay claims pending rows oldest id first: this walks them in id order
             # without the sent history (with only re_outbox_status, PostgreSQL may scan
             # the primary key through the history instead: measured by bench/history.py).

@@ -9,11 +9,12 @@ import threading
 import uuid
 import zlib
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, router, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, router, transaction
 from django.db.models import JSONField, Value
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from reliable_events import signals
@@ -193,9 +194,6 @@ def publish_event(
     stored_payload = json.loads(body)
 
     on_commit = bool(app_settings.PUBLISH_ON_COMMIT) and not hold
-    if on_commit:
-        # Reserved for the on-commit publish; the relay takes it after the grace period.
-        hold = timedelta(seconds=float(app_settings.ON_COMMIT_GRACE_SECONDS))
     msg_id = given_id or str(uuid.uuid4())
     message = OutboxMessage(
         message_id=msg_id,
@@ -204,7 +202,7 @@ def publish_event(
         lane=lane_for(key, msg_id),
         payload=json_value(stored_payload),
         headers=clean_headers,
-        next_attempt_at=timezone.now() + hold,
+        next_attempt_at=on_commit_due(alias) if on_commit else timezone.now() + hold,
     )
     if given_id is None:
         message.save(using=alias, force_insert=True)
@@ -213,10 +211,26 @@ def publish_event(
         if existing is not None:
             return existing
     message.payload = stored_payload
+    if not isinstance(message.next_attempt_at, datetime):  # stored as the database's now()
+        message.next_attempt_at = message.created_at
     if on_commit:
         schedule_on_commit(message.pk, alias)
     signals.event_stored.send(sender=OutboxMessage, message=message, using=alias)
     return message
+
+
+def on_commit_due(alias: str) -> datetime | Now:
+    """``next_attempt_at`` of a row the on-commit hook will publish.
+
+    PostgreSQL: due at once, on the database's clock (the transaction's ``now()``).  The
+    hook and the relay never publish a lane at the same time (lane locks), so the relay
+    needs no reservation to stay off the hook's rows, and a row the hook misses is not
+    left waiting.  Elsewhere (SQLite, no lane locks): reserved for the hook for
+    ``ON_COMMIT_GRACE_SECONDS``; the relay takes it after that.
+    """
+    if connections[alias].vendor == "postgresql":
+        return Now()
+    return timezone.now() + timedelta(seconds=float(app_settings.ON_COMMIT_GRACE_SECONDS))
 
 
 def _insert_idempotent(message: OutboxMessage, alias: str, payload: Any) -> OutboxMessage | None:

@@ -1,7 +1,8 @@
 """``relay_outbox``: publish pending outbox rows to the broker.
 
 Without ``--once`` it is the relay daemon: the pipelined relay (:meth:`Relay.run`), run
-after run on one kept database connection (which holds its share of the lanes); idle,
+after run on one kept database connection (which holds its share of the lanes while it
+has work, and gives them back to the on-commit hooks while it has none); idle,
 it waits for a wake-up (PostgreSQL ``NOTIFY`` from the on-commit hook) or polls every
 ``RELAY_IDLE_SECONDS``; while the broker is unavailable it pauses at most
 ``RELAY_BROKER_RETRY_MAX`` between tries.
@@ -83,6 +84,7 @@ class Command(BaseCommand):
             if report.claimed:
                 self.stdout.write(f"relay_outbox: {report} lanes={report.lanes}")
             if report.broker_error:  # paused as a whole: wait for the breaker, not the idle
+                relay.rest()
                 stop.wait(relay.breaker.remaining())
                 return True
             if report.claimed > 0 and (report.sent > 0 or report.interrupted > 0):
