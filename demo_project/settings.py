@@ -1,9 +1,10 @@
 """Demo project settings.
 
-With no environment at all it runs on SQLite and kombu's filesystem transport (no
-server needed).  Set ``DATABASE_URL``-style variables to use PostgreSQL and RabbitMQ:
-``DEMO_PG_NAME`` (and ``DEMO_PG_HOST``/``DEMO_PG_PORT``/``DEMO_PG_USER``) and
-``DEMO_BROKER_URL``.
+With no environment at all it runs on SQLite and the database transport (``db://``; no
+server needed), relayed by the ``relay_outbox`` daemon.  Set ``DATABASE_URL``-style
+variables to use PostgreSQL and RabbitMQ: ``DEMO_PG_NAME`` (and
+``DEMO_PG_HOST``/``DEMO_PG_PORT``/``DEMO_PG_USER``) and ``DEMO_BROKER_URL``; on RabbitMQ
+the relay is a Celery worker with beat, whose own tasks go through the same RabbitMQ.
 
 Safe by default: ``DEBUG`` is off (``DJANGO_DEBUG=1`` turns it on, and the library's
 exception-reporter filter then masks the broker password on the debug page), the secret
@@ -154,31 +155,20 @@ else:
         }
     }
 
-# ``filesystem://`` keeps each queue as files in this folder; every process of the demo
-# (web, Celery worker with beat, consumers) shares it.
-_QUEUE_DIR = VAR_DIR / "broker"
 BROKER_URL = os.environ.get("DEMO_BROKER_URL", "db://")  # events: the database transport
-RELIABLE_EVENTS: dict[str, Any] = {
-    "BROKER_URL": BROKER_URL,
-    "BROKER_TRANSPORT_OPTIONS": (
-        {
-            "data_folder_in": str(_QUEUE_DIR),
-            "data_folder_out": str(_QUEUE_DIR),
-            "control_folder": str(VAR_DIR / "broker-control"),
-        }
-        if not BROKER_URL.startswith("amqp")  # Celery's own ticks, without RabbitMQ
-        else {}
-    ),
-}
+RELIABLE_EVENTS: dict[str, Any] = {"BROKER_URL": BROKER_URL}
 
-CELERY_BROKER_URL = BROKER_URL if BROKER_URL.startswith("amqp") else "filesystem://"
-CELERY_BROKER_TRANSPORT_OPTIONS = RELIABLE_EVENTS["BROKER_TRANSPORT_OPTIONS"]
+# Celery runs only on RabbitMQ (scripts/demo starts ``celery worker -B`` then, and the
+# ``relay_outbox`` daemon otherwise): its tasks need a broker that is safe across
+# processes, which kombu's server-less transports are not.
+if BROKER_URL.startswith("amqp"):
+    CELERY_BROKER_URL = BROKER_URL
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
-# Server-less transports have no cross-process fanout: no remote control, gossip or
-# mingle (scripts/demo also passes --without-gossip --without-mingle).
+# One worker: no remote control, gossip or mingle (scripts/demo also passes
+# --without-gossip --without-mingle), so no extra queues on the broker.
 CELERY_WORKER_ENABLE_REMOTE_CONTROL = False
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False

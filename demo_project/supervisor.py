@@ -6,14 +6,22 @@ Processes (each in its own process group, logs in ``$DEMO_VAR_DIR/logs/``):
 
 * ``web``: ``manage.py runserver`` - admin, the orders API (publishes on commit) and the
   triage API;
-* ``worker``: ``celery -A demo_project worker -B`` - beat on the DatabaseScheduler runs
-  the relay task every 2 seconds (and the purge hourly);
+* the relay, one of:
+
+  * ``relay``: ``manage.py relay_outbox`` - the relay daemon (pipelined runs; idle, it
+    polls every ``RELAY_IDLE_SECONDS``, or wakes on ``NOTIFY`` on PostgreSQL), on the
+    embedded default and whenever the broker is not RabbitMQ;
+  * ``worker``: ``celery -A demo_project worker -B`` - on RabbitMQ (``DEMO_BROKER_URL``),
+    the Celery deployment: beat on the DatabaseScheduler runs the relay task every 2
+    seconds (and the purge hourly);
+
 * ``consumers``: ``manage.py consume_events`` - ``inventory.reserve-stock`` and
   ``notifications.send-confirmation``.
 
 Every one of them goes through the production code paths; with no environment they run
-on SQLite and kombu's ``filesystem://`` transport, with ``DEMO_PG_NAME`` /
-``DEMO_BROKER_URL`` on PostgreSQL / RabbitMQ.
+on SQLite and the database transport (``db://``), with ``DEMO_PG_NAME`` /
+``DEMO_BROKER_URL`` on PostgreSQL / RabbitMQ.  Celery only ever runs on RabbitMQ: kombu's
+server-less transports are not safe across processes.
 
 Exit codes: 0 ran and stopped cleanly (Ctrl-C, SIGTERM or ``--seconds``); 1 setup
 failed (port taken, database unreachable, migrations); 2 a process of the system died
@@ -25,8 +33,6 @@ works either).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import http.cookiejar
 import io
 import json
@@ -34,17 +40,16 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from demo_project.children import Child, stop_children
 from demo_project.hosts import WILDCARD_BINDS, allowed_hosts, local_url_host
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +65,6 @@ DOMAINS = [
 DOMAIN_CYCLE = ["shop.example"] * 5 + ["flaky.example", "down.example", "bounce.example"]
 SKUS = ["BOOK-1", "MUG-2", "TSHIRT-3"]
 RELAY_EVERY = 2
-STOP_GRACE = 20.0
-PR_SET_PDEATHSIG = 1
 
 EXIT_SETUP = 1
 EXIT_CHILD_DIED = 2
@@ -71,126 +74,6 @@ EXIT_SEED_FAILED = 4
 
 def say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
-
-
-# -- child processes -------------------------------------------------------------------------
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGTERM if the supervisor dies, even by SIGKILL."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    log: Path
-    process: subprocess.Popen[bytes] | None = None
-    exit_code: int | None = None
-    killed: bool = False
-    #: Processes of its group still running after it exited (killed then).
-    stragglers: bool = False
-
-    def start(self, env: dict[str, str]) -> None:
-        handle = self.log.open("ab")
-        try:
-            self.process = subprocess.Popen(
-                self.argv,
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: we stop the whole group
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            )
-        finally:
-            handle.close()
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def group_members(pgid: int) -> list[int] | None:
-    """Live (non-zombie) processes of group ``pgid`` from /proc; ``None`` without /proc."""
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        return None
-    members = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid pgrp ...": comm may contain spaces, so split after ")".
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
-def group_empty(pgid: int, *, wait: float) -> bool:
-    """Whether process group ``pgid`` has no live process left, waiting up to ``wait`` s."""
-    deadline = time.monotonic() + wait
-    while True:
-        members = group_members(pgid)
-        if members is None:  # no /proc: ask the kernel (zombies count as members there)
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                return False
-        elif not members:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
-
-
-def stop_children(children: list[Child], grace: float = STOP_GRACE) -> bool:
-    """SIGTERM every process group, wait, SIGKILL what is left; True if none was killed."""
-    started = [c for c in children if c.process is not None]
-    for child in started:
-        if child.alive():
-            # The leader first: it stops its own children (e.g. Celery's beat) its way.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for child in started:
-        assert child.process is not None
-        try:
-            child.exit_code = child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.signal_group(signal.SIGKILL)
-            child.killed = True
-            child.exit_code = child.process.wait()
-        # Grandchildren (e.g. the beat process of the Celery worker) share the group:
-        # give them a moment to follow their parent, then kill what is left.
-        if not group_empty(child.pid, wait=5.0):
-            child.stragglers = True
-            child.signal_group(signal.SIGKILL)
-    return not any(c.killed or c.stragglers for c in started)
 
 
 # -- setup -------------------------------------------------------------------------------------
@@ -226,8 +109,48 @@ def admin_password(var_dir: Path) -> str:
     return password
 
 
+def uses_celery() -> bool:
+    """Whether the relay is Celery's worker with beat: only when the settings give Celery a
+    broker of its own (RabbitMQ); otherwise it is the ``relay_outbox`` daemon."""
+    from django.conf import settings
+
+    return bool(getattr(settings, "CELERY_BROKER_URL", ""))
+
+
+def relay_child(python: str, manage: str, logs: Path) -> Child:
+    if uses_celery():
+        return Child(
+            "worker",
+            [
+                python,
+                "-m",
+                "celery",
+                "-A",
+                "demo_project",
+                "worker",
+                "-B",
+                "--pool",
+                "solo",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                "INFO",
+            ],
+            logs / "worker.log",
+        )
+    return Child("relay", [python, manage, "relay_outbox"], logs / "relay.log")
+
+
+def relay_description() -> str:
+    if uses_celery():
+        return f"Celery worker with beat (relay task every {RELAY_EVERY} s, on RabbitMQ)"
+    return "relay_outbox daemon (manage.py relay_outbox)"
+
+
 def prepare(var_dir: Path, password: str) -> None:
-    """Migrations, users, demo data, beat schedule, broker topology (in this process)."""
+    """Migrations, users, demo data, beat schedule (Celery only), broker topology (in this
+    process)."""
     from django.contrib.auth.models import Permission, User
     from django.core.management import call_command
     from django.db import connections
@@ -254,7 +177,8 @@ def prepare(var_dir: Path, password: str) -> None:
     )
     for name, behaviour in DOMAINS:
         MailDomain.objects.update_or_create(name=name, defaults={"behaviour": behaviour})
-    install_beat_schedule(relay_every=RELAY_EVERY)
+    if uses_celery():  # without Celery no beat runs: no schedule to show in the admin
+        install_beat_schedule(relay_every=RELAY_EVERY)
     if is_amqp_url(str(app_settings.BROKER_URL)):
         call_command("declare_topology", stdout=io.StringIO())
     connections.close_all()
@@ -454,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     django.setup()
     var_dir = Path(getattr(settings, "VAR_DIR"))  # noqa: B009 - demo-only setting
     logs = var_dir / "logs"
-    for folder in (var_dir, logs, var_dir / "broker", var_dir / "broker-control"):
+    for folder in (var_dir, logs):
         folder.mkdir(parents=True, exist_ok=True)
     from reliable_events.broker import safe_url
     from reliable_events.conf import app_settings
@@ -462,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     database = settings.DATABASES["default"]
     say(f"database: {str(database['ENGINE']).rsplit('.', 1)[-1]} {database['NAME']}")
     say(f"broker:   {safe_url(str(app_settings.BROKER_URL))}")
+    say(f"relay:    {relay_description()}")
     if not port_free(args.host, args.port):
         say(f"port {args.port} is taken: pass --port or set DEMO_PORT")
         return EXIT_SETUP
@@ -484,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     python = sys.executable
     manage = str(ROOT / "manage.py")
+    relay = relay_child(python, manage, logs)
     children = [
         Child(
             "web",
@@ -491,26 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             [python, manage, "runserver", f"{args.host}:{args.port}", "--noreload", "--insecure"],
             logs / "web.log",
         ),
-        Child(
-            "worker",
-            [
-                python,
-                "-m",
-                "celery",
-                "-A",
-                "demo_project",
-                "worker",
-                "-B",
-                "--pool",
-                "solo",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "--loglevel",
-                "INFO",
-            ],
-            logs / "worker.log",
-        ),
+        relay,
         Child("consumers", [python, manage, "consume_events"], logs / "consumers.log"),
     ]
     stop = threading.Event()
@@ -526,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     seeder = Seeder(base_url, password)
     try:
         for child in children:
-            child.start(env)
+            child.start(env, ROOT)
         if not wait_http(f"{base_url}/admin/login/", 90, children):
             for child in children:
                 if not child.alive():
@@ -592,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             trickle.join(timeout=35)
     finally:
         trickle_stop.set()
-        say("stopping web, worker and consumers")
+        say("stopping " + ", ".join(c.name for c in children))
         stopping = time.monotonic()
         clean = stop_children(children)
         say(
@@ -618,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             "run_seconds": round(time.monotonic() - began, 2),
             "orders_placed_by_demo": seeder.placed,
             "seed_errors": seeder.errors[:10],
+            "relay": relay.name,
             "exit_codes": {c.name: c.exit_code for c in children},
             "killed": [c.name for c in children if c.killed or c.stragglers],
             "pids": {c.name: c.pid for c in children},

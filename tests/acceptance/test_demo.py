@@ -3,9 +3,10 @@
 ``scripts/demo --seconds N`` must set everything up (migrations, users), run web, relay
 and consumers as separate processes, get orders through both consumers (some after
 retries), leave dead letters behind, and stop every process it started: on the embedded
-default (SQLite + ``db://``; at least 300 events, bound
-to ``0.0.0.0``) and on PostgreSQL + RabbitMQ (a database, a vhost and a user of its
-own, removed afterwards; with ``DJANGO_DEBUG=1``).  While it runs, a request with a
+default (SQLite + ``db://``, relayed by the ``relay_outbox`` daemon, no Celery and no
+kombu ``filesystem://``; at least 300 events, bound to ``0.0.0.0``) and on PostgreSQL +
+RabbitMQ (a database, a vhost and a user of its own, removed afterwards; with
+``DJANGO_DEBUG=1``; relayed by a Celery worker with beat).  While it runs, a request with a
 bad ``Host:`` header must get a 400 without any password in it, and every order must
 end with its reservation and either a notification or a dead letter.
 """
@@ -16,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -230,15 +232,18 @@ def check_safety(run: DemoRun, password: str) -> None:
     assert password not in run.output
 
 
-def check_run(run: DemoRun) -> None:
-    """What every demo run must show, whatever it runs on."""
+def check_run(run: DemoRun, relay: str) -> None:
+    """What every demo run must show, whatever it runs on; ``relay`` is the name of the
+    relay's process (``relay``: the ``relay_outbox`` daemon, ``worker``: Celery)."""
     assert "log in as     admin / " in run.output
     assert "/admin/reliable_events/deadletter/overview/" in run.output
     assert run.elapsed < run.seconds + 120, f"took {run.elapsed:.0f}s"
     summary = run.summary
     assert summary["killed"] == [], summary
-    assert summary["exit_codes"]["consumers"] == 0
-    assert summary["exit_codes"]["worker"] == 0
+    assert summary["relay"] == relay
+    # Each child ended on the supervisor's SIGTERM, none had to be killed: the relay and the
+    # consumers stop by themselves (exit 0); runserver has no handler, the signal ends it.
+    assert summary["exit_codes"] == {"web": -signal.SIGTERM, relay: 0, "consumers": 0}, summary
     assert summary["seed_errors"] == []
     # Every order reached inventory; notifications too, except the failing domains.
     assert summary["orders"] >= 24
@@ -252,7 +257,7 @@ def check_run(run: DemoRun) -> None:
     assert summary["outbox"]["dead"] == 0
     assert summary["outbox"]["pending"] == 0
     assert summary["outbox"]["sent"] >= summary["orders"]  # one orders.created each
-    # Nothing it started is left running (web, worker, beat, consumers).
+    # Nothing it started is left running (web, relay or worker and beat, consumers).
     assert [name for name, pid in summary["pids"].items() if alive(pid)] == []
     assert processes_with_env(f"DEMO_VAR_DIR={run.var_dir}") == []
 
@@ -304,9 +309,13 @@ def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
     )
     assert "broker:   db://" in run.output
     assert "database: sqlite3" in run.output
+    assert "relay:    relay_outbox daemon" in run.output
+    assert "celery" not in (run.var_dir / "logs" / "relay.log").read_text().lower()
+    assert not (run.var_dir / "logs" / "worker.log").exists()  # no Celery worker ran
+    assert not (run.var_dir / "broker").exists()  # nor anything on kombu's filesystem://
     assert "http://127.0.0.1:" in run.output  # printed: a URL that works locally
     assert f"placed {EMBEDDED_ORDERS} orders through the API (0 errors)" in run.output
-    check_run(run)
+    check_run(run, "relay")
     check_safety(run, canary)
     assert "DisallowedHost" not in run.answers["evil"].body  # DEBUG is off by default
     assert run.answers["good_host"].status == 200  # the machine's name, printed as well
@@ -367,7 +376,9 @@ def test_demo_on_postgres_and_rabbitmq(tmp_path: Path, settings: Any) -> None:
         )
         assert "broker:   amqp://" in run.output
         assert f"database: postgresql {database}" in run.output
-        check_run(run)
+        assert "relay:    Celery worker with beat" in run.output
+        assert "relay_outbox" in (run.var_dir / "logs" / "worker.log").read_text()
+        check_run(run, "worker")
         check_safety(run, password)
         evil = run.answers["evil"].body
         assert "DisallowedHost" in evil  # Django's debug page, with settings and environment
