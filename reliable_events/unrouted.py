@@ -32,10 +32,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
+
+from django.db import DEFAULT_DB_ALIAS, router
 
 from reliable_events.broker import describe_error, is_amqp_url, safe_url
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import BrokerError
+from reliable_events.models import QueuedMessage
 from reliable_events.topology import unrouted_name
 
 logger = logging.getLogger(__name__)
@@ -145,6 +149,14 @@ def count_unrouted(url: str | None = None, *, timeout: float | None = None) -> U
     queue = unrouted_name()
     wait = float(app_settings.CONNECT_TIMEOUT) if timeout is None else timeout
     try:
+        parts = urlsplit(url)
+        if parts.scheme == "db":  # the database transport: the queue is rows of a table
+            # (its alias as the transport resolves it; the transport's module imports the
+            # consumer side, which imports this module, hence not imported from there)
+            alias = parts.netloc or router.db_for_write(QueuedMessage) or DEFAULT_DB_ALIAS
+            return UnroutedCount(
+                queue, QueuedMessage.objects.using(alias).filter(queue=queue).count()
+            )
         with _broker_channel(url, wait) as channel:
             return UnroutedCount(queue, queue_depth(channel, queue))
     except Exception as exc:  # the count is a report: any failure is shown, not raised

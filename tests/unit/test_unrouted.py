@@ -57,8 +57,9 @@ def empty_unrouted() -> Iterator[None]:
 
 
 def divert(*topics: str) -> None:
-    """Publish events no queue is bound for (the publisher routes them to unrouted)."""
-    publisher = open_publisher("memory://")
+    """Publish events no queue is bound for (the publisher of the configured embedded
+    transport, ``memory://`` or ``db://``, routes them to unrouted)."""
+    publisher = open_publisher()
     try:
         messages = [
             OutgoingMessage(
@@ -112,10 +113,14 @@ def test_describe_topics_names_the_most_frequent_first() -> None:
     assert text.endswith("and 2 more topic(s)")
 
 
-def test_the_embedded_transport_counts_what_the_publisher_diverted() -> None:
-    assert count_unrouted("memory://").count == 0
+@pytest.mark.parametrize("url", ["memory://", "db://"])
+def test_the_embedded_transport_counts_what_the_publisher_diverted(
+    re_settings: Any, url: str
+) -> None:
+    re_settings(BROKER_URL=url)
+    assert count_unrouted(url).count == 0
     divert("nobody.listens", "nobody.listens", "nor.here")
-    count = count_unrouted("memory://")
+    count = count_unrouted(url)
     assert count.count == 3
     assert count.queue == unrouted_name()
 
