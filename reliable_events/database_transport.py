@@ -51,18 +51,12 @@ from reliable_events.broker import (
 )
 from reliable_events.conf import app_settings
 from reliable_events.consumer import Event, EventConsumer
-from reliable_events.consuming import (
-    ATTEMPT_HEADER,
-    Delivery,
-    Failure,
-    Poison,
-    RetryScheduler,
-    Transport,
-    database_guard,
-    json_safe,
-    parse_attempt,
-    retry_headers,
-)
+from reliable_events.consumer.db import database_guard
+from reliable_events.consumer.failures import Failure
+from reliable_events.consumer.retries import RetryScheduler, retry_headers
+from reliable_events.consumer.text import json_safe
+from reliable_events.consumer.transports import Transport
+from reliable_events.consumer.wire import ATTEMPT_HEADER, Delivery, Poison, parse_attempt
 from reliable_events.exceptions import ConfigurationError, DatabaseUnavailable
 from reliable_events.models import QueuedMessage
 from reliable_events.routing import Routes

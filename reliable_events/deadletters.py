@@ -21,7 +21,7 @@ from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from reliable_events.conf import app_settings
-from reliable_events.consuming import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
+from reliable_events.consumer.wire import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
 from reliable_events.models import DeadLetter, OutboxMessage, TriageEntry
 from reliable_events.publishing import json_value, lane_for, on_commit_due, schedule_on_commit
 
