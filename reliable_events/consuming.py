@@ -5,13 +5,17 @@ This module only re-exports the names it used to define, so that existing import
 the module that answers its question: :mod:`reliable_events.consumer.worker` (the
 ``Worker``), :mod:`~reliable_events.consumer.wire` (headers, poison reasons, decoding),
 :mod:`~reliable_events.consumer.failures` (failure details, dead letters),
-:mod:`~reliable_events.consumer.retries`, :mod:`~reliable_events.consumer.processor`,
-:mod:`~reliable_events.consumer.transports`, :mod:`~reliable_events.consumer.text` and
-:mod:`~reliable_events.consumer.db`.
+:mod:`~reliable_events.consumer.retries`, :mod:`~reliable_events.consumer.processor` and
+:mod:`~reliable_events.consumer.db`; the consuming transports are in
+:mod:`reliable_events.broker`, text cleaning in :mod:`reliable_events.sanitize`.
 """
 
 from __future__ import annotations
 
+from reliable_events.broker.amqp import AmqpTransport
+from reliable_events.broker.base import POLL_SECONDS, Delivery, Transport, undecodable_delivery
+from reliable_events.broker.connect import open_transport
+from reliable_events.broker.kombu import KombuTransport
 from reliable_events.consumer.db import (
     close_all_connections,
     close_stale_connections,
@@ -32,21 +36,6 @@ from reliable_events.consumer.retries import (
     RetryPublishFailed,
     RetryScheduler,
     retry_headers,
-)
-from reliable_events.consumer.text import (
-    RAW_BODY_LIMIT,
-    clean_text,
-    error_summary,
-    json_safe,
-    raw_text,
-)
-from reliable_events.consumer.transports import (
-    POLL_SECONDS,
-    AmqpTransport,
-    KombuTransport,
-    Transport,
-    open_transport,
-    undecodable_delivery,
 )
 from reliable_events.consumer.wire import (
     ATTEMPT_HEADER,
@@ -69,7 +58,6 @@ from reliable_events.consumer.wire import (
     UNDECODABLE,
     UTF8_ENCODINGS,
     WRONG_CONTENT_TYPE,
-    Delivery,
     Poison,
     decode_event,
     decode_payload,
@@ -81,6 +69,7 @@ from reliable_events.consumer.wire import (
     read_history,
 )
 from reliable_events.consumer.worker import BATCH_MAX_SECONDS, Worker, WorkerStats
+from reliable_events.sanitize import RAW_BODY_LIMIT, clean_text, error_summary, json_safe, raw_text
 
 __all__ = [
     "ATTEMPT_HEADER",

@@ -12,7 +12,7 @@ from types import FrameType
 
 from django.db import DatabaseError, InterfaceError, close_old_connections
 
-from reliable_events.broker import redact
+from reliable_events.sanitize import redact
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from reliable_events.broker import describe_error, is_amqp_url, safe_url
+from reliable_events.broker_url import is_amqp_url, safe_url
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import BrokerError
+from reliable_events.sanitize import describe_error
 from reliable_events.topology import unrouted_name
 
 logger = logging.getLogger(__name__)

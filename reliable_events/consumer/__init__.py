@@ -7,16 +7,16 @@ package's modules each answer one question:
   the registry and each consumer's queues.
 - :mod:`~reliable_events.consumer.idempotency`: has this consumer applied this message?
 - :mod:`~reliable_events.consumer.db`: is the database there?
-- :mod:`~reliable_events.consumer.text`: how is untrusted text stored and logged?
 - :mod:`~reliable_events.consumer.wire`: what arrived? Headers, poison reasons, decoding.
 - :mod:`~reliable_events.consumer.failures`: what does a failed attempt record?
 - :mod:`~reliable_events.consumer.retries`: how does a failed message come back later?
 - :mod:`~reliable_events.consumer.processor`: what happens to one delivery?
-- :mod:`~reliable_events.consumer.transports`: where do deliveries come from?
 - :mod:`~reliable_events.consumer.worker`: how does the consume loop run?
 
 Only the names of the former ``reliable_events/consumer.py`` module are re-exported here
-(importing the package does not load the broker or the worker).
+(importing the package does not load the broker or the worker).  Deliveries come from
+the consuming transports in :mod:`reliable_events.broker`; untrusted text is cleaned by
+:mod:`reliable_events.sanitize`.
 """
 
 from __future__ import annotations

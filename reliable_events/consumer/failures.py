@@ -19,19 +19,17 @@ from django.db import (
 from django.utils import timezone
 
 from reliable_events import signals
-from reliable_events.broker import (
-    redact,
-)
+from reliable_events.broker.base import Delivery
 from reliable_events.consumer.base import Event, EventConsumer, HandlerResult
 from reliable_events.consumer.db import database_guard
-from reliable_events.consumer.text import clean_text, error_summary, has_nul, json_safe, raw_text
-from reliable_events.consumer.wire import HISTORY_LIMIT, Delivery, read_first_failed, read_history
+from reliable_events.consumer.wire import HISTORY_LIMIT, read_first_failed, read_history
 from reliable_events.models import (
     KEY_MAX_LENGTH,
     MESSAGE_ID_MAX_LENGTH,
     TOPIC_MAX_LENGTH,
     DeadLetter,
 )
+from reliable_events.sanitize import clean_text, error_summary, has_nul, json_safe, raw_text, redact
 
 logger = logging.getLogger(__name__)
 

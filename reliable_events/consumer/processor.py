@@ -6,9 +6,7 @@ import logging
 
 from django.utils import timezone
 
-from reliable_events.broker import (
-    KEY_HEADER,
-)
+from reliable_events.broker.base import KEY_HEADER, Delivery
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import Event, EventConsumer, HandlerResult, Outcome
 from reliable_events.consumer.failures import (
@@ -18,14 +16,12 @@ from reliable_events.consumer.failures import (
     write_dead_letter,
 )
 from reliable_events.consumer.retries import RetryScheduler
-from reliable_events.consumer.text import clean_text, raw_text
 from reliable_events.consumer.wire import (
     ATTEMPT_HEADER,
     DELIVERY_COUNT_HEADER,
     PERMANENT_ERROR,
     REDELIVERY_LIMIT,
     RETRIES_EXHAUSTED,
-    Delivery,
     Poison,
     decode_event,
     event_topic,
@@ -37,6 +33,7 @@ from reliable_events.consumer.wire import (
 from reliable_events.exceptions import (
     PoisonMessage,
 )
+from reliable_events.sanitize import clean_text, raw_text
 
 logger = logging.getLogger(__name__)
 

@@ -9,16 +9,12 @@ from typing import Any
 
 from django.utils import timezone
 
-from reliable_events.broker import (
-    KEY_HEADER,
-    AmqpPublisher,
-    OutgoingMessage,
-)
+from reliable_events.broker.amqp import AmqpPublisher, AmqpTransport
+from reliable_events.broker.base import KEY_HEADER, Delivery, OutgoingMessage, Transport
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import Event, EventConsumer
 from reliable_events.consumer.db import database_guard
 from reliable_events.consumer.failures import Failure
-from reliable_events.consumer.text import json_safe
 from reliable_events.consumer.wire import (
     ATTEMPT_HEADER,
     BROKER_HEADER_PREFIXES,
@@ -26,7 +22,6 @@ from reliable_events.consumer.wire import (
     HISTORY_HEADER,
     OUR_HEADERS,
     TOPIC_HEADER,
-    Delivery,
 )
 from reliable_events.exceptions import (
     BrokerError,
@@ -34,6 +29,7 @@ from reliable_events.exceptions import (
 from reliable_events.models import (
     OutboxMessage,
 )
+from reliable_events.sanitize import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -145,3 +141,14 @@ class OutboxRetryScheduler(RetryScheduler):
                 headers=headers,
                 next_attempt_at=timezone.now() + timedelta(seconds=delay),
             )
+
+
+def retry_scheduler(transport: Transport) -> RetryScheduler:
+    """How this worker's retries travel: the transport's own way when it has one (the
+    database transport), a delay queue on RabbitMQ, else an outbox row."""
+    own = transport.make_scheduler()
+    if own is not None:
+        return own
+    if isinstance(transport, AmqpTransport):
+        return AmqpRetryScheduler(transport.url)
+    return OutboxRetryScheduler()

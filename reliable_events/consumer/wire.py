@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from reliable_events.broker import (
-    KEY_HEADER,
-)
+from reliable_events.broker.base import KEY_HEADER, Delivery
 from reliable_events.consumer.base import Event
-from reliable_events.consumer.text import clean_text, error_summary, json_safe
 from reliable_events.exceptions import (
     PoisonMessage,
 )
@@ -20,6 +16,7 @@ from reliable_events.models import (
     MESSAGE_ID_MAX_LENGTH,
     TOPIC_MAX_LENGTH,
 )
+from reliable_events.sanitize import clean_text, error_summary, json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -71,27 +68,6 @@ HISTORY_LIMIT = 20
 
 
 # -- deliveries and decoding -------------------------------------------------------------
-@dataclass
-class Delivery:
-    """One message as received, before it is trusted."""
-
-    consumer: str
-    body: bytes
-    properties: dict[str, Any]
-    headers: dict[str, Any]
-    exchange: str = ""
-    routing_key: str = ""
-    redelivered: bool = False
-    #: The transport's handle for ack/reject (a delivery tag, a kombu message).
-    tag: Any = None
-    #: Set when the transport could not read the message itself (why, for the dead
-    #: letter); ``body`` then holds what bytes could be recovered.
-    undecodable: str = ""
-
-    @property
-    def message_id(self) -> str:
-        value = self.properties.get("message_id")
-        return value if isinstance(value, str) else ""
 
 
 class Poison(PoisonMessage):

@@ -54,9 +54,8 @@ from django.db import (
     InterfaceError,
 )
 
-from reliable_events.broker import (
-    describe_error,
-)
+from reliable_events.broker.base import POLL_SECONDS, Delivery
+from reliable_events.broker.connect import open_transport
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import Event, EventConsumer, HandlerResult, Outcome, registry
 from reliable_events.consumer.db import (
@@ -65,15 +64,15 @@ from reliable_events.consumer.db import (
     database_answers,
 )
 from reliable_events.consumer.processor import Processor
-from reliable_events.consumer.retries import RetryPublishFailed
-from reliable_events.consumer.transports import POLL_SECONDS, open_transport
-from reliable_events.consumer.wire import Delivery, log_duplicate, log_redelivery
+from reliable_events.consumer.retries import RetryPublishFailed, retry_scheduler
+from reliable_events.consumer.wire import log_duplicate, log_redelivery
 from reliable_events.exceptions import (
     ConfigurationError,
     DatabaseUnavailable,
     ReliableEventsError,
 )
 from reliable_events.runner import StopFlag
+from reliable_events.sanitize import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +180,7 @@ class Worker:
         self.progress = progress
         self.log_every = max(1, int(log_every or app_settings.CONSUMER_LOG_EVERY))
         self.transport = open_transport(self.url, classes, prefetch=prefetch)
-        self.scheduler = self.transport.make_scheduler()
+        self.scheduler = retry_scheduler(self.transport)
         self.processor = Processor(self.consumers, self.scheduler)
         self._batch_sizes = {cls.name: cls.get_batch_size() for cls in classes}
         #: Messages to take one at a time after a batch failed, per consumer.

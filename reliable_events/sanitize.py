@@ -1,12 +1,14 @@
-"""How is untrusted text stored and logged? NUL-free, bounded, redacted, JSON-safe."""
+"""How is untrusted text stored and logged? Passwords redacted; text NUL-free, bounded,
+JSON-safe."""
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
-from reliable_events.broker import redact
+from reliable_events.conf import app_settings
 
 #: Characters of an undecodable body kept in ``DeadLetter.raw_body``.
 RAW_BODY_LIMIT = 64 * 1024
@@ -52,3 +54,19 @@ def has_nul(payload: Any) -> bool:
 
 def raw_text(body: bytes) -> str:
     return clean_text(body[:RAW_BODY_LIMIT].decode("utf-8", "backslashreplace"), RAW_BODY_LIMIT)
+
+
+def redact(text: str, url: str | None = None) -> str:
+    """``text`` with the password of ``url`` (default: the configured broker) masked."""
+    url = url if url is not None else str(app_settings.BROKER_URL)
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+def describe_error(exc: BaseException, url: str | None = None) -> str:
+    return redact(f"{type(exc).__name__}: {exc}", url)[:2000]
