@@ -48,6 +48,7 @@ from reliable_events import deadletters
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage, QueuedMessage
 from reliable_events.overview import build_chart, failure_groups, overview
 from reliable_events.relay import retry_dead
+from reliable_events.status import outbox_status
 from reliable_events.triage_admin import (
     DocumentedLookupsOnly,
     PayloadFilter,
@@ -757,8 +758,6 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        from reliable_events.status import outbox_status
-
         status = outbox_status()
         context = {
             "outbox_status": status,

@@ -52,6 +52,8 @@ class ConsumerService:
     def start(self) -> None:
         if self.thread is not None:
             return
+        # Lazy: this module is imported by the Celery app module before Django's apps are
+        # loaded, and the worker needs the models.
         from reliable_events.consumer.worker import Worker
 
         self.stop_flag = StopFlag()

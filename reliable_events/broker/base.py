@@ -17,7 +17,7 @@ from reliable_events.topology import (
     Topology,
 )
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for annotations only: the retry schedulers publish through the broker
     from reliable_events.consumer.retries import RetryScheduler
 
 logger = logging.getLogger(__name__)

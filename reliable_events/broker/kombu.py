@@ -32,13 +32,12 @@ from reliable_events.broker_url import (
     safe_url,
 )
 from reliable_events.conf import app_settings
-from reliable_events.consumer import EventConsumer
+from reliable_events.consumer import EventConsumer, registry
 from reliable_events.exceptions import BrokerError
 from reliable_events.sanitize import describe_error, error_summary
 from reliable_events.topology import (
     Topology,
     declare_on_kombu_channel,
-    events_topology,
     full_topology,
     unrouted_name,
 )
@@ -160,12 +159,6 @@ class KombuPublisher(Publisher):
 def _embedded_topology() -> Topology:
     """On server-less transports, routing state lives in each process: declare every
     consumer queue too, so that this process routes events to them."""
-    from reliable_events.topology import full_topology
-
-    try:
-        from reliable_events.consumer import registry
-    except ImportError:  # pragma: no cover - the consumer module is always present
-        return events_topology()
     return full_topology(registry.queue_specs())
 
 
@@ -195,8 +188,6 @@ class KombuTransport(Transport):
         if self.connected:
             return
         from kombu import Connection, Consumer, Queue
-
-        from reliable_events.topology import declare_on_kombu_channel, unrouted_name
 
         options: dict[str, Any] = {"deadletter_queue": unrouted_name(), "polling_interval": 0.05}
         options.update(app_settings.BROKER_TRANSPORT_OPTIONS)

@@ -257,6 +257,8 @@ class EventConsumer:
             return cls.database
         from django.db import router
 
+        # Lazy: consumer classes are defined (and this package imported, e.g. by the
+        # broker) before Django's apps are loaded; the models need the app registry.
         from reliable_events.models import ProcessedMessage
 
         return router.db_for_write(ProcessedMessage) or DEFAULT_DB_ALIAS

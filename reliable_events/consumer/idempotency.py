@@ -35,6 +35,8 @@ _INSERT_SQL: dict[str, str] = {}
 def _insert_sql(connection: Any) -> str:
     sql = _INSERT_SQL.get(connection.vendor)
     if sql is None:
+        # Lazy (both here and below): this module is imported with EventConsumer, before
+        # Django's apps are loaded; the models need the app registry.
         from reliable_events.models import ProcessedMessage
 
         quote = connection.ops.quote_name

@@ -29,6 +29,7 @@ from reliable_events.exceptions import (
 from reliable_events.models import (
     OutboxMessage,
 )
+from reliable_events.publishing import json_value, lane_for
 from reliable_events.sanitize import json_safe
 
 logger = logging.getLogger(__name__)
@@ -125,8 +126,6 @@ class OutboxRetryScheduler(RetryScheduler):
         retry: int,
         delay: float,
     ) -> None:
-        from reliable_events.publishing import json_value, lane_for
-
         alias = consumer.get_database()
         headers = json_safe(retry_headers(delivery, event, failure))
         headers.pop(KEY_HEADER, None)  # the relay sets it from ``key``

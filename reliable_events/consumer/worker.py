@@ -71,6 +71,7 @@ from reliable_events.exceptions import (
     DatabaseUnavailable,
     ReliableEventsError,
 )
+from reliable_events.relay.engine import Relay
 from reliable_events.runner import StopFlag
 from reliable_events.sanitize import describe_error
 
@@ -278,8 +279,6 @@ class Worker:
 
     def _relay_embedded(self) -> bool:
         """Publish due outbox rows (retries) on ``memory://``; whether any went out."""
-        from reliable_events.relay import Relay
-
         try:
             if self._relay is None:
                 self._relay = Relay()
