@@ -31,7 +31,7 @@ SIGTERM (through a :class:`~reliable_events.runner.StopFlag`) lets the current m
 finish and be acked; prefetched messages not yet started go back to the queue.
 
 Transports: on ``amqp://`` the worker speaks py-amqp directly (manual acks, ``basic.qos``
-prefetch, delay queues with TTL).  On ``db://`` (:mod:`reliable_events.database_transport`)
+prefetch, delay queues with TTL).  On ``db://`` (:mod:`reliable_events.broker.database`)
 the claim, the handler and the "ack" are one database transaction, and a retry is a row
 due later.  On the in-process ``memory://`` transport, which has no TTL
 dead-lettering, a retry is an ``OutboxMessage`` row

@@ -1,5 +1,6 @@
 """What publishes an event right after its transaction commits? The on-commit
-dispatcher (one thread, one broker connection) and :func:`publish_after_commit`."""
+dispatcher (one publisher per process, with a circuit breaker) and
+:func:`publish_after_commit`."""
 
 from __future__ import annotations
 
