@@ -297,12 +297,6 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             '<span class="re-badge re-{}">{}</span>', obj.status, obj.get_status_display()
         )
 
-    @admin.display(description=_("message id"), ordering="message_id")
-    def short_message_id(self, obj: DeadLetter) -> SafeString:
-        text = obj.message_id or "(none)"
-        short = text if len(text) <= 12 else text[:8] + "…"
-        return format_html('<span title="{}">{}</span>', text, short)
-
     @admin.display(description=_("error"))
     def error_summary(self, obj: DeadLetter) -> SafeString:
         kind = obj.error_type.rsplit(".", 1)[-1] if obj.error_type else obj.reason

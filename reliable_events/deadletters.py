@@ -122,13 +122,13 @@ def retry_block_reason(letter: DeadLetter) -> str | None:
 def prepare_queues(letters: Iterable[DeadLetter]) -> tuple[dict[int, str], list[str]]:
     """Make sure the queues retries of ``letters`` go to exist on the broker.
 
-    A retry is published through the default exchange straight to the consumer's queue;
-    RabbitMQ silently drops (and still confirms) a message for a queue that does not
-    exist.  So: letters whose consumer is not registered in this process are returned
-    as ``{id: reason}`` (the caller should not retry them without checking), and the
-    topology of the registered ones is declared (idempotent).  The second value lists
-    warnings (the broker could not be reached: the relay will publish later, once the
-    queues exist if their consumers have started).
+    A retry is published through the default exchange straight to the consumer's queue
+    (mandatory: the broker returns it when that queue does not exist, and the outbox row
+    then fails with backoff until it is dead).  So: letters whose consumer is not
+    registered in this process are returned as ``{id: reason}`` (the caller should not
+    retry them without checking), and the topology of the registered ones is declared
+    (idempotent).  The second value lists warnings (the broker could not be reached: the
+    relay will publish later, once the queues exist if their consumers have started).
     """
     unknown: dict[int, str] = {}
     consumers = {}

@@ -39,7 +39,7 @@ def open_publisher(
             url, connect_timeout=connect_timeout, window=window
         )
         return publisher
-    return KombuPublisher(url, connect_timeout=connect_timeout)
+    return KombuPublisher(url)
 
 
 def open_transport(

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 class KombuPublisher(Publisher):
     """Publisher over kombu's server-less transports (embedded default and tests)."""
 
-    def __init__(self, url: str, *, connect_timeout: float | None = None) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
         self._conn: Any = None
         self._producer: Any = None
