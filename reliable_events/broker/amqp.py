@@ -26,10 +26,9 @@ from reliable_events.broker.base import (
     Publisher,
     PublishResult,
     Transport,
-    _quiet_close,
-    _quiet_release,
     is_broker_failure,
     is_connection_failure,
+    quiet_release,
     undecodable_delivery,
 )
 from reliable_events.broker_url import (
@@ -114,7 +113,7 @@ class AmqpPublisher(Publisher):
             channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)
         except Exception as exc:
-            _quiet_close(conn)
+            quiet_release(conn)
             raise BrokerError(
                 f"cannot connect to broker {safe_url(self.url)}: {describe_error(exc, self.url)}"
             ) from exc
@@ -148,7 +147,7 @@ class AmqpPublisher(Publisher):
         stale = self._pid != os.getpid()
         self._reset()
         if conn is not None and not stale:
-            _quiet_close(conn)
+            quiet_release(conn)
 
     # -- confirms ------------------------------------------------------------------
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
@@ -517,7 +516,7 @@ class AmqpTransport(Transport):
                     callback=partial(self._on_message, cls.name),
                 )
         except BaseException:
-            _quiet_release(conn)
+            quiet_release(conn, "consumer")
             raise
         self._kombu, self._raw, self._channel = conn, raw, channel
         logger.info(
@@ -622,7 +621,7 @@ class AmqpTransport(Transport):
         self._settled.clear()
         self._unsettled.clear()
         if conn is not None:
-            _quiet_release(conn)
+            quiet_release(conn, "consumer")
 
     def check_topology(self) -> None:
         if self._raw is not None and self.topology_check.due():

@@ -265,15 +265,9 @@ def undecodable_delivery(
     )
 
 
-def _quiet_release(conn: Any) -> None:
+def quiet_release(conn: Any, what: str = "broker") -> None:
+    """Release ``conn`` (a kombu connection); a failure is logged at debug level only."""
     try:
         conn.release()
     except Exception:  # closing a broken connection may fail in many ways
-        logger.debug("reliable_events: error while closing a consumer connection", exc_info=True)
-
-
-def _quiet_close(conn: Any) -> None:
-    try:
-        conn.release()
-    except Exception:  # closing a broken connection may fail in many ways
-        logger.debug("reliable_events: error while closing a broker connection", exc_info=True)
+        logger.debug("reliable_events: error while closing a %s connection", what, exc_info=True)

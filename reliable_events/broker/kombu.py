@@ -23,9 +23,8 @@ from reliable_events.broker.base import (
     Publisher,
     PublishResult,
     Transport,
-    _quiet_close,
-    _quiet_release,
     is_broker_failure,
+    quiet_release,
     undecodable_delivery,
 )
 from reliable_events.broker_url import (
@@ -76,7 +75,7 @@ class KombuPublisher(Publisher):
             self._producer = Producer(channel, serializer=None, auto_declare=False)
         except Exception as exc:
             if conn is not None:
-                _quiet_close(conn)
+                quiet_release(conn)
             raise BrokerError(
                 f"cannot connect to broker {safe_url(self.url)}: {describe_error(exc, self.url)}"
             ) from exc
@@ -90,7 +89,7 @@ class KombuPublisher(Publisher):
     def close(self) -> None:
         conn, self._conn, self._producer = self._conn, None, None
         if conn is not None:
-            _quiet_close(conn)
+            quiet_release(conn)
 
     def publish(
         self, messages: Sequence[OutgoingMessage], *, timeout: float, wait: bool = True
@@ -212,7 +211,7 @@ class KombuTransport(Transport):
                 consumers.append(consumer)
             self._guard_fetch(channel)
         except BaseException:
-            _quiet_release(conn)
+            quiet_release(conn, "consumer")
             raise
         self._conn, self._consumers = conn, consumers
 
@@ -326,7 +325,7 @@ class KombuTransport(Transport):
             except Exception:  # closing anyway
                 logger.debug("reliable_events: cancel failed", exc_info=True)
         if conn is not None:
-            _quiet_release(conn)
+            quiet_release(conn, "consumer")
 
 
 class _FetchedUndecodable(Exception):
