@@ -8,7 +8,7 @@ drained by:
   decodes the JSON body and inserts one row (``Order.objects.create``) in autocommit,
   i.e. one commit per message, then acks.  No idempotency, no retries, no dead letters:
   the floor any hand-written reliable consumer starts from.
-* **EventConsumer**: :class:`reliable_events.consuming.Worker` running a consumer whose
+* **EventConsumer**: :class:`reliable_events.consumer.worker.Worker` running a consumer whose
   ``handle`` does the same insert; per message it validates the delivery, inserts the
   ``ProcessedMessage`` record and runs ``handle`` in one transaction (one commit), then
   acks.
@@ -131,7 +131,7 @@ def raw_chunk(
 
 def consumer_chunk(consumer: Any, url: str, count: int, prefetch: int) -> tuple[int, float]:
     """The EventConsumer loop over ``count`` messages."""
-    from reliable_events.consuming import Worker
+    from reliable_events.consumer.worker import Worker
 
     worker = Worker([consumer], url=url, prefetch=prefetch, log_every=10**9)
     stats = worker.run(until_idle=5.0, max_messages=count)

@@ -8,7 +8,7 @@
     transaction of ``DELETE ... RETURNING`` (the row picked ``FOR UPDATE SKIP LOCKED``),
     JSON decode, the ``ProcessedMessage`` insert (``ON CONFLICT DO NOTHING``) and the
     ``Order`` insert, ``COMMIT``;
-  - the **EventConsumer** on :class:`~reliable_events.consuming.Worker` with
+  - the **EventConsumer** on :class:`~reliable_events.consumer.worker.Worker` with
     ``BROKER_URL = "db://"``: the same work through the library (claim, decode and
     validate, idempotency record and ``handle`` in a savepoint, delete, commit).
 
@@ -122,7 +122,7 @@ def raw_chunk(count: int) -> tuple[int, float]:
 
 
 def consumer_chunk(consumer: Any, count: int) -> tuple[int, float]:
-    from reliable_events.consuming import Worker
+    from reliable_events.consumer.worker import Worker
 
     worker = Worker([consumer], url="db://", log_every=10**9)
     stats = worker.run(until_idle=5.0, max_messages=count)

@@ -30,6 +30,7 @@ def publish_event(
 
     See :func:`reliable_events.publishing.publish_event` for the full contract.
     """
+    # Lazy: the package must import before Django's apps are loaded (settings, Celery).
     from reliable_events.publishing import publish_event as _publish_event
 
     return _publish_event(

@@ -13,7 +13,7 @@ Add the bootstep to your Celery app::
 ``celery -A proj worker`` then also runs the consumers named by
 ``RELIABLE_EVENTS["CELERY_CONSUMERS"]`` (default: every registered consumer) in one
 thread of the worker's main process, with the same loop as ``consume_events``
-(:class:`reliable_events.consuming.Worker`): its own broker connection to
+(:class:`reliable_events.consumer.worker.Worker`): its own broker connection to
 ``BROKER_URL``, manual acks after commit, retries, dead letters, reconnects.  On warm
 shutdown the current message finishes and is acked before the worker exits.
 """
@@ -52,7 +52,9 @@ class ConsumerService:
     def start(self) -> None:
         if self.thread is not None:
             return
-        from reliable_events.consuming import Worker
+        # Lazy: this module is imported by the Celery app module before Django's apps are
+        # loaded, and the worker needs the models.
+        from reliable_events.consumer.worker import Worker
 
         self.stop_flag = StopFlag()
         self.worker = Worker(self.names, stop=self.stop_flag)

@@ -11,9 +11,9 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.utils.module_loading import import_string
 
-from reliable_events.broker import OWN_TRANSPORTS
+from reliable_events.broker.database import alias_for, dialect_for
+from reliable_events.broker_url import OWN_TRANSPORTS
 from reliable_events.conf import app_settings
-from reliable_events.database_transport import alias_for, dialect_for
 from reliable_events.exceptions import ConfigurationError
 
 DOCS = "See docs/settings.md."

@@ -20,10 +20,14 @@ from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
+from reliable_events.broker import open_publisher
 from reliable_events.conf import app_settings
-from reliable_events.consuming import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
+from reliable_events.consumer import registry
+from reliable_events.consumer.wire import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
+from reliable_events.exceptions import ReliableEventsError, UnknownConsumer
 from reliable_events.models import DeadLetter, OutboxMessage, TriageEntry
 from reliable_events.publishing import json_value, lane_for, on_commit_due, schedule_on_commit
+from reliable_events.topology import full_topology
 
 logger = logging.getLogger(__name__)
 
@@ -118,19 +122,14 @@ def retry_block_reason(letter: DeadLetter) -> str | None:
 def prepare_queues(letters: Iterable[DeadLetter]) -> tuple[dict[int, str], list[str]]:
     """Make sure the queues retries of ``letters`` go to exist on the broker.
 
-    A retry is published through the default exchange straight to the consumer's queue;
-    RabbitMQ silently drops (and still confirms) a message for a queue that does not
-    exist.  So: letters whose consumer is not registered in this process are returned
-    as ``{id: reason}`` (the caller should not retry them without checking), and the
-    topology of the registered ones is declared (idempotent).  The second value lists
-    warnings (the broker could not be reached: the relay will publish later, once the
-    queues exist if their consumers have started).
+    A retry is published through the default exchange straight to the consumer's queue
+    (mandatory: the broker returns it when that queue does not exist, and the outbox row
+    then fails with backoff until it is dead).  So: letters whose consumer is not
+    registered in this process are returned as ``{id: reason}`` (the caller should not
+    retry them without checking), and the topology of the registered ones is declared
+    (idempotent).  The second value lists warnings (the broker could not be reached: the
+    relay will publish later, once the queues exist if their consumers have started).
     """
-    from reliable_events.broker import open_publisher
-    from reliable_events.consumer import registry
-    from reliable_events.exceptions import ReliableEventsError, UnknownConsumer
-    from reliable_events.topology import full_topology
-
     unknown: dict[int, str] = {}
     consumers = {}
     for letter in letters:

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from django.views import debug
 
-from reliable_events.broker import redact
+from reliable_events.sanitize import redact
 
 #: ``scheme://user:password@`` anywhere in a text (the userinfo of a URL with a password).
 _URL_WITH_PASSWORD = re.compile(

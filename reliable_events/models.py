@@ -286,7 +286,7 @@ class QueuedMessage(models.Model):
 
     Written by the relay (one row per queue the topic is bound to) and by consumers
     scheduling a retry; a consumer deletes it in the transaction that applies it.  See
-    :mod:`reliable_events.database_transport`.
+    :mod:`reliable_events.broker.database`.
     """
 
     id = models.BigAutoField(primary_key=True, help_text=_("Queue order: consumers claim by id."))

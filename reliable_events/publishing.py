@@ -26,6 +26,7 @@ from reliable_events.models import (
     TOPIC_MAX_LENGTH,
     OutboxMessage,
 )
+from reliable_events.relay.on_commit import publish_after_commit
 
 logger = logging.getLogger(__name__)
 
@@ -288,8 +289,6 @@ def _flush(alias: str) -> None:
     ids = _tracker.ids.pop(alias, None)
     if not ids:
         return
-    from reliable_events.relay import publish_after_commit
-
     try:
         publish_after_commit(ids, using=alias)
     except Exception:  # the caller's transaction is committed: never turn it into a 500

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from django.db import models
 from django.db.models.functions import Now
@@ -46,9 +46,6 @@ class OutboxQuerySet(_OutboxBase):
 
 
 class ProcessedMessageQuerySet(_ProcessedBase):
-    def for_consumer(self, consumer: str) -> ProcessedMessageQuerySet:
-        return self.filter(consumer=consumer)
-
     def processed_before(self, cutoff: datetime) -> ProcessedMessageQuerySet:
         return self.filter(processed_at__lt=cutoff)
 
@@ -64,16 +61,3 @@ class DeadLetterQuerySet(_DeadLetterBase):
     def counts_by_consumer(self) -> dict[str, int]:
         rows = self.order_by().values("consumer").annotate(n=models.Count("id"))
         return {row["consumer"]: row["n"] for row in rows}
-
-    def groups(self) -> list[dict[str, Any]]:
-        """Open failures grouped by fingerprint, largest group first."""
-        return list(
-            self.order_by()
-            .values("fingerprint", "consumer", "error_type")
-            .annotate(
-                count=models.Count("id"),
-                first=models.Min("first_failed_at"),
-                last=models.Max("last_failed_at"),
-            )
-            .order_by("-count", "fingerprint")
-        )

@@ -1,6 +1,6 @@
 """Routing without a broker: which consumer queues an event's topic is bound to.
 
-The database transport (:mod:`reliable_events.database_transport`) routes events itself,
+The database transport (:mod:`reliable_events.broker.database`) routes events itself,
 with the semantics of a RabbitMQ topic exchange: each registered consumer's queue is
 bound to its ``topics``; ``*`` matches exactly one dot-separated word, ``#`` zero or more.
 """

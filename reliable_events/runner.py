@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
 from django.db import DatabaseError, InterfaceError, close_old_connections
 
-from reliable_events.broker import redact
+from reliable_events.sanitize import redact
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +98,3 @@ def _close_all_connections() -> None:
             conn.close()
         except Exception:  # a broken connection may fail to close; it is gone anyway
             logger.debug("reliable_events: closing a broken connection failed", exc_info=True)
-
-
-def monotonic() -> float:
-    return time.monotonic()

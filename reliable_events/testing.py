@@ -58,6 +58,7 @@ class CapturedEvents:
 
     def committed(self) -> list[CapturedEvent]:
         """The captured events whose row exists now (their transaction committed)."""
+        # Lazy: test modules import this helper before Django's apps are loaded.
         from reliable_events.models import OutboxMessage
 
         found: set[int] = set()

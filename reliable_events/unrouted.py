@@ -36,10 +36,11 @@ from urllib.parse import urlsplit
 
 from django.db import DEFAULT_DB_ALIAS, router
 
-from reliable_events.broker import describe_error, is_amqp_url, safe_url
+from reliable_events.broker_url import is_amqp_url, safe_url
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import BrokerError
 from reliable_events.models import QueuedMessage
+from reliable_events.sanitize import describe_error
 from reliable_events.topology import unrouted_name
 
 logger = logging.getLogger(__name__)
@@ -151,8 +152,8 @@ def count_unrouted(url: str | None = None, *, timeout: float | None = None) -> U
     try:
         parts = urlsplit(url)
         if parts.scheme == "db":  # the database transport: the queue is rows of a table
-            # (its alias as the transport resolves it; the transport's module imports the
-            # consumer side, which imports this module, hence not imported from there)
+            # (its alias resolved as the transport does: importing reliable_events.broker
+            # from here would be a cycle, the AMQP transport runs this module's checks)
             alias = parts.netloc or router.db_for_write(QueuedMessage) or DEFAULT_DB_ALIAS
             return UnroutedCount(
                 queue, QueuedMessage.objects.using(alias).filter(queue=queue).count()

@@ -1,4 +1,4 @@
-"""Small parsing helpers shared by commands and the API."""
+"""Parsing a duration ("15m", "7d") for the ``purge_outbox`` command."""
 
 from __future__ import annotations
 

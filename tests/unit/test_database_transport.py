@@ -400,9 +400,8 @@ def test_a_database_failure_while_processing_rolls_the_claim_back(clean_registry
     processes it once the database answers."""
     from django.db import OperationalError
 
-    from reliable_events import consumer as consumer_module
+    from reliable_events.consumer.idempotency import insert_record as real
 
-    real = consumer_module._insert_record
     failures = [OperationalError("database is locked")]
 
     def flaky(*args: Any) -> bool:
@@ -410,7 +409,8 @@ def test_a_database_failure_while_processing_rolls_the_claim_back(clean_registry
             raise failures.pop()
         return real(*args)
 
-    monkeypatch.setattr(consumer_module, "_insert_record", flaky)
+    # EventConsumer.process calls the name imported into consumer.base.
+    monkeypatch.setattr("reliable_events.consumer.base.insert_record", flaky)
     consumer = make_consumer(clean_registry)
     open_publisher().publish([message("orders.created", "m-1")], timeout=1)
     stats = Worker([consumer]).run(until_idle=0.5)

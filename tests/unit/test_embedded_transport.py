@@ -286,8 +286,8 @@ def test_kombu_publisher_leaves_an_undeclared_exchange_alone(memory_exchange):
 def test_closing_a_broken_connection_is_quiet(caplog):
     import logging
 
-    from reliable_events.broker import _quiet_close
+    from reliable_events.broker.base import quiet_release
 
     with caplog.at_level(logging.DEBUG, logger="reliable_events"):
-        _quiet_close(object())  # has no release(): the error is logged at debug level only
+        quiet_release(object())  # has no release(): the error is logged at debug level only
     assert "error while closing a broker connection" in caplog.text

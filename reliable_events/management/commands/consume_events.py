@@ -18,7 +18,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.broker import safe_url
 from reliable_events.consumer import registry
-from reliable_events.consuming import Worker
+from reliable_events.consumer.worker import Worker
 from reliable_events.exceptions import ReliableEventsError
 from reliable_events.runner import StopFlag, stop_on_signals
 

@@ -9,7 +9,8 @@ service (:func:`reliable_events.deadletters.retry`) backs the admin and the API.
 
 Before retrying, the topology of the consumers involved is declared, so that their queues
 exist; dead letters of a consumer that is not registered in this process are skipped
-(the broker would silently drop a message for a missing queue) unless ``--force``.
+unless ``--force`` (its queue may not exist: the broker would return the retry, which
+then fails with backoff until its row is dead).
 
 Exit codes: 0 done (also when nothing matched); 1 bad arguments; 3 some of the selected
 dead letters could not be retried (listed with the reason).

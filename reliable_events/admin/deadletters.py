@@ -1,4 +1,5 @@
-"""Django admin for triage: dead letters, the outbox, processed messages, an overview.
+"""The dead-letter admin: triage (retry, discard, groups, edit and retry) and the
+overview page.
 
 Everything here is read-only over the rows the system owns.  The only changes staff
 can make go through the same services as the management commands:
@@ -17,14 +18,10 @@ permission on dead letters or on the outbox.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import (
@@ -45,11 +42,19 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 
 from reliable_events import deadletters
-from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage, QueuedMessage
-from reliable_events.overview import build_chart, failure_groups, overview
-from reliable_events.relay import retry_dead
-from reliable_events.triage_admin import (
-    DocumentedLookupsOnly,
+from reliable_events.admin.base import (
+    CSS,
+    DEADLETTER_HEAVY_FIELDS,
+    HISTORY_COLUMNS,
+    DeadLetterStatusFilter,
+    FailureGroupFilter,
+    ReadOnlyAdmin,
+    age_text,
+    pre_block,
+    pretty_json,
+    request_username,
+)
+from reliable_events.admin.triage import (
     PayloadFilter,
     edit_view,
     group_action_view,
@@ -60,171 +65,11 @@ from reliable_events.triage_admin import (
     listed_selection,
     overview_options,
     report,
-    timeline_link,
     timeline_url,
     timeline_view,
 )
-
-if TYPE_CHECKING:
-    _ModelAdmin = admin.ModelAdmin[Any]
-else:
-    _ModelAdmin = admin.ModelAdmin
-
-#: Fields too large for a changelist row; loaded only on the detail page.
-DEADLETTER_HEAVY_FIELDS = ("payload", "raw_body", "headers", "traceback", "history", "note")
-OUTBOX_HEAVY_FIELDS = ("payload", "headers")
-#: Known keys of attempt-history entries, in display order (others follow).
-HISTORY_COLUMNS = ("attempt", "at", "error_type", "error")
-CSS = {"all": ("reliable_events/admin.css",)}
-
-
-# -- helpers --------------------------------------------------------------------------
-def pretty_json(value: Any) -> str:
-    """``value`` as indented, key-sorted JSON (non-JSON values shown with ``str``)."""
-    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-
-
-def _pre(text: str, css: str = "") -> SafeString:
-    return format_html('<pre class="re-pre {}">{}</pre>', css, text)
-
-
-def _age(seconds: float | None) -> str:
-    """``95`` -> ``"1m 35s"``; ``None`` -> ``"-"``."""
-    if seconds is None:
-        return "-"
-    seconds = int(max(seconds, 0))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    if minutes:
-        return f"{minutes}m {secs}s"
-    return f"{secs}s"
-
-
-def _username(request: HttpRequest) -> str:
-    return str(request.user.get_username()) if request.user.is_authenticated else ""
-
-
-# -- list filters ---------------------------------------------------------------------
-class DeadLetterStatusFilter(admin.SimpleListFilter):
-    """Open dead letters by default: those are the ones that need someone."""
-
-    title = _("status")
-    parameter_name = "status"
-    ALL = "all"
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [
-            *((value, str(label)) for value, label in DeadLetter.Status.choices),
-            (self.ALL, "all"),
-        ]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        value = self.value() or DeadLetter.Status.OPEN
-        if value == self.ALL:
-            return queryset
-        return queryset.filter(status=value)
-
-    def choices(self, changelist: Any) -> Any:
-        current = self.value() or DeadLetter.Status.OPEN
-        for value, label in self.lookup_choices:
-            yield {
-                "selected": current == value,
-                "query_string": changelist.get_query_string({self.parameter_name: value}),
-                "display": label,
-            }
-
-
-class FailureGroupFilter(admin.SimpleListFilter):
-    """The largest open failure groups (consumer + fingerprint), with their counts."""
-
-    title = _("failure group")
-    parameter_name = "fingerprint"
-    LIMIT = 15
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        groups = failure_groups(limit=self.LIMIT)
-        seen: dict[str, str] = {}
-        for group in groups:
-            label = f"{group.error_type or 'no error type'} @ {group.consumer} ({group.count})"
-            if group.fingerprint in seen:
-                seen[group.fingerprint] += f", {group.consumer} ({group.count})"
-            else:
-                seen[group.fingerprint] = label
-        return list(seen.items())
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        value = self.value()
-        if value is None:
-            return queryset
-        return queryset.filter(fingerprint=value)
-
-
-class PendingAgeFilter(admin.SimpleListFilter):
-    """Pending rows older than a threshold: a growing backlog shows here first."""
-
-    title = _("pending for more than")
-    parameter_name = "pending_for"
-    THRESHOLDS = {"1m": 60, "10m": 600, "1h": 3600, "1d": 86400}
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        labels = {"1m": "1 minute", "10m": "10 minutes", "1h": "1 hour", "1d": "1 day"}
-        return [(key, labels[key]) for key in self.THRESHOLDS]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        seconds = self.THRESHOLDS.get(self.value() or "")
-        if seconds is None:
-            return queryset
-        cutoff = timezone.now() - timedelta(seconds=seconds)
-        return queryset.filter(status=OutboxMessage.Status.PENDING, created_at__lt=cutoff)
-
-
-class LightChangeList(ChangeList):
-    """A changelist that never loads the heavy columns of its model admin."""
-
-    def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet[Any]:
-        query = super().get_queryset(request, exclude_parameters)
-        heavy: Sequence[str] = getattr(self.model_admin, "heavy_fields", ())
-        return query.defer(*heavy) if heavy else query
-
-
-class ReadOnlyAdmin(DocumentedLookupsOnly, _ModelAdmin):
-    """No add, change or delete: the system owns these rows."""
-
-    heavy_fields: Sequence[str] = ()
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
-        return LightChangeList
-
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        declared = list(super().get_readonly_fields(request, obj))
-        return declared + [f.name for f in self.model._meta.fields if f.name not in declared]
-
-    def overview_url(self) -> str:
-        return reverse(f"{self.admin_site.name}:reliable_events_overview")
-
-    def changelist_view(
-        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
-    ) -> HttpResponse:
-        context = {"overview_url": self.overview_url(), **(extra_context or {})}
-        return super().changelist_view(request, extra_context=context)
-
-    @admin.display(description=_("timeline"))
-    def timeline(self, obj: Any) -> SafeString | str:
-        return timeline_link(self.admin_site.name, obj.message_id)
+from reliable_events.models import DeadLetter, OutboxMessage
+from reliable_events.overview import build_chart, failure_groups, overview
 
 
 # -- dead letters ---------------------------------------------------------------------
@@ -296,12 +141,6 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             '<span class="re-badge re-{}">{}</span>', obj.status, obj.get_status_display()
         )
 
-    @admin.display(description=_("message id"), ordering="message_id")
-    def short_message_id(self, obj: DeadLetter) -> SafeString:
-        text = obj.message_id or "(none)"
-        short = text if len(text) <= 12 else text[:8] + "…"
-        return format_html('<span title="{}">{}</span>', text, short)
-
     @admin.display(description=_("error"))
     def error_summary(self, obj: DeadLetter) -> SafeString:
         kind = obj.error_type.rsplit(".", 1)[-1] if obj.error_type else obj.reason
@@ -318,7 +157,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         return format_html(
             '<span title="{}">{}&nbsp;ago</span>',
             obj.last_failed_at.isoformat(timespec="seconds"),
-            _age((timezone.now() - obj.last_failed_at).total_seconds()).split(" ")[0],
+            age_text((timezone.now() - obj.last_failed_at).total_seconds()).split(" ")[0],
         )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[DeadLetter]:
@@ -348,21 +187,21 @@ class DeadLetterAdmin(ReadOnlyAdmin):
     # -- detail fields --------------------------------------------------------------
     @admin.display(description=_("traceback"))
     def traceback_display(self, obj: DeadLetter) -> SafeString:
-        return _pre(obj.traceback or "(none)", "re-traceback")
+        return pre_block(obj.traceback or "(none)", "re-traceback")
 
     @admin.display(description=_("payload"))
     def payload_display(self, obj: DeadLetter) -> SafeString:
         if obj.payload is None:
-            return _pre("(not JSON: see the raw body)" if obj.raw_body else "null")
-        return _pre(pretty_json(obj.payload), "re-json")
+            return pre_block("(not JSON: see the raw body)" if obj.raw_body else "null")
+        return pre_block(pretty_json(obj.payload), "re-json")
 
     @admin.display(description=_("headers"))
     def headers_display(self, obj: DeadLetter) -> SafeString:
-        return _pre(pretty_json(obj.headers or {}), "re-json")
+        return pre_block(pretty_json(obj.headers or {}), "re-json")
 
     @admin.display(description=_("raw body"))
     def raw_body_display(self, obj: DeadLetter) -> SafeString | str:
-        return _pre(obj.raw_body) if obj.raw_body else "-"
+        return pre_block(obj.raw_body) if obj.raw_body else "-"
 
     @admin.display(description=_("history"))
     def history_display(self, obj: DeadLetter) -> SafeString | str:
@@ -426,7 +265,9 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         listed = listed_selection(self, request, queryset)
         if listed is None:
             return
-        result = deadletters.retry(listed.only("id"), user=_username(request), source="admin")
+        result = deadletters.retry(
+            listed.only("id"), user=request_username(request), source="admin"
+        )
         report(self, request, result, "retried")
 
     @admin.action(
@@ -443,7 +284,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         if request.POST.get("confirm") == "yes":
             if note:
                 result = deadletters.discard(
-                    queryset.only("id"), note=note, user=_username(request), source="admin"
+                    queryset.only("id"), note=note, user=request_username(request), source="admin"
                 )
                 report(self, request, result, "discarded")
                 return None
@@ -564,7 +405,9 @@ class DeadLetterAdmin(ReadOnlyAdmin):
         if op == "retry":
             if not self.has_retry_permission(request):
                 raise PermissionDenied
-            result = deadletters.retry([letter], user=_username(request), note=note, source="admin")
+            result = deadletters.retry(
+                [letter], user=request_username(request), note=note, source="admin"
+            )
             report(self, request, result, "retried")
         elif op == "discard":
             if not self.has_discard_permission(request):
@@ -575,7 +418,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
                 )
                 return HttpResponseRedirect(back)
             result = deadletters.discard(
-                [letter], note=note, user=_username(request), source="admin"
+                [letter], note=note, user=request_username(request), source="admin"
             )
             report(self, request, result, "discarded")
         else:
@@ -635,7 +478,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             "title": _("Reliable events overview"),
             "opts": self.opts,
             "data": data,
-            "oldest_pending_age": _age(data.status.oldest_pending_age_seconds),
+            "oldest_pending_age": age_text(data.status.oldest_pending_age_seconds),
             "by_consumer": [
                 (consumer, count, deadletters_url + "?" + urlencode({"consumer": consumer}))
                 for consumer, count in by_consumer
@@ -657,154 +500,3 @@ def _int_or_404(value: str) -> int:
     if number is None:
         raise Http404(f"{value[:40]!r} is not a dead-letter id")
     return number
-
-
-# -- outbox ---------------------------------------------------------------------------
-@admin.register(OutboxMessage)
-class OutboxMessageAdmin(ReadOnlyAdmin):
-    heavy_fields = OUTBOX_HEAVY_FIELDS
-    list_display = (
-        "id",
-        "topic",
-        "key",
-        "status_badge",
-        "age",
-        "attempts",
-        "next_attempt",
-        "short_error",
-        "timeline",
-    )
-    list_filter = ("status", PendingAgeFilter)
-    url_lookups = frozenset({"status"})
-    search_fields = ("=message_id", "=key", "^topic")
-    search_help_text = _("Exact message id or key, or the start of a topic.")
-    ordering = ("-id",)
-    list_per_page = 50
-    show_full_result_count = False
-    actions = ("retry_dead_selected",)
-    fields = (
-        "id",
-        "status",
-        "topic",
-        "key",
-        "message_id",
-        "queue",
-        "lane",
-        "attempts",
-        "created_at",
-        "next_attempt_at",
-        "sent_at",
-        "last_error",
-        "payload_display",
-        "headers_display",
-    )
-
-    class Media:
-        css = CSS
-
-    @admin.display(description=_("status"), ordering="status")
-    def status_badge(self, obj: OutboxMessage) -> SafeString:
-        return format_html(
-            '<span class="re-badge re-{}">{}</span>', obj.status, obj.get_status_display()
-        )
-
-    @admin.display(description=_("age"), ordering="created_at")
-    def age(self, obj: OutboxMessage) -> SafeString:
-        """How long a row has waited (pending or dead); sent rows show their latency."""
-        if obj.status == OutboxMessage.Status.SENT and obj.sent_at is not None:
-            text = "sent in " + _age((obj.sent_at - obj.created_at).total_seconds())
-        else:
-            text = _age((timezone.now() - obj.created_at).total_seconds())
-        return format_html(
-            '<span title="created {}">{}</span>', obj.created_at.isoformat(timespec="seconds"), text
-        )
-
-    @admin.display(description=_("next attempt"), ordering="next_attempt_at")
-    def next_attempt(self, obj: OutboxMessage) -> str:
-        if obj.status != OutboxMessage.Status.PENDING:
-            return "-"
-        wait = (obj.next_attempt_at - timezone.now()).total_seconds()
-        return "due" if wait <= 0 else f"in {_age(wait)}"
-
-    @admin.display(description=_("last error"))
-    def short_error(self, obj: OutboxMessage) -> SafeString | str:
-        if not obj.last_error:
-            return ""
-        return format_html(
-            '<span title="{}">{}</span>', obj.last_error[:1000], Truncator(obj.last_error).chars(50)
-        )
-
-    @admin.display(description=_("payload"))
-    def payload_display(self, obj: OutboxMessage) -> SafeString:
-        return _pre(pretty_json(obj.payload), "re-json")
-
-    @admin.display(description=_("headers"))
-    def headers_display(self, obj: OutboxMessage) -> SafeString:
-        return _pre(pretty_json(obj.headers or {}), "re-json")
-
-    def has_retry_permission(self, request: HttpRequest) -> bool:
-        return bool(request.user.has_perm(f"{self.opts.app_label}.change_outboxmessage"))
-
-    @admin.action(description=_("Retry selected dead outbox messages"), permissions=["retry"])
-    def retry_dead_selected(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
-        ids = list(queryset.values_list("id", flat=True))
-        count = retry_dead(ids)
-        text = f"Made {count} dead outbox message(s) pending again; the relay publishes them next."
-        if count < len(ids):
-            text += f" Skipped {len(ids) - count} that were not dead."
-        self.message_user(request, text, messages.SUCCESS if count else messages.WARNING)
-
-    def changelist_view(
-        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
-    ) -> HttpResponse:
-        from reliable_events.status import outbox_status
-
-        status = outbox_status()
-        context = {
-            "outbox_status": status,
-            "oldest_pending_age": _age(status.oldest_pending_age_seconds),
-            **(extra_context or {}),
-        }
-        return super().changelist_view(request, extra_context=context)
-
-
-# -- processed messages -----------------------------------------------------------------
-@admin.register(ProcessedMessage)
-class ProcessedMessageAdmin(ReadOnlyAdmin):
-    list_display = ("id", "consumer", "message_id", "topic", "processed_at", "timeline")
-    search_fields = ("=message_id", "=consumer", "^topic")
-    search_help_text = _("Exact message id or consumer name, or the start of a topic.")
-    ordering = ("-id",)
-    list_per_page = 100
-    show_full_result_count = False
-
-    class Media:
-        css = CSS
-
-
-# -- queued messages (the database transport) ---------------------------------------------
-@admin.register(QueuedMessage)
-class QueuedMessageAdmin(ReadOnlyAdmin):
-    """What waits in the database transport's queues (``db://``): backlogs, retries due
-    later, and events no consumer was bound for (``<EXCHANGE>.unrouted``)."""
-
-    list_display = ("id", "queue", "message_id", "topic", "key", "attempt", "available_at")
-    list_filter = ("queue",)
-    search_fields = ("=message_id", "=queue", "^topic")
-    search_help_text = _("Exact message id or queue name, or the start of a topic.")
-    ordering = ("id",)
-    list_per_page = 100
-    show_full_result_count = False
-    heavy_fields = ("body", "headers")
-
-    class Media:
-        css = CSS
-
-
-__all__ = [
-    "DeadLetterAdmin",
-    "OutboxMessageAdmin",
-    "ProcessedMessageAdmin",
-    "QueuedMessageAdmin",
-    "pretty_json",
-]

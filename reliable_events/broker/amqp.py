@@ -1,206 +1,56 @@
-"""Broker connections and confirmed publishing.
-
-Two publishers share one interface (:class:`Publisher`):
-
-* :class:`AmqpPublisher` (``amqp://``, ``amqps://``, ``pyamqp://``): py-amqp with
-  publisher confirms kept in a *sliding window* - up to ``CONFIRM_WINDOW`` messages
-  are outstanding at once and ``basic.ack``/``basic.nack`` frames (single or
-  ``multiple``) are matched to their publish by delivery tag.  Only what the broker
-  acked is reported confirmed; a nack, a timeout or a lost connection reports the
-  message failed.  This is what production uses.
-* :class:`KombuPublisher` (``memory://``, ``filesystem://``, ...): the embedded,
-  server-less transports.  Their ``publish`` stores the message before it returns,
-  which is the only confirmation they have.  Unroutable messages go to the
-  ``<EXCHANGE>.unrouted`` queue there too (the publisher routes them itself).
-
-Every message is persistent (``delivery_mode=2``), JSON (``application/json``,
-UTF-8), and carries its ``message_id``, a timestamp and its topic as the AMQP
-``type`` property.
-"""
+"""RabbitMQ over py-amqp, both directions: the confirmed publisher (sliding window of
+confirms) and the consuming transport (``basic.qos`` prefetch, manual acks)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
-from urllib.parse import urlsplit
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from amqp import spec as _amqp_spec
-from django.utils.module_loading import import_string
 
+from reliable_events.broker.base import (
+    _NO_WAIT,
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    PERSISTENT,
+    POLL_SECONDS,
+    UNROUTABLE_QUEUE,
+    Delivery,
+    OutgoingMessage,
+    Publisher,
+    PublishResult,
+    Transport,
+    is_broker_failure,
+    is_connection_failure,
+    quiet_release,
+    undecodable_delivery,
+)
+from reliable_events.broker_url import (
+    safe_url,
+)
 from reliable_events.conf import app_settings
+from reliable_events.consumer import EventConsumer
 from reliable_events.exceptions import BrokerError, ConfigurationError, ConfirmTimeout
+from reliable_events.runner import StopFlag
+from reliable_events.sanitize import describe_error
 from reliable_events.topology import (
     Topology,
     declare_on_amqp_channel,
-    declare_on_kombu_channel,
     events_topology,
-    unrouted_name,
+    full_topology,
 )
+from reliable_events.topology_check import TopologyCheck
+
+if TYPE_CHECKING:
+    pass
 
 logger = logging.getLogger(__name__)
-
-AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
-#: This package's own transports by URL scheme: (publisher, consumer transport) classes
-#: by dotted path, imported when used (as kombu does with its transport aliases).
-OWN_TRANSPORTS: dict[str, tuple[str, str]] = {
-    "db": (
-        "reliable_events.database_transport.DatabasePublisher",
-        "reliable_events.database_transport.DatabaseTransport",
-    ),
-}
-#: Why a message sent straight to a queue failed when that queue does not exist.
-UNROUTABLE_QUEUE = "the broker returned the message: no such queue (basic.return)"
-CONTENT_TYPE = "application/json"
-CONTENT_ENCODING = "utf-8"
-PERSISTENT = 2
-#: Header carrying the event's ordering key.
-KEY_HEADER = "x-event-key"
-
-
-@dataclass(frozen=True, slots=True)
-class OutgoingMessage:
-    """One message to publish; ``ref`` is the caller's handle (an outbox id)."""
-
-    ref: Hashable
-    exchange: str
-    routing_key: str
-    body: bytes
-    message_id: str
-    topic: str
-    headers: dict[str, Any] = field(default_factory=dict)
-    #: When the event was stored: a datetime or whole seconds since the epoch.
-    timestamp: datetime | int | None = None
-
-
-@dataclass
-class PublishResult:
-    """What the broker confirmed, what failed, and what a broker failure interrupted.
-
-    ``failed``: the broker refused *these* messages (``basic.nack``, ``basic.return`` of
-    a mandatory message, an error writing this one message): each counts as an attempt.
-    ``interrupted``: not settled because the broker as a whole failed (connection refused
-    or lost, blocked, confirm timeout); the messages are not to blame and are sent again
-    once the broker answers, without counting an attempt.
-    """
-
-    confirmed: list[Hashable] = field(default_factory=list)
-    failed: dict[Hashable, str] = field(default_factory=dict)
-    interrupted: dict[Hashable, str] = field(default_factory=dict)
-    #: Why the broker failed as a whole (empty when it did not: messages can also be
-    #: interrupted because another message of the batch could not be written).
-    broker_error: str = ""
-
-    def fail(self, refs: Sequence[Hashable], reason: str) -> None:
-        for ref in refs:
-            self.failed.setdefault(ref, reason)
-
-    def interrupt(self, refs: Sequence[Hashable], reason: str, *, broker: bool = True) -> None:
-        """Report ``refs`` interrupted; ``broker``: by a failure of the broker itself."""
-        for ref in refs:
-            if ref not in self.failed:
-                self.interrupted.setdefault(ref, reason)
-        if broker and refs and not self.broker_error:
-            self.broker_error = reason
-
-
-def is_connection_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is the connection failing (socket error, closed connection) rather
-    than one message being unwritable (an encoding error: a header py-amqp cannot
-    encode, an integer too large for AMQP, ...)."""
-    from amqp.exceptions import RecoverableConnectionError
-    from kombu.exceptions import OperationalError
-
-    return isinstance(exc, OSError | RecoverableConnectionError | OperationalError)
-
-
-def is_broker_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is the broker (or the way to it) failing as a whole.
-
-    Socket errors, refused or lost connections, a connection closed by the broker
-    (``connection.close``, e.g. on shutdown), a confirm timeout (also what a blocked
-    connection leads to) and connect errors are; a channel error (the broker refused
-    something on the channel), an encoding error of one message and the like are not.
-    """
-    from amqp.exceptions import ConnectionError as AmqpConnectionError
-    from kombu.exceptions import OperationalError
-
-    return isinstance(exc, OSError | AmqpConnectionError | OperationalError | BrokerError)
-
-
-def is_amqp_url(url: str) -> bool:
-    return urlsplit(url).scheme.lower() in AMQP_SCHEMES
-
-
-def own_transport(url: str) -> tuple[str, str] | None:
-    """The (publisher, transport) class paths of one of this package's transports."""
-    return OWN_TRANSPORTS.get(urlsplit(url).scheme.lower())
-
-
-def redact(text: str, url: str | None = None) -> str:
-    """``text`` with the password of ``url`` (default: the configured broker) masked."""
-    url = url if url is not None else str(app_settings.BROKER_URL)
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    if password:
-        text = text.replace(password, "***")
-    return text
-
-
-def describe_error(exc: BaseException, url: str | None = None) -> str:
-    return redact(f"{type(exc).__name__}: {exc}", url)[:2000]
-
-
-def safe_url(url: str) -> str:
-    """``url`` without its password, for logs and errors."""
-    from kombu.utils.url import maybe_sanitize_url
-
-    if own_transport(url) is not None:
-        return url  # db://[alias] carries no credentials (kombu would print "db:///")
-
-    return str(maybe_sanitize_url(url))
-
-
-class Publisher:
-    """A broker connection that publishes batches and reports what was confirmed."""
-
-    url: str
-
-    def connect(self) -> None:
-        """Connect now if not connected (raises :class:`BrokerError` when it cannot)."""
-
-    def publish(
-        self, messages: Sequence[OutgoingMessage], *, timeout: float, wait: bool = True
-    ) -> PublishResult:
-        """Publish ``messages`` in order and report what the broker settled.
-
-        ``wait=True``: return once every message is confirmed or failed (within
-        ``timeout`` seconds overall).  ``wait=False`` (pipelining): return as soon as
-        every message is written, reporting whatever has been settled so far, which may
-        include messages of earlier calls; the rest is reported by later calls or by
-        :meth:`flush`.
-        """
-        raise NotImplementedError
-
-    def flush(self, *, timeout: float) -> PublishResult:
-        """Wait for every outstanding confirm; report what settled since the last call."""
-        return PublishResult()
-
-    def declare(self, topology: Topology) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    @property
-    def connected(self) -> bool:
-        raise NotImplementedError
 
 
 class AmqpPublisher(Publisher):
@@ -263,7 +113,7 @@ class AmqpPublisher(Publisher):
             channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)
         except Exception as exc:
-            _quiet_close(conn)
+            quiet_release(conn)
             raise BrokerError(
                 f"cannot connect to broker {safe_url(self.url)}: {describe_error(exc, self.url)}"
             ) from exc
@@ -297,7 +147,7 @@ class AmqpPublisher(Publisher):
         stale = self._pid != os.getpid()
         self._reset()
         if conn is not None and not stale:
-            _quiet_close(conn)
+            quiet_release(conn)
 
     # -- confirms ------------------------------------------------------------------
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
@@ -559,157 +409,220 @@ def _make_message_class() -> Any:
 
 #: Once the confirm window is full, wait until 1/_REFILL_FRACTION of it is free.
 _REFILL_FRACTION = 4
+
+
 #: Properties every event carries.
 _STATIC_PROPERTIES: dict[str, Any] = {
     "content_type": CONTENT_TYPE,
     "content_encoding": CONTENT_ENCODING,
     "delivery_mode": PERSISTENT,
 }
+
+
 _Message: Any = _make_message_class()
+
+
 _BASIC_PUBLISH: Any = _amqp_spec.Basic.Publish
 
 
-class KombuPublisher(Publisher):
-    """Publisher over kombu's server-less transports (embedded default and tests)."""
+# -- consuming ---------------------------------------------------------------------------
+def _amqp_errors() -> tuple[type[BaseException], ...]:
+    import amqp
+    from kombu.exceptions import KombuError
 
-    def __init__(self, url: str, *, connect_timeout: float | None = None) -> None:
+    return (
+        amqp.exceptions.AMQPError,
+        amqp.exceptions.RecoverableConnectionError,
+        KombuError,
+        OSError,
+        ConnectionError,
+    )
+
+
+class AmqpTransport(Transport):
+    """py-amqp: one connection, one channel, ``basic.qos`` prefetch, manual acks.
+
+    Deliveries are buffered by the channel callback and handed out one at a time, so
+    reading frames (for a confirm, a heartbeat) never runs a handler re-entrantly.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        consumers: Sequence[type[EventConsumer]],
+        *,
+        prefetch: int,
+        heartbeat: float,
+        connect_timeout: float,
+    ) -> None:
         self.url = url
-        self._conn: Any = None
-        self._producer: Any = None
-        self._pid = os.getpid()
-        self.last_used = 0.0
+        self.consumer_classes = list(consumers)
+        self.prefetch = prefetch
+        self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        self.connection_errors = _amqp_errors()
+        self._kombu: Any = None
+        self._raw: Any = None
+        self._channel: Any = None
+        self._buffer: deque[Delivery] = deque()
+        # Acks are coalesced: settled tags wait here until the loop is about to block, or
+        # half the prefetch window is used, then go out as one ``multiple`` ack when no
+        # earlier delivery is still unsettled (else one by one).
+        self._settled: list[int] = []
+        self._unsettled: set[int] = set()
+        self.ack_every = max(1, prefetch // 2)
+        self.topology_check = TopologyCheck(self.consumer_classes)
 
     @property
     def connected(self) -> bool:
-        return self._producer is not None and self._pid == os.getpid()
+        return self._channel is not None
+
+    def topology(self) -> Topology:
+        specs = [spec for cls in self.consumer_classes for spec in cls.queue_specs()]
+        return full_topology(specs)
 
     def connect(self) -> None:
         if self.connected:
             return
-        from kombu import Connection, Producer
+        import amqp
+        from kombu import Connection
 
-        options = {"deadletter_queue": unrouted_name()}
-        options.update(app_settings.BROKER_TRANSPORT_OPTIONS)
-        conn = None
+        conn = Connection(
+            self.url,
+            connect_timeout=self.connect_timeout,
+            heartbeat=self.heartbeat,
+            transport_options=dict(app_settings.BROKER_TRANSPORT_OPTIONS),
+        )
         try:
-            conn = Connection(self.url, transport_options=options)
-            channel = conn.default_channel
-            self._producer = Producer(channel, serializer=None, auto_declare=False)
-        except Exception as exc:
-            if conn is not None:
-                _quiet_close(conn)
-            raise BrokerError(
-                f"cannot connect to broker {safe_url(self.url)}: {describe_error(exc, self.url)}"
-            ) from exc
-        self._conn, self._pid = conn, os.getpid()
-        self.declare(_embedded_topology())
+            conn.connect()
+            raw = conn.connection
+            try:
+                # Verified on a side channel first: what was missing is logged.
+                self.topology_check.run(raw)
+            except amqp.exceptions.PreconditionFailed as exc:
+                raise ConfigurationError(
+                    "the broker already has this consumer topology with other arguments: "
+                    f"{describe_error(exc, self.url)}. Delete the old queues or restore the "
+                    "settings (QUEUE_TYPE, retry_delays) they were declared with."
+                ) from exc
+            channel = amqp.Channel(raw, None, auto_decode=False)
+            channel.open()
+            channel.basic_qos(0, self.prefetch, False)
+            for cls in self.consumer_classes:
+                channel.basic_consume(
+                    cls.queue_name(),
+                    consumer_tag=cls.name,
+                    no_ack=False,
+                    callback=partial(self._on_message, cls.name),
+                )
+        except BaseException:
+            quiet_release(conn, "consumer")
+            raise
+        self._kombu, self._raw, self._channel = conn, raw, channel
+        logger.info(
+            "reliable_events: consuming %s from %s (prefetch %d)",
+            ", ".join(cls.name for cls in self.consumer_classes),
+            safe_url(self.url),
+            self.prefetch,
+        )
 
-    def declare(self, topology: Topology) -> None:
-        self.connect()
-        declare_on_kombu_channel(self._conn.default_channel, topology)
+    def _on_message(self, consumer: str, message: Any) -> None:
+        info = message.delivery_info
+        try:
+            props = dict(message.properties)
+            headers = dict(props.pop("application_headers", None) or {})
+            body = message.body
+            if isinstance(body, str):  # pragma: no cover - the channel does not auto-decode
+                body = body.encode("utf-8")
+            delivery = Delivery(
+                consumer=consumer,
+                body=bytes(body),
+                properties=props,
+                headers=headers,
+                exchange=str(info.get("exchange") or ""),
+                routing_key=str(info.get("routing_key") or ""),
+                redelivered=bool(info.get("redelivered")),
+                tag=info["delivery_tag"],
+            )
+        except Exception as exc:  # raised here it would stop the loop on every redelivery
+            delivery = undecodable_delivery(
+                consumer,
+                exc,
+                getattr(message, "body", b""),
+                tag=info["delivery_tag"],
+                message=message,
+            )
+        self._buffer.append(delivery)
+        self._unsettled.add(info["delivery_tag"])
+
+    def _drain(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            self._raw.drain_events(timeout=timeout)
+        self._raw.heartbeat_tick()
+
+    def _window_open(self) -> bool:
+        """Whether the broker may still send more (fewer unacked than the prefetch)."""
+        return len(self._unsettled) + len(self._settled) < self.prefetch
+
+    def get(self, timeout: float) -> Delivery | None:
+        if not self._buffer and self._settled and self._window_open():
+            self._poll()  # what the broker already sent (a backlog) comes without waiting
+        if not self._buffer:
+            self.flush_acks()  # about to wait: the broker gets every ack first
+            self._drain(timeout)
+        return self._buffer.popleft() if self._buffer else None
+
+    def _poll(self) -> None:
+        if self._window_open():
+            with contextlib.suppress(TimeoutError):
+                self._raw.drain_events(timeout=_NO_WAIT)
+
+    def ack(self, delivery: Delivery) -> None:
+        """Ack ``delivery`` (its transaction has committed); sent now or coalesced."""
+        self._unsettled.discard(delivery.tag)
+        self._settled.append(delivery.tag)
+        if len(self._settled) >= self.ack_every:
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        settled = self._settled
+        if not settled or self._channel is None:
+            return
+        top = max(settled)
+        if not any(tag < top for tag in self._unsettled):
+            self._channel.basic_ack(top, multiple=True)
+        else:
+            for tag in settled:
+                self._channel.basic_ack(tag)
+        settled.clear()
+
+    def requeue(self, delivery: Delivery) -> None:
+        self._unsettled.discard(delivery.tag)
+        self._channel.basic_reject(delivery.tag, requeue=True)
+
+    def pump(self, seconds: float, stop: StopFlag) -> None:
+        self.flush_acks()
+        deadline = time.monotonic() + seconds
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._drain(min(remaining, POLL_SECONDS))
 
     def close(self) -> None:
-        conn, self._conn, self._producer = self._conn, None, None
+        """Send the pending acks, close the connection; unacked deliveries go back to
+        their queues."""
+        try:
+            self.flush_acks()
+        except Exception:  # the connection is already gone: the broker redelivers them
+            logger.debug("reliable_events: could not send pending acks", exc_info=True)
+        conn, self._kombu, self._raw, self._channel = self._kombu, None, None, None
+        self._buffer.clear()
+        self._settled.clear()
+        self._unsettled.clear()
         if conn is not None:
-            _quiet_close(conn)
+            quiet_release(conn, "consumer")
 
-    def publish(
-        self, messages: Sequence[OutgoingMessage], *, timeout: float, wait: bool = True
-    ) -> PublishResult:
-        """Publish and store each message before returning (``wait`` changes nothing)."""
-        result = PublishResult()
-        if not messages:
-            return result
-        try:
-            self.connect()
-        except BrokerError as exc:
-            result.interrupt([m.ref for m in messages], str(exc))
-            return result
-        for index, message in enumerate(messages):
-            properties: dict[str, Any] = {"message_id": message.message_id, "type": message.topic}
-            stamp = message.timestamp
-            if stamp is not None:
-                properties["timestamp"] = stamp if isinstance(stamp, int) else stamp.timestamp()
-            try:
-                self._producer.publish(
-                    message.body,
-                    exchange=self._exchange_for(message),
-                    routing_key=message.routing_key,
-                    content_type=CONTENT_TYPE,
-                    content_encoding=CONTENT_ENCODING,
-                    delivery_mode=PERSISTENT,
-                    headers=dict(message.headers),
-                    retry=False,
-                    **properties,
-                )
-            except Exception as exc:
-                reason = describe_error(exc, self.url)
-                if is_broker_failure(exc):
-                    result.interrupt([m.ref for m in messages[index:]], reason)
-                else:  # this message could not be published: the rest is not to blame
-                    result.fail([message.ref], reason)
-                    result.interrupt(
-                        [m.ref for m in messages[index + 1 :]],
-                        f"not sent: another message of the batch failed ({reason})",
-                        broker=False,
-                    )
-                self.close()
-                break
-            result.confirmed.append(message.ref)
-        self.last_used = time.monotonic()
-        return result
-
-    def _exchange_for(self, message: OutgoingMessage) -> str:
-        """The events exchange, or the unrouted one when no queue is bound for the topic.
-
-        kombu's virtual transports drop such a message (topic routing skips their
-        ``deadletter_queue``), so the alternate exchange RabbitMQ applies is applied here.
-        """
-        exchange = message.exchange
-        if exchange != str(app_settings.EXCHANGE):
-            return exchange
-        channel = self._conn.default_channel
-        try:
-            table = channel.get_table(exchange)
-            queues = channel.typeof(exchange).lookup(table, exchange, message.routing_key, None)
-        except (AttributeError, KeyError):  # not a virtual transport, or no such exchange
-            return exchange
-        return exchange if queues else unrouted_name()
-
-
-def _embedded_topology() -> Topology:
-    """On server-less transports, routing state lives in each process: declare every
-    consumer queue too, so that this process routes events to them."""
-    from reliable_events.topology import full_topology
-
-    try:
-        from reliable_events.consumer import registry
-    except ImportError:  # pragma: no cover - the consumer module is always present
-        return events_topology()
-    return full_topology(registry.queue_specs())
-
-
-def open_publisher(
-    url: str | None = None,
-    *,
-    connect_timeout: float | None = None,
-    window: int | None = None,
-) -> Publisher:
-    """A publisher for ``url`` (default: the configured ``BROKER_URL``); not yet connected."""
-    url = str(url or app_settings.BROKER_URL)
-    if is_amqp_url(url):
-        return AmqpPublisher(url, connect_timeout=connect_timeout, window=window)
-    own = own_transport(url)
-    if own is not None:
-        publisher: Publisher = import_string(own[0])(
-            url, connect_timeout=connect_timeout, window=window
-        )
-        return publisher
-    return KombuPublisher(url, connect_timeout=connect_timeout)
-
-
-def _quiet_close(conn: Any) -> None:
-    try:
-        conn.release()
-    except Exception:  # closing a broken connection may fail in many ways
-        logger.debug("reliable_events: error while closing a broker connection", exc_info=True)
+    def check_topology(self) -> None:
+        if self._raw is not None and self.topology_check.due():
+            self.topology_check.run(self._raw)

@@ -15,7 +15,7 @@ registry imports those modules the first time it is used::
 The base class owns everything around ``handle``: :meth:`EventConsumer.process` opens
 the transaction, records the message id in ``ProcessedMessage`` (first, so duplicate
 deliveries serialise on its unique index), runs ``handle``, times it and classifies a
-failure; the consume loop (:mod:`reliable_events.consuming`) turns the outcome into an
+failure; the consume loop (:mod:`reliable_events.consumer.worker`) turns the outcome into an
 ack, a delayed retry or a dead letter.  See ``docs/consumers.md``.
 """
 
@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, InterfaceError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
 from reliable_events.conf import app_settings
+from reliable_events.consumer.db import database_lost
+from reliable_events.consumer.idempotency import insert_record
 from reliable_events.exceptions import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -102,7 +104,7 @@ class EventConsumer:
     """Base class of consumers: subclasses set ``name`` and ``topics`` and write ``handle``.
 
     The base class owns the transaction, the idempotency record, timing, error
-    classification, logging and retries (see :mod:`reliable_events.consuming`).
+    classification, logging and retries (see :mod:`reliable_events.consumer.worker`).
     """
 
     name: ClassVar[str] = ""
@@ -156,7 +158,7 @@ class EventConsumer:
             connection.ensure_connection()
             raw = connection.connection
             with transaction.atomic(using=alias):
-                if not _insert_record(connection, self.name, event.id, event.topic):
+                if not insert_record(connection, self.name, event.id, event.topic):
                     return HandlerResult(Outcome.DUPLICATE, time.perf_counter() - started)
                 stage = "handle"
                 self.handle(event)
@@ -213,7 +215,7 @@ class EventConsumer:
                         break  # keep transactions (and their locks) short
                     started = time.perf_counter()
                     stage = "record"
-                    if not _insert_record(connection, self.name, event.id, event.topic):
+                    if not insert_record(connection, self.name, event.id, event.topic):
                         results.append(
                             HandlerResult(Outcome.DUPLICATE, time.perf_counter() - started)
                         )
@@ -255,6 +257,8 @@ class EventConsumer:
             return cls.database
         from django.db import router
 
+        # Lazy: consumer classes are defined (and this package imported, e.g. by the
+        # broker) before Django's apps are loaded; the models need the app registry.
         from reliable_events.models import ProcessedMessage
 
         return router.db_for_write(ProcessedMessage) or DEFAULT_DB_ALIAS
@@ -418,128 +422,3 @@ class ConsumerRegistry:
 
 
 registry = ConsumerRegistry()
-
-
-# -- the idempotency record -----------------------------------------------------------------
-def record_processed(alias: str, consumer: str, message_id: str, topic: str) -> bool:
-    """Insert the ``ProcessedMessage`` row; ``False`` if this consumer already has it.
-
-    Runs inside the caller's transaction.  On PostgreSQL and SQLite this is one
-    ``INSERT ... ON CONFLICT DO NOTHING``: a concurrent duplicate waits on the unique index
-    until the first transaction ends, then inserts nothing.
-    """
-    return _insert_record(connections[alias], consumer, message_id, topic)
-
-
-_INSERT_SQL: dict[str, str] = {}
-
-
-def _insert_sql(connection: Any) -> str:
-    sql = _INSERT_SQL.get(connection.vendor)
-    if sql is None:
-        from reliable_events.models import ProcessedMessage
-
-        quote = connection.ops.quote_name
-        # Identifiers come from the model and are quoted; the values are parameters.
-        table = quote(ProcessedMessage._meta.db_table)
-        consumer_col, id_col, topic_col = quote("consumer"), quote("message_id"), quote("topic")
-        sql = _INSERT_SQL[connection.vendor] = (
-            f"INSERT INTO {table} ({consumer_col}, {id_col}, {topic_col}) "  # noqa: S608
-            f"VALUES (%s, %s, %s) ON CONFLICT ({consumer_col}, {id_col}) DO NOTHING"
-        )
-    return sql
-
-
-def _insert_record(connection: Any, consumer: str, message_id: str, topic: str) -> bool:
-    params = [consumer, message_id, topic[:255]]
-    if connection.vendor == "postgresql":
-        inserted = _begin_and_insert(connection, params)
-        if inserted is not None:
-            return inserted
-        fast = _server_side_cursor(connection.connection)
-        if fast is not None:
-            # psycopg 3 with server-side binding: the statement is prepared once per
-            # connection (this runs for every message, in the handler's transaction).
-            with fast(connection.connection) as cursor:
-                cursor.execute(_insert_sql(connection), params)
-                return bool(cursor.rowcount == 1)
-    if connection.vendor in ("postgresql", "sqlite"):
-        with connection.cursor() as cursor:
-            cursor.execute(_insert_sql(connection), params)
-            return bool(cursor.rowcount == 1)
-    from django.db import IntegrityError
-
-    from reliable_events.models import ProcessedMessage
-
-    try:
-        with transaction.atomic(using=connection.alias):
-            ProcessedMessage.objects.using(connection.alias).create(
-                consumer=consumer, message_id=message_id, topic=topic[:255]
-            )
-    except IntegrityError:
-        return False
-    return True
-
-
-def _begin_and_insert(connection: Any, params: list[str]) -> bool | None:
-    """psycopg 3, at the start of a transaction: ``BEGIN`` and the insert in one round
-    trip (one simple-protocol query, values escaped by libpq) instead of two.
-
-    ``None`` when this does not apply (another driver, or a transaction already open).
-    psycopg reads the transaction status from libpq, so it then sees the transaction
-    open and sends no ``BEGIN`` of its own; Django commits or rolls it back as usual.
-    """
-    raw = connection.connection
-    try:
-        import psycopg
-        from psycopg import pq
-    except ImportError:  # psycopg2, or no PostgreSQL driver
-        return None
-    if not isinstance(raw, psycopg.Connection) or raw.autocommit:
-        return None
-    pgconn = raw.pgconn
-    if pgconn.transaction_status != pq.TransactionStatus.IDLE:
-        return None
-    escape = pq.Escaping(pgconn).escape_literal
-    values = b", ".join(escape(value.encode()) for value in params)
-    sql = _insert_sql(connection).replace("%s, %s, %s", "{}").encode()
-    result = pgconn.exec_(b"BEGIN; " + sql.replace(b"{}", values))
-    if result.status != pq.ExecStatus.COMMAND_OK:
-        message = (result.error_message or b"").decode("utf-8", "replace")
-        if pgconn.status != pq.ConnStatus.OK:
-            raise psycopg.OperationalError(f"connection lost: {message}")
-        raise psycopg.DatabaseError(message)
-    return bool(result.command_tuples == 1)
-
-
-def _server_side_cursor(raw: Any) -> Any:
-    """psycopg 3's server-side-binding cursor class for ``raw``, else ``None``."""
-    try:
-        import psycopg
-    except ImportError:  # psycopg2, or no PostgreSQL driver
-        return None
-    return psycopg.Cursor if isinstance(raw, psycopg.Connection) else None
-
-
-def raw_connection(alias: str) -> Any:
-    """The driver connection behind ``alias``, connecting first if needed."""
-    connection = connections[alias]
-    connection.ensure_connection()
-    return connection.connection
-
-
-def database_lost(alias: str, before: Any = None) -> bool:
-    """Whether the connection ``alias`` broke (as opposed to a statement failing).
-
-    ``before`` is the driver connection from before the failed work: when Django had to
-    drop it (a rollback on a dead connection fails) it may already have opened a new one
-    when the transaction ended, so a different connection object also means "lost".
-    """
-    connection = connections[alias]
-    current = connection.connection
-    if current is None or (before is not None and current is not before):
-        return True
-    try:
-        return not connection.is_usable()
-    except (DatabaseError, InterfaceError):  # pragma: no cover - is_usable catches these
-        return True

@@ -1,0 +1,61 @@
+"""Which publisher or consuming transport serves a broker URL?"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from django.utils.module_loading import import_string
+
+from reliable_events.broker.amqp import AmqpPublisher, AmqpTransport
+from reliable_events.broker.base import (
+    Publisher,
+    Transport,
+)
+from reliable_events.broker.kombu import KombuPublisher, KombuTransport
+from reliable_events.broker_url import (
+    is_amqp_url,
+    own_transport,
+)
+from reliable_events.conf import app_settings
+from reliable_events.consumer import EventConsumer
+
+logger = logging.getLogger(__name__)
+
+
+def open_publisher(
+    url: str | None = None,
+    *,
+    connect_timeout: float | None = None,
+    window: int | None = None,
+) -> Publisher:
+    """A publisher for ``url`` (default: the configured ``BROKER_URL``); not yet connected."""
+    url = str(url or app_settings.BROKER_URL)
+    if is_amqp_url(url):
+        return AmqpPublisher(url, connect_timeout=connect_timeout, window=window)
+    own = own_transport(url)
+    if own is not None:
+        publisher: Publisher = import_string(own[0])(
+            url, connect_timeout=connect_timeout, window=window
+        )
+        return publisher
+    return KombuPublisher(url)
+
+
+def open_transport(
+    url: str, consumers: Sequence[type[EventConsumer]], *, prefetch: int | None = None
+) -> Transport:
+    count = max(1, int(app_settings.PREFETCH_COUNT if prefetch is None else prefetch))
+    own = own_transport(url)
+    if own is not None:
+        transport: Transport = import_string(own[1])(url, consumers, prefetch=count)
+        return transport
+    if is_amqp_url(url):
+        return AmqpTransport(
+            url,
+            consumers,
+            prefetch=count,
+            heartbeat=float(app_settings.CONSUMER_HEARTBEAT),
+            connect_timeout=float(app_settings.CONNECT_TIMEOUT),
+        )
+    return KombuTransport(url, consumers, prefetch=count)

@@ -1,0 +1,203 @@
+"""What happens to one delivery? Decode, process, then retry or dead-letter (no ack)."""
+
+from __future__ import annotations
+
+import logging
+
+from django.utils import timezone
+
+from reliable_events.broker.base import KEY_HEADER, Delivery
+from reliable_events.conf import app_settings
+from reliable_events.consumer.base import Event, EventConsumer, HandlerResult, Outcome
+from reliable_events.consumer.failures import (
+    Failure,
+    error_type_name,
+    fingerprint,
+    write_dead_letter,
+)
+from reliable_events.consumer.retries import RetryScheduler
+from reliable_events.consumer.wire import (
+    ATTEMPT_HEADER,
+    DELIVERY_COUNT_HEADER,
+    PERMANENT_ERROR,
+    REDELIVERY_LIMIT,
+    RETRIES_EXHAUSTED,
+    Poison,
+    decode_event,
+    event_topic,
+    log_duplicate,
+    parse_attempt,
+    read_first_failed,
+    read_history,
+)
+from reliable_events.exceptions import (
+    PoisonMessage,
+)
+from reliable_events.sanitize import clean_text, raw_text
+
+logger = logging.getLogger(__name__)
+
+
+# -- processing one delivery -------------------------------------------------------------
+class Processor:
+    """Turns one delivery into an outcome (everything but the ack); transport-agnostic."""
+
+    def __init__(self, consumers: dict[str, EventConsumer], scheduler: RetryScheduler) -> None:
+        self.consumers = consumers
+        self.scheduler = scheduler
+        # Read once per worker (not per message); a restarted worker sees new values.
+        self.max_bytes = int(app_settings.MAX_PAYLOAD_BYTES)
+        self.exchange = str(app_settings.EXCHANGE)
+        self.max_deliveries = int(app_settings.MAX_DELIVERIES)
+
+    def decode(self, delivery: Delivery) -> Event | None:
+        """The event, or ``None`` when the delivery needs :meth:`process` on its own (it is
+        poison, or was delivered too often)."""
+        try:
+            event = decode_event(delivery, max_bytes=self.max_bytes, exchange=self.exchange)
+        except Poison:
+            return None
+        count = delivery.headers.get(DELIVERY_COUNT_HEADER)
+        if isinstance(count, int) and not isinstance(count, bool) and count >= self.max_deliveries:
+            return None
+        return event
+
+    def process(self, delivery: Delivery) -> tuple[Outcome, HandlerResult | None]:
+        """Decode, run and settle ``delivery``; the caller acks unless this raises.
+
+        Raises :class:`DatabaseUnavailable` (leave it unacked, wait, try again) and
+        :class:`RetryPublishFailed` (reject it back to its queue).
+        """
+        consumer = self.consumers[delivery.consumer]
+        cls = type(consumer)
+        try:
+            event = decode_event(delivery, max_bytes=self.max_bytes, exchange=self.exchange)
+        except Poison as poison:
+            self._poison(cls, delivery, poison)
+            return Outcome.POISON, None
+        count = delivery.headers.get(DELIVERY_COUNT_HEADER)
+        if isinstance(count, int) and not isinstance(count, bool) and count >= self.max_deliveries:
+            self._redelivery_limit(cls, delivery, event, count)
+            return Outcome.DEAD_LETTERED, None
+        result = consumer.process(event)
+        if result.outcome is Outcome.DUPLICATE:
+            log_duplicate(cls.name, event.id)
+        if result.outcome is not Outcome.FAILED:
+            return result.outcome, result
+        failure = Failure.from_result(result, event, delivery.headers)
+        max_retries = cls.get_max_retries()
+        if result.permanent or event.attempt > max_retries:
+            reason = PERMANENT_ERROR if result.permanent else RETRIES_EXHAUSTED
+            logger.error(
+                "reliable_events: %s dead-lettered %s after %d attempt(s) (%s): %s",
+                cls.name,
+                event.id,
+                event.attempt,
+                reason,
+                failure.history[-1]["error"],
+            )
+            self._dead_letter(cls, delivery, event, failure, reason)
+            return Outcome.DEAD_LETTERED, result
+        delay = cls.delay_for(event.attempt)
+        self.scheduler.schedule(cls, delivery, event, failure, retry=event.attempt, delay=delay)
+        logger.warning(
+            "reliable_events: %s failed on %s (attempt %d of %d), retrying in %gs: %s",
+            cls.name,
+            event.id,
+            event.attempt,
+            max_retries + 1,
+            delay,
+            failure.history[-1]["error"],
+        )
+        return Outcome.RETRIED, result
+
+    def _dead_letter(
+        self,
+        cls: type[EventConsumer],
+        delivery: Delivery,
+        event: Event,
+        failure: Failure,
+        reason: str,
+    ) -> None:
+        write_dead_letter(
+            alias=cls.get_database(),
+            consumer=cls,
+            delivery=delivery,
+            reason=reason,
+            payload=event.payload,
+            raw_body="",
+            topic=event.topic,
+            key=event.key,
+            attempts=event.attempt,
+            error_type=failure.error_type,
+            error_message=failure.error_message,
+            traceback=failure.traceback,
+            fingerprint_value=failure.fingerprint,
+            history=failure.history,
+            first_failed_at=failure.first_failed_at,
+            last_failed_at=failure.at,
+        )
+
+    def _poison(self, cls: type[EventConsumer], delivery: Delivery, poison: Poison) -> None:
+        now = timezone.now()
+        try:
+            attempt = parse_attempt(delivery.headers.get(ATTEMPT_HEADER))
+        except Poison:
+            attempt = 1
+        key = delivery.headers.get(KEY_HEADER)
+        logger.error(
+            "reliable_events: %s dead-lettered a poison message %r: %s",
+            cls.name,
+            clean_text(delivery.message_id, 100),
+            poison,
+        )
+        write_dead_letter(
+            alias=cls.get_database(),
+            consumer=cls,
+            delivery=delivery,
+            reason=poison.reason,
+            payload=poison.payload,
+            raw_body="" if poison.payload is not None else raw_text(delivery.body),
+            topic=event_topic(delivery, str(app_settings.EXCHANGE)),
+            key=key if isinstance(key, str) else None,
+            attempts=attempt,
+            error_type=error_type_name(PoisonMessage("")),
+            error_message=clean_text(poison.detail, 10_000),
+            traceback="",
+            fingerprint_value=fingerprint(poison.reason, cls.name),
+            history=[{"attempt": attempt, "at": now.isoformat(), "error": str(poison)[:300]}],
+            first_failed_at=now,
+            last_failed_at=now,
+        )
+
+    def _redelivery_limit(
+        self, cls: type[EventConsumer], delivery: Delivery, event: Event, count: int
+    ) -> None:
+        now = timezone.now()
+        detail = (
+            f"the broker delivered it {count} times without an ack (consumers crashed or "
+            f"lost their connection while handling it); MAX_DELIVERIES is "
+            f"{app_settings.MAX_DELIVERIES}"
+        )
+        logger.error("reliable_events: %s dead-lettered %s: %s", cls.name, event.id, detail)
+        write_dead_letter(
+            alias=cls.get_database(),
+            consumer=cls,
+            delivery=delivery,
+            reason=REDELIVERY_LIMIT,
+            payload=event.payload,
+            raw_body="",
+            topic=event.topic,
+            key=event.key,
+            attempts=event.attempt,
+            error_type="",
+            error_message=detail,
+            traceback="",
+            fingerprint_value=fingerprint(REDELIVERY_LIMIT, cls.name),
+            history=[
+                *read_history(delivery.headers),
+                {"attempt": event.attempt, "at": now.isoformat(), "error": detail[:300]},
+            ],
+            first_failed_at=read_first_failed(delivery.headers) or now,
+            last_failed_at=now,
+        )

@@ -1,0 +1,161 @@
+"""What publishes an event right after its transaction commits? The on-commit
+dispatcher (one publisher per process, with a circuit breaker) and
+:func:`publish_after_commit`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from django.db import (
+    OperationalError,
+    transaction,
+)
+
+from reliable_events.broker import (
+    Publisher,
+    PublishResult,
+    open_publisher,
+)
+from reliable_events.conf import app_settings
+from reliable_events.relay.claims import (
+    RelayReport,
+    build_message,
+    claim_committed,
+    is_postgres,
+    lock_hook_lanes,
+    mark_interrupted,
+    outbox_alias,
+    record_result,
+    wake_relays,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# -- on-commit dispatch -----------------------------------------------------------------
+class _OnCommitDispatcher:
+    """Per-process publisher for the on-commit hook, with a circuit breaker."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.publisher: Publisher | None = None
+        self.config: tuple[Any, ...] = ()
+        self.open_until = 0.0
+
+    def breaker_open(self) -> bool:
+        return time.monotonic() < self.open_until
+
+    def trip(self) -> None:
+        self.open_until = time.monotonic() + app_settings.seconds("ON_COMMIT_BREAKER_SECONDS")
+
+    def reset(self) -> None:
+        with self.lock:
+            if self.publisher is not None:
+                self.publisher.close()
+            self.publisher = None
+            self.open_until = 0.0
+
+    def get_publisher(self) -> Publisher:
+        url = str(app_settings.BROKER_URL)
+        config = (url, app_settings.EXCHANGE, app_settings.QUEUE_TYPE)
+        if self.publisher is None or self.config != config:
+            if self.publisher is not None:
+                self.publisher.close()
+            self.publisher = open_publisher(
+                url, connect_timeout=float(app_settings.ON_COMMIT_CONNECT_TIMEOUT)
+            )
+            self.config = config
+        return self.publisher
+
+
+dispatcher = _OnCommitDispatcher()
+
+
+#: Longest the on-commit hook waits for the lanes of its rows (seconds; bounded by
+#: ``ON_COMMIT_CONFIRM_TIMEOUT``).  Another hook holds a lane for milliseconds; a relay
+#: that holds it for longer is draining it and takes the hook's rows in its next claim.
+HOOK_LANE_WAIT = 0.1
+
+
+def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> RelayReport:
+    """Publish the rows a transaction just committed, bounded in time.
+
+    On PostgreSQL the hook holds the lanes of its rows (so no relay or other hook
+    publishes those keys meanwhile) and publishes each key's pending chain in order:
+    its own rows and any earlier row of their keys that was missed.  Skipped while the
+    breaker is open (the broker failed moments ago), while another thread of this
+    process is publishing, or while a lane stays busy (a relay draining it): the rows
+    are due at once there, and the relay sends them (woken by ``NOTIFY``).  On SQLite
+    the rows are reserved for the hook for ``ON_COMMIT_GRACE_SECONDS`` and only
+    published when no earlier row of their key is pending; rows it does not publish are
+    handed to the relay at once (their reservation ends).
+    """
+    alias = outbox_alias(using)
+    if dispatcher.breaker_open():
+        # The broker failed moments ago: the relay takes these rows now, not after the
+        # grace (nothing is charged to them; the relay's breaker paces the broker).
+        mark_interrupted(alias, ids, "on-commit publish skipped: the broker failed moments ago")
+        return RelayReport()
+    timeout = float(app_settings.ON_COMMIT_CONFIRM_TIMEOUT)
+    if not dispatcher.lock.acquire(timeout=timeout):
+        mark_interrupted(alias, ids, None)
+        wake_relays(alias)
+        return RelayReport()
+    try:
+        if not is_postgres(alias):
+            rows = claim_committed(alias, ids)
+            if len(rows) < len(ids):
+                claimed = {row[0] for row in rows}
+                mark_interrupted(alias, [pk for pk in ids if pk not in claimed], None)
+            return _publish_committed(alias, rows, timeout)
+        locking = True
+        try:
+            with transaction.atomic(using=alias):
+                keys = lock_hook_lanes(alias, ids, min(HOOK_LANE_WAIT, timeout))
+                if keys is None:
+                    return RelayReport()
+                locking = False
+                return _publish_committed(alias, claim_committed(alias, ids, keys), timeout)
+        except OperationalError:
+            if locking:  # a lane stayed busy: its holder (a relay) sends these rows
+                wake_relays(alias)
+                return RelayReport()
+            raise
+    finally:
+        dispatcher.lock.release()
+
+
+def _publish_committed(alias: str, rows: list[tuple[Any, ...]], timeout: float) -> RelayReport:
+    """Publish the hook's rows; a kept connection found dead is replaced once at once.
+
+    A connection that served earlier publishes may have died since (a broker restart,
+    a reset, an idle timeout): that is no reason to leave the rows (and their keys) to
+    the relay when a fresh connection works.  A failed fresh connection trips the breaker.
+    """
+    report = RelayReport(claimed=len(rows), batches=1 if rows else 0)
+    if not rows:
+        return report
+    publisher = dispatcher.get_publisher()
+    kept = publisher.connected
+    messages = [build_message(row) for row in rows]
+    result = publisher.publish(messages, timeout=timeout)
+    if result.interrupted and kept and not publisher.connected:
+        again = publisher.publish(
+            [m for m in messages if m.ref in result.interrupted], timeout=timeout
+        )
+        result = PublishResult(
+            confirmed=[*result.confirmed, *again.confirmed],
+            failed={**result.failed, **again.failed},
+            interrupted=again.interrupted,
+            broker_error=again.broker_error,
+        )
+    record_result(alias, result, report)
+    if report.failed or report.interrupted:
+        dispatcher.trip()
+    if report.interrupted:
+        wake_relays(alias)
+    return report

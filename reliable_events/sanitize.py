@@ -1,0 +1,72 @@
+"""How is untrusted text stored and logged? Passwords redacted; text NUL-free, bounded,
+JSON-safe."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from reliable_events.conf import app_settings
+
+#: Characters of an undecodable body kept in ``DeadLetter.raw_body``.
+RAW_BODY_LIMIT = 64 * 1024
+_ERROR_SUMMARY_LIMIT = 300
+
+
+def error_summary(exc: BaseException) -> str:
+    return clean_text(redact(f"{type(exc).__name__}: {exc}"), _ERROR_SUMMARY_LIMIT)
+
+
+def clean_text(value: Any, limit: int) -> str:
+    """``value`` as text PostgreSQL accepts (no NUL), at most ``limit`` characters."""
+    text = value if isinstance(value, str) else str(value)
+    return text.replace("\x00", "\\x00")[:limit]
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON PostgreSQL accepts: AMQP table values (datetimes, decimals,
+    bytes) become strings, NUL characters are escaped."""
+    if depth > 20:
+        return clean_text(repr(value), 1000)
+    if isinstance(value, float):
+        finite = value == value and value not in (float("inf"), float("-inf"))
+        return value if finite else str(value)
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, str):
+        return clean_text(value, 100_000)
+    if isinstance(value, bytes):
+        return clean_text(value.decode("utf-8", "backslashreplace"), 100_000)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {clean_text(k, 1000): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v, depth + 1) for v in value]
+    return clean_text(str(value), 10_000)
+
+
+def has_nul(payload: Any) -> bool:
+    return "\\u0000" in json.dumps(payload)
+
+
+def raw_text(body: bytes) -> str:
+    return clean_text(body[:RAW_BODY_LIMIT].decode("utf-8", "backslashreplace"), RAW_BODY_LIMIT)
+
+
+def redact(text: str, url: str | None = None) -> str:
+    """``text`` with the password of ``url`` (default: the configured broker) masked."""
+    url = url if url is not None else str(app_settings.BROKER_URL)
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+def describe_error(exc: BaseException, url: str | None = None) -> str:
+    return redact(f"{type(exc).__name__}: {exc}", url)[:2000]
