@@ -78,7 +78,20 @@ class DocumentedLookupsOnly:
 
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
         # PostgreSQL refuses NUL in text: that would be a 500, not "no match".
-        return lookup in self.documented_lookups() and "\x00" not in str(value)
+        if lookup not in self.documented_lookups() or "\x00" in str(value):
+            return False
+        part = lookup.rpartition("__")[2]
+        if part in _DATE_PARTS and lookup.startswith(f"{getattr(self, 'date_hierarchy', '')}__"):
+            # Django builds a datetime of these: past its range it raises OverflowError
+            # (a 500), not the ValueError it turns into a 400.
+            low, high = _DATE_PARTS[part]
+            text = str(value)
+            return text.isascii() and text.isdigit() and len(text) <= 4 and low <= int(text) <= high
+        return True
+
+
+#: The date-hierarchy parameters and the values a date can have.
+_DATE_PARTS = {"year": (1, 9999), "month": (1, 12), "day": (1, 31)}
 
 
 def int_or_none(value: str | None) -> int | None:
