@@ -14,6 +14,21 @@ It records at ``publish_event`` time, so it works inside Django's ``TestCase`` (
 transactions never commit).  Use ``events.committed()`` to see only the events whose
 transaction has committed, which needs a ``TransactionTestCase`` or
 ``captureOnCommitCallbacks(execute=True)``.
+
+``deliver_events()`` then delivers the stored events to your consumers in-process, with
+no relay, broker or worker (the way procrastinate ships an in-memory connector)::
+
+    from reliable_events.testing import deliver_events
+
+    def test_order_ships(db):
+        create_order(...)                      # publish_event inside a transaction
+        report = deliver_events(ShippingConsumer)
+        assert Shipment.objects.count() == 1
+        assert deliver_events(ShippingConsumer).deliveries == []   # drained
+
+Each event goes through the worker's own processing path (idempotency record and
+``handle`` in one transaction, retries, dead letters); see
+:mod:`reliable_events.consumer.inprocess`.
 """
 
 from __future__ import annotations
@@ -21,9 +36,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reliable_events import signals
+
+if TYPE_CHECKING:
+    from reliable_events.consumer.base import EventConsumer
+    from reliable_events.consumer.inprocess import DeliveryReport
 
 
 @dataclass(frozen=True)
@@ -93,3 +112,22 @@ def capture_events() -> Iterator[CapturedEvents]:
         yield captured
     finally:
         signals.event_stored.disconnect(receiver)
+
+
+def deliver_events(*consumers: type[EventConsumer], using: str | None = None) -> DeliveryReport:
+    """Drain the outbox: deliver each pending event to ``consumers`` (default: every
+    registered consumer) whose topics match, in-process, and return what happened.
+
+    Rows are marked sent, so a second call delivers nothing new; an event delivered again
+    (a copy published with the same ``message_id``) is a ``DUPLICATE``.  A retry runs at
+    once (its delay skipped); a handler that keeps failing ends in a dead letter.  A
+    delayed event is delivered at once.  Works in a ``TestCase`` (the rows need not have
+    committed).  Rows the on-commit hook already sent (``PUBLISH_ON_COMMIT`` in
+    a ``TransactionTestCase``) are not delivered: there, set ``PUBLISH_ON_COMMIT`` to
+    ``False``.
+    """
+    # Lazy: test modules import this helper before Django's apps are loaded, and the
+    # processing path imports the models.
+    from reliable_events.consumer.inprocess import deliver_pending
+
+    return deliver_pending(consumers, using=using)
