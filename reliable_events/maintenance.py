@@ -13,20 +13,17 @@ from django.utils import timezone
 
 from reliable_events.conf import app_settings
 from reliable_events.models import OutboxMessage, ProcessedMessage
+from reliable_events.reports import Report
 
 
 @dataclass
-class PurgeReport:
+class PurgeReport(Report):
+    TEXT_FIELDS = ("outbox_deleted", "processed_deleted", "batches", "seconds")
+
     outbox_deleted: int = 0
     processed_deleted: int = 0
     batches: int = 0
     seconds: float = 0.0
-
-    def __str__(self) -> str:
-        return (
-            f"outbox_deleted={self.outbox_deleted} processed_deleted={self.processed_deleted} "
-            f"batches={self.batches} seconds={self.seconds:.3f}"
-        )
 
 
 def _delete_in_batches(

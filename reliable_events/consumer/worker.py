@@ -72,6 +72,7 @@ from reliable_events.exceptions import (
     ReliableEventsError,
 )
 from reliable_events.relay.engine import Relay
+from reliable_events.reports import Report
 from reliable_events.runner import StopFlag
 from reliable_events.sanitize import describe_error
 
@@ -87,8 +88,19 @@ BATCH_MAX_SECONDS = 0.25
 
 # -- the worker --------------------------------------------------------------------------
 @dataclass
-class WorkerStats:
+class WorkerStats(Report):
     """Counters of one :meth:`Worker.run`."""
+
+    TEXT_FIELDS = (
+        "processed",
+        "duplicates",
+        "retried",
+        "dead_lettered",
+        "poison",
+        "requeued",
+        "reconnects",
+        "database_outages",
+    )
 
     received: int = 0
     processed: int = 0
@@ -135,14 +147,9 @@ class WorkerStats:
             self.first_settled = now
         self.last_settled = now
 
-    def __str__(self) -> str:
+    def extra_text(self) -> dict[str, str]:
         mean = self.handler_seconds / self.processed * 1000 if self.processed else 0.0
-        return (
-            f"processed={self.processed} duplicates={self.duplicates} retried={self.retried} "
-            f"dead_lettered={self.dead_lettered} poison={self.poison} requeued={self.requeued} "
-            f"reconnects={self.reconnects} database_outages={self.database_outages} "
-            f"handler_mean_ms={mean:.2f} rate={self.rate():.0f}/s"
-        )
+        return {"handler_mean_ms": f"{mean:.2f}", "rate": f"{self.rate():.0f}/s"}
 
 
 class Worker:

@@ -33,6 +33,7 @@ from reliable_events.models import OutboxMessage
 from reliable_events.relay.lanes import (
     LANE_LOCK_NAMESPACE,
 )
+from reliable_events.reports import Report
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,10 @@ WHERE id = ANY(%(ids)s::bigint[])"""
 
 
 @dataclass
-class RelayReport:
+class RelayReport(Report):
     """What one relay call did."""
+
+    TEXT_FIELDS = ("claimed", "sent", "failed", "dead", "interrupted", "batches", "seconds")
 
     claimed: int = 0
     sent: int = 0
@@ -145,13 +148,6 @@ class RelayReport:
         self.errors.extend(other.errors[:5])
         self.broker_error = other.broker_error or self.broker_error
         self.lanes = max(self.lanes, other.lanes)
-
-    def __str__(self) -> str:
-        return (
-            f"claimed={self.claimed} sent={self.sent} failed={self.failed} "
-            f"dead={self.dead} interrupted={self.interrupted} batches={self.batches} "
-            f"seconds={self.seconds:.3f}"
-        )
 
 
 def backoff_seconds(attempts: int) -> float:

@@ -1,0 +1,41 @@
+"""The three "counters + text" reports print through one base, with the lines scripts parse."""
+
+from __future__ import annotations
+
+from reliable_events.consumer.worker import WorkerStats
+from reliable_events.maintenance import PurgeReport
+from reliable_events.relay.claims import RelayReport
+
+
+def test_relay_report_prints_its_counters_and_not_its_lanes():
+    report = RelayReport(
+        claimed=3, sent=2, failed=1, dead=0, interrupted=4, batches=5, seconds=1.23456, lanes=7
+    )
+    assert str(report) == "claimed=3 sent=2 failed=1 dead=0 interrupted=4 batches=5 seconds=1.235"
+
+
+def test_purge_report_prints_its_counters():
+    report = PurgeReport(outbox_deleted=1, processed_deleted=2, batches=3, seconds=0.5)
+    assert str(report) == "outbox_deleted=1 processed_deleted=2 batches=3 seconds=0.500"
+
+
+def test_worker_stats_print_counters_then_the_computed_mean_and_rate():
+    stats = WorkerStats(
+        processed=4,
+        duplicates=1,
+        retried=2,
+        dead_lettered=3,
+        poison=5,
+        requeued=6,
+        reconnects=7,
+        database_outages=8,
+        handler_seconds=0.01,
+        first_settled=100.0,
+        last_settled=102.0,
+    )
+    # settled = 4 + 1 + 2 + 3 + 5 = 15 over 2 s: (15 - 1) / 2 = 7/s
+    assert str(stats) == (
+        "processed=4 duplicates=1 retried=2 dead_lettered=3 poison=5 requeued=6 "
+        "reconnects=7 database_outages=8 handler_mean_ms=2.50 rate=7/s"
+    )
+    assert str(WorkerStats()).endswith("handler_mean_ms=0.00 rate=0/s")
