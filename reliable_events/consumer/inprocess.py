@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from django.db.models import TextField
 from django.db.models.functions import Cast
@@ -26,7 +25,7 @@ from reliable_events.consumer.failures import Failure
 from reliable_events.consumer.processor import Processor
 from reliable_events.consumer.retries import RetryScheduler, retry_headers
 from reliable_events.models import OutboxMessage
-from reliable_events.relay.claims import build_message, mark_sent, outbox_alias
+from reliable_events.relay.claims import ClaimedRow, build_message, mark_sent, outbox_alias
 from reliable_events.routing import Routes
 
 #: Rows claimed from the outbox per round.
@@ -113,17 +112,18 @@ def _deliveries(message: OutgoingMessage, routes: Routes, names: dict[str, str])
     ]
 
 
-def _pending_rows(alias: str) -> list[tuple[Any, ...]]:
+def _pending_rows(alias: str) -> list[ClaimedRow]:
     """The oldest pending rows, due or not (a test does not wait for a delay or for the
     on-commit hook's reservation), as the relay's claim returns them."""
     return list(
-        OutboxMessage.objects.using(alias)
-        .filter(status=OutboxMessage.Status.PENDING)
-        .annotate(payload_text=Cast("payload", output_field=TextField()))
-        .order_by("id")
-        .values_list(
-            "id", "message_id", "topic", "key", "queue", "payload_text", "headers", "created_at"
-        )[:BATCH]
+        map(
+            ClaimedRow._make,
+            OutboxMessage.objects.using(alias)
+            .filter(status=OutboxMessage.Status.PENDING)
+            .annotate(payload_text=Cast("payload", output_field=TextField()))
+            .order_by("id")
+            .values_list(*ClaimedRow._fields)[:BATCH],
+        )
     )
 
 
@@ -157,5 +157,5 @@ def deliver_pending(
                         outcome=outcome,
                     )
                 )
-        mark_sent(alias, [row[0] for row in rows])
+        mark_sent(alias, [row.id for row in rows])
     return report

@@ -9,7 +9,7 @@ import random
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import (
     DEFAULT_DB_ALIAS,
@@ -41,19 +41,27 @@ logger = logging.getLogger(__name__)
 #: PostgreSQL ``LISTEN``/``NOTIFY`` channel on which idle relay daemons are woken.
 WAKE_CHANNEL = "reliable_events_relay"
 
-_FIELDS = (
-    "id",
-    "message_id",
-    "topic",
-    "key",
-    "queue",
-    "payload_text",
-    "headers",
-    "created_at",
-    "attempts",
-)
-#: Index of ``attempts`` in a claimed row (not part of the message).
-_ATTEMPTS = 8
+
+class ClaimedRow(NamedTuple):
+    """One claimed outbox row (``_PG_COLUMNS`` and ``_FIELDS`` select in this order); built from the
+    cursor's row tuple with ``_make`` (no per-row work beyond that)."""
+
+    id: int
+    message_id: str
+    topic: str
+    key: str | None
+    queue: str
+    payload_text: str
+    #: A dict (ORM) or JSON text / ``None`` (PostgreSQL's claim SQL).
+    headers: Any
+    #: A datetime (ORM) or epoch seconds (PostgreSQL's claim SQL).
+    created_at: Any
+    #: Failed attempts so far (not part of the message).
+    attempts: int
+
+
+#: The claim's columns (ORM version), in ``ClaimedRow`` order.
+_FIELDS = ClaimedRow._fields
 
 # The claim on PostgreSQL, in SQL rather than through the ORM: it is the relay's hot path.
 # Same semantics as the ORM version used elsewhere (see claim_due): due pending rows
@@ -181,7 +189,7 @@ def _table(alias: str) -> str:
 
 def claim_due(
     alias: str, lanes: Sequence[int], limit: int, *, exclude: Sequence[int] = ()
-) -> list[tuple[Any, ...]]:
+) -> list[ClaimedRow]:
     """Due pending rows of ``lanes``, oldest first, minus keys held back by a failure.
 
     ``exclude``: ids to leave out (the rows this relay is publishing already).
@@ -198,7 +206,7 @@ def claim_due(
         with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
             cursor.execute(_PG_CLAIM_PLAN)
             cursor.execute(sql, params)
-            rows: list[tuple[Any, ...]] = cursor.fetchall()
+            rows = list(map(ClaimedRow._make, cursor.fetchall()))
             return _retries_go_alone(alias, rows)
     held_back = OutboxMessage.objects.using(alias).filter(
         next_attempt_at__gt=Now(),
@@ -219,14 +227,17 @@ def claim_due(
         return _retries_go_alone(
             alias,
             list(
-                query.select_for_update(skip_locked=True, of=("self",)).values_list(*_FIELDS)[
-                    :limit
-                ]
+                map(
+                    ClaimedRow._make,
+                    query.select_for_update(skip_locked=True, of=("self",)).values_list(*_FIELDS)[
+                        :limit
+                    ],
+                )
             ),
         )
 
 
-def _retries_go_alone(alias: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+def _retries_go_alone(alias: str, rows: list[ClaimedRow]) -> list[ClaimedRow]:
     """Leave out the rows whose key has a retried row (one that failed before) earlier in
     the batch, and lease that row (``next_attempt_at`` pushed past the confirm timeout).
 
@@ -237,13 +248,13 @@ def _retries_go_alone(alias: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any
     transaction; costs nothing when no claimed row failed before (``attempts`` comes
     with the claim).
     """
-    retried = {row[0] for row in rows if row[_ATTEMPTS]}
+    retried = {row.id for row in rows if row.attempts}
     if not retried:
         return rows
     waiting: set[str] = set()
     kept, leased = [], []
     for row in rows:
-        pk, key = row[0], row[3]
+        pk, key = row.id, row.key
         if key is not None and key in waiting:
             continue
         kept.append(row)
@@ -258,9 +269,7 @@ def _retries_go_alone(alias: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any
     return kept
 
 
-def claim_committed(
-    alias: str, ids: Sequence[int], keys: Sequence[str] = ()
-) -> list[tuple[Any, ...]]:
+def claim_committed(alias: str, ids: Sequence[int], keys: Sequence[str] = ()) -> list[ClaimedRow]:
     """The rows the on-commit hook publishes for the just-committed ``ids``.
 
     PostgreSQL (call it with the lanes of ``ids`` held; ``keys``: the keys of ``ids``, see
@@ -280,7 +289,7 @@ def claim_committed(
         limit = len(ids) + int(app_settings.ON_COMMIT_CHAIN_LIMIT)
         with connections[alias].cursor() as cursor:
             cursor.execute(sql, {"ids": list(ids), "keys": list(keys), "limit": limit})
-            chains: list[tuple[Any, ...]] = cursor.fetchall()
+            chains = list(map(ClaimedRow._make, cursor.fetchall()))
             return _retries_go_alone(alias, chains)
     earlier = (
         OutboxMessage.objects.using(alias)
@@ -288,11 +297,14 @@ def claim_committed(
         .exclude(id__in=ids)
     )
     return list(
-        _rows_query(alias)
-        .filter(id__in=ids, status=OutboxMessage.Status.PENDING)
-        .filter(~Exists(earlier))
-        .order_by("id")
-        .values_list(*_FIELDS)
+        map(
+            ClaimedRow._make,
+            _rows_query(alias)
+            .filter(id__in=ids, status=OutboxMessage.Status.PENDING)
+            .filter(~Exists(earlier))
+            .order_by("id")
+            .values_list(*_FIELDS),
+        )
     )
 
 
@@ -317,26 +329,26 @@ def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> list[str] | 
     return sorted({key for _lane, _lock, keys in lanes for key in keys or ()})
 
 
-def build_message(row: tuple[Any, ...], exchange: str | None = None) -> OutgoingMessage:
+def build_message(row: ClaimedRow, exchange: str | None = None) -> OutgoingMessage:
     """The message of a claimed row (headers as a dict or JSON text).
 
     ``exchange`` is the configured ``EXCHANGE`` (read from the settings when omitted).
     """
-    pk, message_id, topic, key, queue, payload_text, headers, created_at = row[:_ATTEMPTS]
+    headers, key, queue = row.headers, row.key, row.queue
     all_headers: dict[str, Any] = (
         json.loads(headers) if isinstance(headers, str) else dict(headers or {})
     )
     if key is not None:
         all_headers[KEY_HEADER] = key
     return OutgoingMessage(
-        ref=pk,
+        ref=row.id,
         exchange="" if queue else (exchange or str(app_settings.EXCHANGE)),
-        routing_key=queue or topic,
-        body=payload_text.encode(),
-        message_id=message_id,
-        topic=topic,
+        routing_key=queue or row.topic,
+        body=row.payload_text.encode(),
+        message_id=row.message_id,
+        topic=row.topic,
         headers=all_headers,
-        timestamp=created_at,
+        timestamp=row.created_at,
     )
 
 
@@ -410,7 +422,7 @@ def _db_now(alias: str) -> datetime:
 
 
 def publish_rows(
-    alias: str, rows: Sequence[tuple[Any, ...]], publisher: Publisher, *, timeout: float
+    alias: str, rows: Sequence[ClaimedRow], publisher: Publisher, *, timeout: float
 ) -> RelayReport:
     """Publish ``rows`` and record the outcome of each."""
     report = RelayReport(claimed=len(rows), batches=1)

@@ -276,7 +276,7 @@ class Relay:
                     break
                 report.claimed += len(rows)
                 report.batches += 1
-                unsettled.update(row[0] for row in rows)
+                unsettled.update(row.id for row in rows)
                 last = len(rows) < limit or time.monotonic() - started >= max_seconds
                 if not last:  # claim the next batch while this one goes out
                     next_claim = claim()

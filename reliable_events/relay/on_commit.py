@@ -22,6 +22,7 @@ from reliable_events.broker import (
 )
 from reliable_events.conf import app_settings
 from reliable_events.relay.claims import (
+    ClaimedRow,
     RelayReport,
     build_message,
     claim_committed,
@@ -109,7 +110,7 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
         if not is_postgres(alias):
             rows = claim_committed(alias, ids)
             if len(rows) < len(ids):
-                claimed = {row[0] for row in rows}
+                claimed = {row.id for row in rows}
                 mark_interrupted(alias, [pk for pk in ids if pk not in claimed], None)
             return _publish_committed(alias, rows, timeout)
         locking = True
@@ -129,7 +130,7 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
         dispatcher.lock.release()
 
 
-def _publish_committed(alias: str, rows: list[tuple[Any, ...]], timeout: float) -> RelayReport:
+def _publish_committed(alias: str, rows: list[ClaimedRow], timeout: float) -> RelayReport:
     """Publish the hook's rows; a kept connection found dead is replaced once at once.
 
     A connection that served earlier publishes may have died since (a broker restart,
