@@ -23,6 +23,7 @@ from reliable_events.consumer.db import (
     database_guard,
 )
 from reliable_events.consumer.failures import (
+    DeadLetterRecord,
     Failure,
     application_frame,
     error_type_name,
@@ -97,6 +98,7 @@ __all__ = [
     "WRONG_CONTENT_TYPE",
     "AmqpRetryScheduler",
     "AmqpTransport",
+    "DeadLetterRecord",
     "Delivery",
     "Failure",
     "KombuTransport",

@@ -19,8 +19,7 @@ from django.db import (
 from django.utils import timezone
 
 from reliable_events import signals
-from reliable_events.broker.base import Delivery
-from reliable_events.consumer.base import Event, EventConsumer, HandlerResult
+from reliable_events.consumer.base import Event, HandlerResult
 from reliable_events.consumer.db import database_guard
 from reliable_events.consumer.wire import HISTORY_LIMIT, read_first_failed, read_history
 from reliable_events.models import (
@@ -113,25 +112,27 @@ class Failure:
 
 
 # -- dead letters ------------------------------------------------------------------------
-def write_dead_letter(
-    *,
-    alias: str,
-    consumer: type[EventConsumer],
-    delivery: Delivery,
-    reason: str,
-    payload: Any,
-    raw_body: str,
-    topic: str,
-    key: str | None,
-    attempts: int,
-    error_type: str,
-    error_message: str,
-    traceback: str,
-    fingerprint_value: str,
-    history: list[dict[str, Any]],
-    first_failed_at: datetime,
-    last_failed_at: datetime,
-) -> DeadLetter:
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    """What one dead letter stores, as plain values: who, which message, why, and the
+    failure (its error text, fingerprint, history and times)."""
+
+    consumer: str
+    queue: str
+    message_id: str
+    body: bytes
+    headers: dict[str, Any]
+    reason: str
+    payload: Any
+    #: The body as text, when there is no JSON payload to keep.
+    raw_body: str
+    topic: str
+    key: str | None
+    #: The last failed attempt (its number is the dead letter's ``attempts``).
+    failure: Failure
+
+
+def write_dead_letter(alias: str, record: DeadLetterRecord) -> DeadLetter:
     """Store (or, for a redelivered message, update) the open dead letter of a delivery.
 
     A consumer that died after writing a dead letter but before acking gets the message
@@ -140,42 +141,43 @@ def write_dead_letter(
     is kept as raw text instead.  Raises :class:`DatabaseUnavailable` when the database
     is gone.
     """
+    payload, raw_body, failure = record.payload, record.raw_body, record.failure
     if payload is not None and has_nul(payload):
-        payload, raw_body = None, raw_text(delivery.body)
-    message_id = clean_text(delivery.message_id, MESSAGE_ID_MAX_LENGTH)
+        payload, raw_body = None, raw_text(record.body)
+    message_id = clean_text(record.message_id, MESSAGE_ID_MAX_LENGTH)
     values: dict[str, Any] = {
-        "queue": consumer.queue_name(),
-        "topic": clean_text(topic, TOPIC_MAX_LENGTH),
-        "key": clean_text(key or "", KEY_MAX_LENGTH),
+        "queue": record.queue,
+        "topic": clean_text(record.topic, TOPIC_MAX_LENGTH),
+        "key": clean_text(record.key or "", KEY_MAX_LENGTH),
         "payload": payload,
         "raw_body": raw_body,
-        "headers": json_safe(delivery.headers),
-        "reason": reason[:50],
-        "error_type": clean_text(error_type, 200),
-        "error_message": error_message,
-        "traceback": traceback,
-        "fingerprint": fingerprint_value,
-        "attempts": max(1, attempts),
-        "history": history,
-        "first_failed_at": first_failed_at,
-        "last_failed_at": last_failed_at,
+        "headers": json_safe(record.headers),
+        "reason": record.reason[:50],
+        "error_type": clean_text(failure.error_type, 200),
+        "error_message": failure.error_message,
+        "traceback": failure.traceback,
+        "fingerprint": failure.fingerprint,
+        "attempts": max(1, failure.attempt),
+        "history": failure.history,
+        "first_failed_at": failure.first_failed_at,
+        "last_failed_at": failure.at,
     }
     try:
         with database_guard(alias, "writing a dead letter"):
-            letter = _save_dead_letter(alias, consumer.name, message_id, values)
+            letter = _save_dead_letter(alias, record.consumer, message_id, values)
     except (DatabaseError, InterfaceError):
         # Not a lost connection: something in the values was refused.  Keep the essentials
         # (the body as text), never lose the message for want of a perfect record.
         logger.exception("reliable_events: dead letter refused; storing a minimal one")
         values.update(
             payload=None,
-            raw_body=raw_text(delivery.body),
+            raw_body=raw_text(record.body),
             headers={},
             error_message=clean_text(values["error_message"].encode("ascii", "replace"), 10_000),
             traceback=clean_text(values["traceback"].encode("ascii", "replace"), 20_000),
         )
         with database_guard(alias, "writing a dead letter"):
-            letter = _save_dead_letter(alias, consumer.name, message_id, values)
+            letter = _save_dead_letter(alias, record.consumer, message_id, values)
     signals.event_dead_lettered.send(sender=DeadLetter, dead_letter=letter)
     return letter
 

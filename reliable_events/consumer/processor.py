@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from django.utils import timezone
 
@@ -10,6 +11,7 @@ from reliable_events.broker.base import KEY_HEADER, Delivery
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import Event, EventConsumer, HandlerResult, Outcome
 from reliable_events.consumer.failures import (
+    DeadLetterRecord,
     Failure,
     error_type_name,
     fingerprint,
@@ -120,22 +122,8 @@ class Processor:
         reason: str,
     ) -> None:
         write_dead_letter(
-            alias=cls.get_database(),
-            consumer=cls,
-            delivery=delivery,
-            reason=reason,
-            payload=event.payload,
-            raw_body="",
-            topic=event.topic,
-            key=event.key,
-            attempts=event.attempt,
-            error_type=failure.error_type,
-            error_message=failure.error_message,
-            traceback=failure.traceback,
-            fingerprint_value=failure.fingerprint,
-            history=failure.history,
-            first_failed_at=failure.first_failed_at,
-            last_failed_at=failure.at,
+            cls.get_database(),
+            _record(cls, delivery, reason, event.payload, "", event.topic, event.key, failure),
         )
 
     def _poison(self, cls: type[EventConsumer], delivery: Delivery, poison: Poison) -> None:
@@ -151,23 +139,28 @@ class Processor:
             clean_text(delivery.message_id, 100),
             poison,
         )
-        write_dead_letter(
-            alias=cls.get_database(),
-            consumer=cls,
-            delivery=delivery,
-            reason=poison.reason,
-            payload=poison.payload,
-            raw_body="" if poison.payload is not None else raw_text(delivery.body),
-            topic=event_topic(delivery, str(app_settings.EXCHANGE)),
-            key=key if isinstance(key, str) else None,
-            attempts=attempt,
+        failure = Failure(
+            attempt=attempt,
+            at=now,
             error_type=error_type_name(PoisonMessage("")),
             error_message=clean_text(poison.detail, 10_000),
             traceback="",
-            fingerprint_value=fingerprint(poison.reason, cls.name),
+            fingerprint=fingerprint(poison.reason, cls.name),
             history=[{"attempt": attempt, "at": now.isoformat(), "error": str(poison)[:300]}],
             first_failed_at=now,
-            last_failed_at=now,
+        )
+        write_dead_letter(
+            cls.get_database(),
+            _record(
+                cls,
+                delivery,
+                poison.reason,
+                poison.payload,
+                "" if poison.payload is not None else raw_text(delivery.body),
+                event_topic(delivery, str(app_settings.EXCHANGE)),
+                key if isinstance(key, str) else None,
+                failure,
+            ),
         )
 
     def _redelivery_limit(
@@ -180,24 +173,48 @@ class Processor:
             f"{app_settings.MAX_DELIVERIES}"
         )
         logger.error("reliable_events: %s dead-lettered %s: %s", cls.name, event.id, detail)
-        write_dead_letter(
-            alias=cls.get_database(),
-            consumer=cls,
-            delivery=delivery,
-            reason=REDELIVERY_LIMIT,
-            payload=event.payload,
-            raw_body="",
-            topic=event.topic,
-            key=event.key,
-            attempts=event.attempt,
+        failure = Failure(
+            attempt=event.attempt,
+            at=now,
             error_type="",
             error_message=detail,
             traceback="",
-            fingerprint_value=fingerprint(REDELIVERY_LIMIT, cls.name),
+            fingerprint=fingerprint(REDELIVERY_LIMIT, cls.name),
             history=[
                 *read_history(delivery.headers),
                 {"attempt": event.attempt, "at": now.isoformat(), "error": detail[:300]},
             ],
             first_failed_at=read_first_failed(delivery.headers) or now,
-            last_failed_at=now,
         )
+        write_dead_letter(
+            cls.get_database(),
+            _record(
+                cls, delivery, REDELIVERY_LIMIT, event.payload, "", event.topic, event.key, failure
+            ),
+        )
+
+
+def _record(
+    cls: type[EventConsumer],
+    delivery: Delivery,
+    reason: str,
+    payload: Any,
+    raw_body: str,
+    topic: str,
+    key: str | None,
+    failure: Failure,
+) -> DeadLetterRecord:
+    """The dead letter of ``delivery`` for consumer ``cls`` (the delivery's own values)."""
+    return DeadLetterRecord(
+        consumer=cls.name,
+        queue=cls.queue_name(),
+        message_id=delivery.message_id,
+        body=delivery.body,
+        headers=delivery.headers,
+        reason=reason,
+        payload=payload,
+        raw_body=raw_body,
+        topic=topic,
+        key=key,
+        failure=failure,
+    )

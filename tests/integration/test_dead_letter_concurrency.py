@@ -15,7 +15,8 @@ import pytest
 from django.db import connections
 from django.utils import timezone
 
-from reliable_events.consuming import PERMANENT_ERROR, Delivery, write_dead_letter
+from reliable_events.consumer.failures import DeadLetterRecord, Failure, write_dead_letter
+from reliable_events.consumer.wire import PERMANENT_ERROR
 from reliable_events.models import DeadLetter
 from tests.consumer_support import make_consumer
 
@@ -33,22 +34,29 @@ def test_concurrent_dead_letters_of_one_message_make_one_open_letter(clean_regis
             barrier.wait(10)
             now = timezone.now()
             write_dead_letter(
-                alias="default",
-                consumer=consumer,
-                delivery=Delivery(consumer.name, b"{}", {"message_id": message_id}, {}),
-                reason=PERMANENT_ERROR,
-                payload={},
-                raw_body="",
-                topic="orders.created",
-                key=None,
-                attempts=attempt,
-                error_type="app.Error",
-                error_message="failed for good",
-                traceback="",
-                fingerprint_value="fp",
-                history=[],
-                first_failed_at=now,
-                last_failed_at=now,
+                "default",
+                DeadLetterRecord(
+                    consumer=consumer.name,
+                    queue=consumer.queue_name(),
+                    message_id=message_id,
+                    body=b"{}",
+                    headers={},
+                    reason=PERMANENT_ERROR,
+                    payload={},
+                    raw_body="",
+                    topic="orders.created",
+                    key=None,
+                    failure=Failure(
+                        attempt=attempt,
+                        at=now,
+                        error_type="app.Error",
+                        error_message="failed for good",
+                        traceback="",
+                        fingerprint="fp",
+                        history=[],
+                        first_failed_at=now,
+                    ),
+                ),
             )
         except BaseException as exc:  # reported below
             errors.append(exc)
