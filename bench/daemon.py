@@ -105,7 +105,7 @@ def _all_sent() -> bool:
 
 def _relays() -> int:
     """Relays announced in the database (idle ones hold no lanes: they count all the same)."""
-    from tests.producer_support import lanes_by_relay
+    from tests.support.producer_support import lanes_by_relay
 
     return len(lanes_by_relay())
 

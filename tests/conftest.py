@@ -178,10 +178,10 @@ def re_settings(settings: Any) -> Any:
 
 @pytest.fixture
 def tcp_proxy() -> Iterator[Any]:
-    """A started :class:`tests.tcp_proxy.TcpProxy` in front of the real RabbitMQ."""
+    """A started :class:`tests.support.tcp_proxy.TcpProxy` in front of the real RabbitMQ."""
     from urllib.parse import urlsplit
 
-    from tests.tcp_proxy import TcpProxy
+    from tests.support.tcp_proxy import TcpProxy
 
     target = urlsplit(str(django_settings.AMQP_URL))
     proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672).start()

@@ -30,8 +30,8 @@ from reliable_events.consumer import Event, EventConsumer
 from reliable_events.consuming import Worker
 from reliable_events.exceptions import PermanentError
 from reliable_events.models import DeadLetter, ProcessedMessage
+from tests.support.deadletter_factory import staff_user
 from tests.testapp.models import Effect
-from tests.unit.deadletter_factory import staff_user
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -177,7 +177,7 @@ def test_on_call_retries_a_dead_letter_in_the_browser(
 
 
 def test_a_viewer_sees_no_retry(live_server: Any, browser: Any) -> None:
-    from tests.unit.deadletter_factory import dead_letter
+    from tests.support.deadletter_factory import dead_letter
 
     letter = dead_letter()
     staff_user("viewer", "view_deadletter")

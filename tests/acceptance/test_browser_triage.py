@@ -25,8 +25,8 @@ from reliable_events.exceptions import PermanentError
 from reliable_events.models import DeadLetter, ProcessedMessage, TriageEntry
 from tests.acceptance.test_browser import Pages, consume
 from tests.acceptance.test_browser import browser as browser  # the fixture
+from tests.support.deadletter_factory import dead_letter, many_dead_letters, staff_user
 from tests.testapp.models import Effect
-from tests.unit.deadletter_factory import dead_letter, many_dead_letters, staff_user
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 

@@ -1,6 +1,6 @@
 """The broker fails around a commit: the business commit always succeeds, nothing is lost.
 
-A :class:`tests.tcp_proxy.TcpProxy` in front of the real RabbitMQ plays the broker going
+A :class:`tests.support.tcp_proxy.TcpProxy` in front of the real RabbitMQ plays the broker going
 away (stopped: connections cut, new ones refused) or hanging (frozen: nothing forwarded).
 Assertions are about behaviour (the commit returns, rows stay pending, everything is
 delivered later), never about timings.
@@ -25,7 +25,13 @@ from django.db.models.functions import Now
 from reliable_events import publish_event
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import relay_once
-from tests.producer_support import drain_queue, free_port, message_ids, wait_until, with_port
+from tests.support.producer_support import (
+    drain_queue,
+    free_port,
+    message_ids,
+    wait_until,
+    with_port,
+)
 from tests.testapp.models import Order
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres, pytest.mark.rabbitmq]

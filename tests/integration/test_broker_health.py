@@ -18,7 +18,7 @@ from reliable_events import publish_event
 from reliable_events.broker import UNROUTABLE_QUEUE
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import Relay
-from tests.producer_support import drain_queue, message_ids, with_port
+from tests.support.producer_support import drain_queue, message_ids, with_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.rabbitmq, pytest.mark.postgres]
 

@@ -1,6 +1,6 @@
 """RabbitMQ stopped while requests keep publishing: requests stay fast, nothing is lost.
 
-The broker - a private RabbitMQ node (:mod:`tests.rabbit_node`), never the shared one -
+The broker - a private RabbitMQ node (:mod:`tests.support.rabbit_node`), never the shared one -
 is really stopped (``rabbitmqctl stop_app``: every connection is closed and the AMQP
 listener refuses new ones) for ``RE_OUTAGE_SECONDS`` (default 60), while request
 threads keep committing orders with ``publish_event`` and a ``relay_outbox`` daemon
@@ -25,8 +25,8 @@ from django.db import close_old_connections, connection, transaction
 from reliable_events import publish_event
 from reliable_events.models import OutboxMessage
 from tests.conftest import RabbitClient
-from tests.producer_support import child_env, manage, stop_process
-from tests.rabbit_node import RabbitNode, available, private_rabbit_node
+from tests.support.producer_support import child_env, manage, stop_process
+from tests.support.rabbit_node import RabbitNode, available, private_rabbit_node
 from tests.testapp.models import Order
 
 pytestmark = [

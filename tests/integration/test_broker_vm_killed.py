@@ -3,7 +3,7 @@ SHIPPED retry policy, while producers keep publishing with keys: nothing goes de
 nothing is charged, no key goes out of order, every id arrives, and the backlog is done
 within seconds of the broker answering again.
 
-The broker is a private RabbitMQ node (:mod:`tests.rabbit_node`), never the shared one.
+The broker is a private RabbitMQ node (:mod:`tests.support.rabbit_node`), never the shared one.
 The relay is a real ``relay_outbox`` daemon process.  MAX_ATTEMPTS, BACKOFF_BASE and
 BACKOFF_MAX are the shipped defaults (asserted below); the tests' ``TIME_SCALE`` (0.05)
 runs that policy on a clock 20 times faster, so the outage lasts longer than the old
@@ -29,8 +29,8 @@ from reliable_events import publish_event
 from reliable_events.conf import AppSettings, app_settings
 from reliable_events.models import OutboxMessage
 from tests.conftest import RabbitClient
-from tests.producer_support import child_env, drain_queue, manage, stop_process, wait_until
-from tests.rabbit_node import RabbitNode, available, private_rabbit_node
+from tests.support.producer_support import child_env, drain_queue, manage, stop_process, wait_until
+from tests.support.rabbit_node import RabbitNode, available, private_rabbit_node
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),

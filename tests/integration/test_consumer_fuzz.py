@@ -41,7 +41,7 @@ from reliable_events.consuming import (
 from reliable_events.exceptions import PermanentError
 from reliable_events.models import DeadLetter
 from reliable_events.topology import declare_on_amqp_channel, full_topology
-from tests.consumer_support import (
+from tests.support.consumer_support import (
     RecordingConsumer,
     applied,
     make_consumer,

@@ -26,8 +26,8 @@ from django.db import connection
 
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
-from tests.consumer_support import applied, make_consumer, queue_names, unique_name
-from tests.tcp_proxy import TcpProxy
+from tests.support.consumer_support import applied, make_consumer, queue_names, unique_name
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.rabbitmq, pytest.mark.postgres]
 

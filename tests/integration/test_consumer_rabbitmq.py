@@ -1,7 +1,7 @@
 """The consume loop against the real RabbitMQ and PostgreSQL, in this process.
 
 Messages are published with a plain AMQP client (not through the app), and every test
-counts effects as rows without a unique constraint (``tests.consumer_support``), so a
+counts effects as rows without a unique constraint (``tests.support.consumer_support``), so a
 double application would show as 2.
 """
 
@@ -34,8 +34,8 @@ from reliable_events.consuming import (
 from reliable_events.exceptions import PermanentError
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
-from tests.consumer_support import applied, make_consumer, queue_names, run_worker_thread
-from tests.tcp_proxy import TcpProxy
+from tests.support.consumer_support import applied, make_consumer, queue_names, run_worker_thread
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.rabbitmq, pytest.mark.postgres]
 

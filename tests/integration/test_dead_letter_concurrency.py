@@ -18,7 +18,7 @@ from django.utils import timezone
 from reliable_events.consumer.failures import DeadLetterRecord, Failure, write_dead_letter
 from reliable_events.consumer.wire import PERMANENT_ERROR
 from reliable_events.models import DeadLetter
-from tests.consumer_support import make_consumer
+from tests.support.consumer_support import make_consumer
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 

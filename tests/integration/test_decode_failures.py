@@ -29,7 +29,7 @@ from reliable_events.consuming import NOT_JSON, UNDECODABLE, Worker
 from reliable_events.deadletters import retry_block_reason
 from reliable_events.models import DeadLetter, QueuedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
-from tests.consumer_support import applied, make_consumer, queue_names
+from tests.support.consumer_support import applied, make_consumer, queue_names
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

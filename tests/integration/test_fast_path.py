@@ -22,7 +22,7 @@ from reliable_events import publish_event
 from reliable_events.conf import AppSettings
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import dispatcher, publish_after_commit
-from tests.producer_support import (
+from tests.support.producer_support import (
     child_env,
     drain_queue,
     manage,

@@ -17,7 +17,7 @@ from django.test import Client
 from django.urls import reverse
 
 from reliable_events.models import DeadLetter, TriageEntry
-from tests.unit.deadletter_factory import dead_letter, many_dead_letters, staff_user
+from tests.support.deadletter_factory import dead_letter, many_dead_letters, staff_user
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 

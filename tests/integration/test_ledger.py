@@ -41,10 +41,10 @@ from django.db import DatabaseError, InterfaceError, connection
 from reliable_events.consuming import PERMANENT_ERROR
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
-from tests.consumer_support import make_consumer
-from tests.ledger_support import Fleet, chaos, db
-from tests.producer_support import child_env
-from tests.service_control import (
+from tests.support.consumer_support import make_consumer
+from tests.support.ledger_support import Fleet, chaos, db
+from tests.support.producer_support import child_env
+from tests.support.service_control import (
     ensure_postgres,
     ensure_rabbitmq,
     restart_postgres,
@@ -89,7 +89,7 @@ CHILD_SETTINGS: dict[str, Any] = {
     "PREFETCH_COUNT": 20,
 }
 
-# -- services: see tests/service_control.py; processes: tests/ledger_support.py ----------
+# -- services: tests/support/service_control.py; processes: tests/support/ledger_support.py
 
 
 # -- the broker, seen from outside --------------------------------------------------------

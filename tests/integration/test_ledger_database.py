@@ -43,9 +43,9 @@ from django.db import connection
 
 from reliable_events.conf import AppSettings
 from reliable_events.consuming import PERMANENT_ERROR
-from tests.ledger_support import Fleet, chaos
-from tests.producer_support import ROOT, child_env
-from tests.service_control import wait_for
+from tests.support.ledger_support import Fleet, chaos
+from tests.support.producer_support import ROOT, child_env
+from tests.support.service_control import wait_for
 from tests.testapp.consumers import APPLIED_TWICE, APPLYING, LEDGER_CONSUMER_ENV
 from tests.testapp.management.commands.ledger_produce import designed_failure
 

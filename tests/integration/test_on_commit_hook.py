@@ -15,7 +15,13 @@ from django.db.models.functions import Now
 from reliable_events import publish_event
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import dispatcher, publish_after_commit, relay_once
-from tests.producer_support import drain_queue, free_port, message_ids, wait_until, with_port
+from tests.support.producer_support import (
+    drain_queue,
+    free_port,
+    message_ids,
+    wait_until,
+    with_port,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres, pytest.mark.rabbitmq]
 

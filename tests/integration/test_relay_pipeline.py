@@ -21,7 +21,7 @@ from reliable_events import publish_event
 from reliable_events.broker import OutgoingMessage, Publisher, PublishResult, open_publisher
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import Relay
-from tests.producer_support import WrappingPublisher, drain_queue, message_ids
+from tests.support.producer_support import WrappingPublisher, drain_queue, message_ids
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres, pytest.mark.rabbitmq]
 

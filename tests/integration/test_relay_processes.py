@@ -18,7 +18,7 @@ from django.db.models.functions import Now
 
 from reliable_events import publish_event
 from reliable_events.models import OutboxMessage
-from tests.producer_support import (
+from tests.support.producer_support import (
     child_env,
     drain_queue,
     lanes_by_relay,

@@ -22,7 +22,7 @@ from reliable_events.broker import AmqpPublisher, open_publisher
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import Relay, relay_once, retry_dead
 from reliable_events.status import outbox_status
-from tests.producer_support import (
+from tests.support.producer_support import (
     CutAtPublisher,
     FailingPublisher,
     drain_queue,
@@ -430,7 +430,7 @@ def test_a_retried_event_that_fails_again_late_is_not_overtaken_by_its_key(
 ):
     """While a retried event is in flight (its failure not known yet), the next batches
     must not carry its key's later events."""
-    from tests.producer_support import LateNackPublisher
+    from tests.support.producer_support import LateNackPublisher
 
     queue = rabbit.bind_queue(exchange_name, "#")
     re_settings(PUBLISH_ON_COMMIT=False, RELAY_BATCH_SIZE=batch_size)

@@ -20,9 +20,9 @@ from rest_framework.test import APIClient
 from reliable_events.consuming import WRONG_CONTENT_TYPE, Worker
 from reliable_events.models import DeadLetter
 from reliable_events.topology import declare_on_amqp_channel, full_topology
-from tests.consumer_support import applied, make_consumer, queue_names, run_worker_thread
-from tests.producer_support import with_port
-from tests.security_support import (
+from tests.support.consumer_support import applied, make_consumer, queue_names, run_worker_thread
+from tests.support.producer_support import with_port
+from tests.support.security_support import (
     SECRET,
     broker_failure_surfaces,
     consumer_class,

@@ -30,8 +30,8 @@ from reliable_events.overview import overview
 from reliable_events.relay import Relay, relay_once
 from reliable_events.topology import declare_on_amqp_channel, events_topology, unrouted_name
 from reliable_events.unrouted import clear_cache, count_unrouted
-from tests.consumer_support import applied, make_consumer, queue_names, running
-from tests.producer_support import wait_until
+from tests.support.consumer_support import applied, make_consumer, queue_names, running
+from tests.support.producer_support import wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.rabbitmq, pytest.mark.postgres]
 

@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
-from tests.unit.deadletter_factory import dead_letter, many_dead_letters, outbox_row, staff_user
+from tests.support.deadletter_factory import dead_letter, many_dead_letters, outbox_row, staff_user
 
 pytestmark = pytest.mark.django_db
 

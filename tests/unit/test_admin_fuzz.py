@@ -16,7 +16,7 @@ from django.urls import reverse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.deadletter_factory import dead_letter, outbox_row
+from tests.support.deadletter_factory import dead_letter, outbox_row
 
 pytestmark = pytest.mark.django_db
 

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from reliable_events.models import DeadLetter, OutboxMessage
 from reliable_events.overview import build_chart, failure_groups, hourly_counts, overview
-from tests.unit.deadletter_factory import at_hour, dead_letter, many_dead_letters, outbox_row
+from tests.support.deadletter_factory import at_hour, dead_letter, many_dead_letters, outbox_row
 
 pytestmark = pytest.mark.django_db
 

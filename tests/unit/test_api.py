@@ -11,7 +11,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from reliable_events.models import DeadLetter, OutboxMessage
-from tests.unit.deadletter_factory import dead_letter, many_dead_letters, outbox_row, staff_user
+from tests.support.deadletter_factory import dead_letter, many_dead_letters, outbox_row, staff_user
 
 pytestmark = pytest.mark.django_db
 

@@ -15,7 +15,7 @@ from django.contrib.auth.models import User
 from rest_framework.test import APIClient
 
 from reliable_events.models import DeadLetter, OutboxMessage
-from tests.unit.deadletter_factory import dead_letter, staff_user
+from tests.support.deadletter_factory import dead_letter, staff_user
 
 pytestmark = pytest.mark.django_db
 

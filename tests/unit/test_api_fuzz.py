@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
-from tests.unit.deadletter_factory import dead_letter, staff_user
+from tests.support.deadletter_factory import dead_letter, staff_user
 
 pytestmark = pytest.mark.django_db
 

@@ -19,7 +19,7 @@ from django.utils import timezone
 from reliable_events import publish_event
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import unrouted_name
-from tests.producer_support import free_port
+from tests.support.producer_support import free_port
 
 pytestmark = pytest.mark.django_db
 

@@ -37,7 +37,7 @@ from reliable_events.consuming import (
 )
 from reliable_events.exceptions import ConfigurationError, PermanentError, UnknownConsumer
 from reliable_events.models import ProcessedMessage
-from tests.consumer_support import applied, make_consumer
+from tests.support.consumer_support import applied, make_consumer
 
 EXCHANGE = "events"
 

@@ -38,7 +38,7 @@ from reliable_events.consuming import (
 from reliable_events.exceptions import PermanentError
 from reliable_events.maintenance import purge
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
-from tests.consumer_support import applied, make_consumer
+from tests.support.consumer_support import applied, make_consumer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

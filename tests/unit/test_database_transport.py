@@ -32,7 +32,7 @@ from reliable_events.exceptions import PermanentError
 from reliable_events.models import DeadLetter, ProcessedMessage, QueuedMessage
 from reliable_events.relay import relay_once
 from reliable_events.routing import binding_matches
-from tests.consumer_support import applied, make_consumer
+from tests.support.consumer_support import applied, make_consumer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -22,7 +22,7 @@ from reliable_events.models import OutboxMessage
 from reliable_events.runner import StopFlag, run_loop, stop_on_signals
 from reliable_events.schedule import DEFAULT_SCHEDULE, install_beat_schedule
 from reliable_events.utils import parse_duration
-from tests.producer_support import ROOT
+from tests.support.producer_support import ROOT
 
 
 # -- runner -------------------------------------------------------------------------------

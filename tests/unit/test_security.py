@@ -35,9 +35,10 @@ from reliable_events.consuming import (
 )
 from reliable_events.exceptions import InvalidEvent, PermanentError
 from reliable_events.models import DeadLetter, OutboxMessage
-from tests.consumer_support import applied, make_consumer
-from tests.producer_support import free_port, with_port
-from tests.security_support import (
+from tests.support.consumer_support import applied, make_consumer
+from tests.support.deadletter_factory import dead_letter, staff_user
+from tests.support.producer_support import free_port, with_port
+from tests.support.security_support import (
     SECRET,
     broker_failure_surfaces,
     consumer_class,
@@ -45,7 +46,6 @@ from tests.security_support import (
     pickled_body,
     run_command,
 )
-from tests.unit.deadletter_factory import dead_letter, staff_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

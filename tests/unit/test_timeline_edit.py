@@ -16,8 +16,8 @@ from rest_framework.test import APIClient
 from reliable_events import deadletters
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage, TriageEntry
 from reliable_events.timeline import timeline
-from tests.consumer_support import make_consumer
-from tests.unit.deadletter_factory import dead_letter, outbox_row, staff_user
+from tests.support.consumer_support import make_consumer
+from tests.support.deadletter_factory import dead_letter, outbox_row, staff_user
 
 pytestmark = pytest.mark.django_db
 

@@ -13,7 +13,7 @@ from django.urls import reverse
 from rest_framework.test import APIClient
 
 from reliable_events.models import DeadLetter, OutboxMessage, TriageEntry
-from tests.unit.deadletter_factory import dead_letter, many_dead_letters, outbox_row, staff_user
+from tests.support.deadletter_factory import dead_letter, many_dead_letters, outbox_row, staff_user
 
 pytestmark = pytest.mark.django_db
 

@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 
 from reliable_events import deadletters, payload_search
 from reliable_events.models import DeadLetter
-from tests.unit.deadletter_factory import dead_letter, staff_user
+from tests.support.deadletter_factory import dead_letter, staff_user
 
 pytestmark = pytest.mark.django_db
 

@@ -35,7 +35,7 @@ from reliable_events.unrouted import (
     describe_topics,
     topic_matches,
 )
-from tests.producer_support import free_port
+from tests.support.producer_support import free_port
 
 pytestmark = pytest.mark.django_db
 

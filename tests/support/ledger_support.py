@@ -18,7 +18,7 @@ from typing import IO, TypeVar
 
 from django.db import DatabaseError, InterfaceError, connection
 
-from tests.producer_support import ROOT
+from tests.support.producer_support import ROOT
 
 T = TypeVar("T")
 

@@ -29,7 +29,7 @@ from reliable_events.consumer import EventConsumer
 from reliable_events.exceptions import BrokerError
 from reliable_events.models import DeadLetter, OutboxMessage
 from reliable_events.relay import dispatcher, relay_once
-from tests.unit.deadletter_factory import dead_letter
+from tests.support.deadletter_factory import dead_letter
 
 #: The password of the failing URLs: distinctive, so that any copy of it is found.
 SECRET = "s3cr3t-PASSWORD"
@@ -150,7 +150,7 @@ def leaks(secret: str, surfaces: dict[str, str], logs: str) -> list[str]:
 
 def consumer_class(registry: Any) -> type[EventConsumer]:
     """A registered consumer for the commands to run (it never receives anything)."""
-    from tests.consumer_support import make_consumer
+    from tests.support.consumer_support import make_consumer
 
     return make_consumer(registry, topics=["orders.*"])
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 from reliable_events.broker import OutgoingMessage, Publisher, PublishResult
 from reliable_events.topology import Topology
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- URLs ---------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Helpers the tests share: consumers, producers, services, proxies, a private RabbitMQ node."""
