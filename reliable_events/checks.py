@@ -51,6 +51,7 @@ _NON_NEGATIVE_NUMBERS = (
     "ON_COMMIT_BREAKER_SECONDS",
     "CONSUMER_HEARTBEAT",
     "UNROUTED_CACHE_SECONDS",
+    "CONSUMER_BATCH_LINGER",
 )
 _MAX_LANES = 32767
 
@@ -63,6 +64,8 @@ def _setting_errors() -> list[CheckMessage]:
     errors: list[CheckMessage] = []
     for name in _POSITIVE_INTS:
         value = getattr(app_settings, name)
+        if name == "PREFETCH_COUNT" and value is None:
+            continue  # derived from the batch sizes
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             errors.append(
                 Error(

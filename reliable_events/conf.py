@@ -74,8 +74,10 @@ class AppSettings:
     PROCESSED_RETENTION_DAYS: float = 7.0
     #: Rows deleted per statement by the purge.
     PURGE_BATCH_SIZE: int = 1000
-    #: Unacked messages a consumer holds at once (basic.qos prefetch).
-    PREFETCH_COUNT: int = 20
+    #: Unacked messages a consumer holds at once (basic.qos prefetch); ``None``: twice the
+    #: largest batch size of the consumers it runs, at least 20 (while one batch is
+    #: processed, the next one is already on its way).
+    PREFETCH_COUNT: int | None = None
     #: Default retry delays of consumers, seconds, one per retry.
     RETRY_DELAYS: list[float] = [1, 5, 15, 30, 60]
     #: Default ``max_retries`` of consumers.
@@ -93,9 +95,12 @@ class AppSettings:
     #: Database transport (``db://``): longest an idle consumer sleeps between two looks
     #: at its queues, seconds (PostgreSQL also wakes it at once through LISTEN/NOTIFY).
     DATABASE_POLL_MAX: float = 0.5
-    #: Default ``EventConsumer.batch_size``: messages already received that may share one
-    #: transaction (1 = one transaction, one commit per message).
-    CONSUMER_BATCH_SIZE: int = 1
+    #: Default ``EventConsumer.batch_size``: messages of one consumer that may share one
+    #: transaction, each handler in its own savepoint (1 = a transaction per message).
+    CONSUMER_BATCH_SIZE: int = 100
+    #: Seconds a batch waits for more messages to arrive once it has one and nothing
+    #: more has arrived yet (a trickle keeps its latency; a backlog fills the batch).
+    CONSUMER_BATCH_LINGER: float = 0.002
     #: Seconds between two topology checks of a running AMQP consumer: its queue, bindings
     #: and delay queues are verified (re-declared when missing; a warning says what was)
     #: and the unrouted queue is counted (a warning names its topics).  Also done on

@@ -465,9 +465,10 @@ class AmqpTransport(Transport):
         self._raw: Any = None
         self._channel: Any = None
         self._buffer: deque[Delivery] = deque()
-        # Acks are coalesced: settled tags wait here until the loop is about to block, or
-        # half the prefetch window is used, then go out as one ``multiple`` ack when no
-        # earlier delivery is still unsettled (else one by one).
+        # Acks are coalesced: settled tags wait here until the end of the batch (the
+        # worker's ``flush_acks``), or half the prefetch window is used, then go out as
+        # one ``multiple`` ack when no earlier delivery is still unsettled (else one by
+        # one).
         self._settled: list[int] = []
         self._unsettled: set[int] = set()
         self.ack_every = max(1, prefetch // 2)
@@ -576,6 +577,13 @@ class AmqpTransport(Transport):
         if self._window_open():
             with contextlib.suppress(TimeoutError):
                 self._raw.drain_events(timeout=_NO_WAIT)
+
+    def _wait(self, seconds: float) -> bool:
+        if not self._window_open():
+            return False
+        with contextlib.suppress(TimeoutError):
+            self._raw.drain_events(timeout=seconds)
+        return True
 
     def ack(self, delivery: Delivery) -> None:
         """Ack ``delivery`` (its transaction has committed); sent now or coalesced."""

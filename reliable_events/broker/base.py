@@ -4,6 +4,7 @@ publish results, the ``Publisher`` and ``Transport`` interfaces."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -185,16 +186,25 @@ class Transport:
         """The next delivery, waiting at most ``timeout`` seconds."""
         raise NotImplementedError
 
-    def take_more(self, consumer: str, limit: int) -> list[Delivery]:
-        """Up to ``limit`` more deliveries of ``consumer`` that have already arrived (never
-        waits for the broker; stops at a delivery of another consumer)."""
+    def take_more(self, consumer: str, limit: int, *, linger: float = 0.0) -> list[Delivery]:
+        """Up to ``limit`` more deliveries of ``consumer`` (stops at a delivery of another
+        consumer): those that have already arrived, and, for at most ``linger`` seconds,
+        those that arrive meanwhile (the batch's linger: ``CONSUMER_BATCH_LINGER``)."""
         taken: list[Delivery] = []
         buffer = self._buffer
+        deadline: float | None = None
         while len(taken) < limit:
             if not buffer:
                 self._poll()
-                if not buffer:
+            if not buffer:
+                if linger <= 0:
                     break
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + linger
+                if now >= deadline or not self._wait(deadline - now):
+                    break
+                continue
             if buffer[0].consumer != consumer:
                 break
             taken.append(buffer.popleft())
@@ -202,6 +212,14 @@ class Transport:
 
     def _poll(self) -> None:
         """Read whatever the broker has already sent, without waiting."""
+
+    def _wait(self, seconds: float) -> bool:
+        """Wait at most ``seconds`` for the next delivery; ``False`` when none can come
+        (e.g. the prefetch window is full)."""
+        return False
+
+    def flush_acks(self) -> None:
+        """Send the acks held back to be sent together (the end of a batch)."""
 
     _buffer: deque[Delivery]
 

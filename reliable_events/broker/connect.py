@@ -45,7 +45,17 @@ def open_publisher(
 def open_transport(
     url: str, consumers: Sequence[type[EventConsumer]], *, prefetch: int | None = None
 ) -> Transport:
-    count = max(1, int(app_settings.PREFETCH_COUNT if prefetch is None else prefetch))
+    count = max(1, int(prefetch_count(consumers) if prefetch is None else prefetch))
+    largest = max((cls.get_batch_size() for cls in consumers), default=1)
+    if count < largest:
+        logger.warning(
+            "reliable_events: prefetch %d is below the batch size %d: batches hold at most "
+            "%d messages and wait for the broker between them; raise PREFETCH_COUNT (or "
+            "leave it unset: twice the batch size)",
+            count,
+            largest,
+            count,
+        )
     own = own_transport(url)
     if own is not None:
         transport: Transport = import_string(own[1])(url, consumers, prefetch=count)
@@ -59,3 +69,18 @@ def open_transport(
             connect_timeout=float(app_settings.CONNECT_TIMEOUT),
         )
     return KombuTransport(url, consumers, prefetch=count)
+
+
+#: Smallest default prefetch (``PREFETCH_COUNT`` ``None``).
+MIN_PREFETCH = 20
+
+
+def prefetch_count(consumers: Sequence[type[EventConsumer]]) -> int:
+    """``PREFETCH_COUNT``, or when it is ``None`` twice the largest batch size of
+    ``consumers`` (at least :data:`MIN_PREFETCH`): while one batch is processed the
+    broker already sends the next."""
+    configured = app_settings.PREFETCH_COUNT
+    if configured is not None:
+        return int(configured)
+    largest = max((cls.get_batch_size() for cls in consumers), default=1)
+    return max(MIN_PREFETCH, 2 * largest)

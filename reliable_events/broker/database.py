@@ -378,8 +378,9 @@ class DatabaseTransport(Transport):
             elif time.monotonic() >= deadline:
                 return None
 
-    def take_more(self, consumer: str, limit: int) -> list[Delivery]:
-        """Up to ``limit`` more due rows of ``consumer``'s queue, in the same transaction."""
+    def take_more(self, consumer: str, limit: int, *, linger: float = 0.0) -> list[Delivery]:
+        """Up to ``limit`` more due rows of ``consumer``'s queue, in the same transaction
+        (no linger: waiting would hold the claim's transaction open)."""
         if self._atomic is None or limit < 1:
             return []
         queue = next(q for q, name in self.queues.items() if name == consumer)

@@ -300,6 +300,11 @@ class KombuTransport(Transport):
         with contextlib.suppress(TimeoutError, _FetchedUndecodable):
             self._conn.drain_events(timeout=_NO_WAIT)
 
+    def _wait(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError, _FetchedUndecodable):
+            self._conn.drain_events(timeout=seconds)
+        return True
+
     def ack(self, delivery: Delivery) -> None:
         if delivery.tag is not None:  # None: the transport already dropped it
             delivery.tag.ack()
@@ -318,6 +323,10 @@ class KombuTransport(Transport):
     def close(self) -> None:
         conn, consumers = self._conn, self._consumers
         self._conn, self._consumers = None, []
+        for delivery in self._buffer:  # received, not started (memory:// restores none)
+            if delivery.tag is not None:
+                with contextlib.suppress(Exception):
+                    delivery.tag.reject(requeue=True)
         self._buffer.clear()
         for consumer in consumers:
             try:

@@ -27,7 +27,7 @@ import re
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
@@ -36,7 +36,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
 from reliable_events.conf import app_settings
 from reliable_events.consumer.db import database_lost
-from reliable_events.consumer.idempotency import insert_record
+from reliable_events.consumer.idempotency import delete_records, insert_record, insert_records
 from reliable_events.exceptions import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -117,8 +117,9 @@ class EventConsumer:
     #: Database alias of the idempotency record and the handler's transaction
     #: (``None``: the default database).
     database: ClassVar[str | None] = None
-    #: Messages already received that may share one transaction (``None``: the
-    #: ``CONSUMER_BATCH_SIZE`` setting, default 1).  See :meth:`process_batch`.
+    #: Messages already received that may share one transaction, each handler in its own
+    #: savepoint (``None``: the ``CONSUMER_BATCH_SIZE`` setting).  See
+    #: :meth:`process_batch`.
     batch_size: ClassVar[int | None] = None
     #: Set on an intermediate base class to keep it out of the registry.
     abstract: ClassVar[bool] = False
@@ -184,18 +185,29 @@ class EventConsumer:
         return HandlerResult(Outcome.PROCESSED, seconds)
 
     def process_batch(
-        self, events: Sequence[Event], *, max_seconds: float | None = None
+        self,
+        events: Sequence[Event],
+        *,
+        max_seconds: float | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> list[HandlerResult] | None:
-        """Apply several events in one transaction: each one's idempotency record, then
-        its ``handle``, in order; one commit for all.
+        """Apply several events in one transaction, each ``handle`` in its own savepoint.
 
-        Returns one ``PROCESSED``/``DUPLICATE`` result per event applied, or ``None`` when
-        a handler raised: then *everything* was rolled back and the caller must process
-        the events one by one (so that only the failing one is retried or dead-lettered).
-        With ``max_seconds`` the transaction takes no further event once it has been open
-        that long, so the result may cover only the first events: the caller handles the
-        rest.  Raises :class:`~reliable_events.exceptions.DatabaseUnavailable` like
-        :meth:`process`.
+        The idempotency records of the whole batch go in first, in one statement; then
+        each new event's ``handle`` runs inside a savepoint.  A handler that raises is
+        rolled back to its savepoint alone (its record too): its result is ``FAILED`` and
+        the caller retries or dead-letters it on its own, while the other events commit
+        with the batch, their handlers having run once.  An event already processed, or
+        given twice in the batch, is ``DUPLICATE`` (its handler does not run again).
+
+        Returns one result per event applied, in order.  With ``max_seconds`` the
+        transaction takes no further event once it has been open that long, so the
+        results may cover only the first events: the caller handles the rest (so does
+        ``stop`` returning true, e.g. on SIGTERM).  Raises
+        :class:`~reliable_events.exceptions.DatabaseUnavailable` like :meth:`process`
+        (then nothing of the batch was committed).  ``None``: the database refused the
+        commit itself (e.g. a deferred constraint); nothing was applied and the caller
+        must process the events one by one.
         """
         alias = self._alias()
         stage = "record"
@@ -207,38 +219,82 @@ class EventConsumer:
             connection.ensure_connection()
             raw = connection.connection
             with transaction.atomic(using=alias):
+                fresh = insert_records(
+                    connection, self.name, [(event.id, event.topic) for event in events]
+                )
+                undo: set[str] = set()
                 for event in events:
-                    too_long = max_seconds is not None and (
-                        time.perf_counter() - begun >= max_seconds
-                    )
-                    if results and too_long:
-                        break  # keep transactions (and their locks) short
+                    if results and max_seconds is not None:
+                        if time.perf_counter() - begun >= max_seconds:
+                            break  # keep transactions (and their locks) short
+                    if results and stop is not None and stop():
+                        break
                     started = time.perf_counter()
-                    stage = "record"
-                    if not insert_record(connection, self.name, event.id, event.topic):
+                    if event.id not in fresh:
                         results.append(
                             HandlerResult(Outcome.DUPLICATE, time.perf_counter() - started)
                         )
                         continue
+                    fresh.discard(event.id)
                     stage = "handle"
-                    self.handle(event)
-                    results.append(HandlerResult(Outcome.PROCESSED, time.perf_counter() - started))
+                    failure = self._handle_in_savepoint(alias, event)
+                    stage = "record"
+                    seconds = time.perf_counter() - started
+                    if failure is None:
+                        results.append(HandlerResult(Outcome.PROCESSED, seconds))
+                    else:
+                        undo.add(event.id)
+                        results.append(HandlerResult(Outcome.FAILED, seconds, *failure))
+                # Not run (rolled back, or past max_seconds): the next delivery runs them.
+                delete_records(connection, self.name, undo | fresh)
                 stage = "commit"
         except Exception as exc:
-            if stage == "record" or database_lost(alias, raw):
-                raise DatabaseUnavailable(
-                    f"database {alias!r} failed while {self.name!r} processed a batch of "
-                    f"{len(events)}: {type(exc).__name__}"
-                ) from exc
-            logger.info(
-                "reliable_events: %s: a handler failed in a batch of %d (%s); "
-                "processing them one by one",
-                self.name,
-                len(events),
-                type(exc).__name__,
-            )
-            return None
+            if stage == "commit" and not database_lost(alias, raw):
+                # The commit itself was refused (a deferred constraint): nothing of the
+                # batch is applied; the caller processes the events one by one.
+                logger.warning(
+                    "reliable_events: %s: the commit of a batch of %d was refused (%s); "
+                    "processing them one by one",
+                    self.name,
+                    len(events),
+                    type(exc).__name__,
+                )
+                return None
+            raise DatabaseUnavailable(
+                f"database {alias!r} failed while {self.name!r} processed a batch of "
+                f"{len(events)} ({stage}): {type(exc).__name__}"
+            ) from exc
         return results
+
+    def _handle_in_savepoint(self, alias: str, event: Event) -> tuple[BaseException, str] | None:
+        """Run ``handle`` in a savepoint; the exception and its traceback when it raised
+        (everything it did is then rolled back to the savepoint).
+
+        The savepoint is not released (that would cost a round trip per event): it ends
+        with the batch's transaction.  Like a nested ``transaction.atomic()``, on-commit
+        callbacks the handler registered are dropped with its savepoint.  A database
+        that fails rolling back to the savepoint propagates (the transaction is lost).
+        """
+        connection = connections[alias]
+        sid = connection.savepoint()
+        connection.savepoint_ids.append(sid)
+        try:
+            self.handle(event)
+            if connection.needs_rollback:
+                # The handler swallowed a database error: the transaction would be
+                # rolled back at its end, silently.  Fail this event alone instead.
+                raise transaction.TransactionManagementError(
+                    "handle() caught a database error and went on; the statement after it "
+                    "would fail: use a nested transaction.atomic() around what may fail"
+                )
+        except Exception as exc:
+            connection.savepoint_ids.pop()
+            connection.savepoint_rollback(sid)
+            connection.needs_rollback = False
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            return exc, text
+        connection.savepoint_ids.pop()
+        return None
 
     @classmethod
     def get_batch_size(cls) -> int:

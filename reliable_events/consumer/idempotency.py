@@ -119,3 +119,110 @@ def _server_side_cursor(raw: Any) -> Any:
     except ImportError:  # psycopg2, or no PostgreSQL driver
         return None
     return psycopg.Cursor if isinstance(raw, psycopg.Connection) else None
+
+
+# -- a batch's idempotency records ------------------------------------------------------------
+#: Rows per multi-row insert (SQLite allows 32,766 parameters; three per row).
+_ROWS_PER_STATEMENT = 500
+
+
+def insert_records(connection: Any, consumer: str, records: list[tuple[str, str]]) -> set[str]:
+    """Insert the ``ProcessedMessage`` rows of a batch, ``(message_id, topic)`` each, in
+    one statement; the message ids this consumer did not have yet.
+
+    Runs inside the caller's transaction.  The rows go in sorted by message id, so that two
+    consumers inserting overlapping batches (duplicate deliveries) wait on each other's
+    unique index entries in the same order instead of deadlocking.  An id given twice is
+    inserted once.
+    """
+    unique = sorted({message_id: topic[:255] for message_id, topic in records}.items())
+    if connection.vendor == "postgresql":
+        inserted = _begin_and_insert_many(connection, consumer, unique)
+        if inserted is not None:
+            return inserted
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _unnest_sql(connection),
+                [consumer, [m for m, _ in unique], [t for _, t in unique]],
+            )
+            return {row[0] for row in cursor.fetchall()}
+    if connection.vendor == "sqlite":
+        fresh: set[str] = set()
+        for start in range(0, len(unique), _ROWS_PER_STATEMENT):
+            chunk = unique[start : start + _ROWS_PER_STATEMENT]
+            values = ", ".join(["(%s, %s, %s)"] * len(chunk))
+            params = [value for message_id, topic in chunk for value in (consumer, message_id, topic)]
+            sql = _insert_sql(connection).replace("VALUES (%s, %s, %s)", f"VALUES {values}")
+            with connection.cursor() as cursor:
+                cursor.execute(f"{sql} RETURNING {connection.ops.quote_name('message_id')}", params)
+                fresh.update(row[0] for row in cursor.fetchall())
+        return fresh
+    return {
+        message_id
+        for message_id, topic in unique
+        if insert_record(connection, consumer, message_id, topic)
+    }
+
+
+def delete_records(connection: Any, consumer: str, message_ids: set[str]) -> None:
+    """Delete this consumer's records of ``message_ids`` (their handlers were rolled back
+    to their savepoints: a later delivery must run them again).  In the caller's
+    transaction."""
+    if not message_ids:
+        return
+    from reliable_events.models import ProcessedMessage
+
+    ProcessedMessage.objects.using(connection.alias).filter(
+        consumer=consumer, message_id__in=sorted(message_ids)
+    ).delete()
+
+
+_UNNEST_SQL: dict[str, str] = {}
+
+
+def _unnest_sql(connection: Any) -> str:
+    sql = _UNNEST_SQL.get(connection.vendor)
+    if sql is None:
+        head = _insert_sql(connection).split(" VALUES ", 1)[0]
+        conflict = _insert_sql(connection).split(" ON CONFLICT ", 1)[1]
+        sql = _UNNEST_SQL[connection.vendor] = (
+            f"{head} SELECT %s, unnest(%s::text[]), unnest(%s::text[]) "
+            f"ON CONFLICT {conflict} RETURNING {connection.ops.quote_name('message_id')}"
+        )
+    return sql
+
+
+def _begin_and_insert_many(
+    connection: Any, consumer: str, rows: list[tuple[str, str]]
+) -> set[str] | None:
+    """psycopg 3, at the start of a transaction: ``BEGIN`` and the batch's insert in one
+    round trip (see :func:`_begin_and_insert`); ``None`` when this does not apply."""
+    raw = connection.connection
+    try:
+        import psycopg
+        from psycopg import pq
+    except ImportError:  # psycopg2, or no PostgreSQL driver
+        return None
+    if not isinstance(raw, psycopg.Connection) or raw.autocommit:
+        return None
+    pgconn = raw.pgconn
+    if pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        return None
+    escape = pq.Escaping(pgconn).escape_literal
+    name = escape(consumer.encode())
+    values = b", ".join(
+        b"(" + name + b", " + escape(message_id.encode()) + b", " + escape(topic.encode()) + b")"
+        for message_id, topic in rows
+    )
+    sql = _insert_sql(connection).replace("%s, %s, %s", "{}").encode()
+    sql = sql.replace(b"({})", values)
+    returning = f" RETURNING {connection.ops.quote_name('message_id')}".encode()
+    result = pgconn.exec_(b"BEGIN; " + sql + returning)
+    if result.status != pq.ExecStatus.TUPLES_OK:
+        message = (result.error_message or b"").decode("utf-8", "replace")
+        if pgconn.status != pq.ConnStatus.OK:
+            raise psycopg.OperationalError(f"connection lost: {message}")
+        raise psycopg.DatabaseError(message)
+    return {
+        (result.get_value(row, 0) or b"").decode("utf-8") for row in range(result.ntuples)
+    }

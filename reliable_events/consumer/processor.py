@@ -86,6 +86,15 @@ class Processor:
             log_duplicate(cls.name, event.id)
         if result.outcome is not Outcome.FAILED:
             return result.outcome, result
+        return self.fail(delivery, event, result)
+
+    def fail(
+        self, delivery: Delivery, event: Event, result: HandlerResult
+    ) -> tuple[Outcome, HandlerResult]:
+        """``event``'s handler failed (``result``, everything it did rolled back): schedule
+        its retry, or dead-letter it when it is permanent or out of retries.  Raises like
+        :meth:`process`."""
+        cls = type(self.consumers[delivery.consumer])
         failure = Failure.from_result(result, event, delivery.headers)
         max_retries = cls.get_max_retries()
         if result.permanent or event.attempt > max_retries:

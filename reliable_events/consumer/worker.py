@@ -47,6 +47,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from django.db import (
@@ -191,8 +192,7 @@ class Worker:
         self.scheduler = retry_scheduler(self.transport)
         self.processor = Processor(self.consumers, self.scheduler)
         self._batch_sizes = {cls.name: cls.get_batch_size() for cls in classes}
-        #: Messages to take one at a time after a batch failed, per consumer.
-        self._cooldown: dict[str, int] = {}
+        self.linger = max(0.0, float(app_settings.CONSUMER_BATCH_LINGER))
         self.stats = WorkerStats()
         self._relay: Any = None
         self._failures = 0
@@ -242,16 +242,18 @@ class Worker:
             self._idle()
             return
         limit = self._batch_sizes[delivery.consumer]
-        if self._cooldown.get(delivery.consumer):
-            self._cooldown[delivery.consumer] -= 1
-            limit = 1
         if self._max_messages is not None:
             limit = max(1, min(limit, self._max_messages - self.stats.settled))
-        more = self.transport.take_more(delivery.consumer, limit - 1) if limit > 1 else []
+        more = (
+            self.transport.take_more(delivery.consumer, limit - 1, linger=self.linger)
+            if limit > 1
+            else []
+        )
         if more:
             self._settle_batch([delivery, *more])
         else:
             self._settle(delivery)
+        self.transport.flush_acks()
         self._last_activity = time.monotonic()
 
     def _connection_lost(self, exc: BaseException) -> None:
@@ -297,9 +299,10 @@ class Worker:
     def _settle_batch(self, deliveries: list[Delivery]) -> None:
         """Settle deliveries of one consumer in one transaction (``batch_size`` > 1).
 
-        Poison and over-delivered messages are settled on their own first.  If a handler
-        fails, the batch was rolled back and every message goes through :meth:`_settle`
-        one by one, so that only the failing one is retried or dead-lettered.
+        Poison and over-delivered messages are settled on their own first.  Each handler
+        runs in its own savepoint (:meth:`EventConsumer.process_batch`): after the commit
+        the applied messages are acked, and each failed one is retried or dead-lettered
+        on its own, then acked.
         """
         self.stats.received += len(deliveries)
         for delivery in deliveries:
@@ -312,13 +315,16 @@ class Worker:
                 self._settle(delivery, counted=True)
             else:
                 batch.append((delivery, event))
-        if not batch:
-            return
         while batch:
             done = self._commit_batch(consumer, batch)
             if done is None:
                 return
             batch = batch[done:]
+            if batch and self.stop.is_set():
+                for delivery, _ in batch:  # not started: back to the queue
+                    self.transport.requeue(delivery)
+                self.stats.requeued += len(batch)
+                return
 
     def _commit_batch(
         self, consumer: EventConsumer, batch: list[tuple[Delivery, Event]]
@@ -329,7 +335,9 @@ class Worker:
         while True:
             try:
                 results = consumer.process_batch(
-                    [event for _, event in batch], max_seconds=BATCH_MAX_SECONDS
+                    [event for _, event in batch],
+                    max_seconds=BATCH_MAX_SECONDS,
+                    stop=self.stop.is_set,
                 )
             except DatabaseUnavailable as exc:
                 outages += 1
@@ -348,15 +356,18 @@ class Worker:
                     return None  # stopping: unacked, the broker delivers them again
                 continue
             break
-        if results is None:
-            # A handler failed and everything was rolled back: one by one now (only the
-            # failing message is retried), and no batching for a while, so that a run of
-            # failures does not run every handler twice.
-            self._cooldown[consumer.name] = self._batch_sizes[consumer.name]
+        if results is None:  # the commit was refused: nothing applied, one by one now
             for delivery, _ in batch:
                 self._settle(delivery, counted=True)
             return len(batch)
         for (delivery, event), result in zip(batch, results, strict=False):
+            if result.outcome is Outcome.FAILED:
+                self._settle(
+                    delivery,
+                    counted=True,
+                    work=partial(self.processor.fail, delivery, event, result),
+                )
+                continue
             if result.outcome is Outcome.DUPLICATE:
                 log_duplicate(delivery.consumer, event.id)
             self.transport.ack(delivery)
@@ -371,15 +382,25 @@ class Worker:
         if self.stats.settled % self.log_every == 0:
             self._report()
 
-    def _settle(self, delivery: Delivery, *, counted: bool = False) -> None:
-        """Process ``delivery`` and ack it, or leave it for the broker to deliver again."""
+    def _settle(
+        self,
+        delivery: Delivery,
+        *,
+        counted: bool = False,
+        work: Callable[[], tuple[Outcome, HandlerResult | None]] | None = None,
+    ) -> None:
+        """Process ``delivery`` and ack it, or leave it for the broker to deliver again.
+
+        ``work``: what settles it instead of :meth:`Processor.process` (a handler that
+        failed in a batch: its retry or dead letter).
+        """
         if not counted:
             self.stats.received += 1
             log_redelivery(delivery)
         outages = 0
         while True:
             try:
-                outcome, result = self.processor.process(delivery)
+                outcome, result = work() if work is not None else self.processor.process(delivery)
             except DatabaseUnavailable as exc:
                 outages += 1
                 self.stats.database_outages += 1
