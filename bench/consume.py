@@ -266,7 +266,7 @@ def processes_rate(broker: common.BenchBroker, name: str, count: int, processes:
             "--out",
             str(folder / f"out-{number}"),
         ]
-        children.append(subprocess.Popen(command, env=dict(os.environ)))  # noqa: S603
+        children.append(subprocess.Popen(command, env=dict(os.environ)))
     deadline = time.monotonic() + 120
     while not all((folder / f"ready-{n}").exists() for n in range(processes)):
         if time.monotonic() > deadline or any(c.poll() is not None for c in children):
@@ -281,7 +281,7 @@ def processes_rate(broker: common.BenchBroker, name: str, count: int, processes:
         raise RuntimeError(f"{processes} processes settled {settled} of {count}")
     first = min(r["first"] for r in reports if r["first"] is not None)
     last = max(r["last"] for r in reports if r["last"] is not None)
-    return (settled - 1) / (last - first)
+    return float((settled - 1) / (last - first))
 
 
 def celery_app(url: str) -> Any:
@@ -335,7 +335,7 @@ def celery_rate(count: int) -> float:
             task.apply_async(args=[n], queue=queue, connection=conn)
     reset_tables()
     command = [sys.executable, __file__, "--celery", queue]
-    child = subprocess.Popen(command, env=dict(os.environ))  # noqa: S603
+    child = subprocess.Popen(command, env=dict(os.environ))
     try:
         first: float | None = None
         deadline = time.monotonic() + 600

@@ -224,9 +224,11 @@ class EventConsumer:
                 )
                 undo: set[str] = set()
                 for event in events:
-                    if results and max_seconds is not None:
-                        if time.perf_counter() - begun >= max_seconds:
-                            break  # keep transactions (and their locks) short
+                    too_long = max_seconds is not None and (
+                        time.perf_counter() - begun >= max_seconds
+                    )
+                    if results and too_long:
+                        break  # keep transactions (and their locks) short
                     if results and stop is not None and stop():
                         break
                     started = time.perf_counter()
@@ -277,6 +279,8 @@ class EventConsumer:
         """
         connection = connections[alias]
         sid = connection.savepoint()
+        if sid is None:  # a backend without savepoints
+            raise ConfigurationError(f"batch_size > 1 needs savepoints; {alias!r} has none")
         connection.savepoint_ids.append(sid)
         try:
             self.handle(event)

@@ -151,7 +151,7 @@ def insert_records(connection: Any, consumer: str, records: list[tuple[str, str]
         for start in range(0, len(unique), _ROWS_PER_STATEMENT):
             chunk = unique[start : start + _ROWS_PER_STATEMENT]
             values = ", ".join(["(%s, %s, %s)"] * len(chunk))
-            params = [value for message_id, topic in chunk for value in (consumer, message_id, topic)]
+            params = [value for row in chunk for value in (consumer, *row)]
             sql = _insert_sql(connection).replace("VALUES (%s, %s, %s)", f"VALUES {values}")
             with connection.cursor() as cursor:
                 cursor.execute(f"{sql} RETURNING {connection.ops.quote_name('message_id')}", params)
@@ -223,6 +223,4 @@ def _begin_and_insert_many(
         if pgconn.status != pq.ConnStatus.OK:
             raise psycopg.OperationalError(f"connection lost: {message}")
         raise psycopg.DatabaseError(message)
-    return {
-        (result.get_value(row, 0) or b"").decode("utf-8") for row in range(result.ntuples)
-    }
+    return {(result.get_value(row, 0) or b"").decode("utf-8") for row in range(result.ntuples)}
