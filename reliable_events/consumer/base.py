@@ -37,6 +37,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from reliable_events.conf import app_settings
 from reliable_events.consumer.db import database_lost
 from reliable_events.consumer.idempotency import delete_records, insert_record, insert_records
+from reliable_events.consumer.savepoints import create_savepoint
 from reliable_events.exceptions import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -278,7 +279,7 @@ class EventConsumer:
         that fails rolling back to the savepoint propagates (the transaction is lost).
         """
         connection = connections[alias]
-        sid = connection.savepoint()
+        sid = create_savepoint(connection)
         if sid is None:  # a backend without savepoints
             raise ConfigurationError(f"batch_size > 1 needs savepoints; {alias!r} has none")
         connection.savepoint_ids.append(sid)
