@@ -14,6 +14,10 @@ subclasses over one broker connection (``consume_events``, the Celery
 2. **Process** (:meth:`EventConsumer.process`): in one ``transaction.atomic()``, insert
    ``ProcessedMessage(consumer, message_id)`` and run ``handle``.  Already processed:
    nothing runs.
+   With ``batch_size`` > 1 (the default, ``CONSUMER_BATCH_SIZE`` 100) up to that many
+   deliveries of one consumer share one transaction: the batch's records in one insert,
+   each ``handle`` in its own savepoint (a failing one is rolled back alone and settled
+   on its own below), one commit, then one ``multiple`` ack for the batch.
 3. **Settle.**  Processed or duplicate: ack (only now, after the commit).  ``handle``
    raised: with retries left, re-publish the message (same body and message id, the
    attempt count in ``x-event-attempt``) to the delay queue ``<name>.retry.<n>`` and wait
