@@ -37,7 +37,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from reliable_events.conf import app_settings
 from reliable_events.consumer.db import database_lost
 from reliable_events.consumer.idempotency import delete_records, insert_record, insert_records
-from reliable_events.consumer.savepoints import create_savepoint
+from reliable_events.consumer.savepoints import HandlerSavepoint
 from reliable_events.exceptions import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -273,32 +273,28 @@ class EventConsumer:
         """Run ``handle`` in a savepoint; the exception and its traceback when it raised
         (everything it did is then rolled back to the savepoint).
 
-        The savepoint is not released (that would cost a round trip per event): it ends
-        with the batch's transaction.  Like a nested ``transaction.atomic()``, on-commit
-        callbacks the handler registered are dropped with its savepoint.  A database
-        that fails rolling back to the savepoint propagates (the transaction is lost).
+        The savepoint travels with the handler's first statement
+        (:class:`~reliable_events.consumer.savepoints.HandlerSavepoint`) and is not
+        released (that would cost a round trip per event): it ends with the batch's
+        transaction.  Like a nested ``transaction.atomic()``, on-commit callbacks the
+        handler registered are dropped with it.  A database that fails rolling back to
+        the savepoint propagates (the transaction is lost).
         """
         connection = connections[alias]
-        sid = create_savepoint(connection)
-        if sid is None:  # a backend without savepoints
-            raise ConfigurationError(f"batch_size > 1 needs savepoints; {alias!r} has none")
-        connection.savepoint_ids.append(sid)
-        try:
-            self.handle(event)
-            if connection.needs_rollback:
-                # The handler swallowed a database error: the transaction would be
-                # rolled back at its end, silently.  Fail this event alone instead.
-                raise transaction.TransactionManagementError(
-                    "handle() caught a database error and went on; the statement after it "
-                    "would fail: use a nested transaction.atomic() around what may fail"
-                )
-        except Exception as exc:
-            connection.savepoint_ids.pop()
-            connection.savepoint_rollback(sid)
-            connection.needs_rollback = False
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            return exc, text
-        connection.savepoint_ids.pop()
+        with HandlerSavepoint(connection) as savepoint:
+            try:
+                self.handle(event)
+                if connection.needs_rollback:
+                    # The handler swallowed a database error: the transaction would be
+                    # rolled back at its end, silently.  Fail this event alone instead.
+                    raise transaction.TransactionManagementError(
+                        "handle() caught a database error and went on; use a nested "
+                        "transaction.atomic() around what may fail"
+                    )
+            except Exception as exc:
+                savepoint.rollback()
+                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                return exc, text
         return None
 
     @classmethod

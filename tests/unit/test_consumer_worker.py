@@ -39,6 +39,7 @@ from reliable_events.exceptions import PermanentError
 from reliable_events.maintenance import purge
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from tests.support.consumer_support import applied, make_consumer
+from tests.testapp.models import Order
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -340,6 +341,30 @@ def test_a_failing_handler_in_a_batch_rolls_back_alone(clean_registry):
     assert [e.id for e in consumer.calls] == ["m-0", "m-1", "m-2", "m-3", "m-4"]
     assert not ProcessedMessage.objects.filter(consumer=consumer.name, message_id="m-2").exists()
     assert queue_size(consumer.name) == 0
+
+
+def test_a_rolled_back_handler_in_a_batch_loses_its_on_commit_callbacks(clean_registry):
+    from django.db import transaction
+
+    committed: list[str] = []
+
+    def nested_then_fail_on_m1(consumer: EventConsumer, event: Event) -> None:
+        transaction.on_commit(lambda: committed.append(event.id))
+        with transaction.atomic():  # a handler's own savepoint inside the batch's
+            Order.objects.create(reference=f"nested|{event.id}")
+        if event.id == "m-1" and event.attempt == 1:
+            raise RuntimeError("m-1 fails once")
+
+    consumer = make_consumer(clean_registry, behaviour=nested_then_fail_on_m1)
+    consumer.batch_size = 10
+    worker = started(consumer)
+    for n in range(4):
+        send(message_id=f"m-{n}")
+    stats = worker.run(until_idle=1.0)
+    assert sorted(committed) == ["m-0", "m-1", "m-2", "m-3"]  # m-1 once: its retry's
+    assert Order.objects.filter(reference__startswith="nested|").count() == 4
+    assert [e.id for e in consumer.calls].count("m-1") == 2
+    assert (stats.processed, stats.retried) == (4, 1)
 
 
 def test_a_batch_applies_each_message_once(clean_registry):
