@@ -6,6 +6,8 @@ package's modules each answer one question:
 - :mod:`~reliable_events.consumer.base`: what is a consumer? ``Event``, ``EventConsumer``,
   the registry and each consumer's queues.
 - :mod:`~reliable_events.consumer.idempotency`: has this consumer applied this message?
+- :mod:`~reliable_events.consumer.savepoints`: how does each handler of a batch get its
+  own savepoint, cheaply?
 - :mod:`~reliable_events.consumer.db`: is the database there?
 - :mod:`~reliable_events.consumer.wire`: what arrived? Headers, poison reasons, decoding.
 - :mod:`~reliable_events.consumer.failures`: what does a failed attempt record?
