@@ -174,6 +174,9 @@ class Transport:
     connection_errors: tuple[type[BaseException], ...] = (OSError,)
     #: On ``memory://`` nothing outside this process can deliver retries: relay them here.
     relays_itself = False
+    #: Consumers batch at ``CONSUMER_BATCH_SIZE`` unless they set ``batch_size``; when
+    #: ``False`` (the database transport) only a consumer's own ``batch_size`` batches.
+    batches_by_default = True
 
     def connect(self) -> None:
         raise NotImplementedError

@@ -308,6 +308,10 @@ class DatabaseTransport(Transport):
     """
 
     relays_itself = False
+    #: The claim and every handler of a batch are one transaction, committed only once
+    #: the whole batch is settled: a process killed every few seconds on a slow machine
+    #: would lose whole batches over and over.  Batches here are the consumer's choice.
+    batches_by_default = False
 
     def __init__(
         self, url: str, consumers: Sequence[type[EventConsumer]], *, prefetch: int

@@ -195,7 +195,12 @@ class Worker:
         self.transport = open_transport(self.url, classes, prefetch=prefetch)
         self.scheduler = retry_scheduler(self.transport)
         self.processor = Processor(self.consumers, self.scheduler)
-        self._batch_sizes = {cls.name: cls.get_batch_size() for cls in classes}
+        self._batch_sizes = {
+            cls.name: cls.get_batch_size()
+            if self.transport.batches_by_default or cls.batch_size is not None
+            else 1
+            for cls in classes
+        }
         self.linger = max(0.0, float(app_settings.CONSUMER_BATCH_LINGER))
         self.stats = WorkerStats()
         self._relay: Any = None
