@@ -255,18 +255,29 @@ def test_a_body_that_cannot_be_decoded_is_dead_lettered_and_the_loop_goes_on(cle
     assert not QueuedMessage.objects.exists()
 
 
-def test_batches_share_one_transaction_and_a_failure_is_retried_alone(clean_registry, re_settings):
-    re_settings(CONSUMER_BATCH_SIZE=5)
-
+def test_batches_share_one_transaction_and_a_failure_is_retried_alone(clean_registry):
     def fail_m3_once(consumer: EventConsumer, event: Event) -> None:
         if event.id == "m-3" and event.attempt == 1:
             raise RuntimeError("m-3 fails once")
 
     consumer = make_consumer(clean_registry, retry_delays=[0], behaviour=fail_m3_once)
+    consumer.batch_size = 5  # on db:// only the consumer's own batch_size batches
+    batches: list[int] = []
+    process_batch = consumer.process_batch
+
+    def spy(self: EventConsumer, events: Any, **kwargs: Any) -> Any:
+        batches.append(len(events))
+        return process_batch(self, events, **kwargs)
+
+    consumer.process_batch = spy  # type: ignore[method-assign]
     open_publisher().publish([message("orders.created", f"m-{n}") for n in range(12)], timeout=1)
     stats = Worker([consumer]).run(until_idle=0.3)
+    assert max(batches, default=0) == 5
     assert stats.processed == 12
     assert stats.retried == 1
+    calls = [event.id for event in consumer.calls]
+    assert calls.count("m-3") == 2  # its savepoint rolled back alone, retried
+    assert all(calls.count(f"m-{n}") == 1 for n in range(12) if n != 3)
     assert all(applied(consumer, f"m-{n}") == 1 for n in range(12))
     assert not QueuedMessage.objects.exists()
 
