@@ -17,7 +17,7 @@ consumer on it after two missed heartbeats (``CONSUMER_HEARTBEAT``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from reliable_events.broker_url import node_urls, safe_url
@@ -32,9 +32,8 @@ T = TypeVar("T")
 class BrokerNodes:
     """The nodes of one broker URL and where the next connection starts."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.urls = node_urls(url) or [url]
+    def __init__(self, url: str | Sequence[str]) -> None:
+        self.urls = node_urls(url) or [str(url)]
         self._next = 0
         #: The node of the last connection that opened (``None`` before the first).
         self.current: str | None = None

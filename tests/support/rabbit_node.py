@@ -338,7 +338,8 @@ class RabbitCluster:
         for index in range(size):
             node = RabbitNode(
                 name=f"{prefix}-{index}",
-                base_dir=self.base_dir / str(index),
+                # named after the node: how its VM is recognised in /proc (beam_pid)
+                base_dir=self.base_dir / f"{prefix}-{index}",
                 cookie=cookie,
             )
             while node.port in used or node.dist_port in used:  # three picks, no clash
