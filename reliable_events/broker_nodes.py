@@ -3,9 +3,12 @@
 ``BROKER_URL`` may list several nodes (``"amqp://h1//;amqp://h2//"`` or a list, see
 :mod:`reliable_events.broker_url`).  Every AMQP connection the app opens goes through a
 :class:`BrokerNodes`: it tries the nodes in turn, each once per attempt, and returns the
-first connection that opens.  Each new connection starts with the node *after* the one
-the previous connection used, so a connection lost with its node (killed, frozen,
-partitioned) goes to another node first instead of waiting on the dead one.
+first connection that opens.  A process's first connection starts at a random node, so
+the processes (relays, consumers, web workers) spread over the cluster and one failing
+node stalls only the connections it had.  Each new connection starts with the node
+*after* the one the previous connection used, so a connection lost with its node
+(killed, frozen, partitioned) goes to another node first instead of waiting on the
+dead one.
 
 The pause between two attempts that found no node (exponential, with jitter) belongs
 to the caller, who has one already: the relay's broker breaker, the on-commit breaker,
@@ -17,6 +20,7 @@ consumer on it after two missed heartbeats (``CONSUMER_HEARTBEAT``).
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -32,9 +36,9 @@ T = TypeVar("T")
 class BrokerNodes:
     """The nodes of one broker URL and where the next connection starts."""
 
-    def __init__(self, url: str | Sequence[str]) -> None:
+    def __init__(self, url: str | Sequence[str], *, start: int | None = None) -> None:
         self.urls = node_urls(url) or [str(url)]
-        self._next = 0
+        self._next = random.randrange(len(self.urls)) if start is None else start
         #: The node of the last connection that opened (``None`` before the first).
         self.current: str | None = None
 

@@ -78,6 +78,9 @@ BUDGET_SECONDS = 560.0
 #: A fault's effect is looked for this long at most.
 RESUME_TIMEOUT = 90.0
 SAMPLE_SECONDS = 0.1
+#: A stall after a fault: no growth for this long, beginning within SETTLE s of it.
+STALL = 0.5
+SETTLE = 3.0
 
 
 @dataclass
@@ -108,17 +111,22 @@ class Progress:
             connection.close()
 
     def resumed_after(self, fault: float, column: int) -> float | None:
-        """Seconds from ``fault`` until ``column`` grew again after the stall that began
-        with it (``None``: not yet; ``0.0``: it never stalled for a second).  Resolution:
-        the sampling interval (0.1 s) plus the batching of the marks (~0.2 s)."""
+        """Seconds from ``fault`` until ``column`` grew again after the stall it caused:
+        the first run of at least ``STALL`` s without growth that begins within
+        ``SETTLE`` s of the fault (work in flight may finish first).  ``0.0``: no such
+        stall; ``None``: not known yet.  Resolution: the sampling interval plus the
+        batching of the marks (a few tenths of a second)."""
         after = [s for s in self.samples if s[0] >= fault]
-        stalled = False
+        still_since: float | None = None
         for previous, current in itertools.pairwise(after):
             if current[column] == previous[column]:
-                stalled = True
-            elif stalled:
+                if still_since is None:
+                    still_since = previous[0]
+                continue
+            if still_since is not None and current[0] - still_since >= STALL:
                 return current[0] - fault
-            elif current[0] - fault > 1.0:
+            still_since = None
+            if current[0] - fault > SETTLE:
                 return 0.0
         return None
 

@@ -96,7 +96,7 @@ def test_connect_goes_to_the_next_node_and_each_new_connection_starts_after_the_
             raise ConnectionRefusedError(f"refused {url}")
         return Opened(url)
 
-    nodes = BrokerNodes(f"{A};{B};{C}")
+    nodes = BrokerNodes(f"{A};{B};{C}", start=0)
     assert nodes.connect(open_node, role="test").url == B
     assert tried == [A, B]
     # the connection on B is lost: the next one starts with C, not with B again
@@ -120,7 +120,7 @@ def test_a_refused_topology_is_not_retried_on_other_nodes():
         raise ConfigurationError("inequivalent arg")
 
     with pytest.raises(ConfigurationError):
-        BrokerNodes([A, B]).connect(open_node, role="test")
+        BrokerNodes([A, B], start=0).connect(open_node, role="test")
     assert tried == [A]
 
 
@@ -130,13 +130,19 @@ def test_failover_log_lines_carry_no_password(caplog):
             raise OSError(f"cannot reach {url}")
         return Opened(url)
 
-    nodes = BrokerNodes(f"{A};{B};{C}")
+    nodes = BrokerNodes(f"{A};{B};{C}", start=0)
     with caplog.at_level(logging.INFO):
         nodes.connect(open_node, role="publisher")
     text = caplog.text
     assert "trying the next node" in text
     for secret in ("alpha-secret", "beta-secret", "gamma-secret"):
         assert secret not in text
+
+
+def test_processes_start_at_random_nodes_and_try_every_node():
+    starts = {BrokerNodes([A, B, C]).order()[0] for _ in range(200)}
+    assert starts == {A, B, C}
+    assert sorted(BrokerNodes([A, B, C]).order()) == sorted([A, B, C])
 
 
 def _closed_port() -> int:
@@ -149,8 +155,9 @@ def _closed_port() -> int:
 def test_publisher_and_unrouted_count_fail_over_to_a_live_node(
     amqp_url, rabbit, exchange_name, re_settings, caplog
 ):
-    """The first node refuses (nothing listens there): the real broker, listed second,
-    takes the connection; a single try of each, no sleep in between."""
+    """The first node tried refuses (nothing listens there): the real broker, listed
+    second, takes the connection; a single try of each, no sleep in between.  The
+    unrouted count (a fresh node list, random start) gets through either way."""
     from reliable_events.broker import AmqpPublisher, open_publisher
     from reliable_events.unrouted import count_unrouted
 
@@ -158,11 +165,12 @@ def test_publisher_and_unrouted_count_fail_over_to_a_live_node(
     re_settings(BROKER_URL=[dead, amqp_url], EXCHANGE=exchange_name)
     rabbit.exchanges.append(exchange_name)  # deleted after the test
     publisher = open_publisher()
+    assert isinstance(publisher, AmqpPublisher)
+    publisher.nodes = BrokerNodes([dead, amqp_url], start=0)  # the dead node first
     with caplog.at_level(logging.WARNING):
         publisher.connect()
     try:
         assert publisher.connected
-        assert isinstance(publisher, AmqpPublisher)
         assert publisher.nodes.current == amqp_url
     finally:
         publisher.close()
