@@ -26,8 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import re
-import subprocess
+import os
 import threading
 import time
 import uuid
@@ -142,17 +141,24 @@ class Progress:
 
 
 def connected_node(cluster: RabbitCluster, pid: int) -> int | None:
-    """The cluster node process ``pid`` has an established AMQP connection to."""
-    out = subprocess.run(
-        ["ss", "-tnpH", "state", "established"], capture_output=True, text=True, check=False
-    ).stdout
+    """The cluster node process ``pid`` has an established AMQP connection to (read
+    from ``/proc``: the process's socket inodes, then their peers in ``/proc/net/tcp``)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
     ports = {node.port: i for i, node in enumerate(cluster.nodes)}
-    for line in out.splitlines():
-        if f"pid={pid}," not in line:
-            continue
-        for port in re.findall(r"127\.0\.0\.1:(\d+)", line):
-            if int(port) in ports:
-                return ports[int(port)]
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                established = fields[3] == "01"
+                port = int(fields[2].rsplit(":", 1)[1], 16)
+                if established and fields[9] in inodes and port in ports:
+                    return ports[port]
     return None
 
 
