@@ -156,7 +156,7 @@ def check_broker_url() -> list[CheckMessage]:
 
 def check_broker_nodes() -> list[CheckMessage]:
     """A list of several nodes (``"amqp://h1//;amqp://h2//"`` or a list) must be usable."""
-    raw = app_settings._user_settings().get("BROKER_URL")
+    raw = app_settings.given("BROKER_URL")
     if raw is None:
         raw = app_settings.BROKER_URL
     if (isinstance(raw, str) and not raw) or not isinstance(raw, str | list | tuple):

@@ -126,6 +126,10 @@ class AppSettings:
                 return getattr(django_settings, "CELERY_BROKER_URL", None) or EMBEDDED_BROKER_URL
         return object.__getattribute__(self, name)
 
+    def given(self, name: str) -> Any:
+        """``name`` exactly as ``settings.RELIABLE_EVENTS`` gives it (``None`` if absent)."""
+        return self._user_settings().get(name)
+
     def seconds(self, name: str) -> float:
         """The policy delay ``name`` in seconds on the relay's clock (times ``TIME_SCALE``)."""
         return float(getattr(self, name)) * float(self.TIME_SCALE)
