@@ -102,11 +102,13 @@ def lanes_of_keys() -> list[int]:
 class BenchBroker:
     """A private events exchange (+ its unrouted queue) and one queue bound to ``#``."""
 
-    def __init__(self) -> None:
+    def __init__(self, url: str | None = None, *, quorum: bool = False) -> None:
         suffix = uuid.uuid4().hex[:10]
         self.exchange = f"bench-ev-{suffix}"
         self.queue = f"bench-q-{suffix}"
-        self.url = amqp_url()
+        self.url = url or amqp_url()
+        #: Quorum queues (a RabbitMQ cluster: a confirm means a majority has the message).
+        self.queue_arguments = {"x-queue-type": "quorum"} if quorum else {}
         self.extra_queues: list[str] = []
 
     def _channel(self) -> Any:
@@ -121,6 +123,8 @@ class BenchBroker:
 
         config = dict(settings.RELIABLE_EVENTS)
         config.update({"BROKER_URL": self.url, "EXCHANGE": self.exchange})
+        if self.queue_arguments:
+            config["QUEUE_TYPE"] = "quorum"
         config.update(extra)
         return config
 
@@ -136,9 +140,10 @@ class BenchBroker:
                 auto_delete=False,
                 arguments={"alternate-exchange": unrouted},
             )
-            channel.queue_declare(unrouted, durable=True, auto_delete=False)
+            args = self.queue_arguments
+            channel.queue_declare(unrouted, durable=True, auto_delete=False, arguments=args)
             channel.queue_bind(unrouted, unrouted, "")
-            channel.queue_declare(self.queue, durable=True, auto_delete=False)
+            channel.queue_declare(self.queue, durable=True, auto_delete=False, arguments=args)
             channel.queue_bind(self.queue, self.exchange, "#")
         finally:
             conn.release()
@@ -179,11 +184,13 @@ class BenchBroker:
 
 
 @contextmanager
-def bench_broker(**extra_settings: Any) -> Iterator[BenchBroker]:
+def bench_broker(
+    *, url: str | None = None, quorum: bool = False, **extra_settings: Any
+) -> Iterator[BenchBroker]:
     """A :class:`BenchBroker`, with ``RELIABLE_EVENTS`` pointed at it, deleted on exit."""
     from django.test import override_settings
 
-    broker = BenchBroker()
+    broker = BenchBroker(url, quorum=quorum)
     broker.declare()
     try:
         with override_settings(RELIABLE_EVENTS=broker.settings(**extra_settings)):

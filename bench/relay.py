@@ -17,12 +17,20 @@ Target (issue #2): relay >= 0.8 x raw window.  The verdict uses the median of th
 per-round ratios (relay and raw measured back to back; the machine is shared and noisy);
 the ratio of the medians is printed too.  The order inside a round alternates.
 
-Usage: ``python bench/relay.py [--quick] [--rows N] [--rounds N]``
+``--cluster`` runs the same rounds on a private 3-node RabbitMQ cluster started for the
+run (``tests/support/rabbit_node.py``; never the machine's own broker): quorum queues,
+the relay given the three nodes as its ``BROKER_URL`` list, the raw baseline on the
+node the relay connects to first, in the same run.  A confirm then means a majority of
+the nodes has the message, so both rates are lower than on one node; the ratio is what
+is compared.
+
+Usage: ``python bench/relay.py [--quick] [--rows N] [--rounds N] [--cluster]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import uuid
@@ -197,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="RELAY_BATCH_SIZE override")
     parser.add_argument("--window", type=int, default=None, help="CONFIRM_WINDOW override")
     parser.add_argument("--raw-window", type=int, default=500, help="raw baseline window")
+    parser.add_argument(
+        "--cluster", action="store_true", help="on a private 3-node cluster, quorum queues"
+    )
     args = parser.parse_args(argv)
     rows = args.rows or (5000 if args.quick else 20000)
     rounds = args.rounds or (1 if args.quick else 5)
@@ -207,7 +218,16 @@ def main(argv: list[str] | None = None) -> int:
 
     samples: dict[str, list[float]] = {"raw": [], "kombu": [], "publisher": [], "relay": []}
     ratios: list[float] = []
-    with common.bench_broker(PUBLISH_ON_COMMIT=False) as broker:
+    with contextlib.ExitStack() as stack:
+        url = None
+        if args.cluster:
+            from tests.support.rabbit_node import private_rabbit_cluster
+
+            print("starting a private 3-node RabbitMQ cluster ...", flush=True)
+            url = stack.enter_context(private_rabbit_cluster()).url
+        broker = stack.enter_context(
+            common.bench_broker(url=url, quorum=args.cluster, PUBLISH_ON_COMMIT=False)
+        )
         batch = args.batch or int(app_settings.RELAY_BATCH_SIZE)
         window = args.window or int(app_settings.CONFIRM_WINDOW)
         for number in range(1, rounds + 1):
@@ -238,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ratio = common.median(ratios)
     met = ratio >= TARGET_RATIO
-    print(f"rows={rows} rounds={rounds} batch={batch} window={window} (medians)")
+    where = "3-node cluster, quorum queues" if args.cluster else "one node, classic queues"
+    print(f"rows={rows} rounds={rounds} batch={batch} window={window} {where} (medians)")
     print(f"  raw py-amqp, window {args.raw_window:<5}  : {raw:10,.0f} msg/s   (baseline)")
     print(f"  kombu confirm_publish=True  : {kombu:10,.0f} msg/s")
     print(f"  AmqpPublisher alone, no DB  : {publisher:10,.0f} msg/s")
@@ -249,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         f" relay / publisher alone = {relay / publisher:.2f}"
     )
     common.emit(
-        "relay",
+        "relay_cluster" if args.cluster else "relay",
         {
+            "broker": where,
             "rows": rows,
             "rounds": rounds,
             "batch": batch,
@@ -266,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "samples": {**samples, "ratios": ratios},
             "table": [
                 {
-                    "benchmark": "relay drain (events/s)",
+                    "benchmark": f"relay drain (events/s), {where}",
                     "value": relay,
                     "baseline": f"raw py-amqp window {args.raw_window}",
                     "baseline_value": raw,

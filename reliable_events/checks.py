@@ -12,7 +12,7 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.utils.module_loading import import_string
 
 from reliable_events.broker.database import alias_for, dialect_for
-from reliable_events.broker_url import OWN_TRANSPORTS
+from reliable_events.broker_url import OWN_TRANSPORTS, node_list_problems
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import ConfigurationError
 
@@ -120,6 +120,9 @@ def check_settings_type() -> list[CheckMessage]:
 
 
 def check_broker_url() -> list[CheckMessage]:
+    nodes = check_broker_nodes()
+    if nodes:
+        return nodes
     url = app_settings.BROKER_URL
     if not isinstance(url, str) or not url:
         return [
@@ -152,6 +155,26 @@ def check_broker_url() -> list[CheckMessage]:
             )
         ]
     return []
+
+
+def check_broker_nodes() -> list[CheckMessage]:
+    """A list of several nodes (``"amqp://h1//;amqp://h2//"`` or a list) must be usable."""
+    raw = app_settings.given("BROKER_URL")
+    if raw is None:
+        raw = app_settings.BROKER_URL
+    if (isinstance(raw, str) and not raw) or not isinstance(raw, str | list | tuple):
+        return []  # not a URL at all: E002 says so
+    problems = node_list_problems(raw)
+    if not problems:
+        return []
+    return [
+        Error(
+            f"RELIABLE_EVENTS['BROKER_URL'] is a malformed node list: {'; '.join(problems)}.",
+            hint="List the RabbitMQ cluster's nodes as ['amqp://user:password@host1:5672//', "
+            "'amqp://user:password@host2:5672//'] or one string joined by ';'. " + DOCS,
+            id="reliable_events.E011",
+        )
+    ]
 
 
 #: kombu transports that lose messages (see docs/settings.md): refused, pointing to db://.

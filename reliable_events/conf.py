@@ -12,6 +12,8 @@ from typing import Any
 
 from django.conf import settings as django_settings
 
+from reliable_events.broker_url import join_nodes
+
 #: Fallback broker when neither ``RELIABLE_EVENTS["BROKER_URL"]`` nor
 #: ``CELERY_BROKER_URL`` is set: the database transport (queues in the app's database).
 EMBEDDED_BROKER_URL = "db://"
@@ -21,6 +23,8 @@ class AppSettings:
     """Typed, lazily read view over ``settings.RELIABLE_EVENTS``."""
 
     #: Broker URL. ``None`` means: Celery's ``CELERY_BROKER_URL``, else the embedded transport.
+    #: Several RabbitMQ cluster nodes: ``"amqp://h1//;amqp://h2//"`` or a list of URLs
+    #: (read back as the one ``;``-separated string).
     BROKER_URL: str | None = None
     #: kombu transport options for the events connection (e.g. filesystem folders).
     BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {}
@@ -119,10 +123,17 @@ class AppSettings:
         if name.isupper():
             user = object.__getattribute__(self, "_user_settings")()
             if name in user and not (name == "BROKER_URL" and user[name] is None):
-                return user[name]
+                value = user[name]
+                if name == "BROKER_URL" and isinstance(value, list | tuple):
+                    return join_nodes(value)  # a list of cluster nodes: kombu's "h1;h2"
+                return value
             if name == "BROKER_URL":  # unset or None: Celery's broker, else the embedded one
                 return getattr(django_settings, "CELERY_BROKER_URL", None) or EMBEDDED_BROKER_URL
         return object.__getattribute__(self, name)
+
+    def given(self, name: str) -> Any:
+        """``name`` exactly as ``settings.RELIABLE_EVENTS`` gives it (``None`` if absent)."""
+        return self._user_settings().get(name)
 
     def seconds(self, name: str) -> float:
         """The policy delay ``name`` in seconds on the relay's clock (times ``TIME_SCALE``)."""

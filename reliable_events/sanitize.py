@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from reliable_events.broker_url import node_urls
 from reliable_events.conf import app_settings
 
 #: Characters of an undecodable body kept in ``DeadLetter.raw_body``.
@@ -57,14 +58,16 @@ def raw_text(body: bytes) -> str:
 
 
 def redact(text: str, url: str | None = None) -> str:
-    """``text`` with the password of ``url`` (default: the configured broker) masked."""
+    """``text`` with the passwords of ``url`` (every node of it; default: the configured
+    broker) masked."""
     url = url if url is not None else str(app_settings.BROKER_URL)
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    if password:
-        text = text.replace(password, "***")
+    for node in node_urls(url) or [url]:
+        try:
+            password = urlsplit(node).password
+        except ValueError:
+            password = None
+        if password:
+            text = text.replace(password, "***")
     return text
 
 

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from django.db import DEFAULT_DB_ALIAS, router
 
+from reliable_events.broker_nodes import BrokerNodes
 from reliable_events.broker_url import is_amqp_url, safe_url
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import BrokerError
@@ -124,9 +125,18 @@ def _broker_channel(url: str, timeout: float) -> Iterator[Any]:
     if not is_amqp_url(url):
         options["deadletter_queue"] = unrouted_name()
     options.update(app_settings.BROKER_TRANSPORT_OPTIONS)
-    conn = Connection(url, connect_timeout=timeout, heartbeat=0, transport_options=options)
+
+    def open_node(node: str) -> Any:
+        conn = Connection(node, connect_timeout=timeout, heartbeat=0, transport_options=options)
+        try:
+            conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+        except Exception:
+            conn.release()
+            raise
+        return conn
+
+    conn = BrokerNodes(url).connect(open_node, role="unrouted queue")
     try:
-        conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
         if is_amqp_url(url):
             import amqp
 

@@ -187,3 +187,16 @@ def tcp_proxy() -> Iterator[Any]:
     proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672).start()
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster() -> Iterator[Any]:
+    """A private 3-node RabbitMQ cluster (:class:`tests.support.rabbit_node.RabbitCluster`),
+    started once per test session (about 40 s) and torn down at its end; never the
+    machine's own node on 5672."""
+    from tests.support.rabbit_node import available, private_rabbit_cluster
+
+    if not available():
+        pytest.skip("RabbitMQ server scripts not installed")
+    with private_rabbit_cluster() as cluster:
+        yield cluster

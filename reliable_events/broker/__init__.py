@@ -4,10 +4,14 @@
   out and in, ``PublishResult``, the ``Publisher`` and ``Transport`` interfaces).
 - :mod:`~reliable_events.broker.amqp`: RabbitMQ over py-amqp, both directions (what
   production uses).
+- :mod:`~reliable_events.broker.writes`: the AMQP publisher's coalesced socket writes.
 - :mod:`~reliable_events.broker.kombu`: kombu's server-less transports (``memory://``).
 - :mod:`~reliable_events.broker.database`: the ``db://`` transport (queue rows in the
   application's database; loaded when a ``db://`` URL is used).
 - :mod:`~reliable_events.broker.connect`: which publisher or transport serves a URL.
+
+Several nodes of a RabbitMQ cluster (``BROKER_URL`` as a list or ``"h1;h2"``) are tried
+in turn by :class:`reliable_events.broker_nodes.BrokerNodes`.
 
 Every message is persistent (``delivery_mode=2``), JSON (``application/json``, UTF-8),
 and carries its ``message_id``, a timestamp and its topic as the AMQP ``type`` property.

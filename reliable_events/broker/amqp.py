@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Hashable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from amqp import spec as _amqp_spec
 
@@ -31,9 +31,9 @@ from reliable_events.broker.base import (
     quiet_release,
     undecodable_delivery,
 )
-from reliable_events.broker_url import (
-    safe_url,
-)
+from reliable_events.broker.writes import CoalescedWrites
+from reliable_events.broker_nodes import BrokerNodes
+from reliable_events.broker_url import safe_url
 from reliable_events.conf import app_settings
 from reliable_events.consumer import EventConsumer
 from reliable_events.exceptions import BrokerError, ConfigurationError, ConfirmTimeout
@@ -46,9 +46,6 @@ from reliable_events.topology import (
     full_topology,
 )
 from reliable_events.topology_check import TopologyCheck
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +62,7 @@ class AmqpPublisher(Publisher):
         declare_events_topology: bool = True,
     ) -> None:
         self.url = url
+        self.nodes = BrokerNodes(url)
         self.connect_timeout = (
             float(app_settings.CONNECT_TIMEOUT) if connect_timeout is None else connect_timeout
         )
@@ -91,10 +89,22 @@ class AmqpPublisher(Publisher):
         if self.connected:
             return
         self._reset()
+        try:
+            conn, channel = self.nodes.connect(self._open_node, role="publisher")
+        except Exception as exc:
+            raise BrokerError(
+                f"cannot connect to broker {safe_url(self.url)}: {describe_error(exc, self.url)}"
+            ) from exc
+        self._kombu, self._channel, self._seq, self._pid = conn, channel, 0, os.getpid()
+        if self._declare_events:
+            self.declare(events_topology())
+
+    def _open_node(self, url: str) -> tuple[Any, Any]:
+        """A kombu connection to one node and its confirming channel."""
         from kombu import Connection
 
         conn = Connection(
-            self.url,
+            url,
             connect_timeout=self.connect_timeout,
             heartbeat=0,
             transport_options=dict(app_settings.BROKER_TRANSPORT_OPTIONS),
@@ -112,14 +122,10 @@ class AmqpPublisher(Publisher):
             channel.events["basic_ack"].add(self._on_ack)
             channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)
-        except Exception as exc:
+        except Exception:
             quiet_release(conn)
-            raise BrokerError(
-                f"cannot connect to broker {safe_url(self.url)}: {describe_error(exc, self.url)}"
-            ) from exc
-        self._kombu, self._channel, self._seq, self._pid = conn, channel, 0, os.getpid()
-        if self._declare_events:
-            self.declare(events_topology())
+            raise
+        return conn, channel
 
     def declare(self, topology: Topology) -> None:
         self.connect()
@@ -239,7 +245,7 @@ class AmqpPublisher(Publisher):
         send_method = self._channel.send_method
         static = _STATIC_PROPERTIES
         sent = 0
-        writes = _CoalescedWrites(self._kombu.connection.transport)
+        writes = CoalescedWrites(self._kombu.connection.transport)
         writing: Hashable | None = None  # the message being encoded and written
         try:
             for message in messages:
@@ -336,62 +342,6 @@ class AmqpPublisher(Publisher):
         return result
 
 
-class _CoalescedWrites:
-    """Collects py-amqp's socket writes and sends them in chunks of ``limit`` bytes.
-
-    py-amqp writes each message with its own ``sendall`` (one TCP segment each, as
-    ``TCP_NODELAY`` is set).  Sending ~64 KiB at a time costs far fewer system calls here
-    and far less CPU in RabbitMQ, which reads the frames in bulk.  The buffer is always
-    flushed before the publisher waits for confirms, so the window logic is unchanged: a
-    message counts as outstanding from the moment it is buffered, and if a flush fails
-    every outstanding message is reported failed.  While paused (reading confirms)
-    writes go straight to the socket.  (It relies on py-amqp's transports writing
-    through ``_write``; without that attribute it does nothing.)
-    """
-
-    limit = 64 * 1024
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self._enabled = callable(getattr(transport, "_write", None))
-        # TCPTransport sets ``_write = sock.sendall`` on the instance; SSLTransport has a method.
-        self._own = self._enabled and "_write" in getattr(transport, "__dict__", {})
-        self._send: Any = getattr(transport, "_write", None)
-        self._buffer = bytearray()
-        self.resume()
-
-    @property
-    def full(self) -> bool:
-        return len(self._buffer) >= self.limit
-
-    def resume(self) -> None:
-        """Buffer the writes."""
-        if self._enabled:
-            self._transport._write = self._buffer.extend
-
-    def pause(self) -> None:
-        """Write straight to the socket."""
-        if not self._enabled:
-            return
-        if self._own:
-            self._transport._write = self._send
-        else:
-            vars(self._transport).pop("_write", None)
-
-    def flush(self, *, resume: bool = True) -> None:
-        """Send the buffer; keep buffering afterwards unless ``resume`` is false."""
-        if not resume:
-            self.pause()
-        if self._buffer:
-            self._send(self._buffer)
-            self._buffer.clear()
-
-    def stop(self) -> None:
-        """Write straight to the socket again, dropping what is buffered."""
-        self.pause()
-        self._buffer.clear()
-
-
 def _make_message_class() -> Any:
     from amqp import Message
 
@@ -456,6 +406,7 @@ class AmqpTransport(Transport):
         connect_timeout: float,
     ) -> None:
         self.url = url
+        self.nodes = BrokerNodes(url)
         self.consumer_classes = list(consumers)
         self.prefetch = prefetch
         self.heartbeat = heartbeat
@@ -485,17 +436,28 @@ class AmqpTransport(Transport):
     def connect(self) -> None:
         if self.connected:
             return
+        conn, raw, channel = self.nodes.connect(self._open_node, role="consumer")
+        self._kombu, self._raw, self._channel = conn, raw, channel
+        logger.info(
+            "reliable_events: consuming %s from %s (prefetch %d)",
+            ", ".join(cls.name for cls in self.consumer_classes),
+            safe_url(str(self.nodes.current)),
+            self.prefetch,
+        )
+
+    def _open_node(self, url: str) -> tuple[Any, Any, Any]:
+        """A connection to one node, its topology checked, and the consuming channel."""
         import amqp
         from kombu import Connection
 
         conn = Connection(
-            self.url,
+            url,
             connect_timeout=self.connect_timeout,
             heartbeat=self.heartbeat,
             transport_options=dict(app_settings.BROKER_TRANSPORT_OPTIONS),
         )
         try:
-            conn.connect()
+            conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
             raw = conn.connection
             try:
                 # Verified on a side channel first: what was missing is logged.
@@ -519,13 +481,7 @@ class AmqpTransport(Transport):
         except BaseException:
             quiet_release(conn, "consumer")
             raise
-        self._kombu, self._raw, self._channel = conn, raw, channel
-        logger.info(
-            "reliable_events: consuming %s from %s (prefetch %d)",
-            ", ".join(cls.name for cls in self.consumer_classes),
-            safe_url(self.url),
-            self.prefetch,
-        )
+        return conn, raw, channel
 
     def _on_message(self, consumer: str, message: Any) -> None:
         info = message.delivery_info

@@ -62,6 +62,8 @@ class Fleet:
     per_transaction: int
     #: The producers give up after this many seconds.
     max_seconds: float
+    #: Events per second all producers commit at most together (0: as fast as they can).
+    rate: float = 0.0
     children: dict[tuple[str, int], Child] = field(default_factory=dict)
     retired: list[Child] = field(default_factory=list)
     kills: int = 0
@@ -86,6 +88,7 @@ class Fleet:
             f"--count={count}",
             f"--per-transaction={self.per_transaction}",
             f"--max-seconds={self.max_seconds:.0f}",
+            f"--rate={self.rate / self.producer_count:.3f}",
         ]
 
     def start(self, kind: str, index: int) -> Child:

@@ -14,9 +14,13 @@ it again on the same data directory, so durable queues and persistent messages s
 ``stop()`` shuts it down (SIGTERM, then SIGKILL after a timeout) and removes the
 directory; :func:`private_rabbit_node` is a context manager that always does so.
 
-A later cluster test can start several :class:`RabbitNode` objects with one shared
-``cookie`` and join them with :meth:`RabbitNode.ctl` (``stop_app``/``join_cluster``/
-``start_app``), each on its own ports.
+:class:`RabbitCluster` starts three such nodes with one shared Erlang cookie and joins
+them into one cluster (``stop_app``/``join_cluster``/``start_app``), each on its own
+ports: ``kill(i)`` SIGKILLs one node's VM, ``freeze(i)``/``thaw(i)`` send it
+SIGSTOP/SIGCONT, ``restart(i)`` starts it again (it rejoins from its data directory),
+``leader(queue)`` names the node leading a quorum queue.  ``scripts/rabbit-cluster``
+starts one by hand; the ``rabbit_cluster`` fixture (``tests/conftest.py``) once per
+test session.
 """
 
 from __future__ import annotations
@@ -248,6 +252,14 @@ class RabbitNode:
         while self._is_our_beam(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def freeze(self) -> None:
+        """SIGSTOP the node's Erlang VM: its sockets stay open, nothing answers."""
+        os.kill(self.beam_pid(), signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT after :meth:`freeze`."""
+        os.kill(self.beam_pid(), signal.SIGCONT)
+
     def restart(self) -> RabbitNode:
         """Start again on the same data directory (durable state survives)."""
         if self.running:
@@ -312,3 +324,132 @@ def private_rabbit_node(
         yield node
     finally:
         node.stop()
+
+
+class RabbitCluster:
+    """Three private nodes with one Erlang cookie, joined into one RabbitMQ cluster."""
+
+    def __init__(self, size: int = 3, *, prefix: str | None = None) -> None:
+        prefix = prefix or f"re-cluster-{secrets.token_hex(3)}"
+        cookie = secrets.token_hex(16)
+        self.base_dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+        self.nodes: list[RabbitNode] = []
+        used: set[int] = set()
+        for index in range(size):
+            node = RabbitNode(
+                name=f"{prefix}-{index}",
+                # named after the node: how its VM is recognised in /proc (beam_pid)
+                base_dir=self.base_dir / f"{prefix}-{index}",
+                cookie=cookie,
+            )
+            while node.port in used or node.dist_port in used:  # three picks, no clash
+                node.port, node.dist_port = _free_port(used), _free_port(used | {node.port})
+                node._prepare()
+            used |= {node.port, node.dist_port}
+            self.nodes.append(node)
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """The node list as one ``BROKER_URL`` string (``"amqp://...;amqp://..."``)."""
+        return ";".join(self.urls)
+
+    def start(self) -> RabbitCluster:
+        """Start every node, join the others to the first, wait until all three run."""
+        try:
+            for node in self.nodes:
+                node.start()
+            seed = self.nodes[0].nodename
+            for node in self.nodes[1:]:
+                node.ctl("stop_app")
+                node.ctl("join_cluster", seed)
+                node.ctl("start_app")
+                node.wait_until_ready(node.start_timeout)
+            self.wait_until_clustered()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def running_nodes(self, via: int = 0) -> set[str]:
+        """Names of the cluster's running nodes, as node ``via`` sees them."""
+        import json
+
+        status = json.loads(self.nodes[via].ctl("cluster_status", "--formatter", "json"))
+        return set(status.get("running_nodes", []))
+
+    def wait_until_clustered(self, timeout: float = 120.0) -> None:
+        """Until every node runs and sees every other one running."""
+        names = {node.nodename for node in self.nodes}
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                if all(self.running_nodes(i) == names for i in range(len(self.nodes))):
+                    return
+            except RabbitNodeError as exc:
+                last = str(exc)
+            time.sleep(0.5)
+        raise RabbitNodeError(f"the cluster did not form within {timeout:.0f}s {last}")
+
+    def index_of(self, port: int) -> int:
+        """The node whose AMQP port is ``port``."""
+        return next(i for i, node in enumerate(self.nodes) if node.port == port)
+
+    def leader(self, queue: str, *, via: int | None = None) -> int:
+        """The node leading the quorum queue ``queue`` (asked of a running node)."""
+        import json
+
+        candidates = [via] if via is not None else range(len(self.nodes))
+        for index in candidates:
+            node = self.nodes[index]
+            if not node.running:
+                continue
+            try:
+                rows = json.loads(
+                    node.ctl("list_queues", "name", "leader", "--formatter", "json", "-q")
+                )
+            except (RabbitNodeError, ValueError):
+                continue
+            for row in rows:
+                if row.get("name") == queue:
+                    leader = str(row.get("leader"))
+                    return next(i for i, n in enumerate(self.nodes) if n.nodename == leader)
+        raise RabbitNodeError(f"no running node names the leader of {queue!r}")
+
+    def kill(self, index: int) -> None:
+        """SIGKILL node ``index``'s Erlang VM."""
+        self.nodes[index].kill()
+
+    def freeze(self, index: int) -> None:
+        self.nodes[index].freeze()
+
+    def thaw(self, index: int) -> None:
+        self.nodes[index].thaw()
+
+    def restart(self, index: int) -> None:
+        """Start node ``index`` again; it rejoins the cluster from its data directory."""
+        self.nodes[index].restart()
+
+    def stop(self) -> None:
+        """SIGKILL every node (its data is thrown away) and delete the directories."""
+        for node in self.nodes:
+            if node.running:
+                with contextlib.suppress(RabbitNodeError, OSError):
+                    node.kill()
+            node.stop()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_rabbit_cluster(size: int = 3) -> Iterator[RabbitCluster]:
+    """A started :class:`RabbitCluster`, stopped and removed afterwards whatever happens."""
+    cluster = RabbitCluster(size)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

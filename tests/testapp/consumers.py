@@ -77,6 +77,7 @@ if _SPEC:
         topics = list(_CONFIG["topics"])
         max_retries = _CONFIG.get("max_retries")
         retry_delays = _CONFIG.get("retry_delays")
+        batch_size = _CONFIG.get("batch_size")
 
         def handle(self, event: Event) -> None:
             apply_ledger_event(self.name, event)

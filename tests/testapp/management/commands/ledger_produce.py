@@ -50,6 +50,9 @@ class Command(BaseCommand):
             "--per-transaction", type=int, default=1, help="Orders (and events) per transaction."
         )
         parser.add_argument("--max-seconds", type=float, default=240.0, help="Give up after.")
+        parser.add_argument(
+            "--rate", type=float, default=0.0, help="At most this many events/s (0: no limit)."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         prefix: str = options["prefix"]
@@ -57,7 +60,11 @@ class Command(BaseCommand):
         step = max(1, int(options["per_transaction"]))
         deadline = time.monotonic() + float(options["max_seconds"])
         retries = 0
+        rate = float(options["rate"])
+        began = time.monotonic()
         for first in range(0, count, step):
+            if rate > 0:  # paced: event ``first`` not before first / rate seconds
+                time.sleep(max(0.0, began + first / rate - time.monotonic()))
             numbers = range(first, min(count, first + step))
             failures = 0
             while True:
