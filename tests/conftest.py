@@ -187,3 +187,27 @@ def tcp_proxy() -> Iterator[Any]:
     proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672).start()
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer() -> Iterator[Any]:
+    """A private PgBouncer (transaction pooling) in front of the test PostgreSQL."""
+    from tests.support.pgbouncer import PgBouncer, available
+
+    if not available():
+        pytest.fail("pgbouncer is not installed (.ci/run installs Debian's package)")
+    database = django_settings.DATABASES["default"]
+    bouncer = PgBouncer(
+        host=str(database.get("HOST") or "127.0.0.1"), port=int(database.get("PORT") or 5432)
+    ).start()
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture
+def through_pgbouncer(pgbouncer: Any, django_db_setup: Any) -> Iterator[Any]:
+    """This test's Django connections (and its child processes) go through ``pgbouncer``."""
+    from tests.support.pgbouncer import route_through
+
+    with route_through(pgbouncer):
+        yield pgbouncer

@@ -85,6 +85,11 @@ else:
             "TEST": {"NAME": os.environ.get("RE_TEST_PG_TEST_NAME", "test_reliable_events")},
         }
     }
+    # RE_TEST_PG_POOLED=1: RE_TEST_PG_PORT is a PgBouncer in transaction pooling mode
+    # (tests/support/pgbouncer.py); what a pooled connection needs (docs/relay.md).
+    if os.environ.get("RE_TEST_PG_POOLED") == "1":
+        DATABASES["default"]["OPTIONS"] = {"prepare_threshold": None}
+        DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
 
 AMQP_URL = os.environ.get("RE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
