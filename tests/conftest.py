@@ -189,7 +189,7 @@ def tcp_proxy() -> Iterator[Any]:
     proxy.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def pgbouncer() -> Iterator[Any]:
     """A private PgBouncer (transaction pooling) in front of the test PostgreSQL."""
     from tests.support.pgbouncer import PgBouncer, available
@@ -205,9 +205,12 @@ def pgbouncer() -> Iterator[Any]:
 
 
 @pytest.fixture
-def through_pgbouncer(pgbouncer: Any, django_db_setup: Any) -> Iterator[Any]:
-    """This test's Django connections (and its child processes) go through ``pgbouncer``."""
-    from tests.support.pgbouncer import route_through
+def through_pgbouncer(django_db_setup: Any, pgbouncer: Any) -> Iterator[Any]:
+    """This test's Django connections (and its child processes) go through ``pgbouncer``;
+    afterwards, the pooler's server connections are gone too."""
+    from tests.support.pgbouncer import route_through, wait_for_server_connections_closed
 
     with route_through(pgbouncer):
         yield pgbouncer
+    pgbouncer.stop()
+    wait_for_server_connections_closed()

@@ -17,8 +17,11 @@ attempt 1) applied once on their retry.  Redeliveries and the duplicates the ide
 record absorbed are counted from the consumers' log files (``reliable_events.consuming``
 writes one INFO line each), which survive SIGKILL.
 
-Marked ``disruptive``: it restarts the shared PostgreSQL and RabbitMQ (set
-``RE_DISRUPTIVE_TESTS=1``; ``scripts/test`` does).  ``RE_LEDGER_EVENTS`` changes the
+The ``direct`` run is marked ``disruptive``: it restarts the shared PostgreSQL and
+RabbitMQ (set ``RE_DISRUPTIVE_TESTS=1``; ``scripts/test`` does).  The ``pgbouncer`` run
+sends every Django connection (this process and every child) through a private PgBouncer
+in transaction pooling mode (``tests/support/pgbouncer.py``) and leaves the shared
+services alone: only relays and consumers are killed.  ``RE_LEDGER_EVENTS`` changes the
 number of events (default 10,000).  Bounded: about 5 minutes at worst.
 """
 
@@ -60,7 +63,6 @@ pytestmark = [
     pytest.mark.postgres,
     pytest.mark.rabbitmq,
     pytest.mark.slow,
-    pytest.mark.disruptive,
 ]
 
 EVENTS = int(os.environ.get("RE_LEDGER_EVENTS", "10000"))
@@ -165,7 +167,12 @@ def run(services: None, amqp_url: str) -> Iterator[str]:
     Queues(amqp_url, names).delete([exchange, f"{exchange}.unrouted"])
 
 
+@pytest.mark.parametrize(
+    "route", [pytest.param("direct", marks=pytest.mark.disruptive), "pgbouncer"]
+)
 def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_restarts(
+    route: str,
+    request: pytest.FixtureRequest,
     run: str,
     amqp_url: str,
     settings: Any,
@@ -199,6 +206,9 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     with Connection(amqp_url, connect_timeout=5) as conn:
         declare_on_amqp_channel(conn.channel(), topology)
 
+    restart_services = route == "direct"
+    if route == "pgbouncer":
+        request.getfixturevalue("through_pgbouncer")
     env = child_env()
     env.pop("COVERAGE_PROCESS_START", None)
     env.update(
@@ -252,19 +262,21 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
 
         # RabbitMQ restart at ~30 % of the events, PostgreSQL restart at ~60 %.
         wait_for(reached(0.3), timeout=max(0.0, deadline - time.monotonic() - 150))
-        marks["rabbitmq restart at"] = time.monotonic() - started
-        fleet.note("rabbitmqctl stop_app")
-        restart_rabbitmq(amqp_url)
-        fleet.note("rabbitmq accepts connections again")
-        restarts.append(f"rabbitmq at {committed()} committed")
+        if restart_services:
+            marks["rabbitmq restart at"] = time.monotonic() - started
+            fleet.note("rabbitmqctl stop_app")
+            restart_rabbitmq(amqp_url)
+            fleet.note("rabbitmq accepts connections again")
+            restarts.append(f"rabbitmq at {committed()} committed")
         wait_for(reached(0.6), timeout=max(0.0, deadline - time.monotonic() - 120))
-        marks["postgresql restart at"] = time.monotonic() - started
-        fleet.note("pg_ctlcluster restart")
-        restart_postgres()
-        with contextlib.suppress(DatabaseError, InterfaceError):
-            connection.close()
-        fleet.note("postgresql accepts connections again")
-        restarts.append(f"postgresql at {committed()} committed")
+        if restart_services:
+            marks["postgresql restart at"] = time.monotonic() - started
+            fleet.note("pg_ctlcluster restart")
+            restart_postgres()
+            with contextlib.suppress(DatabaseError, InterfaceError):
+                connection.close()
+            fleet.note("postgresql accepts connections again")
+            restarts.append(f"postgresql at {committed()} committed")
 
         wait_for(producers_done, timeout=max(0.0, deadline - time.monotonic() - 60))
         marks["producers done"] = time.monotonic() - started
@@ -362,7 +374,7 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     lost = ids - set(applied) - set(dead)
 
     report_figures(
-        f"\nledger: events={len(ids)} (expected {EVENTS}) applied={len(applied)} "
+        f"\nledger ({route}): events={len(ids)} (expected {EVENTS}) applied={len(applied)} "
         f"dead_letters={len(letters)} (designed {len(permanent)}) "
         f"failed_once_then_applied={sum(1 for i in once if attempts.get(i, 0) >= 2)}"
         f"\n  kills={fleet.kills} restarts={len(restarts)} ({'; '.join(restarts)}) "
@@ -402,7 +414,8 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     assert not retried, f"{len(retried)} undesigned retries, e.g. {retried[:5]}"
     assert leftover == dict.fromkeys(queues.names, 0), leftover
     assert fleet.kills >= 10, "the chaos did not happen"
-    assert broker_faults > 0, "nobody noticed the RabbitMQ restart"
-    assert database_faults > 0, "nobody noticed the PostgreSQL restart"
+    if restart_services:
+        assert broker_faults > 0, "nobody noticed the RabbitMQ restart"
+        assert database_faults > 0, "nobody noticed the PostgreSQL restart"
     assert redeliveries > 0, "no redelivery was seen: the kills proved nothing"
     assert not fleet.unexpected_exits, fleet.unexpected_exits

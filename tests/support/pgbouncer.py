@@ -134,3 +134,20 @@ def route_through(bouncer: PgBouncer, alias: str = "default") -> Iterator[None]:
         connection.close()
         connection.settings_dict.clear()
         connection.settings_dict.update(original)
+
+
+def wait_for_server_connections_closed(alias: str = "default", timeout: float = 10.0) -> None:
+    """Wait until no other session uses ``alias``'s database (a stopped pooler's server
+    connections end a moment after it), so that the test database can be dropped."""
+    from django.db import connections
+
+    deadline = time.monotonic() + timeout
+    with connections[alias].cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            if cursor.fetchone()[0] == 0:
+                return
+            time.sleep(0.05)
