@@ -319,7 +319,8 @@ def check_pooled_databases() -> list[CheckMessage]:
     session features: psycopg's prepared statements, startup ``options``, or a relay that
     is told to ``LISTEN`` there."""
     messages: list[CheckMessage] = []
-    for alias, database in settings.DATABASES.items():
+    databases: dict[str, dict[str, Any]] = settings.DATABASES
+    for alias, database in databases.items():
         if "postgresql" not in str(database.get("ENGINE", "")):
             continue
         if not database.get("DISABLE_SERVER_SIDE_CURSORS"):

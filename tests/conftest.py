@@ -196,7 +196,7 @@ def pgbouncer() -> Iterator[Any]:
 
     if not available():
         pytest.fail("pgbouncer is not installed (.ci/run installs Debian's package)")
-    database = django_settings.DATABASES["default"]
+    database: dict[str, Any] = dict(django_settings.DATABASES["default"])
     bouncer = PgBouncer(
         host=str(database.get("HOST") or "127.0.0.1"), port=int(database.get("PORT") or 5432)
     ).start()

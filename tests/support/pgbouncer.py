@@ -40,11 +40,21 @@ default_pool_size = {pool_size}
 ignore_startup_parameters = extra_float_digits
 logfile = {directory}/pgbouncer.log
 pidfile = {directory}/pgbouncer.pid
+admin_users = postgres
+stats_users = postgres
 """
 
 
+def executable() -> str | None:
+    """The ``pgbouncer`` program (Debian puts it in /usr/sbin)."""
+    found = shutil.which("pgbouncer")
+    if found is None and os.access("/usr/sbin/pgbouncer", os.X_OK):
+        found = "/usr/sbin/pgbouncer"
+    return found
+
+
 def available() -> bool:
-    return shutil.which("pgbouncer") is not None
+    return executable() is not None
 
 
 class PgBouncer:
@@ -70,7 +80,7 @@ class PgBouncer:
             )
         )
         (self.directory / "userlist.txt").write_text(f'"{user}" ""\n')
-        command = ["pgbouncer", str(self.directory / "pgbouncer.ini")]
+        command = [executable() or "pgbouncer", str(self.directory / "pgbouncer.ini")]
         if os.geteuid() == 0:  # pgbouncer refuses to run as root
             account = pwd.getpwnam("postgres")
             os.chown(self.directory, account.pw_uid, account.pw_gid)
@@ -90,6 +100,22 @@ class PgBouncer:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"pgbouncer did not listen on {self.port}: {self.log()}")
+
+    def clients(self, database: str) -> int:
+        """Client connections to ``database`` through this pooler now (admin console)."""
+        import psycopg
+
+        with psycopg.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname="pgbouncer", autocommit=True
+        ) as admin:
+            result = admin.pgconn.exec_(b"SHOW CLIENTS")  # the console speaks simple queries
+            names = [result.fname(i) for i in range(result.nfields)]
+            column = names.index(b"database")
+            return sum(
+                1
+                for row in range(result.ntuples)
+                if (result.get_value(row, column) or b"").decode() == database
+            )
 
     def log(self) -> str:
         path = self.directory / "pgbouncer.log"
