@@ -90,6 +90,9 @@ logger = logging.getLogger(__name__)
 RUN_SECONDS = 1.0
 #: Longest :meth:`Relay.drain` waits for a share of the lanes when others hold them all.
 LANE_WAIT = 3.0
+#: Runs in a row :meth:`Relay.drain` retries after an empty claim that found its leases
+#: due for renewal (not an empty outbox: the claim needs half a lease left).
+MAX_LAPSES = 3
 
 
 # -- the relay ----------------------------------------------------------------------------
@@ -327,6 +330,7 @@ class Relay:
         """
         started = time.monotonic()
         total = RelayReport()
+        lapses = 0
         while True:
             elapsed = time.monotonic() - started
             budget = RUN_SECONDS
@@ -339,8 +343,12 @@ class Relay:
             if report.lanes == 0 and elapsed < LANE_WAIT and self.lanes.relays > 1:
                 time.sleep(0.1)  # the other relays give up their surplus between runs
                 continue
+            if report.claimed == 0 and self.lanes.lapsed() and lapses < MAX_LAPSES:
+                lapses += 1  # the leases ran short before the claim (a slow host): renew
+                continue
             if report.claimed == 0 or report.sent == 0:
                 break  # idle, or the broker refused rows: let backoff work
+            lapses = 0
             if max_seconds is not None and time.monotonic() - started >= max_seconds:
                 break
         total.seconds = time.monotonic() - started

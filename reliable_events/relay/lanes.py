@@ -88,6 +88,11 @@ class LaneShare:
             return float("inf")
         return max(0.0, self._renew_by - time.monotonic())
 
+    def lapsed(self) -> bool:
+        """Whether the leases were due for renewal (a claim may have found too little of
+        them left and returned nothing: that is no sign of an empty outbox)."""
+        return bool(self.tokens) and self.run_budget() <= 0
+
     def fence(self) -> Fence | None:
         """What this relay's claims and marks check (``None``: no leases, SQLite)."""
         if not is_postgres(self.alias):

@@ -48,7 +48,7 @@ RENEW_AT = 0.7
 
 #: Shortest lease, whatever ``TIME_SCALE`` says: a relay renews every quarter of it, and a
 #: claimed batch must reach the broker within the margin left.
-MIN_LEASE_SECONDS = 1.0
+MIN_LEASE_SECONDS = 2.0
 
 
 def lease_seconds() -> float:

@@ -159,7 +159,7 @@ def test_a_killed_relays_lanes_are_taken_over_after_its_lease_through_pgbouncer(
 ):
     """Through PgBouncer (transaction pooling), two relays publish; one holding lanes is
     SIGKILLed.  Its leases expire (``RELAY_LEASE_SECONDS`` on the tests' clock, at least
-    1 s) and the survivor takes every one of its lanes (new fencing tokens); every id
+    2 s) and the survivor takes every one of its lanes (new fencing tokens); every id
     arrives, per-key order holds, and no key was published by two relays at once."""
     from django.utils import timezone
 
