@@ -308,7 +308,8 @@ class Relay:
                 if left:  # the lease was lost: those rows stay pending for the new holder
                     report.sent -= len(left)
                     report.interrupted += len(left)
-                    ids = [pk for pk in ids if pk not in set(left)]
+                    gone = set(left)
+                    ids = [pk for pk in ids if pk not in gone]
                 signals.events_sent.send(sender=OutboxMessage, ids=ids, using=alias)
         except BaseException:
             # Outstanding messages are abandoned with the connection: their rows stay
