@@ -23,7 +23,7 @@ sends every Django connection (this process and every child) through a private P
 in transaction pooling mode (``tests/support/pgbouncer.py``) and leaves the shared
 services alone: only relays and consumers are killed.  ``RE_LEDGER_EVENTS`` changes the
 number of events (default 10,000; ``RE_LEDGER_PGBOUNCER_EVENTS`` that of the PgBouncer
-run, default 5,000).  Bounded: about 5 minutes at worst.
+run, default 3,000).  Bounded: about 5 minutes at worst.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ pytestmark = [
 EVENTS = int(os.environ.get("RE_LEDGER_EVENTS", "10000"))
 #: Events of the PgBouncer run (no service restarts: the pooler and the leases are what
 #: it proves; kept shorter for the CI budget).
-PGBOUNCER_EVENTS = int(os.environ.get("RE_LEDGER_PGBOUNCER_EVENTS", "5000"))
+PGBOUNCER_EVENTS = int(os.environ.get("RE_LEDGER_PGBOUNCER_EVENTS", "3000"))
 PRODUCERS = 3
 #: Orders (each with its event) per producer transaction.
 PER_TRANSACTION = 5
