@@ -11,7 +11,11 @@ properties and headers as the relay sends):
 * **publisher only** (informational): ``AmqpPublisher.publish`` on prebuilt messages,
   no database: the ceiling of the relay's own publisher;
 * **relay**: ``Relay.drain()`` (what ``relay_once()`` runs) over ``--rows`` pending rows
-  seeded by one SQL statement, until every row is confirmed and marked sent.
+  seeded by one SQL statement, until every row is confirmed and marked sent;
+* **relay through PgBouncer** (when ``pgbouncer`` is installed, unless
+  ``--no-pgbouncer``): the same, with every database connection of the relay going
+  through a private PgBouncer in transaction pooling mode (``tests/support/pgbouncer.py``),
+  as a ratio to the same round's raw window.
 
 Target (issue #2): relay >= 0.8 x raw window.  The verdict uses the median of the
 per-round ratios (relay and raw measured back to back; the machine is shared and noisy);
@@ -190,6 +194,34 @@ def relay_rate(
     return count / elapsed, report
 
 
+def relay_rate_pgbouncer(
+    bouncer: Any, broker: common.BenchBroker, count: int, *, batch: int | None, window: int | None
+) -> float:
+    """:func:`relay_rate` with every connection of the Django alias through ``bouncer``."""
+    from tests.support.pgbouncer import route_through
+
+    with route_through(bouncer):
+        return relay_rate(broker, count, batch=batch, window=window)[0]
+
+
+@contextlib.contextmanager
+def pgbouncer(enabled: bool) -> Any:
+    """A private PgBouncer in front of the benchmark database (``None`` if disabled)."""
+    from tests.support.pgbouncer import PgBouncer, available
+
+    if not enabled or not available():
+        yield None
+        return
+    from django.db import connection
+
+    database = connection.settings_dict
+    bouncer = PgBouncer(host=str(database["HOST"]), port=int(database["PORT"])).start()
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+
+
 def empty_topology() -> Any:
     from reliable_events.topology import Topology
 
@@ -208,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cluster", action="store_true", help="on a private 3-node cluster, quorum queues"
     )
+    parser.add_argument(
+        "--no-pgbouncer", action="store_true", help="skip the run through PgBouncer"
+    )
     args = parser.parse_args(argv)
     rows = args.rows or (5000 if args.quick else 20000)
     rounds = args.rounds or (1 if args.quick else 5)
@@ -216,8 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_django()
     from reliable_events.conf import app_settings
 
-    samples: dict[str, list[float]] = {"raw": [], "kombu": [], "publisher": [], "relay": []}
+    samples: dict[str, list[float]] = {
+        "raw": [],
+        "kombu": [],
+        "publisher": [],
+        "relay": [],
+        "pgbouncer": [],
+    }
     ratios: list[float] = []
+    pooled_ratios: list[float] = []
     with contextlib.ExitStack() as stack:
         url = None
         if args.cluster:
@@ -228,13 +270,19 @@ def main(argv: list[str] | None = None) -> int:
         broker = stack.enter_context(
             common.bench_broker(url=url, quorum=args.cluster, PUBLISH_ON_COMMIT=False)
         )
+        bouncer = stack.enter_context(pgbouncer(not (args.no_pgbouncer or args.cluster)))
         batch = args.batch or int(app_settings.RELAY_BATCH_SIZE)
         window = args.window or int(app_settings.CONFIRM_WINDOW)
         for number in range(1, rounds + 1):
             measured: dict[str, float] = {}
             order = ["raw", "relay"] if number % 2 else ["relay", "raw"]
-            for which in [*order, "publisher", "kombu"]:
-                if which == "raw":
+            extra = ["pgbouncer"] if bouncer is not None else []
+            for which in [*order, *extra, "publisher", "kombu"]:
+                if which == "pgbouncer":
+                    measured[which] = relay_rate_pgbouncer(
+                        bouncer, broker, rows, batch=batch, window=window
+                    )
+                elif which == "raw":
                     measured[which] = raw_window_rate(broker, rows, args.raw_window)
                 elif which == "relay":
                     measured[which] = relay_rate(broker, rows, batch=batch, window=window)[0]
@@ -246,9 +294,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, value in measured.items():
                 samples[name].append(value)
             ratios.append(measured["relay"] / measured["raw"])
+            pooled = ""
+            if "pgbouncer" in measured:
+                pooled_ratios.append(measured["pgbouncer"] / measured["raw"])
+                pooled = (
+                    f"  via PgBouncer {measured['pgbouncer']:,.0f}/s"
+                    f" (ratio {pooled_ratios[-1]:.2f})"
+                )
             print(
                 f"round {number}: raw {measured['raw']:,.0f}/s  relay {measured['relay']:,.0f}/s"
-                f"  (ratio {ratios[-1]:.2f})  publisher-only {measured['publisher']:,.0f}/s"
+                f"  (ratio {ratios[-1]:.2f}){pooled}"
+                f"  publisher-only {measured['publisher']:,.0f}/s"
                 f"  kombu {measured['kombu']:,.0f}/s",
                 flush=True,
             )
@@ -264,6 +320,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  kombu confirm_publish=True  : {kombu:10,.0f} msg/s")
     print(f"  AmqpPublisher alone, no DB  : {publisher:10,.0f} msg/s")
     print(f"  relay, outbox -> confirmed  : {relay:10,.0f} events/s")
+    table_pooled: list[dict[str, Any]] = []
+    if pooled_ratios:
+        pooled_rate = common.median(samples["pgbouncer"])
+        pooled_ratio = common.median(pooled_ratios)
+        print(f"  relay via PgBouncer (txn)   : {pooled_rate:10,.0f} events/s")
+        print(
+            f"  relay via PgBouncer / raw = {pooled_ratio:.2f} median of rounds "
+            f"(target >= {TARGET_RATIO}: {common.verdict(pooled_ratio >= TARGET_RATIO)})"
+        )
+        table_pooled.append(
+            {
+                "benchmark": "relay drain via PgBouncer, transaction pooling (events/s)",
+                "value": pooled_rate,
+                "baseline": f"raw py-amqp window {args.raw_window}",
+                "baseline_value": raw,
+                "ratio": pooled_ratio,
+                "target": f">= {TARGET_RATIO}",
+                "met": pooled_ratio >= TARGET_RATIO,
+            }
+        )
     print(
         f"  relay / raw = {ratio:.2f} median of rounds, {relay / raw:.2f} of medians "
         f"(target >= {TARGET_RATIO}: {common.verdict(met)}); relay / kombu = {relay / kombu:.1f}x;"
@@ -285,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_of_medians": relay / raw,
             "target": TARGET_RATIO,
             "met": met,
-            "samples": {**samples, "ratios": ratios},
+            "samples": {**samples, "ratios": ratios, "pgbouncer_ratios": pooled_ratios},
             "table": [
                 {
                     "benchmark": f"relay drain (events/s), {where}",
@@ -314,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                     "target": "",
                     "met": None,
                 },
+                *table_pooled,
             ],
         },
     )

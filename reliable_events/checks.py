@@ -31,6 +31,7 @@ _POSITIVE_INTS = (
     "ON_COMMIT_CHAIN_LIMIT",
 )
 _POSITIVE_NUMBERS = (
+    "RELAY_LEASE_SECONDS",
     "BACKOFF_BASE",
     "BACKOFF_MAX",
     "CONFIRM_TIMEOUT",
@@ -338,6 +339,38 @@ def check_debug_filter() -> list[CheckMessage]:
     ]
 
 
+def check_pooled_databases() -> list[CheckMessage]:
+    """A PostgreSQL ``DATABASES`` entry that declares a transaction-pooling pooler
+    (``DISABLE_SERVER_SIDE_CURSORS``, as Django's docs ask for PgBouncer) must not use
+    session features: psycopg's prepared statements, startup ``options``, or a relay that
+    is told to ``LISTEN`` there."""
+    messages: list[CheckMessage] = []
+    databases: dict[str, dict[str, Any]] = settings.DATABASES
+    for alias, database in databases.items():
+        if "postgresql" not in str(database.get("ENGINE", "")):
+            continue
+        if not database.get("DISABLE_SERVER_SIDE_CURSORS"):
+            continue
+        options = database.get("OPTIONS") or {}
+        problems = []
+        if options.get("prepare_threshold", 5) is not None:
+            problems.append('psycopg prepares statements: set OPTIONS["prepare_threshold"] = None')
+        if "-c" in str(options.get("options", "")):
+            problems.append('OPTIONS["options"] sets session parameters the pooler drops')
+        if app_settings.RELAY_LISTEN is True:
+            problems.append("RELIABLE_EVENTS['RELAY_LISTEN'] is True: relays would miss wake-ups")
+        if problems:
+            messages.append(
+                Warning(
+                    f"DATABASES[{alias!r}] looks pooled (DISABLE_SERVER_SIDE_CURSORS) but uses "
+                    "session state: " + "; ".join(problems) + ".",
+                    hint="See docs/relay.md, 'PostgreSQL behind PgBouncer'.",
+                    id="reliable_events.W004",
+                )
+            )
+    return messages
+
+
 CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
     check_settings_type,
     check_broker_url,
@@ -347,6 +380,7 @@ CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
     check_on_commit_grace,
     check_retry_policy,
     check_debug_filter,
+    check_pooled_databases,
     _setting_errors,
 )
 

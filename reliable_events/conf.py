@@ -50,6 +50,12 @@ class AppSettings:
     CONFIRM_TIMEOUT: float = 30.0
     #: Seconds ``relay_outbox`` sleeps when nothing was due.
     RELAY_IDLE_SECONDS: float = 1.0
+    #: Seconds a relay's lease on a lane (and its presence) lasts unless renewed: a dead
+    #: relay's lanes are taken over this long after it stopped renewing.
+    RELAY_LEASE_SECONDS: float = 10.0
+    #: The idle relay daemon waits for ``NOTIFY`` (``True``) or polls (``False``);
+    #: ``None``: listens unless its connection goes through a pooler (PgBouncer).
+    RELAY_LISTEN: bool | None = None
     #: Longest pause of the relay between two tries of a broker that is unavailable
     #: (connection refused or lost, blocked, confirm timeout), seconds.
     RELAY_BROKER_RETRY_MAX: float = 1.0

@@ -389,3 +389,54 @@ class TriageEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} of dead letter {self.dead_letter_id} by {self.user or 'system'}"
+
+
+class LaneLease(models.Model):
+    """Which relay holds an ordering lane, until when, with which fencing token.
+
+    Written only by :mod:`reliable_events.relay.leases` (PostgreSQL), in short
+    transactions: no session state, so it works through a transaction-pooling pooler.
+    ``token`` grows each time the lane changes hands; a relay's claims and sent-marks
+    check the token it got, so a relay whose lease ran out cannot claim or mark the
+    lane's rows any more.
+    """
+
+    lane = models.IntegerField(primary_key=True, help_text=_("The ordering lane."))
+    owner = models.CharField(
+        max_length=64, blank=True, default="", help_text=_("The holding relay ('' = free).")
+    )
+    expires_at = models.DateTimeField(
+        db_default=Now(), help_text=_("The lease ends then unless renewed (database clock).")
+    )
+    token = models.BigIntegerField(
+        default=0, help_text=_("Fencing token: incremented at each acquisition.")
+    )
+
+    class Meta:
+        verbose_name = _("lane lease")
+        verbose_name_plural = _("lane leases")
+        ordering = ("lane",)
+
+    def __str__(self) -> str:
+        return f"lane {self.lane}: {self.owner or 'free'}"
+
+
+class RelayPresence(models.Model):
+    """A running relay, renewed while it lives: relays count the unexpired rows to
+    share the lanes.  Written only by :mod:`reliable_events.relay.leases`."""
+
+    owner = models.CharField(max_length=64, primary_key=True, help_text=_("The relay's id."))
+    process = models.CharField(
+        max_length=255, blank=True, default="", help_text=_("Host and process id.")
+    )
+    expires_at = models.DateTimeField(
+        db_default=Now(), help_text=_("It stops counting then unless renewed (database clock).")
+    )
+
+    class Meta:
+        verbose_name = _("relay presence")
+        verbose_name_plural = _("relay presences")
+        ordering = ("owner",)
+
+    def __str__(self) -> str:
+        return f"relay {self.owner} ({self.process})"

@@ -5,7 +5,7 @@ Put them on django-celery-beat's DatabaseScheduler with one command::
     python manage.py install_beat_schedule
 
 A relay task fired while the previous run is still going does no harm: on PostgreSQL
-each ordering lane is held by one relay at a time (advisory locks; relays share the
+each ordering lane is held by one relay at a time (lease rows; relays share the
 lanes fairly), and every run is bounded by ``max_seconds``.  The task runs the same
 pipelined relay as ``relay_outbox`` (:meth:`reliable_events.relay.Relay.drain`).
 """

@@ -200,3 +200,30 @@ def rabbit_cluster() -> Iterator[Any]:
         pytest.skip("RabbitMQ server scripts not installed")
     with private_rabbit_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture
+def pgbouncer() -> Iterator[Any]:
+    """A private PgBouncer (transaction pooling) in front of the test PostgreSQL."""
+    from tests.support.pgbouncer import PgBouncer, available
+
+    if not available():
+        pytest.fail("pgbouncer is not installed (.ci/run installs Debian's package)")
+    database: dict[str, Any] = dict(django_settings.DATABASES["default"])
+    bouncer = PgBouncer(
+        host=str(database.get("HOST") or "127.0.0.1"), port=int(database.get("PORT") or 5432)
+    ).start()
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture
+def through_pgbouncer(django_db_setup: Any, pgbouncer: Any) -> Iterator[Any]:
+    """This test's Django connections (and its child processes) go through ``pgbouncer``;
+    afterwards, the pooler's server connections are gone too."""
+    from tests.support.pgbouncer import route_through, wait_for_server_connections_closed
+
+    with route_through(pgbouncer):
+        yield pgbouncer
+    pgbouncer.stop()
+    wait_for_server_connections_closed()

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 SECRET_KEY = "tests-only-not-secret"
 DEBUG = False
@@ -64,6 +65,7 @@ _SQLITE_SHARED = (
     if os.environ.get("RE_TEST_SQLITE_WAL") == "1"
     else {}
 )
+DATABASES: dict[str, dict[str, Any]]
 if DATABASE_KIND == "sqlite":
     DATABASES = {
         "default": {
@@ -85,6 +87,12 @@ else:
             "TEST": {"NAME": os.environ.get("RE_TEST_PG_TEST_NAME", "test_reliable_events")},
         }
     }
+    # RE_TEST_PG_POOLED=1: RE_TEST_PG_PORT is a PgBouncer in transaction pooling mode
+    # (tests/support/pgbouncer.py); what a pooled connection needs (docs/relay.md).
+    if os.environ.get("RE_TEST_PG_POOLED") == "1":
+        DATABASES["default"].update(
+            {"OPTIONS": {"prepare_threshold": None}, "DISABLE_SERVER_SIDE_CURSORS": True}
+        )
 
 AMQP_URL = os.environ.get("RE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 

@@ -6,6 +6,8 @@
 - :mod:`~reliable_events.relay.on_commit`: publishing right after the commit (the
   dispatcher and :func:`publish_after_commit`).
 - :mod:`~reliable_events.relay.lanes`: which ordering lanes this relay holds.
+- :mod:`~reliable_events.relay.leases`: lane leases and relay presence rows (PostgreSQL).
+- :mod:`~reliable_events.relay.pooling`: detecting a transaction-pooling pooler.
 - :mod:`~reliable_events.relay.breaker`: the relay's view of broker health.
 
 The names below keep ``from reliable_events.relay import ...`` working.
@@ -32,33 +34,29 @@ from reliable_events.relay.claims import (
     wake_relays,
 )
 from reliable_events.relay.engine import LANE_WAIT, RUN_SECONDS, Relay, relay_once
-from reliable_events.relay.lanes import (
-    LANE_LOCK_NAMESPACE,
-    RELAY_LOCK_NAMESPACE,
-    LaneShare,
-    lock_lanes,
-    unlock_lanes,
-)
+from reliable_events.relay.lanes import LaneShare
+from reliable_events.relay.leases import LANE_LOCK_NAMESPACE, Fence
 from reliable_events.relay.on_commit import HOOK_LANE_WAIT, dispatcher, publish_after_commit
+from reliable_events.relay.pooling import behind_pooler
 
 __all__ = [
     "HOOK_LANE_WAIT",
     "LANE_LOCK_NAMESPACE",
     "LANE_WAIT",
-    "RELAY_LOCK_NAMESPACE",
     "RUN_SECONDS",
     "WAKE_CHANNEL",
     "BrokerBreaker",
+    "Fence",
     "LaneShare",
     "Relay",
     "RelayReport",
     "backoff_seconds",
+    "behind_pooler",
     "build_message",
     "claim_committed",
     "claim_due",
     "dispatcher",
     "lock_hook_lanes",
-    "lock_lanes",
     "mark_failed",
     "mark_interrupted",
     "mark_sent",
@@ -68,6 +66,5 @@ __all__ = [
     "relay_once",
     "retry_dead",
     "set_sent",
-    "unlock_lanes",
     "wake_relays",
 ]

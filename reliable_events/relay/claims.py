@@ -29,10 +29,8 @@ from reliable_events.broker import (
     PublishResult,
 )
 from reliable_events.conf import app_settings
-from reliable_events.models import OutboxMessage
-from reliable_events.relay.lanes import (
-    LANE_LOCK_NAMESPACE,
-)
+from reliable_events.models import LaneLease, OutboxMessage
+from reliable_events.relay.leases import LANE_LOCK_NAMESPACE, Fence, lease_filter
 from reliable_events.reports import Report
 
 logger = logging.getLogger(__name__)
@@ -110,6 +108,9 @@ WHERE o.id IN (
     SELECT 1 FROM {table} e
     WHERE e.status = 'pending' AND e.key = o.key AND e.next_attempt_at > statement_timestamp()
       AND e.id < o.id AND NOT (e.id = ANY(%(ids)s::bigint[]) AND e.attempts = 0))
+  AND NOT EXISTS (
+    SELECT 1 FROM {lease} l
+    WHERE l.lane = o.lane AND l.owner <> '' AND l.expires_at > statement_timestamp())
 ORDER BY o.id
 LIMIT %(limit)s
 FOR UPDATE OF o SKIP LOCKED"""
@@ -122,7 +123,10 @@ FROM (SELECT lane, array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL) AS key
       GROUP BY lane ORDER BY lane) s"""
 _PG_MARK_SENT = """UPDATE {table} SET status = 'sent', sent_at = statement_timestamp(),
     attempts = attempts + 1, last_error = ''
-WHERE id = ANY(%(ids)s::bigint[])"""
+WHERE id = ANY(%(ids)s::bigint[]) {fence_filter}"""
+# The rows among ``ids`` a fenced mark left pending (rare: the lease was lost).
+_PG_NOT_MARKED = """SELECT id FROM {table}
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending' ORDER BY id"""
 
 
 @dataclass
@@ -187,22 +191,39 @@ def _table(alias: str) -> str:
     return connections[alias].ops.quote_name(OutboxMessage._meta.db_table)
 
 
+def _lease_table(alias: str) -> str:
+    return connections[alias].ops.quote_name(LaneLease._meta.db_table)
+
+
 def claim_due(
-    alias: str, lanes: Sequence[int], limit: int, *, exclude: Sequence[int] = ()
+    alias: str,
+    lanes: Sequence[int],
+    limit: int,
+    *,
+    exclude: Sequence[int] = (),
+    fence: Fence | None = None,
 ) -> list[ClaimedRow]:
     """Due pending rows of ``lanes``, oldest first, minus keys held back by a failure.
 
     ``exclude``: ids to leave out (the rows this relay is publishing already).
+    ``fence`` (PostgreSQL, a relay's leases): only rows of the lanes it still holds with
+    its tokens and enough lease left (``lanes`` is then ignored).
     """
     if is_postgres(alias):
         all_lanes = len(lanes) >= int(app_settings.LANES)
+        if fence is not None:
+            lane_filter = f"AND o.lane = ANY({lease_filter(_lease_table(alias), margin=True)})"
+        else:
+            lane_filter = "" if all_lanes else "AND o.lane = ANY(%(lanes)s::int[])"
         sql = _PG_CLAIM_DUE.format(
             columns=_PG_COLUMNS,
             table=_table(alias),
-            lane_filter="" if all_lanes else "AND o.lane = ANY(%(lanes)s::int[])",
+            lane_filter=lane_filter,
             exclude_filter="AND o.id <> ALL(%(exclude)s::bigint[])" if exclude else "",
         )
         params: dict[str, Any] = {"limit": limit, "lanes": list(lanes), "exclude": list(exclude)}
+        if fence is not None:
+            params.update(fence.params())
         with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
             cursor.execute(_PG_CLAIM_PLAN)
             cursor.execute(sql, params)
@@ -285,7 +306,9 @@ def claim_committed(alias: str, ids: Sequence[int], keys: Sequence[str] = ()) ->
     outside ``ids`` (that one goes first, sent by the relay).
     """
     if is_postgres(alias):
-        sql = _PG_CLAIM_CHAINS.format(columns=_PG_COLUMNS, table=_table(alias))
+        sql = _PG_CLAIM_CHAINS.format(
+            columns=_PG_COLUMNS, table=_table(alias), lease=_lease_table(alias)
+        )
         limit = len(ids) + int(app_settings.ON_COMMIT_CHAIN_LIMIT)
         with connections[alias].cursor() as cursor:
             cursor.execute(sql, {"ids": list(ids), "keys": list(keys), "limit": limit})
@@ -352,26 +375,51 @@ def build_message(row: ClaimedRow, exchange: str | None = None) -> OutgoingMessa
     )
 
 
-def mark_sent(alias: str, ids: Sequence[Hashable]) -> None:
-    """Mark confirmed rows sent (one statement) and send ``events_sent``."""
+def mark_sent(alias: str, ids: Sequence[Hashable], fence: Fence | None = None) -> list[int]:
+    """Mark confirmed rows sent (one statement) and send ``events_sent``; returns the
+    ids a ``fence`` left pending (see :func:`set_sent`)."""
     if not ids:
-        return
-    set_sent(alias, ids)
-    signals.events_sent.send(sender=OutboxMessage, ids=list(ids), using=alias)
+        return []
+    left = set_sent(alias, ids, fence)
+    marked = [pk for pk in ids if pk not in set(left)] if left else list(ids)
+    signals.events_sent.send(sender=OutboxMessage, ids=marked, using=alias)
+    return left
 
 
-def set_sent(alias: str, ids: Sequence[Hashable]) -> None:
-    """The ``UPDATE`` of :func:`mark_sent`, without the signal."""
+def set_sent(alias: str, ids: Sequence[Hashable], fence: Fence | None = None) -> list[int]:
+    """The ``UPDATE`` of :func:`mark_sent`, without the signal.
+
+    ``fence`` (PostgreSQL, a relay's leases): only rows of lanes it still holds with its
+    tokens are marked; returns the ids left pending because their lane changed hands (the
+    new holder publishes them again: a duplicate, never a loss), normally none.
+    """
     if is_postgres(alias):
+        params: dict[str, Any] = {"ids": list(ids)}
+        fence_filter = ""
+        if fence is not None:
+            fence_filter = f"AND lane = ANY({lease_filter(_lease_table(alias), margin=False)})"
+            params.update(fence.params())
         with connections[alias].cursor() as cursor:
-            cursor.execute(_PG_MARK_SENT.format(table=_table(alias)), {"ids": list(ids)})
-        return
+            sql = _PG_MARK_SENT.format(table=_table(alias), fence_filter=fence_filter)
+            cursor.execute(sql, params)
+            if cursor.rowcount >= len(ids):
+                return []
+            cursor.execute(_PG_NOT_MARKED.format(table=_table(alias)), {"ids": list(ids)})
+            left = [int(row[0]) for row in cursor.fetchall()]
+        if left:
+            logger.warning(
+                "reliable_events: %d confirmed outbox row(s) left pending: this relay lost "
+                "the lease of their lane while publishing (they go again: duplicates)",
+                len(left),
+            )
+        return left
     OutboxMessage.objects.using(alias).filter(pk__in=ids).update(
         status=OutboxMessage.Status.SENT,
         sent_at=Now(),
         attempts=F("attempts") + 1,
         last_error="",
     )
+    return []
 
 
 def mark_failed(alias: str, failed: dict[Hashable, str]) -> int:
@@ -422,24 +470,32 @@ def _db_now(alias: str) -> datetime:
 
 
 def publish_rows(
-    alias: str, rows: Sequence[ClaimedRow], publisher: Publisher, *, timeout: float
+    alias: str,
+    rows: Sequence[ClaimedRow],
+    publisher: Publisher,
+    *,
+    timeout: float,
+    fence: Fence | None = None,
 ) -> RelayReport:
     """Publish ``rows`` and record the outcome of each."""
     report = RelayReport(claimed=len(rows), batches=1)
     if not rows:
         return report
     result = publisher.publish([build_message(row) for row in rows], timeout=timeout)
-    record_result(alias, result, report)
+    record_result(alias, result, report, fence)
     return report
 
 
-def record_result(alias: str, result: PublishResult, report: RelayReport) -> None:
+def record_result(
+    alias: str, result: PublishResult, report: RelayReport, fence: Fence | None = None
+) -> None:
     """Mark what ``result`` settled: confirmed rows sent; refused rows an attempt
     (backoff or dead); rows a broker failure interrupted nothing but ``last_error`` (they
     are due again at once, see :func:`mark_interrupted`)."""
     if result.confirmed:
-        mark_sent(alias, result.confirmed)
-        report.sent += len(result.confirmed)
+        left = mark_sent(alias, result.confirmed, fence)
+        report.sent += len(result.confirmed) - len(left)
+        report.interrupted += len(left)
     if result.failed:
         report.failed += len(result.failed)
         report.dead += mark_failed(alias, result.failed)

@@ -7,20 +7,24 @@ on-commit hook (:func:`publish_after_commit`) and the admin actions.
 How a batch goes (PostgreSQL):
 
 1. **Lanes.**  Every row has a lane (its key's hash modulo ``LANES``).  A relay holds a
-   session-level advisory lock on each of its lanes (``pg_try_advisory_lock``), so
-   events of one key are only ever published by one relay at a time.  Relays announce
-   themselves (one advisory lock each) and each keeps its fair share of the lanes,
-   ``ceil(LANES / live relays)`` (:mod:`reliable_events.relay.lanes`).  A relay that dies
-   loses its connection and with it its locks; the others take its lanes at their next
-   run.
+   lease on each of its lanes (a row with an expiry and a fencing token, taken and
+   renewed in short transactions: :mod:`reliable_events.relay.leases`), so events of one
+   key are only ever published by one relay at a time, also through a
+   transaction-pooling pooler.  Relays announce themselves (a presence row each) and
+   each keeps its fair share of the lanes, ``ceil(LANES / live relays)``
+   (:mod:`reliable_events.relay.lanes`).  A relay that dies stops renewing; the others
+   take its lanes once its leases expired (``RELAY_LEASE_SECONDS``).
 2. **Claim.**  In a short transaction: ``SELECT ... FOR UPDATE SKIP LOCKED`` the due
-   pending rows of the held lanes, oldest first, leaving out every row whose key has an
+   pending rows of the lanes whose lease (and token) the relay still holds with half
+   the lease time left, oldest first, leaving out every row whose key has an
    earlier pending row that is not yet due (a failing event holds back its own key and
    nothing else).  A retried event goes without its key's later events (see
    :func:`reliable_events.relay.claims._retries_go_alone`), so that if it fails again they
    are not already on their way.
 3. **Publish** them in id order through the confirm window (:mod:`reliable_events.broker`).
-4. **Mark**: the confirmed rows become ``sent`` in one statement; each row the broker
+4. **Mark**: the confirmed rows become ``sent`` in one statement (if the relay still
+   holds their lane's token; otherwise they stay pending for the lane's new holder and a
+   warning says so); each row the broker
    refused (``basic.nack``, ``basic.return``) gets ``attempts + 1``, ``last_error`` and
    ``next_attempt_at = now() + backoff`` (database clock, exponential with jitter), or
    ``dead`` once it reached ``MAX_ATTEMPTS``.  Rows a *broker* failure interrupted
@@ -29,11 +33,12 @@ How a batch goes (PostgreSQL):
    jittered, at most
    ``RELAY_BROKER_RETRY_MAX``) and tries the broker again.
 
-On SQLite (the embedded default) there are no advisory locks and ``FOR UPDATE`` is a
+On SQLite (the embedded default) there are no leases and ``FOR UPDATE`` is a
 no-op: run a single relay there (documented in ``docs/relay.md``).
 
 The on-commit hook publishes the rows its transaction stored.  On PostgreSQL they are
-due at once; the hook holds their lanes (transaction-level advisory locks) and publishes
+due at once; the hook holds their lanes (transaction-level advisory locks), leaves the
+lanes a relay holds a lease on to that relay, and publishes
 each of their keys' pending chains in order, so a row it missed goes with the next event
 of its key (see :func:`reliable_events.relay.on_commit.publish_after_commit`).  On SQLite
 ``publish_event`` stored them with ``next_attempt_at = now + ON_COMMIT_GRACE_SECONDS``:
@@ -75,9 +80,8 @@ from reliable_events.relay.claims import (
     record_result,
     set_sent,
 )
-from reliable_events.relay.lanes import (
-    LaneShare,
-)
+from reliable_events.relay.lanes import LaneShare
+from reliable_events.relay.pooling import listen_works
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +90,9 @@ logger = logging.getLogger(__name__)
 RUN_SECONDS = 1.0
 #: Longest :meth:`Relay.drain` waits for a share of the lanes when others hold them all.
 LANE_WAIT = 3.0
+#: Runs in a row :meth:`Relay.drain` retries after an empty claim that found its leases
+#: due for renewal (not an empty outbox: the claim needs half a lease left).
+MAX_LAPSES = 3
 
 
 # -- the relay ----------------------------------------------------------------------------
@@ -189,9 +196,14 @@ class Relay:
         lanes = self.lanes.refresh()
         if not lanes:
             return report
-        rows = claim_due(self.alias, lanes, self.batch_size)
+        fence = self.lanes.fence()
+        rows = claim_due(self.alias, lanes, self.batch_size, fence=fence)
         report = publish_rows(
-            self.alias, rows, self.publisher, timeout=float(app_settings.CONFIRM_TIMEOUT)
+            self.alias,
+            rows,
+            self.publisher,
+            timeout=float(app_settings.CONFIRM_TIMEOUT),
+            fence=fence,
         )
         report.lanes = len(lanes)
         self._settle_breaker(report)
@@ -221,6 +233,8 @@ class Relay:
         report.lanes = len(lanes)
         if not lanes:
             return report
+        max_seconds = min(max_seconds, self.lanes.run_budget())
+        fence = self.lanes.fence()
         alias, limit = self.alias, self.batch_size
         timeout = float(app_settings.CONFIRM_TIMEOUT)
         exchange = str(app_settings.EXCHANGE)
@@ -240,18 +254,18 @@ class Relay:
                 unsettled.difference_update(marking.pop(0)[1])
             exclude = sorted(unsettled)
             if workers is None:
-                return _done(claim_due(alias, lanes, limit, exclude=exclude))
-            return workers[0].submit(claim_due, alias, lanes, limit, exclude=exclude)
+                return _done(claim_due(alias, lanes, limit, exclude=exclude, fence=fence))
+            return workers[0].submit(claim_due, alias, lanes, limit, exclude=exclude, fence=fence)
 
         def record(result: PublishResult) -> None:
             if result.confirmed:
                 ids: list[int] = list(result.confirmed)  # type: ignore[arg-type]
                 if workers is None:
-                    set_sent(alias, ids)
+                    left = set_sent(alias, ids, fence)
                     unsettled.difference_update(ids)
-                    marks.append((_done(None), ids))
+                    marks.append((_done(left), ids))
                 else:
-                    marks.append((workers[1].submit(set_sent, alias, ids), ids))
+                    marks.append((workers[1].submit(set_sent, alias, ids, fence), ids))
                     marking.append(marks[-1])
                 report.sent += len(ids)
             if result.failed or result.interrupted:
@@ -290,7 +304,12 @@ class Relay:
                 next_claim = None
             record(self.publisher.flush(timeout=timeout))
             for future, ids in marks:
-                future.result()
+                left = future.result()
+                if left:  # the lease was lost: those rows stay pending for the new holder
+                    report.sent -= len(left)
+                    report.interrupted += len(left)
+                    gone = set(left)
+                    ids = [pk for pk in ids if pk not in gone]
                 signals.events_sent.send(sender=OutboxMessage, ids=ids, using=alias)
         except BaseException:
             # Outstanding messages are abandoned with the connection: their rows stay
@@ -312,6 +331,7 @@ class Relay:
         """
         started = time.monotonic()
         total = RelayReport()
+        lapses = 0
         while True:
             elapsed = time.monotonic() - started
             budget = RUN_SECONDS
@@ -324,8 +344,12 @@ class Relay:
             if report.lanes == 0 and elapsed < LANE_WAIT and self.lanes.relays > 1:
                 time.sleep(0.1)  # the other relays give up their surplus between runs
                 continue
+            if report.claimed == 0 and self.lanes.lapsed() and lapses < MAX_LAPSES:
+                lapses += 1  # the leases ran short before the claim (a slow host): renew
+                continue
             if report.claimed == 0 or report.sent == 0:
                 break  # idle, or the broker refused rows: let backoff work
+            lapses = 0
             if max_seconds is not None and time.monotonic() - started >= max_seconds:
                 break
         total.seconds = time.monotonic() - started
@@ -334,7 +358,11 @@ class Relay:
     def wait_for_work(self, seconds: float, stop: Callable[[], bool] | None = None) -> None:
         """Idle: wait up to ``seconds``, returning early when :func:`wake_relays` is
         called (PostgreSQL ``LISTEN`` on this relay's connection) or ``stop()`` is true.
-        Without ``NOTIFY`` (SQLite) it just sleeps.  The lanes are given back first."""
+        Without ``NOTIFY`` (SQLite), or behind a transaction-pooling pooler where a
+        ``LISTEN`` would be lost (``RELAY_LISTEN``, see
+        :func:`reliable_events.relay.pooling.listen_works`), it just sleeps: a poll every
+        ``seconds``.  The lanes are given back first; the relay's presence is renewed
+        while it waits."""
         self.rest()
         deadline = time.monotonic() + seconds
         if not is_postgres(self.alias):
@@ -346,14 +374,19 @@ class Relay:
         raw = connection.connection
         # driver errors (the session was dropped) as Django's, which the loop handles
         with connection.wrap_database_errors:
-            if self._listening is not raw:  # a new session: LISTEN again
+            listen = self._listening is raw or listen_works(connection)
+            if listen and self._listening is not raw:  # a new session: LISTEN again
                 raw.execute(f"LISTEN {WAKE_CHANNEL}")
                 self._listening = raw
             while not (stop and stop()):
+                self.lanes.keep_alive()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
                 # short slices, so that a stop request is seen within 0.2 s
+                if not listen:
+                    time.sleep(min(0.2, remaining))
+                    continue
                 for _notify in raw.notifies(timeout=min(0.2, remaining), stop_after=1):
                     return
 
@@ -370,7 +403,7 @@ class Relay:
             self._workers = None
         try:
             self.lanes.release()
-        except DatabaseError:  # the connection is gone, and with it the locks
+        except DatabaseError:  # the leases expire on their own
             logger.debug("reliable_events: releasing lanes failed", exc_info=True)
 
 

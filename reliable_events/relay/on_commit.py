@@ -86,8 +86,10 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
     """Publish the rows a transaction just committed, bounded in time.
 
     On PostgreSQL the hook holds the lanes of its rows (so no relay or other hook
-    publishes those keys meanwhile) and publishes each key's pending chain in order:
-    its own rows and any earlier row of their keys that was missed.  Skipped while the
+    publishes those keys meanwhile; a relay takes a lane's lease only with that lock)
+    and publishes each key's pending chain in order: its own rows and any earlier row of
+    their keys that was missed.  Rows of a lane a relay holds a lease on are left to
+    that relay (woken by ``NOTIFY``).  Skipped while the
     breaker is open (the broker failed moments ago), while another thread of this
     process is publishing, or while a lane stays busy (a relay draining it): the rows
     are due at once there, and the relay sends them (woken by ``NOTIFY``).  On SQLite
@@ -120,7 +122,10 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
                 if keys is None:
                     return RelayReport()
                 locking = False
-                return _publish_committed(alias, claim_committed(alias, ids, keys), timeout)
+                rows = claim_committed(alias, ids, keys)
+                if len(rows) < len(ids) and not {row.id for row in rows}.issuperset(ids):
+                    wake_relays(alias)  # a relay holds a lane's lease, or a key waits
+                return _publish_committed(alias, rows, timeout)
         except OperationalError:
             if locking:  # a lane stayed busy: its holder (a relay) sends these rows
                 wake_relays(alias)

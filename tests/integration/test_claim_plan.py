@@ -16,7 +16,7 @@ from django.db import connection
 
 from reliable_events.conf import app_settings
 from reliable_events.models import OutboxMessage
-from reliable_events.relay import claim_due
+from reliable_events.relay import LaneShare, claim_due
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 
@@ -27,7 +27,9 @@ def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _nodes(child)
 
 
-def test_the_claim_walks_the_pending_index_without_statistics() -> None:
+@pytest.mark.parametrize("fenced", [False, True])
+def test_the_claim_walks_the_pending_index_without_statistics(fenced: bool) -> None:
+    """``fenced``: a relay's claim, limited to the lanes it holds leases on (its tokens)."""
     if connection.vendor != "postgresql":
         pytest.skip("PostgreSQL plan")
     table = OutboxMessage._meta.db_table
@@ -52,8 +54,13 @@ def test_the_claim_walks_the_pending_index_without_statistics() -> None:
             plans.append((json.loads(value) if isinstance(value, str) else value)[0]["Plan"])
         return execute(sql, params, many, context)
 
-    with connection.execute_wrapper(explain):
-        rows = claim_due(connection.alias, list(range(int(app_settings.LANES))), 100)
+    share = LaneShare(connection.alias)
+    lanes = share.refresh() if fenced else list(range(int(app_settings.LANES)))
+    try:
+        with connection.execute_wrapper(explain):
+            rows = claim_due(connection.alias, lanes, 100, fence=share.fence() if fenced else None)
+    finally:
+        share.release()
     assert [row[0] for row in rows] == sorted(row[0] for row in rows)
     assert len(rows) == 100
     assert len(plans) == 1

@@ -350,35 +350,38 @@ def test_a_message_the_broker_nacks_stays_pending_and_is_retried(
 
 
 def test_lanes_held_by_another_relay_are_left_alone(broker, rabbit, exchange_name, re_settings):
-    """A lane whose advisory lock another session holds is not published by this relay."""
-    import psycopg
+    """A lane whose lease another (live) relay holds is not published by this relay; once
+    that lease expired (the other relay died), this relay takes the lane over."""
+    from datetime import timedelta
 
+    from django.utils import timezone
+
+    from reliable_events.models import LaneLease
     from reliable_events.publishing import lane_for
-    from reliable_events.relay import LANE_LOCK_NAMESPACE
 
     queue = rabbit.bind_queue(exchange_name, "#")
     re_settings(PUBLISH_ON_COMMIT=False, LANES=4)
     with transaction.atomic():
         rows = [publish_event("l.x", {"n": n}, key=f"key{n}") for n in range(12)]
     busy_lane = lane_for("key0", "")
-    params = connection.get_connection_params()
-    with psycopg.connect(**params, autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(%s, %s)", [LANE_LOCK_NAMESPACE, busy_lane])
-        relay_once()
-        held = {r.message_id for r in rows if r.lane == busy_lane}
-        delivered = set(message_ids(drain_queue(rabbit.channel, queue, expect=12 - len(held))))
-        assert delivered == {r.message_id for r in rows} - held
-        assert held  # key0's lane had events
-        assert OutboxMessage.objects.pending().count() == len(held)
-        # with every lane held elsewhere, a relay does nothing at all
-        other.execute(
-            "SELECT pg_advisory_lock(%s, l) FROM generate_series(0, 3) AS l", [LANE_LOCK_NAMESPACE]
-        )
-        assert relay_once().claimed == 0
-    # the other session ended (as a crashed relay's would): its locks go with it, the
-    # lane is free again (the server releases them as soon as it has seen the disconnect)
-    assert wait_until(lambda: relay_once().sent == len(held), timeout=10, interval=0.05)
+    later = timezone.now() + timedelta(hours=1)
+    LaneLease.objects.create(lane=busy_lane, owner="other-relay", expires_at=later, token=7)
+    relay_once()
+    held = {r.message_id for r in rows if r.lane == busy_lane}
+    delivered = set(message_ids(drain_queue(rabbit.channel, queue, expect=12 - len(held))))
+    assert delivered == {r.message_id for r in rows} - held
+    assert held  # key0's lane had events
+    assert OutboxMessage.objects.pending().count() == len(held)
+    # with every lane leased elsewhere, a relay does nothing at all
+    LaneLease.objects.update(owner="other-relay", expires_at=later)
+    assert relay_once().claimed == 0
+    # the other relay stopped renewing: once its leases expired, they change hands (the
+    # fencing token grows) and this relay sends the lane's rows
+    LaneLease.objects.update(expires_at=timezone.now())
+    assert relay_once().sent == len(held)
     assert set(message_ids(drain_queue(rabbit.channel, queue, expect=len(held)))) == held
+    assert LaneLease.objects.get(lane=busy_lane).token == 8
+    assert not LaneLease.objects.exclude(owner="").exists()  # given back on close
 
 
 def test_declaring_a_forbidden_exchange_is_a_broker_error(broker, amqp_url):

@@ -52,6 +52,12 @@ def child_env(**reliable_events: Any) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["RE_TEST_DATABASE"] = "sqlite" if connection.vendor == "sqlite" else "postgres"
     env["RE_TEST_PG_NAME"] = str(connection.settings_dict["NAME"])
+    if connection.vendor == "postgresql":  # the same server (or pooler: tests/support/pgbouncer)
+        env["RE_TEST_PG_HOST"] = str(connection.settings_dict["HOST"])
+        env["RE_TEST_PG_PORT"] = str(connection.settings_dict["PORT"])
+        env["RE_TEST_PG_POOLED"] = (
+            "1" if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS") else ""
+        )
     env["RE_TEST_RELIABLE_EVENTS"] = json.dumps({**settings.RELIABLE_EVENTS, **reliable_events})
     return env
 
@@ -90,24 +96,22 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float, interval: float
         time.sleep(interval)
 
 
-def lanes_by_relay() -> dict[int, int]:
-    """Lanes held per relay (backend pid) in the test database, from ``pg_locks``."""
+def lanes_by_relay() -> dict[str, int]:
+    """Lanes held per live relay (its owner id) in the test database, from the lease
+    tables: unexpired presence rows and the unexpired leases of each."""
     from django.db import connection
 
-    from reliable_events.relay import LANE_LOCK_NAMESPACE, RELAY_LOCK_NAMESPACE
+    from reliable_events.models import LaneLease, RelayPresence
 
     with connection.cursor() as cursor:
         cursor.execute(
-            """SELECT r.pid, count(l.objid) FROM pg_locks r
-            LEFT JOIN pg_locks l ON l.pid = r.pid AND l.locktype = 'advisory'
-                AND l.classid = %(lane)s::oid AND l.objsubid = 2 AND l.granted
-            WHERE r.locktype = 'advisory' AND r.classid = %(relay)s::oid AND r.objsubid = 2
-                AND r.granted
-                AND r.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-            GROUP BY r.pid""",
-            {"lane": LANE_LOCK_NAMESPACE, "relay": RELAY_LOCK_NAMESPACE},
+            f"""SELECT p.owner, count(l.lane) FROM {RelayPresence._meta.db_table} p
+            LEFT JOIN {LaneLease._meta.db_table} l ON l.owner = p.owner
+                AND l.expires_at > statement_timestamp()
+            WHERE p.expires_at > statement_timestamp()
+            GROUP BY p.owner"""
         )
-        return {int(pid): int(count) for pid, count in cursor.fetchall()}
+        return {str(owner): int(count) for owner, count in cursor.fetchall()}
 
 
 # -- reading queues -----------------------------------------------------------------------

@@ -186,3 +186,29 @@ def test_checks_are_registered_with_django(re_settings):
     re_settings(QUEUE_TYPE="stream")
     with pytest.raises(SystemCheckError, match=r"reliable_events\.E004"):
         call_command("check")
+
+
+def test_w004_session_state_on_a_pooled_database(settings, re_settings):
+    pooled = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": "x",
+        "DISABLE_SERVER_SIDE_CURSORS": True,
+        "OPTIONS": {"prepare_threshold": None},
+    }
+    settings.DATABASES = {**settings.DATABASES, "pooled": pooled}
+    assert "reliable_events.W004" not in _ids(_only(re_settings))
+    settings.DATABASES = {**settings.DATABASES, "pooled": {**pooled, "OPTIONS": {}}}
+    messages = [m for m in _only(re_settings) if m.id == "reliable_events.W004"]
+    assert len(messages) == 1
+    assert isinstance(messages[0], Warning)
+    assert "'pooled'" in messages[0].msg
+    assert "prepare_threshold" in messages[0].msg
+    assert "PgBouncer" in str(messages[0].hint)
+    settings.DATABASES = {**settings.DATABASES, "pooled": pooled}
+    messages = _only(re_settings, RELAY_LISTEN=True)
+    assert _ids(messages) == ["reliable_events.W004"]
+    assert "RELAY_LISTEN" in messages[0].msg
+    # without DISABLE_SERVER_SIDE_CURSORS nothing says the database is pooled
+    settings.DATABASES = {**settings.DATABASES, "pooled": {**pooled, "OPTIONS": {}}}
+    settings.DATABASES["pooled"]["DISABLE_SERVER_SIDE_CURSORS"] = False
+    assert "reliable_events.W004" not in _ids(_only(re_settings))

@@ -1,9 +1,10 @@
 """``relay_outbox``: publish pending outbox rows to the broker.
 
 Without ``--once`` it is the relay daemon: the pipelined relay (:meth:`Relay.run`), run
-after run on one kept database connection (which holds its share of the lanes while it
-has work, and gives them back to the on-commit hooks while it has none); idle,
-it waits for a wake-up (PostgreSQL ``NOTIFY`` from the on-commit hook) or polls every
+after run on one kept database connection; it holds its share of the lanes (leases)
+while it has work, and gives them back to the on-commit hooks while it has none; idle,
+it waits for a wake-up (PostgreSQL ``NOTIFY`` from the on-commit hook, unless its
+connection goes through a pooler: ``RELAY_LISTEN``) or polls every
 ``RELAY_IDLE_SECONDS``; while the broker is unavailable it pauses at most
 ``RELAY_BROKER_RETRY_MAX`` between tries.
 
