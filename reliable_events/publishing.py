@@ -17,7 +17,7 @@ from django.db.models import JSONField, Value
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from reliable_events import signals
+from reliable_events import signals, tracing
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import InvalidEvent
 from reliable_events.models import (
@@ -202,7 +202,7 @@ def publish_event(
         key=key,
         lane=lane_for(key, msg_id),
         payload=json_value(stored_payload),
-        headers=clean_headers,
+        headers=tracing.stamp(clean_headers, topic=topic, message_id=msg_id),
         next_attempt_at=on_commit_due(alias) if on_commit else timezone.now() + hold,
     )
     if given_id is None:
@@ -251,7 +251,8 @@ def _insert_idempotent(message: OutboxMessage, alias: str, payload: Any) -> Outb
             existing.topic == message.topic
             and existing.key == message.key
             and existing.payload == payload
-            and existing.headers == message.headers
+            and tracing.without_context(existing.headers)
+            == tracing.without_context(message.headers)
         )
         if not same:
             raise InvalidEvent(

@@ -54,6 +54,7 @@ from django.db import (
     InterfaceError,
 )
 
+from reliable_events import tracing
 from reliable_events.broker.base import POLL_SECONDS, Delivery
 from reliable_events.broker.connect import open_transport
 from reliable_events.conf import app_settings
@@ -361,6 +362,7 @@ class Worker:
                 log_duplicate(delivery.consumer, event.id)
             self.transport.ack(delivery)
             self._count(result.outcome, result)
+        tracing.batch_processed(batch, results)
         return len(results)
 
     def _count(self, outcome: Outcome, result: HandlerResult | None) -> None:
