@@ -65,7 +65,8 @@ def _line(span: ReadableSpan) -> str:
 
 def install_span_file(directory: str) -> None:
     """Export every span of this process to ``<directory>/spans-<pid>.jsonl`` (children)."""
-    out = Path(directory, f"spans-{os.getpid()}.jsonl").open("a", encoding="utf-8")
+    # Open for the life of the process (its provider writes to it until exit or SIGKILL).
+    out = Path(directory, f"spans-{os.getpid()}.jsonl").open("a", encoding="utf-8")  # noqa: SIM115
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=out, formatter=_line)))
     trace.set_tracer_provider(provider)
@@ -118,17 +119,19 @@ class TraceIndex:
 
     spans: list[Span]
     by_id: dict[str, Span] = field(default_factory=dict)
+    by_message: dict[tuple[str, str], list[Span]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.by_id = {span.span_id: span for span in self.spans}
+        for span in self.spans:
+            operation = str(span.attributes.get("messaging.operation.type", ""))
+            message_id = str(span.attributes.get("messaging.message.id", ""))
+            self.by_message.setdefault((operation, message_id), []).append(span)
 
     def of(self, operation: str, message_id: str | None = None) -> list[Span]:
-        return [
-            s
-            for s in self.spans
-            if s.attributes.get("messaging.operation.type") == operation
-            and (message_id is None or s.attributes.get("messaging.message.id") == message_id)
-        ]
+        if message_id is not None:
+            return self.by_message.get((operation, message_id), [])
+        return [s for s in self.spans if s.attributes.get("messaging.operation.type") == operation]
 
     def ancestors(self, span: Span) -> list[Span]:
         chain: list[Span] = []
@@ -143,3 +146,74 @@ class TraceIndex:
         return span.trace_id == origin.trace_id and any(
             a.span_id == origin.span_id for a in self.ancestors(span)
         )
+
+
+# -- the ledger's trace check ----------------------------------------------------------------
+PRODUCE_SPAN = "ledger.produce"
+PRODUCE_ID = "ledger.message_id"
+
+
+def check_ledger_traces(
+    spans: list[Span],
+    effects: dict[str, dict[str, Any]],
+    *,
+    copies: dict[str, str],
+    swept: set[str],
+    exported_before_commit: bool,
+) -> tuple[dict[str, int], list[str]]:
+    """Every applied event (``effects``: message id -> the span its handler recorded)
+    has a ``process`` span that leads back (parent chain, same trace) to the
+    ``ledger.produce`` span current when ``publish_event`` ran; ``copies`` maps edited
+    re-drives to the original id, ``swept`` lists ids only the relay could send.
+
+    ``exported_before_commit`` (``db://``: the delivery commits after its span ended):
+    the very span the effect recorded is exported with outcome ``processed``.  Elsewhere
+    the handler commits before its span ends: a kill in between leaves the effect without
+    that span, and the redelivery's ``duplicate`` span (same trace) must then be there.
+    Returns figures and the failures (empty: proven)."""
+    index = TraceIndex(spans)
+    origins: dict[str, list[Span]] = {}
+    for span in spans:
+        if span.name == PRODUCE_SPAN:
+            origins.setdefault(str(span.attributes.get(PRODUCE_ID)), []).append(span)
+    failures: list[str] = []
+    figures = {"applied": len(effects), "spans": len(spans), "by_duplicate_only": 0}
+    for message_id, recorded in effects.items():
+        produced = origins.get(copies.get(message_id, message_id), [])
+        if not produced:
+            failures.append(f"{message_id}: no {PRODUCE_SPAN} span")
+            continue
+        if recorded.get("trace_id") not in {o.trace_id for o in produced}:
+            failures.append(f"{message_id}: its handler ran outside the producer's trace")
+        leading = [
+            p
+            for p in index.of("process", message_id)
+            if any(index.leads_back(p, origin) for origin in produced)
+        ]
+        outcomes = {p.span_id: p.attributes.get(OUTCOME_ATTRIBUTE) for p in leading}
+        if outcomes.get(recorded.get("span_id", "")) == "processed":
+            continue
+        if not exported_before_commit and "duplicate" in outcomes.values():
+            figures["by_duplicate_only"] += 1
+            continue
+        failures.append(
+            f"{message_id}: no process span leading back ({sorted(map(str, outcomes.values()))})"
+        )
+    relay_links = {
+        link
+        for send in index.of("send")
+        if send.attributes.get("reliable_events.publisher") == "relay"
+        for link in send.links
+    }
+    figures["swept"] = 0
+    for message_id in swept:
+        creates = {c.span_id for c in index.of("create", message_id)}
+        if creates & relay_links:
+            figures["swept"] += 1
+        else:
+            failures.append(f"{message_id}: no relay send span linked to its creation")
+    figures["redriven"] = sum(1 for m in copies if m in effects)
+    return figures, failures
+
+
+OUTCOME_ATTRIBUTE = "reliable_events.outcome"

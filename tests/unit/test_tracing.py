@@ -76,7 +76,8 @@ def test_publish_stores_the_callers_context_and_every_span_leads_back(clean_regi
     assert row.headers["traceparent"].split("-")[1] == origin.trace_id[2:]
     assert row.headers["baggage"] == "tenant=acme"
     [create] = spans.of("create", "m-1")
-    assert create.parent_id == origin.span_id and create.kind == "PRODUCER"
+    assert create.parent_id == origin.span_id
+    assert create.kind == "PRODUCER"
     [send] = spans.of("send", "m-1")
     assert send.attributes["reliable_events.publisher"] == "on-commit"
     assert create.span_id in send.links
