@@ -10,7 +10,13 @@ from typing import Any
 from django.utils import timezone
 
 from reliable_events.broker.amqp import AmqpPublisher, AmqpTransport
-from reliable_events.broker.base import KEY_HEADER, Delivery, OutgoingMessage, Transport
+from reliable_events.broker.base import (
+    CONTENT_TYPE,
+    KEY_HEADER,
+    Delivery,
+    OutgoingMessage,
+    Transport,
+)
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import Event, EventConsumer
 from reliable_events.consumer.db import database_guard
@@ -101,6 +107,7 @@ class AmqpRetryScheduler(RetryScheduler):
             topic=event.topic,
             headers=retry_headers(delivery, event, failure),
             timestamp=event.published_at,
+            content_type=str(delivery.properties.get("content_type") or CONTENT_TYPE),
         )
         result = self.publisher.publish([message], timeout=float(app_settings.CONFIRM_TIMEOUT))
         if event.id not in result.confirmed:
