@@ -17,9 +17,17 @@ attempt 1) applied once on their retry.  Redeliveries and the duplicates the ide
 record absorbed are counted from the consumers' log files (``reliable_events.consuming``
 writes one INFO line each), which survive SIGKILL.
 
+Traces (OpenTelemetry SDK in every child, each span exported to a file as it ends,
+``tests/support/otel_support.py``): every applied event has a ``process`` span that leads
+back to the span current when ``publish_event`` ran, including the events of a producer
+that SIGKILLs itself between its commit and its on-commit publish (the relay's sweep
+sends them) and dead letters re-driven with an edited payload after the chaos.
+
 Marked ``disruptive``: it restarts the shared PostgreSQL and RabbitMQ (set
 ``RE_DISRUPTIVE_TESTS=1``; ``scripts/test`` does).  ``RE_LEDGER_EVENTS`` changes the
-number of events (default 10,000).  Bounded: about 5 minutes at worst.
+number of events (default 10,000).  Bounded: about 5 minutes at worst.  The second test
+is the same ledger without the service restarts (only its own children are killed, so
+not ``disruptive``), on ``RE_LEDGER_KILLS_EVENTS`` events (default 2,000).
 """
 
 from __future__ import annotations
@@ -38,11 +46,13 @@ from typing import Any
 import pytest
 from django.db import DatabaseError, InterfaceError, connection
 
+from reliable_events import deadletters
 from reliable_events.consuming import PERMANENT_ERROR
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import make_consumer
 from tests.support.ledger_support import Fleet, chaos, db
+from tests.support.otel_support import SPANS_ENV, check_ledger_traces, read_span_files
 from tests.support.producer_support import child_env
 from tests.support.service_control import (
     ensure_postgres,
@@ -60,10 +70,15 @@ pytestmark = [
     pytest.mark.postgres,
     pytest.mark.rabbitmq,
     pytest.mark.slow,
-    pytest.mark.disruptive,
 ]
 
 EVENTS = int(os.environ.get("RE_LEDGER_EVENTS", "10000"))
+#: Events of the variant without service restarts.
+KILLS_EVENTS = int(os.environ.get("RE_LEDGER_KILLS_EVENTS", "2000"))
+#: Events of the producer that dies between its commit and its on-commit publish.
+CRASH_EVENTS = 5
+#: Dead letters re-driven (edit and retry, the payload fixed) after the chaos.
+REDRIVE = 3
 PRODUCERS = 3
 #: Orders (each with its event) per producer transaction.
 PER_TRANSACTION = 5
@@ -165,6 +180,7 @@ def run(services: None, amqp_url: str) -> Iterator[str]:
     Queues(amqp_url, names).delete([exchange, f"{exchange}.unrouted"])
 
 
+@pytest.mark.disruptive
 def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_restarts(
     run: str,
     amqp_url: str,
@@ -173,6 +189,33 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     tmp_path: Path,
     report_figures: Any,
 ) -> None:
+    ledger(run, amqp_url, settings, clean_registry, tmp_path, report_figures, EVENTS, True)
+
+
+def test_ledger_every_committed_event_applied_once_and_traced_through_kills(
+    run: str,
+    amqp_url: str,
+    settings: Any,
+    clean_registry: Any,
+    tmp_path: Path,
+    report_figures: Any,
+) -> None:
+    ledger(run, amqp_url, settings, clean_registry, tmp_path, report_figures, KILLS_EVENTS, False)
+
+
+def ledger(
+    run: str,
+    amqp_url: str,
+    settings: Any,
+    clean_registry: Any,
+    tmp_path: Path,
+    report_figures: Any,
+    events: int,
+    restarts_too: bool,
+) -> None:
+    """The ledger on ``events`` events; ``restarts_too``: RabbitMQ and PostgreSQL are
+    restarted during the run (disruptive)."""
+    expected = events + CRASH_EVENTS
     started = time.monotonic()
     deadline = started + BUDGET_SECONDS
     exchange = f"test-ev-{run}"
@@ -199,10 +242,13 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     with Connection(amqp_url, connect_timeout=5) as conn:
         declare_on_amqp_channel(conn.channel(), topology)
 
+    spans = tmp_path / "spans"
+    spans.mkdir()
     env = child_env()
     env.pop("COVERAGE_PROCESS_START", None)
     env.update(
         PYTHONUNBUFFERED="1",
+        **{SPANS_ENV: str(spans)},
         RE_TEST_LOG_LEVEL="INFO",
         **{
             LEDGER_CONSUMER_ENV: json.dumps(
@@ -220,10 +266,11 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
         logs=tmp_path,
         consumer=name,
         run=run,
-        events=EVENTS,
+        events=events,
         producer_count=PRODUCERS,
         per_transaction=PER_TRANSACTION,
         max_seconds=BUDGET_SECONDS - 60,
+        crash_events=CRASH_EVENTS,
     )
     stop_chaos = threading.Event()
     chaos_errors: list[BaseException] = []
@@ -238,7 +285,7 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
         return all(c.proc.poll() is not None for c in fleet.producers())
 
     def reached(fraction: float) -> Callable[[], bool]:
-        return lambda: producers_done() or committed() >= EVENTS * fraction
+        return lambda: producers_done() or committed() >= events * fraction
 
     try:
         with fleet.lock:
@@ -248,23 +295,25 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
                 fleet.start("relay", i)
             for i in range(PRODUCERS):
                 fleet.start("producer", i)
+            crasher = fleet.start("crasher", 0)
         chaos_thread.start()
 
-        # RabbitMQ restart at ~30 % of the events, PostgreSQL restart at ~60 %.
-        wait_for(reached(0.3), timeout=max(0.0, deadline - time.monotonic() - 150))
-        marks["rabbitmq restart at"] = time.monotonic() - started
-        fleet.note("rabbitmqctl stop_app")
-        restart_rabbitmq(amqp_url)
-        fleet.note("rabbitmq accepts connections again")
-        restarts.append(f"rabbitmq at {committed()} committed")
-        wait_for(reached(0.6), timeout=max(0.0, deadline - time.monotonic() - 120))
-        marks["postgresql restart at"] = time.monotonic() - started
-        fleet.note("pg_ctlcluster restart")
-        restart_postgres()
-        with contextlib.suppress(DatabaseError, InterfaceError):
-            connection.close()
-        fleet.note("postgresql accepts connections again")
-        restarts.append(f"postgresql at {committed()} committed")
+        if restarts_too:
+            # RabbitMQ restart at ~30 % of the events, PostgreSQL restart at ~60 %.
+            wait_for(reached(0.3), timeout=max(0.0, deadline - time.monotonic() - 150))
+            marks["rabbitmq restart at"] = time.monotonic() - started
+            fleet.note("rabbitmqctl stop_app")
+            restart_rabbitmq(amqp_url)
+            fleet.note("rabbitmq accepts connections again")
+            restarts.append(f"rabbitmq at {committed()} committed")
+            wait_for(reached(0.6), timeout=max(0.0, deadline - time.monotonic() - 120))
+            marks["postgresql restart at"] = time.monotonic() - started
+            fleet.note("pg_ctlcluster restart")
+            restart_postgres()
+            with contextlib.suppress(DatabaseError, InterfaceError):
+                connection.close()
+            fleet.note("postgresql accepts connections again")
+            restarts.append(f"postgresql at {committed()} committed")
 
         wait_for(producers_done, timeout=max(0.0, deadline - time.monotonic() - 60))
         marks["producers done"] = time.monotonic() - started
@@ -301,9 +350,25 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
             return converged()
 
         quiet = wait_for(
-            converged_twice, timeout=max(0.0, deadline - time.monotonic() - 20), interval=1.0
+            converged_twice, timeout=max(0.0, deadline - time.monotonic() - 30), interval=1.0
         )
         marks["converged"] = time.monotonic() - started
+        # Re-drive a few dead letters, their payload fixed (the admin's edit and retry).
+        copies: dict[str, str] = {}
+        for letter in db(lambda: list(DeadLetter.objects.filter(consumer=name).order_by("id"))):
+            if len(copies) < REDRIVE and quiet:
+                fixed = dict(letter.payload or {}, fail=None)
+                result = deadletters.edit_and_retry(letter, fixed, user="ledger")
+                copies[result.copies[letter.pk]] = letter.message_id
+        wait_for(
+            lambda: (
+                Effect.objects.filter(consumer=name, message_id__in=list(copies)).count()
+                == len(copies)
+            ),
+            timeout=max(0.0, deadline - time.monotonic() - 10),
+            interval=0.5,
+        )
+        marks["redriven"] = time.monotonic() - started
         fleet.stop(("consumer", "relay"))
         leftover = queues.counts()
     finally:
@@ -331,8 +396,17 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     orders = Counter(
         Order.objects.filter(reference__startswith=run).values_list("reference", flat=True)
     )
-    effects: list[tuple[str, Any]] = list(
+    every_effect: list[tuple[str, Any]] = list(
         Effect.objects.filter(consumer=name).values_list("message_id", "payload")
+    )
+    effects = [row for row in every_effect if row[0] not in copies]
+    copies_applied = {row[0] for row in every_effect if row[0] in copies}
+    trace_figures, trace_failures = check_ledger_traces(
+        read_span_files(spans),
+        {message_id: payload.get("trace") or {} for message_id, payload in every_effect},
+        copies=copies,
+        swept={i for i in ids if i.startswith(f"{run}-crash-")},
+        exported_before_commit=False,
     )
     applied = Counter(message_id for message_id, _ in effects)
     processed = set(
@@ -362,7 +436,7 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     lost = ids - set(applied) - set(dead)
 
     report_figures(
-        f"\nledger: events={len(ids)} (expected {EVENTS}) applied={len(applied)} "
+        f"\nledger: events={len(ids)} (expected {expected}) applied={len(applied)} "
         f"dead_letters={len(letters)} (designed {len(permanent)}) "
         f"failed_once_then_applied={sum(1 for i in once if attempts.get(i, 0) >= 2)}"
         f"\n  kills={fleet.kills} restarts={len(restarts)} ({'; '.join(restarts)}) "
@@ -370,6 +444,7 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
         f"\n  broker_faults_felt={broker_faults} database_faults_felt={database_faults} "
         f"redeliveries_seen={redeliveries} duplicates_absorbed={duplicates} "
         f"lost={len(lost)} applied_twice={sum(1 for c in applied.values() if c > 1)}"
+        f"\n  traces: {trace_figures} failures={len(trace_failures)}"
         f"\n  wall_time={wall:.1f}s "
         + " ".join(f"{k}={v:.1f}s" for k, v in marks.items())
         + f"\n  outbox={dict(statuses)} leftover_in_queues={leftover}"
@@ -377,23 +452,29 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
 
     assert not chaos_errors, f"the chaos thread failed: {chaos_errors[0]!r}"
     assert codes == [0] * PRODUCERS, (codes, fleet.text("producer")[-3000:])
-    assert len(ids) == EVENTS
+    assert crasher.proc.poll() == -9, "the crashing producer did not die after its commit"
+    assert len(ids) == expected
     # The business row and its event committed together, once each.
     assert set(orders) == ids
     assert set(orders.values()) == {1}
-    assert statuses == {OutboxMessage.Status.SENT: EVENTS}, "outbox rows not all sent"
+    assert statuses == {OutboxMessage.Status.SENT: expected}, "outbox rows not all sent"
     assert quiet, "the run did not converge (see the ledger line above)"
     assert not lost, f"{len(lost)} committed event(s) never applied: {sorted(lost)[:10]}"
     assert set(applied) == ids - permanent
     assert set(applied.values()) == {1}
-    assert processed == set(applied), "idempotency records do not match the effects"
+    assert processed == set(applied) | copies_applied, "idempotency records do not match"
     # Dead letters: exactly the designed permanent failures, one each, for that reason.
     assert not [x for x in letters if APPLIED_TWICE in x[3]], "applied twice"
     assert set(dead) == permanent, sorted(set(dead) ^ permanent)[:10]
     assert set(dead.values()) == {1}, [i for i, c in dead.items() if c > 1][:10]
-    assert {(x[1], x[2], x[4]) for x in letters} == {
-        (PERMANENT_ERROR, "reliable_events.exceptions.PermanentError", DeadLetter.Status.OPEN)
+    assert {(x[1], x[2]) for x in letters} == {
+        (PERMANENT_ERROR, "reliable_events.exceptions.PermanentError")
     }
+    # The re-driven letters are retried, their edited copies applied; the rest are open.
+    assert len(copies) == REDRIVE
+    assert copies_applied == set(copies), "a re-driven copy was not applied"
+    assert {x[0] for x in letters if x[4] == DeadLetter.Status.RETRIED} == set(copies.values())
+    assert {x[4] for x in letters if x[0] not in copies.values()} == {DeadLetter.Status.OPEN}
     # Designed transient failures: failed on attempt 1, applied once on a retry.
     assert once
     assert all(attempts[i] >= 2 for i in once)
@@ -402,7 +483,15 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     assert not retried, f"{len(retried)} undesigned retries, e.g. {retried[:5]}"
     assert leftover == dict.fromkeys(queues.names, 0), leftover
     assert fleet.kills >= 10, "the chaos did not happen"
-    assert broker_faults > 0, "nobody noticed the RabbitMQ restart"
-    assert database_faults > 0, "nobody noticed the PostgreSQL restart"
+    if restarts_too:
+        assert broker_faults > 0, "nobody noticed the RabbitMQ restart"
+        assert database_faults > 0, "nobody noticed the PostgreSQL restart"
     assert redeliveries > 0, "no redelivery was seen: the kills proved nothing"
     assert not fleet.unexpected_exits, fleet.unexpected_exits
+    # Traces: every applied event (re-driven copies too) has a process span leading back
+    # to the span current when publish_event ran; the crashed producer's events went out
+    # through the relay's sweep, linked to their creation.
+    assert not trace_failures, trace_failures[:10]
+    assert trace_figures["applied"] == len(applied) + len(copies)
+    assert trace_figures["swept"] == CRASH_EVENTS
+    assert trace_figures["redriven"] == REDRIVE
