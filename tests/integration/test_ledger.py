@@ -27,7 +27,7 @@ Marked ``disruptive``: it restarts the shared PostgreSQL and RabbitMQ (set
 ``RE_DISRUPTIVE_TESTS=1``; ``scripts/test`` does).  ``RE_LEDGER_EVENTS`` changes the
 number of events (default 10,000).  Bounded: about 5 minutes at worst.  The second test
 is the same ledger without the service restarts (only its own children are killed, so
-not ``disruptive``), on ``RE_LEDGER_KILLS_EVENTS`` events (default 2,000).
+not ``disruptive``), on ``RE_LEDGER_KILLS_EVENTS`` events (default 1,000).
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ pytestmark = [
 
 EVENTS = int(os.environ.get("RE_LEDGER_EVENTS", "10000"))
 #: Events of the variant without service restarts.
-KILLS_EVENTS = int(os.environ.get("RE_LEDGER_KILLS_EVENTS", "2000"))
+KILLS_EVENTS = int(os.environ.get("RE_LEDGER_KILLS_EVENTS", "1000"))
+#: Random kills at least (the chaos goes on after the producers until there were this many).
+MIN_KILLS = 10
 #: Events of the producer that dies between its commit and its on-commit publish.
 CRASH_EVENTS = 5
 #: Dead letters re-driven (edit and retry, the payload fixed) after the chaos.
@@ -318,6 +320,10 @@ def ledger(
         wait_for(producers_done, timeout=max(0.0, deadline - time.monotonic() - 60))
         marks["producers done"] = time.monotonic() - started
         codes = [c.proc.poll() for c in fleet.producers()]
+        # A short run keeps the chaos going while the backlog drains, up to MIN_KILLS.
+        wait_for(
+            lambda: fleet.kills >= MIN_KILLS, timeout=max(0.0, deadline - time.monotonic() - 90)
+        )
         stop_chaos.set()
         chaos_thread.join(60)
 
@@ -482,7 +488,7 @@ def ledger(
     retried = sorted(i for i, a in attempts.items() if a > 1 and i not in once)
     assert not retried, f"{len(retried)} undesigned retries, e.g. {retried[:5]}"
     assert leftover == dict.fromkeys(queues.names, 0), leftover
-    assert fleet.kills >= 10, "the chaos did not happen"
+    assert fleet.kills >= MIN_KILLS, "the chaos did not happen"
     if restarts_too:
         assert broker_faults > 0, "nobody noticed the RabbitMQ restart"
         assert database_faults > 0, "nobody noticed the PostgreSQL restart"
