@@ -56,8 +56,17 @@ def enabled() -> bool:
     return AVAILABLE and bool(app_settings.TRACING)
 
 
+_cached: list[Any] = [None, None]
+
+
 def _tracer() -> Any:
-    return trace.get_tracer(TRACER_NAME)
+    """The library's tracer of the current global provider (``get_tracer`` builds a new
+    tracer on each call in the SDK, about the cost of a span: kept per provider)."""
+    provider = trace.get_tracer_provider()
+    if _cached[0] is not provider:
+        _cached[1] = provider.get_tracer(TRACER_NAME)
+        _cached[0] = provider
+    return _cached[1]
 
 
 def _system(url: str) -> str:

@@ -29,15 +29,30 @@ SPANS_ENV = "RE_TEST_OTEL_SPANS"
 
 
 class SwitchableTracerProvider(trace.TracerProvider):
-    """The SDK provider while a test records, the no-op tracer otherwise."""
+    """The SDK provider while a test records, the no-op tracer otherwise (decided at
+    each span: the library keeps its tracer)."""
 
     def __init__(self) -> None:
         self.active: TracerProvider | None = None
 
     def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
-        if self.active is None:
+        return _SwitchTracer(self, args, kwargs)
+
+
+class _SwitchTracer(trace.Tracer):
+    def __init__(self, switch: SwitchableTracerProvider, args: Any, kwargs: Any) -> None:
+        self.switch, self.args, self.kwargs = switch, args, kwargs
+
+    def _target(self) -> trace.Tracer:
+        if self.switch.active is None:
             return trace.NoOpTracer()
-        return self.active.get_tracer(*args, **kwargs)
+        return self.switch.active.get_tracer(*self.args, **self.kwargs)
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        return self._target().start_span(*args, **kwargs)
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        return self._target().start_as_current_span(*args, **kwargs)
 
 
 _switch = SwitchableTracerProvider()
