@@ -173,3 +173,27 @@ def test_tracing_off_stores_no_context_and_makes_no_span(clean_registry, url, re
     assert names == ["request"]
     assert "traceparent" not in OutboxMessage.objects.get(message_id="m-1").headers
     assert consumer.calls
+
+
+def test_a_batch_transaction_makes_one_process_span_per_event(clean_registry, url, monkeypatch):
+    consumer = make_consumer(clean_registry)
+    consumer.batch_size = 10
+    started(consumer, url)
+    batches: list[int] = []
+    through = tracing.batch_processed
+
+    def counted(batch: Any, results: Any) -> None:
+        batches.append(len(results))
+        through(batch, results)
+
+    monkeypatch.setattr(tracing, "batch_processed", counted)
+    with recording() as exporter:
+        origins = [publish_in_request(f"request-{i}", message_id=f"m-{i}") for i in range(4)]
+        run_worker(consumer, url)
+        spans = index(exporter)
+    assert len(consumer.calls) == 4
+    assert sum(batches) == 4  # all four settled in batch transactions
+    for i, origin in enumerate(origins):
+        [process] = spans.of("process", f"m-{i}")
+        assert process.attributes["reliable_events.outcome"] == "processed"
+        assert spans.leads_back(process, origin)
