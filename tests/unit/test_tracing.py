@@ -197,3 +197,13 @@ def test_a_batch_transaction_makes_one_process_span_per_event(clean_registry, ur
         [process] = spans.of("process", f"m-{i}")
         assert process.attributes["reliable_events.outcome"] == "processed"
         assert spans.leads_back(process, origin)
+
+
+def test_without_opentelemetry_the_hooks_hand_back_their_input(monkeypatch):
+    monkeypatch.setattr(tracing, "AVAILABLE", False)
+    headers = {"tenant": "a"}
+    publisher: Any = object()
+    with recording():
+        assert tracing.stamp(headers, topic="t", message_id="m") is headers
+        assert tracing.traced(publisher, "relay") is publisher
+        assert not tracing.enabled()
