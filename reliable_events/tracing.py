@@ -12,7 +12,8 @@ return their input unchanged (``traced_process`` returns the method itself).
   ``memory://`` messages, delay-queue and outbox retries, dead letters and their retry or
   edited copy), so every later span finds the creation context there.
 * The relay and the on-commit hook (:class:`TracedPublisher`): one ``send`` span per
-  batch, *linked* to each message's creation context (not its child: a batch has many).
+  batch, *linked* to each message's creation context (not its child: a batch has many),
+  up to :data:`MAX_LINKS` links.
 * The consumer (:func:`traced_process`, :func:`batch_processed`): one ``process`` span per
   delivery, child of the carried creation context, with the outcome
   (``reliable_events.outcome``: processed, duplicate, retried, dead-lettered, poison).
@@ -48,6 +49,10 @@ TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 #: Longest trace header kept (W3C baggage is at most 8,192 bytes).
 MAX_TRACE_HEADER = 8192
 OUTCOME = "reliable_events.outcome"
+#: Most links one ``send`` span carries: OpenTelemetry's default span link limit
+#: (``OTEL_SPAN_LINK_COUNT_LIMIT``); the SDK would drop the rest anyway, after paying for
+#: them (a relay batch has up to ``RELAY_BATCH_SIZE`` messages).
+MAX_LINKS = 128
 TRACER_NAME = "reliable_events"
 
 
@@ -145,6 +150,8 @@ class TracedPublisher(Publisher):
             context = creation_context(message.headers)
             if context is not None:
                 links.append(Link(context))
+                if len(links) >= MAX_LINKS:
+                    break
         first = messages[0] if messages else None
         destination = (first.exchange or first.routing_key) if first else ""
         attributes: dict[str, Any] = {
