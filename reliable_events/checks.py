@@ -11,6 +11,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.utils.module_loading import import_string
 
+from reliable_events import cloudevents
 from reliable_events.broker.database import alias_for, dialect_for
 from reliable_events.broker_url import OWN_TRANSPORTS, node_list_problems
 from reliable_events.conf import app_settings
@@ -216,6 +217,16 @@ def check_queue_type() -> list[CheckMessage]:
     return []
 
 
+def check_cloudevents() -> list[CheckMessage]:
+    try:
+        cloudevents.mode()
+    except ConfigurationError as exc:
+        return [
+            Error(f"RELIABLE_EVENTS['CLOUDEVENTS']: {exc}.", hint=DOCS, id="reliable_events.E012")
+        ]
+    return []
+
+
 def check_exchange() -> list[CheckMessage]:
     exchange = app_settings.EXCHANGE
     if not isinstance(exchange, str) or not exchange or exchange.startswith("amq."):
@@ -375,6 +386,7 @@ CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
     check_settings_type,
     check_broker_url,
     check_queue_type,
+    check_cloudevents,
     check_exchange,
     check_lanes,
     check_on_commit_grace,

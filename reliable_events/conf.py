@@ -120,6 +120,16 @@ class AppSettings:
     UNROUTED_CACHE_SECONDS: float = 15.0
     #: Consumers the Celery ``ConsumerStep`` runs (names); ``None`` = every registered one.
     CELERY_CONSUMERS: list[str] | None = None
+    #: OpenTelemetry spans (``create``, ``send``, ``process``) and the W3C trace context
+    #: stored with each event; only when ``opentelemetry-api`` is importable.
+    TRACING: bool = True
+    #: CloudEvents 1.0 on the wire: ``"off"`` (plain JSON, the default), ``"binary"``
+    #: (``cloudEvents:`` attribute headers, the payload as the body) or ``"structured"``
+    #: (an ``application/cloudevents+json`` envelope).  Consumers read all three.
+    CLOUDEVENTS: str = "off"
+    #: The CloudEvents ``source`` attribute (a URI reference); ``""`` means
+    #: ``/reliable-events/<EXCHANGE>``.
+    CLOUDEVENTS_SOURCE: str = ""
 
     def _user_settings(self) -> dict[str, Any]:
         value = getattr(django_settings, "RELIABLE_EVENTS", None)

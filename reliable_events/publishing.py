@@ -10,7 +10,7 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, router
 
-from reliable_events import signals
+from reliable_events import signals, tracing
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import InvalidEvent
 from reliable_events.models import (
@@ -202,6 +202,7 @@ def publish_event(
         headers=clean_headers,
         due=when.due,
     )
+    message.headers = tracing.stamp(message.headers, topic=topic, message_id=message.message_id)
     stored = insert(message, alias, on_commit=when.on_commit, idempotent=given_id is not None)
     if stored is message:
         signals.event_stored.send(sender=OutboxMessage, message=message, using=alias)

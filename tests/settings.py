@@ -113,6 +113,11 @@ if os.environ.get("RE_TEST_RELIABLE_EVENTS"):
     import json
 
     RELIABLE_EVENTS.update(json.loads(os.environ["RE_TEST_RELIABLE_EVENTS"]))
+# Child processes of the trace checks export their spans to a file per process.
+if os.environ.get("RE_TEST_OTEL_SPANS"):
+    from tests.support.otel_support import install_span_file
+
+    install_span_file(os.environ["RE_TEST_OTEL_SPANS"])
 SILENCED_SYSTEM_CHECKS = ["reliable_events.W002"]
 
 CELERY_BROKER_URL = "memory://"

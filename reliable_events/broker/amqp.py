@@ -265,6 +265,8 @@ class AmqpPublisher(Publisher):
                     props["timestamp"] = stamp if isinstance(stamp, int) else int(stamp.timestamp())
                 if message.headers:
                     props["application_headers"] = message.headers
+                if message.content_type is not CONTENT_TYPE:
+                    props["content_type"] = message.content_type
                 self._seq += 1
                 inflight[self._seq] = message.ref
                 # Straight to a queue (a retry for one consumer): mandatory, so that a

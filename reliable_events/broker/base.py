@@ -49,6 +49,8 @@ class OutgoingMessage:
     headers: dict[str, Any] = field(default_factory=dict)
     #: When the event was stored: a datetime or whole seconds since the epoch.
     timestamp: datetime | int | None = None
+    #: ``application/cloudevents+json`` for a structured CloudEvent (``cloudevents.py``).
+    content_type: str = CONTENT_TYPE
 
 
 @dataclass

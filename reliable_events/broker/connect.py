@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from django.utils.module_loading import import_string
 
+from reliable_events import cloudevents
 from reliable_events.broker.amqp import AmqpPublisher, AmqpTransport
 from reliable_events.broker.base import (
     Publisher,
@@ -29,7 +30,14 @@ def open_publisher(
     connect_timeout: float | None = None,
     window: int | None = None,
 ) -> Publisher:
-    """A publisher for ``url`` (default: the configured ``BROKER_URL``); not yet connected."""
+    """A publisher for ``url`` (default: the configured ``BROKER_URL``); not yet connected.
+
+    With ``CLOUDEVENTS`` on, it publishes CloudEvents (:mod:`reliable_events.cloudevents`).
+    """
+    return cloudevents.wrap(_publisher(url, connect_timeout=connect_timeout, window=window))
+
+
+def _publisher(url: str | None, *, connect_timeout: float | None, window: int | None) -> Publisher:
     url = str(url or app_settings.BROKER_URL)
     if is_amqp_url(url):
         return AmqpPublisher(url, connect_timeout=connect_timeout, window=window)

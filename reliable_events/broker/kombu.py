@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from reliable_events.broker.base import (
     _NO_WAIT,
     CONTENT_ENCODING,
-    CONTENT_TYPE,
     PERSISTENT,
     Delivery,
     OutgoingMessage,
@@ -113,7 +112,7 @@ class KombuPublisher(Publisher):
                     message.body,
                     exchange=self._exchange_for(message),
                     routing_key=message.routing_key,
-                    content_type=CONTENT_TYPE,
+                    content_type=message.content_type,
                     content_encoding=CONTENT_ENCODING,
                     delivery_mode=PERSISTENT,
                     headers=dict(message.headers),

@@ -7,6 +7,7 @@ from typing import Any
 
 from django.utils import timezone
 
+from reliable_events import tracing
 from reliable_events.broker.base import KEY_HEADER, Delivery
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import Event, EventConsumer, HandlerResult, Outcome
@@ -64,6 +65,7 @@ class Processor:
             return None
         return event
 
+    @tracing.traced_process
     def process(self, delivery: Delivery) -> tuple[Outcome, HandlerResult | None]:
         """Decode, run and settle ``delivery``; the caller acks unless this raises.
 

@@ -8,7 +8,13 @@ from datetime import timedelta
 from typing import Any
 
 from reliable_events.broker.amqp import AmqpPublisher, AmqpTransport
-from reliable_events.broker.base import KEY_HEADER, Delivery, OutgoingMessage, Transport
+from reliable_events.broker.base import (
+    CONTENT_TYPE,
+    KEY_HEADER,
+    Delivery,
+    OutgoingMessage,
+    Transport,
+)
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import Event, EventConsumer
 from reliable_events.consumer.db import database_guard
@@ -96,6 +102,7 @@ class AmqpRetryScheduler(RetryScheduler):
             topic=event.topic,
             headers=retry_headers(delivery, event, failure),
             timestamp=event.published_at,
+            content_type=str(delivery.properties.get("content_type") or CONTENT_TYPE),
         )
         result = self.publisher.publish([message], timeout=float(app_settings.CONFIRM_TIMEOUT))
         if event.id not in result.confirmed:

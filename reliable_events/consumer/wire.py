@@ -7,6 +7,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from reliable_events import cloudevents
 from reliable_events.broker.base import KEY_HEADER, Delivery
 from reliable_events.consumer.base import Event
 from reliable_events.exceptions import (
@@ -132,8 +133,9 @@ def decode_event(delivery: Delivery, *, max_bytes: int, exchange: str) -> Event:
     A message without ``content_type`` is read as JSON (plain AMQP clients often omit
     it); any other content type than ``application/json``, or an encoding other than
     UTF-8, is poison.  Any other failure to decode is poison too (``undecodable``): no
-    message may stop the loop.
+    message may stop the loop.  CloudEvents (binary or structured) are read too.
     """
+    delivery = cloudevents.normalize(delivery)
     if delivery.undecodable:
         raise Poison(UNDECODABLE, delivery.undecodable)
     try:

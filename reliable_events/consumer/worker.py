@@ -59,6 +59,7 @@ from django.db import (
     InterfaceError,
 )
 
+from reliable_events import tracing
 from reliable_events.broker.base import POLL_SECONDS, Delivery
 from reliable_events.broker.connect import open_transport
 from reliable_events.conf import app_settings
@@ -381,6 +382,7 @@ class Worker:
                 log_duplicate(delivery.consumer, event.id)
             self.transport.ack(delivery)
             self._count(result.outcome, result)
+        tracing.batch_processed(batch, results)
         return len(results)
 
     def _count(self, outcome: Outcome, result: HandlerResult | None) -> None:

@@ -59,7 +59,7 @@ from django.db import (
     connections,
 )
 
-from reliable_events import signals
+from reliable_events import signals, tracing
 from reliable_events.broker import (
     Publisher,
     PublishResult,
@@ -148,7 +148,7 @@ class Relay:
     ) -> None:
         self.alias = outbox_alias(using)
         self.batch_size = max(1, int(batch_size or app_settings.RELAY_BATCH_SIZE))
-        self.publisher = publisher or open_publisher()
+        self.publisher = tracing.traced(publisher or open_publisher(), "relay")
         self.lanes = LaneShare(self.alias)
         self.breaker = BrokerBreaker()
         self._workers: tuple[_DatabaseWorker, _DatabaseWorker] | None = None

@@ -15,6 +15,7 @@ from django.db import (
     transaction,
 )
 
+from reliable_events import tracing
 from reliable_events.broker import (
     Publisher,
     PublishResult,
@@ -66,8 +67,9 @@ class _OnCommitDispatcher:
         if self.publisher is None or self.config != config:
             if self.publisher is not None:
                 self.publisher.close()
-            self.publisher = open_publisher(
-                url, connect_timeout=float(app_settings.ON_COMMIT_CONNECT_TIMEOUT)
+            self.publisher = tracing.traced(
+                open_publisher(url, connect_timeout=float(app_settings.ON_COMMIT_CONNECT_TIMEOUT)),
+                "on-commit",
             )
             self.config = config
         return self.publisher

@@ -17,13 +17,19 @@ attempt 1) applied once on their retry.  Redeliveries and the duplicates the ide
 record absorbed are counted from the consumers' log files (``reliable_events.consuming``
 writes one INFO line each), which survive SIGKILL.
 
-The ``direct`` run is marked ``disruptive``: it restarts the shared PostgreSQL and
-RabbitMQ (set ``RE_DISRUPTIVE_TESTS=1``; ``scripts/test`` does).  The ``pgbouncer`` run
-sends every Django connection (this process and every child) through a private PgBouncer
-in transaction pooling mode (``tests/support/pgbouncer.py``) and leaves the shared
-services alone: only relays and consumers are killed.  ``RE_LEDGER_EVENTS`` changes the
-number of events (default 10,000; ``RE_LEDGER_PGBOUNCER_EVENTS`` that of the PgBouncer
-run, default 3,000).  Bounded: about 5 minutes at worst.
+Traces (OpenTelemetry SDK in every child, each span exported to a file as it ends,
+``tests/support/otel_support.py``): every applied event has a ``process`` span that leads
+back to the span current when ``publish_event`` ran, including the events of a producer
+that SIGKILLs itself between its commit and its on-commit publish (the relay's sweep
+sends them) and dead letters re-driven with an edited payload after the chaos.
+
+Marked ``disruptive``: it restarts the shared PostgreSQL and RabbitMQ (set
+``RE_DISRUPTIVE_TESTS=1``; ``scripts/test`` does).  ``RE_LEDGER_EVENTS`` changes the
+number of events (default 10,000).  Bounded: about 5 minutes at worst.  The second test
+is the same ledger without the service restarts (only its own children are killed, so
+not ``disruptive``), with every Django connection (this process and every child)
+going through a private PgBouncer in transaction pooling mode
+(``tests/support/pgbouncer.py``), on ``RE_LEDGER_PGBOUNCER_EVENTS`` events (default 3,000).
 """
 
 from __future__ import annotations
@@ -42,11 +48,13 @@ from typing import Any
 import pytest
 from django.db import DatabaseError, InterfaceError, connection
 
+from reliable_events import deadletters
 from reliable_events.consuming import PERMANENT_ERROR
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import make_consumer
 from tests.support.ledger_support import Fleet, chaos, db
+from tests.support.otel_support import SPANS_ENV, check_ledger_traces, read_span_files
 from tests.support.producer_support import child_env
 from tests.support.service_control import (
     ensure_postgres,
@@ -67,9 +75,15 @@ pytestmark = [
 ]
 
 EVENTS = int(os.environ.get("RE_LEDGER_EVENTS", "10000"))
-#: Events of the PgBouncer run (no service restarts: the pooler and the leases are what
-#: it proves; kept shorter for the CI budget).
+#: Events of the variant without service restarts, through PgBouncer (the pooler and the
+#: lane leases are what it proves; kept shorter for the CI budget).
 PGBOUNCER_EVENTS = int(os.environ.get("RE_LEDGER_PGBOUNCER_EVENTS", "3000"))
+#: Random kills at least (the chaos goes on after the producers until there were this many).
+MIN_KILLS = 10
+#: Events of the producer that dies between its commit and its on-commit publish.
+CRASH_EVENTS = 5
+#: Dead letters re-driven (edit and retry, the payload fixed) after the chaos.
+REDRIVE = 3
 PRODUCERS = 3
 #: Orders (each with its event) per producer transaction.
 PER_TRANSACTION = 5
@@ -171,12 +185,8 @@ def run(services: None, amqp_url: str) -> Iterator[str]:
     Queues(amqp_url, names).delete([exchange, f"{exchange}.unrouted"])
 
 
-@pytest.mark.parametrize(
-    "route", [pytest.param("direct", marks=pytest.mark.disruptive), "pgbouncer"]
-)
+@pytest.mark.disruptive
 def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_restarts(
-    route: str,
-    request: pytest.FixtureRequest,
     run: str,
     amqp_url: str,
     settings: Any,
@@ -184,6 +194,34 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     tmp_path: Path,
     report_figures: Any,
 ) -> None:
+    ledger(run, amqp_url, settings, clean_registry, tmp_path, report_figures, EVENTS, True)
+
+
+def test_ledger_through_pgbouncer_every_committed_event_applied_once_and_traced_through_kills(
+    through_pgbouncer: Any,
+    run: str,
+    amqp_url: str,
+    settings: Any,
+    clean_registry: Any,
+    tmp_path: Path,
+    report_figures: Any,
+) -> None:
+    ledger(run, amqp_url, settings, clean_registry, tmp_path, report_figures, PGBOUNCER_EVENTS, False)
+
+
+def ledger(
+    run: str,
+    amqp_url: str,
+    settings: Any,
+    clean_registry: Any,
+    tmp_path: Path,
+    report_figures: Any,
+    events: int,
+    restarts_too: bool,
+) -> None:
+    """The ledger on ``events`` events; ``restarts_too``: RabbitMQ and PostgreSQL are
+    restarted during the run (disruptive)."""
+    expected = events + CRASH_EVENTS
     started = time.monotonic()
     deadline = started + BUDGET_SECONDS
     exchange = f"test-ev-{run}"
@@ -210,14 +248,13 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     with Connection(amqp_url, connect_timeout=5) as conn:
         declare_on_amqp_channel(conn.channel(), topology)
 
-    restart_services = route == "direct"
-    events = EVENTS if restart_services else PGBOUNCER_EVENTS
-    if route == "pgbouncer":
-        request.getfixturevalue("through_pgbouncer")
+    spans = tmp_path / "spans"
+    spans.mkdir()
     env = child_env()
     env.pop("COVERAGE_PROCESS_START", None)
     env.update(
         PYTHONUNBUFFERED="1",
+        **{SPANS_ENV: str(spans)},
         RE_TEST_LOG_LEVEL="INFO",
         **{
             LEDGER_CONSUMER_ENV: json.dumps(
@@ -239,6 +276,7 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
         producer_count=PRODUCERS,
         per_transaction=PER_TRANSACTION,
         max_seconds=BUDGET_SECONDS - 60,
+        crash_events=CRASH_EVENTS,
     )
     stop_chaos = threading.Event()
     chaos_errors: list[BaseException] = []
@@ -263,18 +301,18 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
                 fleet.start("relay", i)
             for i in range(PRODUCERS):
                 fleet.start("producer", i)
+            crasher = fleet.start("crasher", 0)
         chaos_thread.start()
 
-        # RabbitMQ restart at ~30 % of the events, PostgreSQL restart at ~60 %.
-        wait_for(reached(0.3), timeout=max(0.0, deadline - time.monotonic() - 150))
-        if restart_services:
+        if restarts_too:
+            # RabbitMQ restart at ~30 % of the events, PostgreSQL restart at ~60 %.
+            wait_for(reached(0.3), timeout=max(0.0, deadline - time.monotonic() - 150))
             marks["rabbitmq restart at"] = time.monotonic() - started
             fleet.note("rabbitmqctl stop_app")
             restart_rabbitmq(amqp_url)
             fleet.note("rabbitmq accepts connections again")
             restarts.append(f"rabbitmq at {committed()} committed")
-        wait_for(reached(0.6), timeout=max(0.0, deadline - time.monotonic() - 120))
-        if restart_services:
+            wait_for(reached(0.6), timeout=max(0.0, deadline - time.monotonic() - 120))
             marks["postgresql restart at"] = time.monotonic() - started
             fleet.note("pg_ctlcluster restart")
             restart_postgres()
@@ -286,6 +324,10 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
         wait_for(producers_done, timeout=max(0.0, deadline - time.monotonic() - 60))
         marks["producers done"] = time.monotonic() - started
         codes = [c.proc.poll() for c in fleet.producers()]
+        # A short run keeps the chaos going while the backlog drains, up to MIN_KILLS.
+        wait_for(
+            lambda: fleet.kills >= MIN_KILLS, timeout=max(0.0, deadline - time.monotonic() - 90)
+        )
         stop_chaos.set()
         chaos_thread.join(60)
 
@@ -318,9 +360,25 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
             return converged()
 
         quiet = wait_for(
-            converged_twice, timeout=max(0.0, deadline - time.monotonic() - 20), interval=1.0
+            converged_twice, timeout=max(0.0, deadline - time.monotonic() - 30), interval=1.0
         )
         marks["converged"] = time.monotonic() - started
+        # Re-drive a few dead letters, their payload fixed (the admin's edit and retry).
+        copies: dict[str, str] = {}
+        for letter in db(lambda: list(DeadLetter.objects.filter(consumer=name).order_by("id"))):
+            if len(copies) < REDRIVE and quiet:
+                fixed = dict(letter.payload or {}, fail=None)
+                result = deadletters.edit_and_retry(letter, fixed, user="ledger")
+                copies[result.copies[letter.pk]] = letter.message_id
+        wait_for(
+            lambda: (
+                Effect.objects.filter(consumer=name, message_id__in=list(copies)).count()
+                == len(copies)
+            ),
+            timeout=max(0.0, deadline - time.monotonic() - 10),
+            interval=0.5,
+        )
+        marks["redriven"] = time.monotonic() - started
         fleet.stop(("consumer", "relay"))
         leftover = queues.counts()
     finally:
@@ -348,8 +406,17 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     orders = Counter(
         Order.objects.filter(reference__startswith=run).values_list("reference", flat=True)
     )
-    effects: list[tuple[str, Any]] = list(
+    every_effect: list[tuple[str, Any]] = list(
         Effect.objects.filter(consumer=name).values_list("message_id", "payload")
+    )
+    effects = [row for row in every_effect if row[0] not in copies]
+    copies_applied = {row[0] for row in every_effect if row[0] in copies}
+    trace_figures, trace_failures = check_ledger_traces(
+        read_span_files(spans),
+        {message_id: payload.get("trace") or {} for message_id, payload in every_effect},
+        copies=copies,
+        swept={i for i in ids if i.startswith(f"{run}-crash-")},
+        exported_before_commit=False,
     )
     applied = Counter(message_id for message_id, _ in effects)
     processed = set(
@@ -379,7 +446,7 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     lost = ids - set(applied) - set(dead)
 
     report_figures(
-        f"\nledger ({route}): events={len(ids)} (expected {events}) applied={len(applied)} "
+        f"\nledger: events={len(ids)} (expected {expected}) applied={len(applied)} "
         f"dead_letters={len(letters)} (designed {len(permanent)}) "
         f"failed_once_then_applied={sum(1 for i in once if attempts.get(i, 0) >= 2)}"
         f"\n  kills={fleet.kills} restarts={len(restarts)} ({'; '.join(restarts)}) "
@@ -387,6 +454,7 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
         f"\n  broker_faults_felt={broker_faults} database_faults_felt={database_faults} "
         f"redeliveries_seen={redeliveries} duplicates_absorbed={duplicates} "
         f"lost={len(lost)} applied_twice={sum(1 for c in applied.values() if c > 1)}"
+        f"\n  traces: {trace_figures} failures={len(trace_failures)}"
         f"\n  wall_time={wall:.1f}s "
         + " ".join(f"{k}={v:.1f}s" for k, v in marks.items())
         + f"\n  outbox={dict(statuses)} leftover_in_queues={leftover}"
@@ -394,23 +462,29 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
 
     assert not chaos_errors, f"the chaos thread failed: {chaos_errors[0]!r}"
     assert codes == [0] * PRODUCERS, (codes, fleet.text("producer")[-3000:])
-    assert len(ids) == events
+    assert crasher.proc.poll() == -9, "the crashing producer did not die after its commit"
+    assert len(ids) == expected
     # The business row and its event committed together, once each.
     assert set(orders) == ids
     assert set(orders.values()) == {1}
-    assert statuses == {OutboxMessage.Status.SENT: events}, "outbox rows not all sent"
+    assert statuses == {OutboxMessage.Status.SENT: expected}, "outbox rows not all sent"
     assert quiet, "the run did not converge (see the ledger line above)"
     assert not lost, f"{len(lost)} committed event(s) never applied: {sorted(lost)[:10]}"
     assert set(applied) == ids - permanent
     assert set(applied.values()) == {1}
-    assert processed == set(applied), "idempotency records do not match the effects"
+    assert processed == set(applied) | copies_applied, "idempotency records do not match"
     # Dead letters: exactly the designed permanent failures, one each, for that reason.
     assert not [x for x in letters if APPLIED_TWICE in x[3]], "applied twice"
     assert set(dead) == permanent, sorted(set(dead) ^ permanent)[:10]
     assert set(dead.values()) == {1}, [i for i, c in dead.items() if c > 1][:10]
-    assert {(x[1], x[2], x[4]) for x in letters} == {
-        (PERMANENT_ERROR, "reliable_events.exceptions.PermanentError", DeadLetter.Status.OPEN)
+    assert {(x[1], x[2]) for x in letters} == {
+        (PERMANENT_ERROR, "reliable_events.exceptions.PermanentError")
     }
+    # The re-driven letters are retried, their edited copies applied; the rest are open.
+    assert len(copies) == REDRIVE
+    assert copies_applied == set(copies), "a re-driven copy was not applied"
+    assert {x[0] for x in letters if x[4] == DeadLetter.Status.RETRIED} == set(copies.values())
+    assert {x[4] for x in letters if x[0] not in copies.values()} == {DeadLetter.Status.OPEN}
     # Designed transient failures: failed on attempt 1, applied once on a retry.
     assert once
     assert all(attempts[i] >= 2 for i in once)
@@ -418,9 +492,16 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     retried = sorted(i for i, a in attempts.items() if a > 1 and i not in once)
     assert not retried, f"{len(retried)} undesigned retries, e.g. {retried[:5]}"
     assert leftover == dict.fromkeys(queues.names, 0), leftover
-    assert fleet.kills >= 10, "the chaos did not happen"
-    if restart_services:
+    assert fleet.kills >= MIN_KILLS, "the chaos did not happen"
+    if restarts_too:
         assert broker_faults > 0, "nobody noticed the RabbitMQ restart"
         assert database_faults > 0, "nobody noticed the PostgreSQL restart"
     assert redeliveries > 0, "no redelivery was seen: the kills proved nothing"
     assert not fleet.unexpected_exits, fleet.unexpected_exits
+    # Traces: every applied event (re-driven copies too) has a process span leading back
+    # to the span current when publish_event ran; the crashed producer's events went out
+    # through the relay's sweep, linked to their creation.
+    assert not trace_failures, trace_failures[:10]
+    assert trace_figures["applied"] == len(applied) + len(copies)
+    assert trace_figures["swept"] == CRASH_EVENTS
+    assert trace_figures["redriven"] == REDRIVE

@@ -19,6 +19,12 @@ once.  That kills landed inside consumer transactions is shown by the ledger con
 "applying" lines: an id printed more often than it was applied had its transaction cut
 short and was claimed again.
 
+Traces (OpenTelemetry SDK in every child, each span exported to a file as it ends,
+``tests/support/otel_support.py``): every applied event has a ``process`` span that
+leads back to the span current when ``publish_event`` ran, including the events of a
+producer that SIGKILLs itself between its commit and its on-commit publish (the relay's
+sweep sends them) and dead letters re-driven with an edited payload after the chaos.
+
 These tests kill only their own child processes (not ``disruptive``).
 ``RE_DB_LEDGER_EVENTS`` changes the number of events.
 """
@@ -44,6 +50,7 @@ from django.db import connection
 from reliable_events.conf import AppSettings
 from reliable_events.consuming import PERMANENT_ERROR
 from tests.support.ledger_support import Fleet, chaos
+from tests.support.otel_support import SPANS_ENV, check_ledger_traces, read_span_files
 from tests.support.producer_support import ROOT, child_env
 from tests.support.service_control import wait_for
 from tests.testapp.consumers import APPLIED_TWICE, APPLYING, LEDGER_CONSUMER_ENV
@@ -62,6 +69,21 @@ DUPLICATE_LINE = "skipped duplicate"
 HANDLER_KILLS = 2
 #: Random kills at least (the chaos goes on after the producers until there were this many).
 MIN_KILLS = 15
+#: Events of the producer that dies between its commit and its on-commit publish.
+CRASH_EVENTS = 5
+#: Dead letters re-driven (edit and retry, the payload fixed) after the chaos.
+REDRIVE = 3
+#: Run in a child (the ledger's database): edit-and-retry dead letters, print the copies.
+REDRIVE_CODE = """
+import json
+from reliable_events import deadletters
+from reliable_events.models import DeadLetter
+copies = {}
+for letter in DeadLetter.objects.filter(consumer=%r, status="open").order_by("id")[:%d]:
+    result = deadletters.edit_and_retry(letter, {**letter.payload, "fail": None}, user="ledger")
+    copies[result.copies[letter.pk]] = letter.message_id
+print("REDRIVEN " + json.dumps(copies))
+"""
 
 Query = Callable[[str], list[tuple[Any, ...]]]
 
@@ -111,6 +133,29 @@ def kill_in_handler(
         errors.append(exc)
 
 
+def redrive(env: dict[str, str], consumer: str) -> dict[str, str]:
+    """Edit and retry ``REDRIVE`` open dead letters (their payload fixed), in a child
+    process (the service the admin uses); the copies' ids -> the original ids."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "manage.py"),
+            "shell",
+            "-c",
+            REDRIVE_CODE % (consumer, REDRIVE),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    line = next(x for x in done.stdout.splitlines() if x.startswith("REDRIVEN "))
+    copies: dict[str, str] = json.loads(line.split(" ", 1)[1])
+    return copies
+
+
 def run_ledger(
     *, env: dict[str, str], query: Query, relays: int, consumers: int, logs: Path
 ) -> tuple[str, dict[str, Any]]:
@@ -119,8 +164,11 @@ def run_ledger(
     deadline = started + BUDGET_SECONDS
     run = f"dbledger-{uuid.uuid4().hex[:8]}"
     name = f"{run}.apply"
+    spans = logs / "spans"
+    spans.mkdir()
     env = {
         **env,
+        SPANS_ENV: str(spans),
         "PYTHONUNBUFFERED": "1",
         "RE_TEST_LOG_LEVEL": "INFO",
         "RE_TEST_RELIABLE_EVENTS": json.dumps(shipped_settings(f"test-ev-{run}")),
@@ -143,6 +191,7 @@ def run_ledger(
         producer_count=PRODUCERS,
         per_transaction=PER_TRANSACTION,
         max_seconds=BUDGET_SECONDS - 60,
+        crash_events=CRASH_EVENTS,
     )
     stop_chaos = threading.Event()
     chaos_errors: list[BaseException] = []
@@ -182,6 +231,7 @@ def run_ledger(
                 fleet.start("relay", i)
             for i in range(PRODUCERS):
                 fleet.start("producer", i)
+            crasher = fleet.start("crasher", 0)
         chaos_thread.start()
         aim_thread.start()
         wait_for(
@@ -199,9 +249,23 @@ def run_ledger(
         chaos_thread.join(60)
         aim_thread.join(60)
         quiet = wait_for(
-            converged_twice, timeout=max(0.0, deadline - time.monotonic() - 15), interval=1.0
+            converged_twice, timeout=max(0.0, deadline - time.monotonic() - 25), interval=1.0
         )
         marks["converged"] = time.monotonic() - started
+        copies = redrive(env, name) if quiet else {}
+        listed = ", ".join(f"'{c}'" for c in copies) or "''"
+        wait_for(
+            lambda: (
+                count(
+                    f"SELECT COUNT(*) FROM testapp_effect WHERE consumer = '{name}' "
+                    f"AND message_id IN ({listed})"
+                )
+                == len(copies)
+            ),
+            timeout=max(0.0, deadline - time.monotonic() - 10),
+            interval=0.5,
+        )
+        marks["redriven"] = time.monotonic() - started
         fleet.stop(("consumer", "relay"))
     finally:
         stop_chaos.set()
@@ -212,8 +276,11 @@ def run_ledger(
         (logs / "timeline.log").write_text("\n".join(fleet.timeline) + "\n")
 
     consumer_logs = fleet.text("consumer")
-    effects = query(f"SELECT message_id, payload FROM testapp_effect WHERE consumer = '{name}'")
-    figures = {
+    every_effect = query(
+        f"SELECT message_id, payload FROM testapp_effect WHERE consumer = '{name}'"
+    )
+    effects = [row for row in every_effect if row[0] not in copies]
+    figures: dict[str, Any] = {
         "ids": {row[0] for row in query(f"SELECT message_id {outbox} AND queue = ''")},
         "statuses": dict(query(f"SELECT status, COUNT(*) {outbox} GROUP BY status")),
         "orders": Counter(
@@ -240,6 +307,7 @@ def run_ledger(
         ),
         "duplicates": consumer_logs.count(DUPLICATE_LINE),
         "codes": codes,
+        "crasher_code": crasher.proc.poll(),
         "quiet": quiet,
         "kills": fleet.kills,
         "aimed": aimed,
@@ -253,7 +321,17 @@ def run_ledger(
         "wall": time.monotonic() - started,
         "marks": marks,
         "producer_log": fleet.text("producer")[-3000:],
+        "expected": EVENTS + CRASH_EVENTS,
+        "copies": copies,
+        "copies_applied": {row[0] for row in every_effect if row[0] in copies},
     }
+    figures["traces"] = check_ledger_traces(
+        read_span_files(spans),
+        {row[0]: _json(row[1]).get("trace") or {} for row in every_effect},
+        copies=copies,
+        swept={i for i in figures["ids"] if i.startswith(f"{run}-crash-")},
+        exported_before_commit=True,
+    )
     return run, figures
 
 
@@ -266,6 +344,9 @@ def _json(value: Any) -> dict[str, Any]:
 def check_ledger(figures: dict[str, Any], report_figures: Any, label: str) -> None:
     """The ledger: nothing lost, nothing applied twice, dead letters exactly as designed."""
     ids: set[str] = figures["ids"]
+    expected: int = figures["expected"]
+    copies: dict[str, str] = figures["copies"]
+    trace_figures, trace_failures = figures["traces"]
     applied: Counter[str] = figures["applied"]
     attempts: dict[str, int] = figures["attempts"]
     letters: list[tuple[Any, ...]] = figures["letters"]
@@ -288,27 +369,36 @@ def check_ledger(figures: dict[str, Any], report_figures: Any, label: str) -> No
         f"unexpected_exits={len(figures['unexpected_exits'])} "
         f"transactions_cut_by_kills={interrupted} duplicates_absorbed={figures['duplicates']} "
         f"lost={len(lost)} applied_twice={sum(1 for c in applied.values() if c > 1)}"
+        f"\n  traces: {trace_figures} failures={len(trace_failures)}"
         f"\n  wall_time={figures['wall']:.1f}s "
         + " ".join(f"{k}={v:.1f}s" for k, v in figures["marks"].items())
         + f"\n  outbox={figures['statuses']} leftover_in_queues={figures['leftover']}"
     )
     assert not figures["chaos_errors"], f"the chaos thread failed: {figures['chaos_errors'][0]!r}"
     assert figures["codes"] == [0] * PRODUCERS, (figures["codes"], figures["producer_log"])
-    assert len(ids) == EVENTS
+    assert figures["crasher_code"] == -9, "the crashing producer did not die after its commit"
+    assert len(ids) == expected
     assert set(figures["orders"]) == ids
     assert set(figures["orders"].values()) == {1}
-    assert figures["statuses"] == {"sent": EVENTS}, "outbox rows not all sent"
+    assert figures["statuses"] == {"sent": expected}, "outbox rows not all sent"
     assert figures["quiet"], "the run did not converge (see the ledger line above)"
     assert not lost, f"{len(lost)} committed event(s) never applied: {sorted(lost)[:10]}"
     assert set(applied) == ids - permanent
     assert set(applied.values()) == {1}
-    assert figures["processed"] == set(applied), "idempotency records do not match the effects"
+    assert figures["processed"] == set(applied) | figures["copies_applied"], (
+        "idempotency records do not match the effects"
+    )
     assert not [x for x in letters if APPLIED_TWICE in x[3]], "applied twice"
     assert set(dead) == permanent, sorted(set(dead) ^ permanent)[:10]
     assert set(dead.values()) == {1}, [i for i, c in dead.items() if c > 1][:10]
-    assert {(x[1], x[2], x[4]) for x in letters} == {
-        (PERMANENT_ERROR, "reliable_events.exceptions.PermanentError", "open")
+    assert {(x[1], x[2]) for x in letters} == {
+        (PERMANENT_ERROR, "reliable_events.exceptions.PermanentError")
     }
+    # The re-driven letters are retried, their edited copies applied; the rest are open.
+    assert len(copies) == REDRIVE
+    assert figures["copies_applied"] == set(copies), "a re-driven copy was not applied"
+    assert {x[0] for x in letters if x[4] == "retried"} == set(copies.values())
+    assert {x[4] for x in letters if x[0] not in copies.values()} == {"open"}
     assert once
     assert all(attempts[i] >= 2 for i in once)
     retried = sorted(i for i, a in attempts.items() if a > 1 and i not in once)
@@ -319,6 +409,13 @@ def check_ledger(figures: dict[str, Any], report_figures: Any, label: str) -> No
     assert set(figures["aimed"]) <= set(applied), "a slow event killed in its handler was lost"
     assert interrupted >= len(figures["aimed"]), "no kill landed inside a consumer transaction"
     assert not figures["unexpected_exits"], figures["unexpected_exits"]
+    # Traces: every applied event (re-driven copies too) has a process span leading back
+    # to the span current when publish_event ran; the crashed producer's events went out
+    # through the relay's sweep, linked to their creation.
+    assert not trace_failures, trace_failures[:10]
+    assert trace_figures["applied"] == len(applied) + len(copies)
+    assert trace_figures["swept"] == CRASH_EVENTS
+    assert trace_figures["redriven"] == REDRIVE
 
 
 def test_ledger_on_sqlite_and_the_database_transport_survives_sigkills(

@@ -64,6 +64,9 @@ class Fleet:
     max_seconds: float
     #: Events per second all producers commit at most together (0: as fast as they can).
     rate: float = 0.0
+    #: Events of the "crasher" producer (SIGKILLs itself after its commit, before the
+    #: on-commit publish: the relay's sweep sends them).
+    crash_events: int = 0
     children: dict[tuple[str, int], Child] = field(default_factory=dict)
     retired: list[Child] = field(default_factory=list)
     kills: int = 0
@@ -78,6 +81,15 @@ class Fleet:
             return [*manage, "relay_outbox"]
         if kind == "consumer":
             return [*manage, "consume_events", self.consumer]
+        if kind == "crasher":
+            return [
+                *manage,
+                "ledger_produce",
+                f"--prefix={self.run}-crash",
+                f"--count={self.crash_events}",
+                f"--per-transaction={self.crash_events}",
+                "--crash-after-commit",
+            ]
         count = self.events // self.producer_count + (
             1 if index < self.events % self.producer_count else 0
         )
@@ -107,7 +119,7 @@ class Fleet:
         return child
 
     def targets(self) -> list[tuple[str, int]]:
-        return [key for key in self.children if key[0] != "producer"]
+        return [key for key in self.children if key[0] in ("relay", "consumer")]
 
     def kill_and_restart(self, key: tuple[str, int]) -> None:
         with self.lock:

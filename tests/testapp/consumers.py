@@ -12,6 +12,8 @@ applied with.  The payload's ``fail`` designs the failures:
 * ``"once"``: raise on attempt 1, apply on the retry;
 * ``"slow"``: apply after :data:`SLOW_SECONDS` inside the transaction.
 
+The effect also records the span the handler ran in (the trace checks of the ledger).
+
 A second application of one id is never absorbed silently: the unique ``Effect`` row
 refuses it and the handler turns that into a ``PermanentError`` whose dead letter the
 ledger reports as an undesigned failure.
@@ -25,6 +27,7 @@ import sys
 import time
 
 from django.db import IntegrityError, transaction
+from opentelemetry import trace
 
 from reliable_events.consumer import Event, EventConsumer
 from reliable_events.exceptions import PermanentError
@@ -61,10 +64,18 @@ def apply_ledger_event(consumer: str, event: Event) -> None:
                     "event": payload,
                     "attempt": event.attempt,
                     "redelivered": event.redelivered,
+                    "trace": current_span(),
                 },
             )
     except IntegrityError as exc:
         raise PermanentError(f"{APPLIED_TWICE}: {event.id} already has an effect") from exc
+
+
+def current_span() -> dict[str, str]:
+    """The span the handler runs in (the consumer's ``process`` span), in the format of
+    the SDK's JSON export; stored with the effect, so it survives any kill."""
+    context = trace.get_current_span().get_span_context()
+    return {"trace_id": f"0x{context.trace_id:032x}", "span_id": f"0x{context.span_id:016x}"}
 
 
 _SPEC = os.environ.get(LEDGER_CONSUMER_ENV)

@@ -89,6 +89,13 @@ def test_e004_queue_type(re_settings):
     assert _only(re_settings, QUEUE_TYPE="quorum") == []
 
 
+def test_e012_cloudevents_mode(re_settings):
+    messages = _only(re_settings, CLOUDEVENTS="json")
+    assert _ids(messages) == ["reliable_events.E012"]
+    assert "off, binary, structured" in messages[0].msg
+    assert _only(re_settings, CLOUDEVENTS="structured") == []
+
+
 @pytest.mark.parametrize("exchange", ["", "amq.topic", 5])
 def test_e005_exchange(re_settings, exchange):
     messages = _only(re_settings, EXCHANGE=exchange)

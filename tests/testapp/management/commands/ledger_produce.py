@@ -10,17 +10,26 @@ doubled.  Payload ``fail`` designs consumer failures: ``"permanent"`` for
 ``n % 100 == 7``, ``"once"`` for ``n % 100 == 42``; ``"slow"`` (``n % 1000 == 77``) is
 applied after a pause inside its transaction (a window for a test to kill the consumer).
 
+Each ``publish_event`` runs inside a ``ledger.produce`` span (attribute
+``ledger.message_id``): the span every trace of the event must lead back to.
+``--crash-after-commit``: the process SIGKILLs itself right after its last transaction
+commits, before the on-commit publish (a web process dying there): the relay's sweep
+must send those events.
+
 Exit codes: 0 every event committed; 2 ``--max-seconds`` passed first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, InterfaceError, connection, transaction
+from opentelemetry import trace
 
 from reliable_events import publish_event
 from tests.testapp.models import Order
@@ -53,6 +62,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rate", type=float, default=0.0, help="At most this many events/s (0: no limit)."
         )
+        parser.add_argument(
+            "--crash-after-commit",
+            action="store_true",
+            help="SIGKILL this process right after the last commit, before its on-commit publish.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         prefix: str = options["prefix"]
@@ -75,6 +89,9 @@ class Command(BaseCommand):
                     )
                 try:
                     with transaction.atomic():
+                        if options["crash_after_commit"] and first + step >= count:
+                            # Registered first, so it runs before publish_event's hook.
+                            transaction.on_commit(lambda: os.kill(os.getpid(), signal.SIGKILL))
                         for n in numbers:
                             self.commit_one(prefix, n, keys)
                     break
@@ -96,9 +113,13 @@ class Command(BaseCommand):
         message_id = f"{prefix}-{n:05d}"
         if not Order.objects.filter(reference=message_id).exists():
             Order.objects.create(reference=message_id)
-        publish_event(
-            TOPIC,
-            {"n": n, "fail": designed_failure(n), "producer": prefix},
-            key=f"{prefix}-k{n % keys}",
-            message_id=message_id,
-        )
+        tracer = trace.get_tracer("tests.ledger")
+        with tracer.start_as_current_span(
+            "ledger.produce", attributes={"ledger.message_id": message_id}
+        ):
+            publish_event(
+                TOPIC,
+                {"n": n, "fail": designed_failure(n), "producer": prefix},
+                key=f"{prefix}-k{n % keys}",
+                message_id=message_id,
+            )

@@ -1,0 +1,268 @@
+"""Which trace does an event belong to? OpenTelemetry spans along an event's path.
+
+Optional: everything here is a no-op unless ``opentelemetry-api`` is importable (the
+``otel`` extra; the SDK and its exporters are the application's choice) and the
+``TRACING`` setting is on (the default).  The import is tried once; without it the hooks
+return their input unchanged (``traced_process`` returns the method itself).
+
+* ``publish_event`` (:func:`stamp`): a ``create`` span, child of the span current in the
+  caller, whose W3C context (``traceparent``, ``tracestate`` and the caller's ``baggage``)
+  is stored in the row's ``headers``: captured when the row is written, not when it is
+  sent.  The headers travel with the event everywhere (AMQP headers, ``db://`` and
+  ``memory://`` messages, delay-queue and outbox retries, dead letters and their retry or
+  edited copy), so every later span finds the creation context there.
+* The relay and the on-commit hook (:class:`TracedPublisher`): one ``send`` span per
+  batch, *linked* to each message's creation context (not its child: a batch has many),
+  up to :data:`MAX_LINKS` links.
+* The consumer (:func:`traced_process`, :func:`batch_processed`): one ``process`` span per
+  delivery, child of the carried creation context, with the outcome
+  (``reliable_events.outcome``: processed, duplicate, retried, dead-lettered, poison).
+
+Attribute names follow the OpenTelemetry messaging semantic conventions.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from reliable_events.broker.base import OutgoingMessage, Publisher, PublishResult
+from reliable_events.conf import app_settings
+
+try:  # the optional ``otel`` extra: tried once, at import
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - the dev requirements install it
+    AVAILABLE = False
+
+if TYPE_CHECKING:
+    from reliable_events.broker.base import Delivery
+    from reliable_events.consumer.base import Event, HandlerResult, Outcome
+    from reliable_events.topology import Topology
+
+#: The W3C headers (trace context and baggage) an event carries.
+TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
+#: Longest trace header kept (W3C baggage is at most 8,192 bytes).
+MAX_TRACE_HEADER = 8192
+OUTCOME = "reliable_events.outcome"
+#: Most links one ``send`` span carries: OpenTelemetry's default span link limit
+#: (``OTEL_SPAN_LINK_COUNT_LIMIT``); the SDK would drop the rest anyway, after paying for
+#: them (a relay batch has up to ``RELAY_BATCH_SIZE`` messages).
+MAX_LINKS = 128
+TRACER_NAME = "reliable_events"
+
+
+def enabled() -> bool:
+    """Whether spans are made: ``opentelemetry-api`` importable and ``TRACING`` on."""
+    return AVAILABLE and bool(app_settings.TRACING)
+
+
+_cached: list[Any] = [None, None]
+
+
+def _tracer() -> Any:
+    """The library's tracer of the current global provider (``get_tracer`` builds a new
+    tracer on each call in the SDK, about the cost of a span: kept per provider)."""
+    provider = trace.get_tracer_provider()
+    if _cached[0] is not provider:
+        _cached[1] = provider.get_tracer(TRACER_NAME)
+        _cached[0] = provider
+    return _cached[1]
+
+
+def _system(url: str) -> str:
+    return "rabbitmq" if url.startswith("amqp") else "reliable_events"
+
+
+# -- publish_event -------------------------------------------------------------------------
+def stamp(headers: dict[str, str], *, topic: str, message_id: str) -> dict[str, str]:
+    """The headers of a new outbox row with the creation context added (a ``create`` span,
+    child of the caller's current span, started and ended here).  Headers that already
+    carry a ``traceparent`` (the caller propagates explicitly) are kept as they are."""
+    if not AVAILABLE or not app_settings.TRACING or "traceparent" in headers:
+        return headers
+    exchange = str(app_settings.EXCHANGE)
+    span = _tracer().start_span(
+        f"create {exchange}",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": _system(str(app_settings.BROKER_URL)),
+            "messaging.operation.type": "create",
+            "messaging.operation.name": "create",
+            "messaging.destination.name": exchange,
+            "messaging.rabbitmq.destination.routing_key": topic,
+            "messaging.message.id": message_id,
+        },
+    )
+    carrier = dict(headers)
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    span.end()
+    for name in TRACE_HEADERS:
+        if len(carrier.get(name, "")) > MAX_TRACE_HEADER:
+            del carrier[name]
+    return carrier
+
+
+def without_context(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``headers`` minus the trace headers (two publishes of one idempotent event differ
+    only there)."""
+    return {k: v for k, v in (headers or {}).items() if k not in TRACE_HEADERS}
+
+
+# -- the relay and the on-commit hook -----------------------------------------------------------
+def creation_context(headers: Mapping[str, Any]) -> Any:
+    """The span context in a ``traceparent`` header, or ``None`` (parsed directly: the
+    relay links every message of a batch)."""
+    value = headers.get("traceparent")
+    if not isinstance(value, str) or len(value) < 55:
+        return None
+    parts = value.split("-")
+    if len(parts) < 4 or parts[0] == "ff":
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
+
+
+class TracedPublisher(Publisher):
+    """A publisher whose every :meth:`publish` is a ``send`` span linked to the creation
+    context of each message (everything else is the wrapped publisher's)."""
+
+    def __init__(self, inner: Publisher, role: str) -> None:
+        self.inner = inner
+        self.role = role
+        self.url = inner.url
+        self.system = _system(inner.url)
+
+    def publish(
+        self, messages: Sequence[OutgoingMessage], *, timeout: float, wait: bool = True
+    ) -> PublishResult:
+        links = []
+        for message in messages:
+            context = creation_context(message.headers)
+            if context is not None:
+                links.append(Link(context))
+                if len(links) >= MAX_LINKS:
+                    break
+        first = messages[0] if messages else None
+        destination = (first.exchange or first.routing_key) if first else ""
+        attributes: dict[str, Any] = {
+            "messaging.system": self.system,
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "send",
+            "messaging.destination.name": destination,
+            "reliable_events.publisher": self.role,
+        }
+        if len(messages) == 1 and first is not None:
+            attributes["messaging.message.id"] = first.message_id
+        else:
+            attributes["messaging.batch.message_count"] = len(messages)
+        with _tracer().start_as_current_span(
+            f"send {destination}", kind=SpanKind.CLIENT, links=links, attributes=attributes
+        ) as span:
+            result = self.inner.publish(messages, timeout=timeout, wait=wait)
+            if result.failed or result.interrupted:
+                span.set_status(Status(StatusCode.ERROR, result.broker_error or "not confirmed"))
+            span.set_attribute("reliable_events.confirmed", len(result.confirmed))
+        return result
+
+    def connect(self) -> None:
+        self.inner.connect()
+
+    def flush(self, *, timeout: float) -> PublishResult:
+        return self.inner.flush(timeout=timeout)
+
+    def declare(self, topology: Topology) -> None:
+        self.inner.declare(topology)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.inner.connected
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def traced(publisher: Publisher, role: str) -> Publisher:
+    """``publisher`` itself when tracing is off, else wrapped in :class:`TracedPublisher`."""
+    if not enabled() or isinstance(publisher, TracedPublisher):
+        return publisher
+    return TracedPublisher(publisher, role)
+
+
+# -- the consumer ---------------------------------------------------------------------------
+def _process_attributes(delivery: Delivery, system: str) -> dict[str, Any]:
+    return {
+        "messaging.system": system,
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": delivery.exchange or delivery.routing_key,
+        "messaging.destination.subscription.name": delivery.consumer,
+        "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
+        "messaging.message.id": delivery.message_id,
+    }
+
+
+def _settle_span(span: Any, outcome: Outcome, result: HandlerResult | None) -> None:
+    span.set_attribute(OUTCOME, outcome.value)
+    if result is not None and result.error is not None:
+        span.record_exception(result.error)
+        span.set_status(Status(StatusCode.ERROR, type(result.error).__name__))
+
+
+Method = Callable[[Any, "Delivery"], "tuple[Outcome, HandlerResult | None]"]
+
+
+def traced_process(method: Method) -> Method:
+    """Decorates ``Processor.process``: a ``process`` span per delivery, child of the
+    carried creation context, current while the handler runs, with the outcome."""
+    if not AVAILABLE:  # pragma: no cover - the dev requirements install it
+        return method
+
+    @functools.wraps(method)
+    def process(self: Any, delivery: Delivery) -> tuple[Outcome, HandlerResult | None]:
+        if not app_settings.TRACING:
+            return method(self, delivery)
+        with _tracer().start_as_current_span(
+            f"process {delivery.consumer}",
+            context=propagate.extract(delivery.headers),
+            kind=SpanKind.CONSUMER,
+            attributes=_process_attributes(delivery, _system(str(app_settings.BROKER_URL))),
+        ) as span:
+            outcome, result = method(self, delivery)
+            _settle_span(span, outcome, result)
+            return outcome, result
+
+    return process
+
+
+def batch_processed(
+    batch: Sequence[tuple[Delivery, Event]], results: Sequence[HandlerResult]
+) -> None:
+    """The ``process`` spans of a committed batch (one per event, timed by its result)."""
+    if not enabled():
+        return
+    tracer = _tracer()
+    system = _system(str(app_settings.BROKER_URL))
+    now = time.time_ns()
+    for (delivery, _event), result in zip(batch, results, strict=False):
+        span = tracer.start_span(
+            f"process {delivery.consumer}",
+            context=propagate.extract(delivery.headers),
+            kind=SpanKind.CONSUMER,
+            attributes=_process_attributes(delivery, system),
+            start_time=now - int(result.seconds * 1e9),
+        )
+        _settle_span(span, result.outcome, result)
+        span.end(end_time=now)

@@ -1,0 +1,209 @@
+"""OpenTelemetry spans along an event's path, on ``memory://`` and ``db://`` (the SDK's
+in-memory exporter in this process; RabbitMQ: ``tests/integration/test_observability_rabbitmq.py``).
+
+Every ``process`` span must lead back (parent chain, same trace) to the span that was
+current when ``publish_event`` ran: on the on-commit path, through the relay, through
+retries and through dead-letter re-drives (retry and edit-and-retry).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import transaction
+from opentelemetry import baggage, context, trace
+
+from reliable_events import deadletters, publish_event, tracing
+from reliable_events.consumer import Event, EventConsumer
+from reliable_events.consuming import Worker
+from reliable_events.exceptions import PermanentError
+from reliable_events.models import DeadLetter, OutboxMessage
+from reliable_events.relay import relay_once
+from tests.support.consumer_support import make_consumer
+from tests.support.otel_support import Span, TraceIndex, recording
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(params=["memory://", "db://"])
+def url(request: Any, re_settings: Any) -> str:
+    re_settings(BROKER_URL=request.param)
+    return str(request.param)
+
+
+def run_worker(consumer: type[EventConsumer], url: str, idle: float = 0.6) -> None:
+    Worker([consumer], url=url).run(until_idle=idle)
+
+
+def started(consumer: type[EventConsumer], url: str) -> None:
+    worker = Worker([consumer], url=url)
+    worker.transport.connect()  # declares its queues (memory://)
+    worker.close()
+
+
+def publish_in_request(name: str, **kwargs: Any) -> Span:
+    """``publish_event`` inside a request span (and a committed transaction)."""
+    tracer = trace.get_tracer("tests")
+    with tracer.start_as_current_span(name) as span, transaction.atomic():
+        publish_event("orders.created", {"n": 1}, **kwargs)
+    return Span(
+        name=name,
+        kind="INTERNAL",
+        trace_id=f"0x{span.get_span_context().trace_id:032x}",
+        span_id=f"0x{span.get_span_context().span_id:016x}",
+        parent_id=None,
+        attributes={},
+    )
+
+
+def index(exporter: Any) -> TraceIndex:
+    return TraceIndex([Span.from_sdk(s) for s in exporter.get_finished_spans()])
+
+
+def test_publish_stores_the_callers_context_and_every_span_leads_back(clean_registry, url):
+    consumer = make_consumer(clean_registry)
+    started(consumer, url)
+    with recording() as exporter:
+        token = context.attach(baggage.set_baggage("tenant", "acme"))
+        try:
+            origin = publish_in_request("request", message_id="m-1", key="k1")
+        finally:
+            context.detach(token)
+        row = OutboxMessage.objects.get(message_id="m-1")
+        run_worker(consumer, url)
+        spans = index(exporter)
+    assert row.headers["traceparent"].split("-")[1] == origin.trace_id[2:]
+    assert row.headers["baggage"] == "tenant=acme"
+    [create] = spans.of("create", "m-1")
+    assert create.parent_id == origin.span_id
+    assert create.kind == "PRODUCER"
+    [send] = spans.of("send", "m-1")
+    assert send.attributes["reliable_events.publisher"] == "on-commit"
+    assert create.span_id in send.links
+    assert send.parent_id == origin.span_id  # the hook runs in the committing request
+    [process] = spans.of("process", "m-1")
+    assert process.kind == "CONSUMER"
+    assert process.parent_id == create.span_id
+    assert spans.leads_back(process, origin)
+    assert process.attributes["reliable_events.outcome"] == "processed"
+    assert consumer.calls[0].headers["baggage"] == "tenant=acme"
+
+
+def test_the_relay_sends_a_batch_linked_to_each_creation_context(clean_registry, url, re_settings):
+    re_settings(PUBLISH_ON_COMMIT=False)  # everything left to the relay (its sweep)
+    consumer = make_consumer(clean_registry)
+    started(consumer, url)
+    with recording() as exporter:
+        origins = [publish_in_request(f"request-{i}", message_id=f"m-{i}") for i in range(3)]
+        assert relay_once().sent == 3
+        run_worker(consumer, url)
+        spans = index(exporter)
+    [send] = spans.of("send")
+    assert send.attributes["reliable_events.publisher"] == "relay"
+    assert send.attributes["messaging.batch.message_count"] == 3
+    assert send.parent_id is None
+    creates = [spans.of("create", f"m-{i}")[0] for i in range(3)]
+    assert sorted(send.links) == sorted(c.span_id for c in creates)
+    for i, origin in enumerate(origins):
+        [process] = spans.of("process", f"m-{i}")
+        assert spans.leads_back(process, origin)
+
+
+def test_retries_and_dead_letter_redrives_keep_the_original_trace(clean_registry, url):
+    fixed: dict[str, bool] = {}
+
+    def flaky(consumer: EventConsumer, event: Event) -> None:
+        if event.attempt == 1 and event.id == "m-once":
+            raise RuntimeError("transient")
+        if not fixed.get("yes") and isinstance(event.payload, dict) and event.id != "m-once":
+            raise PermanentError("bad payload")
+
+    consumer = make_consumer(clean_registry, max_retries=2, retry_delays=[0], behaviour=flaky)
+    started(consumer, url)
+    with recording() as exporter:
+        once = publish_in_request("request-once", message_id="m-once")
+        retried = publish_in_request("request-retried", message_id="m-dead")
+        edited = publish_in_request("request-edited", message_id="m-edit")
+        run_worker(consumer, url, idle=1.5)
+        letters = {letter.message_id: letter for letter in DeadLetter.objects.all()}
+        assert set(letters) == {"m-dead", "m-edit"}
+        fixed["yes"] = True
+        deadletters.retry([letters["m-dead"]], user="t")
+        result = deadletters.edit_and_retry(letters["m-edit"], {"n": 2}, user="t")
+        run_worker(consumer, url, idle=1.0)
+        spans = index(exporter)
+    copy_id = result.copies[letters["m-edit"].pk]
+
+    outcomes = [p.attributes["reliable_events.outcome"] for p in spans.of("process", "m-once")]
+    assert outcomes == ["retried", "processed"]
+    for p in spans.of("process", "m-once"):
+        assert spans.leads_back(p, once)
+    dead_outcomes = [p.attributes["reliable_events.outcome"] for p in spans.of("process", "m-dead")]
+    assert dead_outcomes == ["dead-lettered", "processed"]
+    for p in spans.of("process", "m-dead"):
+        assert spans.leads_back(p, retried)
+    [copy] = spans.of("process", copy_id)
+    assert copy.attributes["reliable_events.outcome"] == "processed"
+    assert spans.leads_back(copy, edited)
+
+
+def test_an_idempotent_publish_under_another_trace_is_the_same_event(clean_registry, url):
+    with recording():
+        first = publish_in_request("a", message_id="m-1", headers={"tenant": "a"})
+        publish_in_request("b", message_id="m-1", headers={"tenant": "a"})
+    row = OutboxMessage.objects.get(message_id="m-1")
+    assert row.headers["traceparent"].split("-")[1] == first.trace_id[2:]
+
+
+def test_a_callers_own_traceparent_is_kept():
+    given = {"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"}
+    with recording():
+        assert tracing.stamp(given, topic="t", message_id="m") is given
+
+
+def test_tracing_off_stores_no_context_and_makes_no_span(clean_registry, url, re_settings):
+    re_settings(TRACING=False)
+    consumer = make_consumer(clean_registry)
+    started(consumer, url)
+    with recording() as exporter:
+        publish_in_request("request", message_id="m-1")
+        run_worker(consumer, url)
+        names = [s.name for s in exporter.get_finished_spans()]
+    assert names == ["request"]
+    assert "traceparent" not in OutboxMessage.objects.get(message_id="m-1").headers
+    assert consumer.calls
+
+
+def test_a_batch_transaction_makes_one_process_span_per_event(clean_registry, url, monkeypatch):
+    consumer = make_consumer(clean_registry)
+    consumer.batch_size = 10
+    started(consumer, url)
+    batches: list[int] = []
+    through = tracing.batch_processed
+
+    def counted(batch: Any, results: Any) -> None:
+        batches.append(len(results))
+        through(batch, results)
+
+    monkeypatch.setattr(tracing, "batch_processed", counted)
+    with recording() as exporter:
+        origins = [publish_in_request(f"request-{i}", message_id=f"m-{i}") for i in range(4)]
+        run_worker(consumer, url)
+        spans = index(exporter)
+    assert len(consumer.calls) == 4
+    assert sum(batches) == 4  # all four settled in batch transactions
+    for i, origin in enumerate(origins):
+        [process] = spans.of("process", f"m-{i}")
+        assert process.attributes["reliable_events.outcome"] == "processed"
+        assert spans.leads_back(process, origin)
+
+
+def test_without_opentelemetry_the_hooks_hand_back_their_input(monkeypatch):
+    monkeypatch.setattr(tracing, "AVAILABLE", False)
+    headers = {"tenant": "a"}
+    publisher: Any = object()
+    with recording():
+        assert tracing.stamp(headers, topic="t", message_id="m") is headers
+        assert tracing.traced(publisher, "relay") is publisher
+        assert not tracing.enabled()
