@@ -54,6 +54,7 @@ from django.db import (
     InterfaceError,
 )
 
+from reliable_events import metrics
 from reliable_events.broker.base import POLL_SECONDS, Delivery
 from reliable_events.broker.connect import open_transport
 from reliable_events.conf import app_settings
@@ -71,6 +72,7 @@ from reliable_events.exceptions import (
     DatabaseUnavailable,
     ReliableEventsError,
 )
+from reliable_events.liveness import HeartbeatWriter
 from reliable_events.relay.engine import Relay
 from reliable_events.reports import Report
 from reliable_events.runner import StopFlag
@@ -198,6 +200,7 @@ class Worker:
         self._failures = 0
         self._last_activity = time.monotonic()
         self._max_messages: int | None = None
+        self.heartbeat = HeartbeatWriter("consumer", self.consumers)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(
@@ -229,6 +232,7 @@ class Worker:
 
     def _step(self, until_idle: float | None) -> None:
         """Take one delivery (waiting at most a poll interval) and settle it."""
+        self.heartbeat.tick(self.stats)
         self.transport.connect()
         self.transport.check_topology()
         self._failures = 0
@@ -273,6 +277,7 @@ class Worker:
         self.stop.wait(pause)
 
     def close(self) -> None:
+        self.heartbeat.stop(self.stats)
         self.transport.close()
         self.scheduler.close()
         if self._relay is not None:
@@ -361,6 +366,7 @@ class Worker:
                 log_duplicate(delivery.consumer, event.id)
             self.transport.ack(delivery)
             self._count(result.outcome, result)
+            metrics.consumed(delivery.consumer, result.outcome, result)
         return len(results)
 
     def _count(self, outcome: Outcome, result: HandlerResult | None) -> None:
@@ -404,6 +410,7 @@ class Worker:
             break
         self.transport.ack(delivery)
         self._count(outcome, result)
+        metrics.consumed(delivery.consumer, outcome, result)
 
     def _wait_for_database(self) -> bool:
         """Wait (keeping the broker connection alive) until every consumer's database

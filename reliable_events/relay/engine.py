@@ -54,7 +54,7 @@ from django.db import (
     connections,
 )
 
-from reliable_events import signals
+from reliable_events import metrics, signals
 from reliable_events.broker import (
     Publisher,
     PublishResult,
@@ -141,7 +141,7 @@ class Relay:
     ) -> None:
         self.alias = outbox_alias(using)
         self.batch_size = max(1, int(batch_size or app_settings.RELAY_BATCH_SIZE))
-        self.publisher = publisher or open_publisher()
+        self.publisher = metrics.metered(publisher or open_publisher())
         self.lanes = LaneShare(self.alias)
         self.breaker = BrokerBreaker()
         self._workers: tuple[_DatabaseWorker, _DatabaseWorker] | None = None
@@ -301,6 +301,7 @@ class Relay:
             raise
         self._settle_breaker(report)
         report.seconds = time.monotonic() - started
+        metrics.relay_run(report)
         return report
 
     def drain(self, *, max_seconds: float | None = None) -> RelayReport:
