@@ -155,7 +155,10 @@ class DatabaseCollector:
             "Open dead letters by consumer.",
             labels=["consumer"],
         )
-        for consumer, count in metrics_labels(status.open_dead_letters_by_consumer).items():
+        # Every known consumer has a series (0 when none), so that growth shows as a delta.
+        known = [c.name for c in snap.liveness.consumers] if snap.liveness else []
+        open_letters = {**dict.fromkeys(known, 0), **status.open_dead_letters_by_consumer}
+        for consumer, count in metrics_labels(open_letters).items():
             letters.add_metric([consumer], count)
         yield letters
         if snap.liveness is not None:

@@ -1,0 +1,163 @@
+"""A real Prometheus scrapes the web endpoint (this test's live server, the test URLconf
+including ``reliable_events.urls_metrics``) and a ``consume_events --metrics-port``
+process, with the shipped alert rules loaded: the counters move in its HTTP API, and a
+dead letter and a stopped consumer make the matching alerts go pending (or firing).
+
+Only the scrape and evaluation intervals are short (1 s, the test's Prometheus config);
+the rules are ``contrib/prometheus/alerts.yml`` as shipped, and heartbeats run on the
+suite's ``TIME_SCALE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import amqp
+import pytest
+from django.db import connection, transaction
+
+from reliable_events import publish_event
+from reliable_events.models import DeadLetter
+from reliable_events.topology import declare_on_amqp_channel, full_topology
+from tests.support.consumer_support import applied, make_consumer, queue_names, unique_name
+from tests.support.prometheus_server import ALERT_RULES, PrometheusServer, binary, free_port
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.rabbitmq, pytest.mark.postgres]
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_prometheus = pytest.mark.skipif(
+    binary("prometheus") is None or binary("promtool") is None,
+    reason="Debian's prometheus package is not installed (.ci/run installs it)",
+)
+
+
+@needs_prometheus
+@pytest.mark.django_db(transaction=False)
+def test_the_shipped_alert_rules_pass_promtool() -> None:
+    result = subprocess.run(
+        [str(binary("promtool")), "check", "rules", str(ALERT_RULES)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 5 rules found" in result.stdout
+
+
+def _until(server: PrometheusServer, expr: str, expected: float, what: str) -> None:
+    server.wait_for(lambda: server.value(expr) == expected, 30, f"{what}: {expr} == {expected}")
+
+
+def _alert(server: PrometheusServer, name: str, consumer: str) -> str:
+    state: str = server.wait_for(
+        lambda: server.alert_state(name, consumer=consumer) in ("pending", "firing")
+        and server.alert_state(name, consumer=consumer),
+        30,
+        f"alert {name} for {consumer}",
+    )
+    return state
+
+
+@needs_prometheus
+@pytest.mark.slow
+def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
+    broker: dict[str, Any],
+    rabbit: Any,
+    exchange_name: str,
+    clean_registry: Any,
+    live_server: Any,
+    re_settings: Any,
+    tmp_path: Path,
+) -> None:
+    re_settings(METRICS_CACHE_SECONDS=0.2)
+    name = unique_name("prom.consumer")
+    spec = {"name": name, "topics": ["orders.*"], "max_retries": 2, "retry_delays": [0.2]}
+    twin = make_consumer(
+        clean_registry, name=name, topics=["orders.*"], max_retries=2, retry_delays=[0.2]
+    )
+    rabbit.queues.extend(queue_names(twin))
+    declare_on_amqp_channel(rabbit.channel, full_topology(twin.queue_specs()))
+    port = free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+        "RE_TEST_DATABASE": "postgres",
+        "RE_TEST_PG_NAME": str(connection.settings_dict["NAME"]),
+        "RE_TEST_RELIABLE_EVENTS": json.dumps({**broker, "METRICS_CACHE_SECONDS": 0.2}),
+        "RE_TEST_CONSUMER": json.dumps(spec),
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = (tmp_path / "consumer.log").open("w")
+    child = subprocess.Popen(
+        [sys.executable, "manage.py", "consume_events", name, "--metrics-port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    web = live_server.url.removeprefix("http://")
+    server = PrometheusServer(
+        tmp_path, {"web": (web, "/metrics/"), "consumer": (f"127.0.0.1:{port}", "/metrics")}
+    )
+    try:
+        server.wait_for(
+            lambda: server.targets_up() == {"web": True, "consumer": True}, 30, "both targets up"
+        )
+        alive = f'reliable_events_consumer_alive{{consumer="{name}"}}'
+        _until(server, alive, 1, "the consumer's heartbeat, seen by the web endpoint")
+        assert server.alert_state("ReliableEventsConsumerAbsent", consumer=name) is None
+        confirms = 'sum(reliable_events_publish_confirms_total{job="web"})'
+        before = server.value(confirms) or 0.0
+
+        for number in range(5):
+            with transaction.atomic():
+                publish_event("orders.created", {"number": number}, key=f"k{number}")
+        processed = (
+            f'sum(reliable_events_consumer_messages_total{{job="consumer",consumer="{name}",'
+            'outcome="processed"})'
+        )
+        _until(server, processed, 5, "the consumer's counter")
+        _until(server, confirms, before + 5, "the web process's confirms")
+        handled = f'sum(reliable_events_handler_seconds_count{{consumer="{name}"}})'
+        assert server.value(handled) == 5
+        assert applied(name) == 5
+
+        # A poison message: dead-lettered at once; the open dead letters grow.
+        rabbit.channel.basic_publish(
+            amqp.Message(b"{not json", content_type="application/json", message_id="poison-1"),
+            exchange=exchange_name,
+            routing_key="orders.created",
+        )
+        poison = f'sum(reliable_events_consumer_messages_total{{consumer="{name}",outcome="poison"}})'
+        _until(server, poison, 1, "the poison counter")
+        _until(server, f'reliable_events_dead_letters_open{{consumer="{name}"}}', 1, "dead letters")
+        assert DeadLetter.objects.filter(consumer=name).count() == 1
+        assert _alert(server, "ReliableEventsDeadLettersGrowing", name) in ("pending", "firing")
+
+        # The consumer stops: it is absent at once (a clean stop), and the alert follows.
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(30) == 0
+        _until(server, alive, 0, "the stopped consumer")
+        assert _alert(server, "ReliableEventsConsumerAbsent", name) in ("pending", "firing")
+        url = f"{live_server.url}/health/?consumers={name}"
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(url, timeout=5)
+        assert failed.value.code == 503
+        body = json.loads(failed.value.read())
+        assert body["consumers"][name]["alive"] is False
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        log.close()
+        server.stop()
