@@ -58,8 +58,10 @@ def _until(server: PrometheusServer, expr: str, expected: float, what: str) -> N
 
 def _alert(server: PrometheusServer, name: str, consumer: str) -> str:
     state: str = server.wait_for(
-        lambda: server.alert_state(name, consumer=consumer) in ("pending", "firing")
-        and server.alert_state(name, consumer=consumer),
+        lambda: (
+            server.alert_state(name, consumer=consumer) in ("pending", "firing")
+            and server.alert_state(name, consumer=consumer)
+        ),
         30,
         f"alert {name} for {consumer}",
     )
@@ -138,7 +140,9 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
             exchange=exchange_name,
             routing_key="orders.created",
         )
-        poison = f'sum(reliable_events_consumer_messages_total{{consumer="{name}",outcome="poison"}})'
+        poison = (
+            f'sum(reliable_events_consumer_messages_total{{consumer="{name}",outcome="poison"}})'
+        )
         _until(server, poison, 1, "the poison counter")
         _until(server, f'reliable_events_dead_letters_open{{consumer="{name}"}}', 1, "dead letters")
         assert DeadLetter.objects.filter(consumer=name).count() == 1
