@@ -254,6 +254,19 @@ def clear_cache() -> None:
         _registries.clear()
 
 
+class _Restricted:
+    """The families of ``registry`` asked for by ``name[]`` (a family or sample name)."""
+
+    def __init__(self, registry: Any, names: set[str]) -> None:
+        self.registry = registry
+        self.names = names
+
+    def collect(self) -> Iterator[Any]:
+        for family in self.registry.collect():
+            if family.name in self.names or any(s.name in self.names for s in family.samples):
+                yield family
+
+
 @require_safe
 def metrics_view(request: HttpRequest) -> HttpResponse:
     """``GET``: the Prometheus exposition (text, or OpenMetrics when asked), with the
@@ -269,7 +282,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     registry = shared_registry(database=True)
     names = [name[:200] for name in request.GET.getlist("name[]")[:50]]
     if names:
-        registry = registry.restricted_registry(names)
+        registry = _Restricted(registry, set(names))
     encoder, content_type = client.exposition.choose_encoder(
         request.headers.get("Accept", "")[:1000]
     )
