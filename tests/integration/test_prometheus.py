@@ -25,6 +25,7 @@ import pytest
 from django.db import connection, transaction
 
 from reliable_events import publish_event
+from reliable_events.liveness import HeartbeatWriter, liveness
 from reliable_events.models import DeadLetter
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import applied, make_consumer, queue_names, unique_name
@@ -50,6 +51,27 @@ def test_the_shipped_alert_rules_pass_promtool() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 5 rules found" in result.stdout
+
+
+def test_a_queue_with_messages_and_no_consumer_is_down_though_its_process_beats(
+    broker: dict[str, Any], rabbit: Any, exchange_name: str, clean_registry: Any, re_settings: Any
+) -> None:
+    re_settings(METRICS_CACHE_SECONDS=0)
+    consumer = make_consumer(clean_registry, name=unique_name("prom.idle"))
+    rabbit.queues.extend(queue_names(consumer))
+    declare_on_amqp_channel(rabbit.channel, full_topology(consumer.queue_specs()))
+    HeartbeatWriter("consumer", [consumer.name]).tick()
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert (state.alive, state.messages, state.queue_consumers, state.problem) == (True, 0, 0, "")
+    with transaction.atomic():
+        publish_event("orders.created", {"n": 1})
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert state.messages == 1
+    assert state.problem == (
+        f"1 message(s) waiting in {consumer.queue_name()} and nobody consuming it"
+    )
 
 
 def _until(server: PrometheusServer, expr: str, expected: float, what: str) -> None:
