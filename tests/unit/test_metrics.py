@@ -3,7 +3,9 @@ metrics switched off, and the multiprocess mode (PROMETHEUS_MULTIPROC_DIR)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Hashable, Iterator, Sequence
@@ -18,7 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from reliable_events import metrics, metrics_collector
 from reliable_events.broker.base import UNROUTABLE_QUEUE, OutgoingMessage, Publisher, PublishResult
 from reliable_events.consumer.base import HandlerResult, Outcome
+from reliable_events.liveness import HeartbeatWriter
 from reliable_events.metrics_collector import build_registry, capped
+from reliable_events.relay.claims import RelayReport
+from tests.support.consumer_support import make_consumer
 from tests.support.deadletter_factory import dead_letter, outbox_row
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -249,3 +254,24 @@ def test_multiprocess_mode_sums_every_process(
     assert samples(out, "reliable_events_handler_seconds_count") == {
         (("consumer", "mp.consumer"),): 12
     }
+
+
+@pytest.mark.django_db
+def test_the_dashboard_and_alert_rules_use_only_exposed_metrics(
+    client: Client, clean_registry: Any, re_settings: Any
+) -> None:
+    re_settings(BROKER_URL="db://")
+    make_consumer(clean_registry, name="dash.c")
+    HeartbeatWriter("consumer", ["dash.c"]).tick()
+    outbox_row(status="pending")
+    metrics.consumed("dash.c", Outcome.PROCESSED, HandlerResult(Outcome.PROCESSED, seconds=0.01))
+    metrics.relay_run(RelayReport(claimed=1, seconds=0.01))
+    metrics.metered(FakePublisher()).publish([_message(1, "ok")], timeout=1)
+    text = client.get("/metrics/").content.decode()
+    exposed = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    dashboard = json.loads((ROOT / "contrib/grafana/reliable_events.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    rules = (ROOT / "contrib/prometheus/alerts.yml").read_text()
+    used = set(re.findall(r"reliable_events_[a-z_]+", " ".join(exprs) + rules))
+    assert len(used) >= 15
+    assert used - exposed == set()
