@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,50 @@ def test_the_dashboard_and_alert_rules_use_only_exposed_metrics(
     used = set(re.findall(r"reliable_events_[a-z_]+", " ".join(exprs) + rules))
     assert len(used) >= 15
     assert used - exposed == set()
+
+
+def test_the_commands_metrics_port_serves_this_process(re_settings: Any) -> None:
+    metrics.consumed("port.c", Outcome.PROCESSED, None)
+    server = metrics_collector.serve_metrics(0, address="127.0.0.1")
+    assert server is not None
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    counted = samples(text, "reliable_events_consumer_messages_total")
+    assert counted[(("consumer", "port.c"), ("outcome", "processed"))] >= 1
+    assert "reliable_events_outbox_pending" not in text  # the web endpoint's
+
+
+_WITHOUT_CLIENT = """
+import sys
+sys.modules["prometheus_client"] = None  # not installed
+import django
+django.setup()
+from django.test import Client
+from django.test.utils import setup_test_environment
+setup_test_environment()
+from reliable_events import metrics
+from reliable_events.consumer.base import Outcome
+from reliable_events.metrics_collector import serve_metrics
+assert not metrics.available() and not metrics.enabled()
+metrics.consumed("c", Outcome.PROCESSED, None)
+publisher = object()
+assert metrics.metered(publisher) is publisher
+assert serve_metrics(0) is None
+assert Client().get("/metrics/").status_code == 404
+print("ok")
+"""
+
+
+def test_without_prometheus_client_everything_is_a_no_op() -> None:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_CLIENT], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
