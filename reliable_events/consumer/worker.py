@@ -232,9 +232,9 @@ class Worker:
 
     def _step(self, until_idle: float | None) -> None:
         """Take one delivery (waiting at most a poll interval) and settle it."""
-        self.heartbeat.tick(self.stats)
         self.transport.connect()
         self.transport.check_topology()
+        self.heartbeat.tick(self.stats)
         self._failures = 0
         self.stats.disconnected = False
         # memory:// relays its own retries when idle: look for due ones more often.
