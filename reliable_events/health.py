@@ -23,6 +23,7 @@ from django.views.decorators.http import require_safe
 from reliable_events.consumer.base import registry
 from reliable_events.exceptions import UnknownConsumer
 from reliable_events.liveness import Liveness, liveness
+from reliable_events.models import Heartbeat
 from reliable_events.sanitize import describe_error
 
 #: Exit codes of ``reliable_events_health`` (1 is a usage error, as for every command).
@@ -92,7 +93,7 @@ def check_health(
         return report
     if this_host:
         _only_this_host(state)
-    report.relays_alive = sum(1 for p in state.processes if p.kind == "relay" and p.alive)
+    report.relays_alive = state.relays_alive
     for name in names:
         consumer = state.consumer(name)
         report.consumers[name] = consumer.problem if consumer is not None else "never seen"
@@ -107,7 +108,7 @@ def _only_this_host(state: Liveness) -> None:
         consumer.processes = sum(
             1
             for p in state.processes
-            if p.alive and p.kind == "consumer" and consumer.name in p.consumers
+            if p.alive and p.kind == Heartbeat.Kind.CONSUMER and consumer.name in p.consumers
         )
         if not consumer.processes and not consumer.problem:
             consumer.problem = "no live process on this host"
