@@ -139,7 +139,11 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
         )
         alive = f'reliable_events_consumer_alive{{consumer="{name}"}}'
         _until(server, alive, 1, "the consumer's heartbeat, seen by the web endpoint")
-        assert server.alert_state("ReliableEventsConsumerAbsent", consumer=name) is None
+        server.wait_for(  # pending while the consumer had not beaten yet; not any more
+            lambda: server.alert_state("ReliableEventsConsumerAbsent", consumer=name) is None,
+            30,
+            "the consumer-absent alert to clear",
+        )
         confirms = 'sum(reliable_events_publish_confirms_total{job="web"})'
         before = server.value(confirms) or 0.0
 
