@@ -129,13 +129,24 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    relay_port = free_port()
+    relay_log = (tmp_path / "relay.log").open("w")
+    relay: subprocess.Popen[bytes] | None = None
     web = live_server.url.removeprefix("http://")
-    server = PrometheusServer(
-        tmp_path, {"web": (web, "/metrics/"), "consumer": (f"127.0.0.1:{port}", "/metrics")}
-    )
+    targets = {
+        "web": (web, "/metrics/"),
+        "consumer": (f"127.0.0.1:{port}", "/metrics"),
+        "relay": (f"127.0.0.1:{relay_port}", "/metrics"),
+    }
+    server = PrometheusServer(tmp_path, targets)
     try:
         server.wait_for(
-            lambda: server.targets_up() == {"web": True, "consumer": True}, 30, "both targets up"
+            lambda: (
+                {job: up for job, up in server.targets_up().items() if up}
+                == {"web": True, "consumer": True}
+            ),
+            30,
+            "the web and consumer targets up",
         )
         alive = f'reliable_events_consumer_alive{{consumer="{name}"}}'
         _until(server, alive, 1, "the consumer's heartbeat, seen by the web endpoint")
@@ -159,6 +170,25 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
         handled = f'sum(reliable_events_handler_seconds_count{{consumer="{name}"}})'
         assert server.value(handled) == 5
         assert applied(name) == 5
+
+        # Left to a relay daemon (no on-commit publish): its own counters move.
+        relay = subprocess.Popen(
+            [sys.executable, "manage.py", "relay_outbox", "--metrics-port", str(relay_port)],
+            cwd=ROOT,
+            env=env,
+            stdout=relay_log,
+            stderr=subprocess.STDOUT,
+        )
+        server.wait_for(lambda: server.targets_up().get("relay"), 30, "the relay target up")
+        _until(server, "reliable_events_relays_alive", 1, "the relay daemon's heartbeat")
+        re_settings(PUBLISH_ON_COMMIT=False)
+        for number in range(3):
+            with transaction.atomic():
+                publish_event("orders.created", {"number": number}, key=f"r{number}")
+        _until(server, processed, 8, "the consumer's counter")
+        _until(server, 'sum(reliable_events_publish_confirms_total{job="relay"})', 3, "relay")
+        assert server.value('sum(reliable_events_relay_batch_seconds_count{job="relay"})')
+        assert server.value(confirms) == before + 5
 
         # A poison message: dead-lettered at once; the open dead letters grow.
         rabbit.channel.basic_publish(
@@ -186,8 +216,10 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
         body = json.loads(failed.value.read())
         assert body["consumers"][name]["alive"] is False
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        for process in (child, relay):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
         log.close()
+        relay_log.close()
         server.stop()
