@@ -12,5 +12,7 @@ urlpatterns = [
     path("", RedirectView.as_view(pattern_name="admin:reliable_events_overview", permanent=False)),
     path("admin/", admin.site.urls),
     path("api/events/", include("reliable_events.api.urls")),
+    path("metrics/", include("reliable_events.urls_metrics")),
+    path("health/", include("reliable_events.urls_health")),
     path("api/", include(router.urls)),
 ]

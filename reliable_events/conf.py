@@ -131,6 +131,26 @@ class AppSettings:
     #: ``/reliable-events/<EXCHANGE>``.
     CLOUDEVENTS_SOURCE: str = ""
 
+    #: Prometheus metrics: ``None`` = on when ``prometheus_client`` is importable.  Read
+    #: once per process, at the first metric recorded or served.
+    METRICS: bool | None = None
+    #: Port ``relay_outbox`` and ``consume_events`` serve ``/metrics`` on (``None``: not
+    #: served unless ``--metrics-port`` is given).
+    METRICS_PORT: int | None = None
+    #: Seconds a scrape reuses the database and broker figures of the previous one.
+    METRICS_CACHE_SECONDS: float = 15.0
+    #: Most topics labelled in the outbox gauges; the rest are summed as ``"other"``.
+    METRICS_MAX_TOPICS: int = 20
+    #: Seconds between two heartbeats of a relay or consumer process (``TIME_SCALE``
+    #: applies).
+    HEARTBEAT_SECONDS: float = 10.0
+    #: A process whose last heartbeat is older than this is not alive, seconds
+    #: (``TIME_SCALE`` applies).
+    HEARTBEAT_TIMEOUT_SECONDS: float = 60.0
+    #: Days a heartbeat row of a stopped or vanished process is kept before
+    #: ``purge_outbox`` deletes it.
+    HEARTBEAT_RETENTION_DAYS: float = 1.0
+
     def _user_settings(self) -> dict[str, Any]:
         value = getattr(django_settings, "RELIABLE_EVENTS", None)
         return value if isinstance(value, dict) else {}

@@ -12,16 +12,24 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from reliable_events.conf import app_settings
+from reliable_events.liveness import purge_heartbeats
 from reliable_events.models import OutboxMessage, ProcessedMessage
 from reliable_events.reports import Report
 
 
 @dataclass
 class PurgeReport(Report):
-    TEXT_FIELDS = ("outbox_deleted", "processed_deleted", "batches", "seconds")
+    TEXT_FIELDS = (
+        "outbox_deleted",
+        "processed_deleted",
+        "batches",
+        "seconds",
+        "heartbeats_deleted",
+    )
 
     outbox_deleted: int = 0
     processed_deleted: int = 0
+    heartbeats_deleted: int = 0
     batches: int = 0
     seconds: float = 0.0
 
@@ -80,6 +88,7 @@ def purge(
         size,
         progress,
     )
+    report.heartbeats_deleted = purge_heartbeats(using=alias)
     report.batches = outbox_batches + processed_batches
     report.seconds = time.monotonic() - started
     return report

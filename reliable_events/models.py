@@ -440,3 +440,39 @@ class RelayPresence(models.Model):
 
     def __str__(self) -> str:
         return f"relay {self.owner} ({self.process})"
+
+
+class Heartbeat(models.Model):
+    """One relay or consumer process: who it is, what it runs, when it was last seen.
+
+    Written only by :mod:`reliable_events.liveness` (a row per process, updated every
+    ``HEARTBEAT_SECONDS``); read by the admin overview, ``outbox_status``, the health
+    command and endpoint, and the metrics.  Rows of stopped or vanished processes are
+    deleted by ``purge_outbox`` after ``HEARTBEAT_RETENTION_DAYS``.
+    """
+
+    class Kind(models.TextChoices):
+        RELAY = "relay", _("relay")
+        CONSUMER = "consumer", _("consumer")
+
+    id = models.BigAutoField(primary_key=True, help_text=_("Row id."))
+    kind = models.CharField(max_length=20, choices=Kind.choices, help_text=_("Process kind."))
+    host = models.CharField(max_length=255, help_text=_("Host name."))
+    pid = models.IntegerField(help_text=_("Process id."))
+    consumers = models.JSONField(
+        default=list, blank=True, help_text=_("Names of the consumers it runs.")
+    )
+    started_at = models.DateTimeField(help_text=_("When the process started beating."))
+    last_seen = models.DateTimeField(db_index=True, help_text=_("Its last heartbeat."))
+    stopped = models.BooleanField(default=False, help_text=_("It stopped cleanly."))
+    counters = models.JSONField(
+        default=dict, blank=True, help_text=_("Its counters at the last heartbeat.")
+    )
+
+    class Meta:
+        verbose_name = _("heartbeat")
+        verbose_name_plural = _("heartbeats")
+        ordering = ("kind", "host", "pid")
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.host}:{self.pid}"

@@ -24,6 +24,7 @@ from django.db.models import Count, Max, Min, Q, QuerySet
 from django.db.models.functions import Substr, TruncHour
 from django.utils import timezone
 
+from reliable_events.liveness import Liveness, liveness
 from reliable_events.models import DeadLetter, OutboxMessage
 from reliable_events.status import OutboxStatus, outbox_status
 from reliable_events.unrouted import UnroutedCount, cached_unrouted_count
@@ -63,6 +64,8 @@ class Overview:
     generated_at: datetime = field(default_factory=timezone.now)
     #: Events the broker kept in ``<EXCHANGE>.unrouted`` (``None``: not asked).
     unrouted: UnroutedCount | None = None
+    #: Relays and consumers seen, each consumer's queue (``None``: not asked).
+    liveness: Liveness | None = None
 
     @property
     def totals(self) -> dict[str, int]:
@@ -76,6 +79,7 @@ class Overview:
             "generated_at": self.generated_at.isoformat(),
             "last_24h": self.totals,
             "hourly": [bucket.as_dict() for bucket in self.hours],
+            "liveness": self.liveness.as_dict() if self.liveness else None,
         }
 
 
@@ -128,6 +132,7 @@ def overview(*, hours: int = 24, using: str | None = None) -> Overview:
         status=outbox_status(using=using),
         hours=hourly_counts(hours=hours, using=using),
         unrouted=cached_unrouted_count(),
+        liveness=liveness(using=using),
     )
 
 

@@ -154,6 +154,10 @@ def _broker_channel(url: str, timeout: float) -> Iterator[Any]:
             logger.debug("reliable_events: error closing the unrouted connection", exc_info=True)
 
 
+#: A short-lived channel on a broker URL (also used for the consumer queues' depths).
+broker_channel = _broker_channel
+
+
 def count_unrouted(url: str | None = None, *, timeout: float | None = None) -> UnroutedCount:
     """The unrouted queue's depth; never raises (an unreachable broker gives ``None``)."""
     url = str(url or app_settings.BROKER_URL)

@@ -59,7 +59,7 @@ from django.db import (
     InterfaceError,
 )
 
-from reliable_events import tracing
+from reliable_events import metrics, tracing
 from reliable_events.broker.base import POLL_SECONDS, Delivery
 from reliable_events.broker.connect import open_transport
 from reliable_events.conf import app_settings
@@ -77,6 +77,7 @@ from reliable_events.exceptions import (
     DatabaseUnavailable,
     ReliableEventsError,
 )
+from reliable_events.liveness import HeartbeatWriter
 from reliable_events.relay.engine import Relay
 from reliable_events.reports import Report
 from reliable_events.runner import StopFlag
@@ -208,6 +209,7 @@ class Worker:
         self._failures = 0
         self._last_activity = time.monotonic()
         self._max_messages: int | None = None
+        self.heartbeat = HeartbeatWriter("consumer", self.consumers)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(
@@ -241,6 +243,7 @@ class Worker:
         """Take one delivery (waiting at most a poll interval) and settle it."""
         self.transport.connect()
         self.transport.check_topology()
+        self.heartbeat.tick(self.stats)
         self._failures = 0
         self.stats.disconnected = False
         # memory:// relays its own retries when idle: look for due ones more often.
@@ -285,6 +288,7 @@ class Worker:
         self.stop.wait(pause)
 
     def close(self) -> None:
+        self.heartbeat.stop(self.stats)
         self.transport.close()
         self.scheduler.close()
         if self._relay is not None:
@@ -382,6 +386,7 @@ class Worker:
                 log_duplicate(delivery.consumer, event.id)
             self.transport.ack(delivery)
             self._count(result.outcome, result)
+            metrics.consumed(delivery.consumer, result.outcome, result)
         tracing.batch_processed(batch, results)
         return len(results)
 
@@ -436,6 +441,7 @@ class Worker:
             break
         self.transport.ack(delivery)
         self._count(outcome, result)
+        metrics.consumed(delivery.consumer, outcome, result)
 
     def _wait_for_database(self) -> bool:
         """Wait (keeping the broker connection alive) until every consumer's database

@@ -59,7 +59,7 @@ from django.db import (
     connections,
 )
 
-from reliable_events import signals, tracing
+from reliable_events import metrics, signals, tracing
 from reliable_events.broker import (
     Publisher,
     PublishResult,
@@ -148,7 +148,7 @@ class Relay:
     ) -> None:
         self.alias = outbox_alias(using)
         self.batch_size = max(1, int(batch_size or app_settings.RELAY_BATCH_SIZE))
-        self.publisher = tracing.traced(publisher or open_publisher(), "relay")
+        self.publisher = metrics.metered(tracing.traced(publisher or open_publisher(), "relay"))
         self.lanes = LaneShare(self.alias)
         self.breaker = BrokerBreaker()
         self._workers: tuple[_DatabaseWorker, _DatabaseWorker] | None = None
@@ -320,6 +320,7 @@ class Relay:
             raise
         self._settle_breaker(report)
         report.seconds = time.monotonic() - started
+        metrics.relay_run(report)
         return report
 
     def drain(self, *, max_seconds: float | None = None) -> RelayReport:

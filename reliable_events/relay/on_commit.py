@@ -22,6 +22,7 @@ from reliable_events.broker import (
     open_publisher,
 )
 from reliable_events.conf import app_settings
+from reliable_events.metrics import metered
 from reliable_events.relay.claims import (
     ClaimedRow,
     RelayReport,
@@ -67,9 +68,13 @@ class _OnCommitDispatcher:
         if self.publisher is None or self.config != config:
             if self.publisher is not None:
                 self.publisher.close()
-            self.publisher = tracing.traced(
-                open_publisher(url, connect_timeout=float(app_settings.ON_COMMIT_CONNECT_TIMEOUT)),
-                "on-commit",
+            self.publisher = metered(
+                tracing.traced(
+                    open_publisher(
+                        url, connect_timeout=float(app_settings.ON_COMMIT_CONNECT_TIMEOUT)
+                    ),
+                    "on-commit",
+                )
             )
             self.config = config
         return self.publisher

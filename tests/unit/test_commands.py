@@ -143,6 +143,13 @@ def test_outbox_status_of_an_empty_outbox():
         "open_dead_letters": 0,
         "open_dead_letters_by_consumer": {},
         "scheduled": 0,
+        "liveness": {
+            "consumers": [],
+            "processes": [],
+            "relay_last_seen": None,
+            "relays_alive": 0,
+            "timeout_seconds": 3.0,
+        },
     }
     run("outbox_status", "--fail-on-dead", "--max-pending-age", "1")  # healthy: exit 0
 

@@ -15,8 +15,12 @@ def test_relay_report_prints_its_counters_and_not_its_lanes():
 
 
 def test_purge_report_prints_its_counters():
-    report = PurgeReport(outbox_deleted=1, processed_deleted=2, batches=3, seconds=0.5)
-    assert str(report) == "outbox_deleted=1 processed_deleted=2 batches=3 seconds=0.500"
+    report = PurgeReport(
+        outbox_deleted=1, processed_deleted=2, batches=3, seconds=0.5, heartbeats_deleted=4
+    )
+    assert str(report) == (
+        "outbox_deleted=1 processed_deleted=2 batches=3 seconds=0.500 heartbeats_deleted=4"
+    )
 
 
 def test_worker_stats_print_counters_then_the_computed_mean_and_rate():

@@ -20,6 +20,7 @@ from reliable_events.broker import safe_url
 from reliable_events.consumer import registry
 from reliable_events.consumer.worker import Worker
 from reliable_events.exceptions import ReliableEventsError
+from reliable_events.metrics_collector import serve_metrics
 from reliable_events.runner import StopFlag, stop_on_signals
 
 EXIT_BROKER_UNREACHABLE = 3
@@ -44,6 +45,12 @@ class Command(BaseCommand):
             "--prefetch", type=int, default=None, help="Unacked messages held (PREFETCH_COUNT)."
         )
         parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=None,
+            help="Serve Prometheus metrics on this port (METRICS_PORT).",
+        )
+        parser.add_argument(
             "--list", action="store_true", help="List the registered consumers and exit."
         )
 
@@ -56,7 +63,7 @@ class Command(BaseCommand):
                     f"retry_delays={cls.get_retry_delays()}"
                 )
             return
-        for name in ("until_idle", "max_messages", "prefetch"):
+        for name in ("until_idle", "max_messages", "prefetch", "metrics_port"):
             value = options[name]
             if value is not None and value <= 0:
                 raise CommandError(f"--{name.replace('_', '-')} must be positive")
@@ -77,6 +84,7 @@ class Command(BaseCommand):
             "(SIGTERM or Ctrl-C stops after the current message)"
         )
         self.stdout.flush()
+        serve_metrics(options["metrics_port"])
         with stop_on_signals(stop):
             try:
                 stats = worker.run(

@@ -15,6 +15,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from reliable_events.liveness import liveness
 from reliable_events.status import outbox_status
 from reliable_events.unrouted import UnroutedCount, count_unrouted
 
@@ -60,11 +61,13 @@ class Command(BaseCommand):
             raise CommandError("--fail-on-unrouted needs the broker: drop --skip-broker")
         status = outbox_status(using=options["database"])
         unrouted = None if options["skip_broker"] else count_unrouted()
+        state = liveness(using=options["database"], with_queues=not options["skip_broker"])
         if options["json"]:
             data = status.as_dict()
             if unrouted is not None:
                 data["unrouted"] = unrouted.count
                 data["unrouted_error"] = unrouted.error
+            data["liveness"] = state.as_dict()
             self.stdout.write(json.dumps(data, sort_keys=True))
         else:
             age = status.oldest_pending_age_seconds
@@ -78,6 +81,10 @@ class Command(BaseCommand):
             self.stdout.write(f"scheduled (delay=, not due yet): {status.scheduled}")
             if unrouted is not None:
                 self.stdout.write(_unrouted_line(unrouted))
+            if state.processes or state.consumers:
+                self.stdout.write(f"relays alive: {state.relays_alive}")
+            for live in state.consumers:
+                self.stdout.write(f"consumer {live.name}: {live.problem or 'alive'}")
         if options["fail_on_dead"] and (status.dead or status.open_dead_letters):
             raise CommandError(
                 f"{status.dead} dead outbox row(s), {status.open_dead_letters} open dead letter(s)",

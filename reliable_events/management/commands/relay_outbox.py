@@ -20,6 +20,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import ReliableEventsError
+from reliable_events.liveness import HeartbeatWriter
+from reliable_events.metrics_collector import serve_metrics
 from reliable_events.relay import Relay, RelayReport
 from reliable_events.runner import StopFlag, run_loop, stop_on_signals
 
@@ -37,6 +39,12 @@ class Command(BaseCommand):
             "--batch-size", type=int, default=None, help="Rows per batch (RELAY_BATCH_SIZE)."
         )
         parser.add_argument("--database", default=None, help="Database alias to relay from.")
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=None,
+            help="Serve Prometheus metrics on this port (METRICS_PORT).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         batch_size = options["batch_size"]
@@ -50,6 +58,7 @@ class Command(BaseCommand):
             if options["once"]:
                 self._once(relay)
             else:
+                serve_metrics(options["metrics_port"])
                 self._loop(relay)
         except ReliableEventsError as exc:  # e.g. the broker has a conflicting topology
             raise CommandError(str(exc)) from exc
@@ -78,8 +87,10 @@ class Command(BaseCommand):
     def _loop(self, relay: Relay) -> None:
         stop = StopFlag()
         total = RelayReport()
+        heartbeat = HeartbeatWriter("relay", using=relay.alias)
 
         def step() -> bool:
+            heartbeat.tick(total)
             report = relay.run()
             total.add(report)
             if report.claimed:
@@ -104,6 +115,7 @@ class Command(BaseCommand):
                 idle_seconds=idle,
                 recycle_connections=False,
             )
+        heartbeat.stop(total)
         self.stdout.write(
             f"relay_outbox: stopped ({stop.signal_name or 'done'}); "
             f"sent={total.sent} failed={total.failed} dead={total.dead} "

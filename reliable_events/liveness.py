@@ -1,0 +1,341 @@
+"""Who is alive?  Heartbeats of relay and consumer processes, and each consumer's queue.
+
+A relay daemon (``relay_outbox``) and every consume loop (``consume_events``, the Celery
+``ConsumerStep``) own a :class:`HeartbeatWriter`: one ``Heartbeat`` row per process,
+updated at most every ``HEARTBEAT_SECONDS`` (one ``UPDATE``), marked ``stopped`` on a
+clean exit.  This module is the table's only writer.
+
+:func:`liveness` reads them back (one bounded query) together with the depth of each
+consumer's queue (a passive declare per queue on AMQP, one ``GROUP BY`` on ``db://``;
+cached ``METRICS_CACHE_SECONDS``).  A consumer is *down* when no live process runs it,
+or when its queue holds messages and the broker counts no consumer on it.  The admin
+overview, ``outbox_status --json``, the health command and endpoint and the metrics
+all use it.  Heartbeat times are the application hosts' clocks (keep them in sync).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, router
+from django.db.models import Count
+from django.utils import timezone
+
+from reliable_events.broker_url import is_amqp_url
+from reliable_events.conf import app_settings
+from reliable_events.consumer.base import EventConsumer, registry
+from reliable_events.models import Heartbeat, QueuedMessage
+from reliable_events.reports import Report
+from reliable_events.sanitize import describe_error
+from reliable_events.unrouted import broker_channel
+
+logger = logging.getLogger(__name__)
+
+#: Most heartbeat rows read at once (newest first).
+MAX_ROWS = 500
+#: Most consumer names reported (registered ones first).
+MAX_CONSUMERS = 200
+
+
+def _alias(using: str | None) -> str:
+    return using or router.db_for_write(Heartbeat) or DEFAULT_DB_ALIAS
+
+
+def counters_of(report: Report | Mapping[str, Any] | None) -> dict[str, Any]:
+    """A report's printed fields (or a mapping) as plain JSON numbers."""
+    if report is None:
+        return {}
+    if isinstance(report, Report):
+        return {name: getattr(report, name) for name in report.TEXT_FIELDS}
+    return dict(report)
+
+
+# -- writing -----------------------------------------------------------------------------
+class HeartbeatWriter:
+    """The heartbeat of this process; :meth:`tick` often, :meth:`stop` at exit.
+
+    Never raises: a database that does not answer costs a debug log line, and the
+    next tick tries again.
+    """
+
+    def __init__(
+        self, kind: str, consumers: Iterable[str] = (), *, using: str | None = None
+    ) -> None:
+        self.kind = kind
+        self.consumers = sorted(consumers)
+        self.alias = _alias(using)
+        self.host = socket.gethostname()[:255]
+        self.pid = os.getpid()
+        self.interval = app_settings.seconds("HEARTBEAT_SECONDS")
+        self.started_at = timezone.now()
+        self.row_id: int | None = None
+        self._next = 0.0
+
+    def tick(self, report: Report | Mapping[str, Any] | None = None) -> bool:
+        """Write the heartbeat if ``HEARTBEAT_SECONDS`` passed; whether it wrote."""
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.interval
+        return self._write(counters_of(report), stopped=False)
+
+    def stop(self, report: Report | Mapping[str, Any] | None = None) -> None:
+        """Record a clean stop (the process is no longer counted as alive)."""
+        if self.row_id is not None:
+            self._write(counters_of(report), stopped=True)
+
+    def _write(self, counters: dict[str, Any], *, stopped: bool) -> bool:
+        values = {
+            "last_seen": timezone.now(),
+            "counters": counters,
+            "stopped": stopped,
+            "consumers": self.consumers,
+        }
+        rows = Heartbeat.objects.using(self.alias)
+        try:
+            if self.row_id is not None and rows.filter(pk=self.row_id).update(**values):
+                return True
+            self.row_id = rows.create(
+                kind=self.kind, host=self.host, pid=self.pid, started_at=self.started_at, **values
+            ).pk
+        except DatabaseError as exc:
+            logger.debug("reliable_events: heartbeat not written: %s", describe_error(exc))
+            return False
+        return True
+
+
+def purge_heartbeats(*, using: str | None = None) -> int:
+    """Delete heartbeats not renewed for ``HEARTBEAT_RETENTION_DAYS`` (``purge_outbox``)."""
+    cutoff = timezone.now() - timedelta(days=float(app_settings.HEARTBEAT_RETENTION_DAYS))
+    deleted, _ = Heartbeat.objects.using(_alias(using)).filter(last_seen__lt=cutoff).delete()
+    return int(deleted)
+
+
+# -- queue depths --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QueueDepth:
+    """A consumer queue's ready messages and the consumers the broker counts on it
+    (``None``: not known on this transport, or the broker did not answer)."""
+
+    messages: int | None = None
+    consumers: int | None = None
+    error: str = ""
+
+
+_depth_lock = threading.Lock()
+_depth_cache: dict[tuple[str, tuple[str, ...]], tuple[float, dict[str, QueueDepth]]] = {}
+
+
+def queue_depths(queues: list[str], *, url: str | None = None) -> dict[str, QueueDepth]:
+    """Depth of each queue, from the broker (AMQP) or the queue table (``db://``);
+    cached ``METRICS_CACHE_SECONDS``.  Never raises."""
+    url = str(url or app_settings.BROKER_URL)
+    key = (url, tuple(queues))
+    ttl = float(app_settings.METRICS_CACHE_SECONDS)
+    with _depth_lock:
+        hit = _depth_cache.get(key)
+    if hit is not None and time.monotonic() - hit[0] < ttl:
+        return hit[1]
+    if is_amqp_url(url):
+        depths = _amqp_depths(url, queues)
+    elif urlsplit(url).scheme.lower() == "db":
+        depths = _table_depths(url, queues)
+    else:
+        depths = {queue: QueueDepth() for queue in queues}
+    with _depth_lock:
+        _depth_cache[key] = (time.monotonic(), depths)
+    return depths
+
+
+def clear_cache() -> None:
+    with _depth_lock:
+        _depth_cache.clear()
+
+
+def _amqp_depths(url: str, queues: list[str]) -> dict[str, QueueDepth]:
+    timeout = min(2.0, float(app_settings.CONNECT_TIMEOUT))
+    depths: dict[str, QueueDepth] = {}
+    try:
+        with broker_channel(url, timeout) as channel:
+            for queue in queues:
+                if channel.is_closing or not channel.is_open:
+                    channel = channel.connection.channel()  # a 404 closed the last one
+                try:
+                    ok = channel.queue_declare(queue, passive=True)
+                except Exception as exc:
+                    depths[queue] = QueueDepth(error=describe_error(exc, url)[:200])
+                    continue
+                depths[queue] = QueueDepth(int(ok.message_count), int(ok.consumer_count))
+    except Exception as exc:
+        error = describe_error(exc, url)[:200]
+        return {queue: depths.get(queue, QueueDepth(error=error)) for queue in queues}
+    return depths
+
+
+def _table_depths(url: str, queues: list[str]) -> dict[str, QueueDepth]:
+    alias = urlsplit(url).netloc or router.db_for_read(QueuedMessage) or DEFAULT_DB_ALIAS
+    try:
+        rows = (
+            QueuedMessage.objects.using(alias)
+            .filter(queue__in=queues)
+            .order_by()
+            .values_list("queue")
+            .annotate(n=Count("id"))
+        )
+        counts = dict(rows)
+    except DatabaseError as exc:
+        return {queue: QueueDepth(error=describe_error(exc)[:200]) for queue in queues}
+    return {queue: QueueDepth(messages=counts.get(queue, 0)) for queue in queues}
+
+
+# -- reading -------------------------------------------------------------------------------
+@dataclass
+class ProcessBeat:
+    """One process, as its last heartbeat shows it."""
+
+    kind: str
+    host: str
+    pid: int
+    consumers: list[str]
+    started_at: datetime
+    last_seen: datetime
+    age_seconds: float
+    alive: bool
+    stopped: bool
+    counters: dict[str, Any]
+
+
+@dataclass
+class ConsumerLiveness:
+    """One consumer: the live processes running it, its queue, and what is wrong."""
+
+    name: str
+    queue: str
+    processes: int = 0
+    last_seen: datetime | None = None
+    age_seconds: float | None = None
+    messages: int | None = None
+    queue_consumers: int | None = None
+    queue_error: str = ""
+    #: Empty when all is well, else why this consumer shows red.
+    problem: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.processes > 0
+
+
+@dataclass
+class Liveness:
+    processes: list[ProcessBeat]
+    consumers: list[ConsumerLiveness]
+    timeout_seconds: float
+    generated_at: datetime = field(default_factory=timezone.now)
+
+    @property
+    def relays_alive(self) -> int:
+        return sum(1 for p in self.processes if p.kind == Heartbeat.Kind.RELAY and p.alive)
+
+    @property
+    def relay_last_seen(self) -> datetime | None:
+        seen = [p.last_seen for p in self.processes if p.kind == Heartbeat.Kind.RELAY]
+        return max(seen) if seen else None
+
+    @property
+    def down(self) -> list[ConsumerLiveness]:
+        return [consumer for consumer in self.consumers if consumer.problem]
+
+    def consumer(self, name: str) -> ConsumerLiveness | None:
+        return next((c for c in self.consumers if c.name == name), None)
+
+    def as_dict(self) -> dict[str, Any]:
+        def plain(value: Any) -> Any:
+            return value.isoformat() if isinstance(value, datetime) else value
+
+        return {
+            "relays_alive": self.relays_alive,
+            "relay_last_seen": plain(self.relay_last_seen),
+            "timeout_seconds": self.timeout_seconds,
+            "consumers": [
+                {**{k: plain(v) for k, v in asdict(c).items()}, "alive": c.alive}
+                for c in self.consumers
+            ],
+            "processes": [{k: plain(v) for k, v in asdict(p).items()} for p in self.processes],
+        }
+
+
+def _queue_of(name: str, known: Mapping[str, type[EventConsumer]]) -> str:
+    cls = known.get(name)
+    return cls.queue_name() if cls is not None else name
+
+
+def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
+    """Every process seen, and every registered consumer's state (see the module doc)."""
+    now = timezone.now()
+    timeout = app_settings.seconds("HEARTBEAT_TIMEOUT_SECONDS")
+    rows = list(Heartbeat.objects.using(_alias(using)).order_by("-last_seen")[:MAX_ROWS])
+    processes: list[ProcessBeat] = []
+    for row in rows:
+        age = max(0.0, (now - row.last_seen).total_seconds())
+        processes.append(
+            ProcessBeat(
+                kind=row.kind,
+                host=row.host,
+                pid=row.pid,
+                consumers=[str(name) for name in row.consumers or []],
+                started_at=row.started_at,
+                last_seen=row.last_seen,
+                age_seconds=round(age, 3),
+                alive=not row.stopped and age <= timeout,
+                stopped=row.stopped,
+                counters=row.counters if isinstance(row.counters, dict) else {},
+            )
+        )
+    known = {cls.name: cls for cls in registry.all()}
+    names = list(known)
+    for process in processes:
+        names.extend(n for n in process.consumers if n not in known and n not in names)
+    names = names[:MAX_CONSUMERS]
+    consumers = {name: ConsumerLiveness(name=name, queue=_queue_of(name, known)) for name in names}
+    for process in processes:
+        if process.kind != Heartbeat.Kind.CONSUMER:
+            continue
+        for name in process.consumers:
+            state = consumers.get(name)
+            if state is None:
+                continue
+            if process.alive:
+                state.processes += 1
+            if state.last_seen is None or process.last_seen > state.last_seen:
+                state.last_seen = process.last_seen
+                state.age_seconds = process.age_seconds
+    if with_queues and consumers:
+        depths = queue_depths([state.queue for state in consumers.values()])
+        for state in consumers.values():
+            depth = depths.get(state.queue, QueueDepth())
+            state.messages, state.queue_consumers = depth.messages, depth.consumers
+            state.queue_error = depth.error
+    for state in consumers.values():
+        state.problem = _problem(state)
+    return Liveness(
+        processes=processes, consumers=list(consumers.values()), timeout_seconds=timeout
+    )
+
+
+def _problem(state: ConsumerLiveness) -> str:
+    if state.messages and state.queue_consumers == 0:
+        return f"{state.messages} message(s) waiting in {state.queue} and nobody consuming it"
+    if not state.alive:
+        if state.last_seen is None:
+            return "never seen"
+        return f"not seen for {state.age_seconds:.0f}s"
+    return ""

@@ -1,0 +1,225 @@
+"""A real Prometheus scrapes the web endpoint (this test's live server, the test URLconf
+including ``reliable_events.urls_metrics``) and a ``consume_events --metrics-port``
+process, with the shipped alert rules loaded: the counters move in its HTTP API, and a
+dead letter and a stopped consumer make the matching alerts go pending (or firing).
+
+Only the scrape and evaluation intervals are short (1 s, the test's Prometheus config);
+the rules are ``contrib/prometheus/alerts.yml`` as shipped, and heartbeats run on the
+suite's ``TIME_SCALE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import amqp
+import pytest
+from django.db import connection, transaction
+
+from reliable_events import publish_event
+from reliable_events.liveness import HeartbeatWriter, liveness
+from reliable_events.models import DeadLetter
+from reliable_events.topology import declare_on_amqp_channel, full_topology
+from tests.support.consumer_support import applied, make_consumer, queue_names, unique_name
+from tests.support.prometheus_server import ALERT_RULES, PrometheusServer, binary, free_port
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.rabbitmq, pytest.mark.postgres]
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_prometheus = pytest.mark.skipif(
+    binary("prometheus") is None or binary("promtool") is None,
+    reason="Debian's prometheus package is not installed (.ci/run installs it)",
+)
+
+
+@needs_prometheus
+@pytest.mark.django_db(transaction=False)
+def test_the_shipped_alert_rules_pass_promtool() -> None:
+    result = subprocess.run(
+        [str(binary("promtool")), "check", "rules", str(ALERT_RULES)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 5 rules found" in result.stdout
+
+
+def test_a_queue_with_messages_and_no_consumer_is_down_though_its_process_beats(
+    broker: dict[str, Any], rabbit: Any, exchange_name: str, clean_registry: Any, re_settings: Any
+) -> None:
+    re_settings(METRICS_CACHE_SECONDS=0)
+    consumer = make_consumer(clean_registry, name=unique_name("prom.idle"))
+    rabbit.queues.extend(queue_names(consumer))
+    declare_on_amqp_channel(rabbit.channel, full_topology(consumer.queue_specs()))
+    HeartbeatWriter("consumer", [consumer.name]).tick()
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert (state.alive, state.messages, state.queue_consumers, state.problem) == (True, 0, 0, "")
+    with transaction.atomic():
+        publish_event("orders.created", {"n": 1})
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert state.messages == 1
+    assert state.problem == (
+        f"1 message(s) waiting in {consumer.queue_name()} and nobody consuming it"
+    )
+
+
+def _until(server: PrometheusServer, expr: str, expected: float, what: str) -> None:
+    server.wait_for(lambda: server.value(expr) == expected, 30, f"{what}: {expr} == {expected}")
+
+
+def _alert(server: PrometheusServer, name: str, consumer: str) -> str:
+    state: str = server.wait_for(
+        lambda: (
+            server.alert_state(name, consumer=consumer) in ("pending", "firing")
+            and server.alert_state(name, consumer=consumer)
+        ),
+        30,
+        f"alert {name} for {consumer}",
+    )
+    return state
+
+
+@needs_prometheus
+@pytest.mark.slow
+def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
+    broker: dict[str, Any],
+    rabbit: Any,
+    exchange_name: str,
+    clean_registry: Any,
+    live_server: Any,
+    re_settings: Any,
+    tmp_path: Path,
+) -> None:
+    re_settings(METRICS_CACHE_SECONDS=0.2)
+    name = unique_name("prom.consumer")
+    spec = {"name": name, "topics": ["orders.*"], "max_retries": 2, "retry_delays": [0.2]}
+    twin = make_consumer(
+        clean_registry, name=name, topics=["orders.*"], max_retries=2, retry_delays=[0.2]
+    )
+    rabbit.queues.extend(queue_names(twin))
+    declare_on_amqp_channel(rabbit.channel, full_topology(twin.queue_specs()))
+    port = free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+        "RE_TEST_DATABASE": "postgres",
+        "RE_TEST_PG_NAME": str(connection.settings_dict["NAME"]),
+        "RE_TEST_RELIABLE_EVENTS": json.dumps({**broker, "METRICS_CACHE_SECONDS": 0.2}),
+        "RE_TEST_CONSUMER": json.dumps(spec),
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = (tmp_path / "consumer.log").open("w")
+    child = subprocess.Popen(
+        [sys.executable, "manage.py", "consume_events", name, "--metrics-port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    relay_port = free_port()
+    relay_log = (tmp_path / "relay.log").open("w")
+    relay: subprocess.Popen[bytes] | None = None
+    web = live_server.url.removeprefix("http://")
+    targets = {
+        "web": (web, "/metrics/"),
+        "consumer": (f"127.0.0.1:{port}", "/metrics"),
+        "relay": (f"127.0.0.1:{relay_port}", "/metrics"),
+    }
+    server = PrometheusServer(tmp_path, targets)
+    try:
+        server.wait_for(
+            lambda: (
+                {job: up for job, up in server.targets_up().items() if up}
+                == {"web": True, "consumer": True}
+            ),
+            30,
+            "the web and consumer targets up",
+        )
+        alive = f'reliable_events_consumer_alive{{consumer="{name}"}}'
+        _until(server, alive, 1, "the consumer's heartbeat, seen by the web endpoint")
+        server.wait_for(  # pending while the consumer had not beaten yet; not any more
+            lambda: server.alert_state("ReliableEventsConsumerAbsent", consumer=name) is None,
+            30,
+            "the consumer-absent alert to clear",
+        )
+        confirms = 'sum(reliable_events_publish_confirms_total{job="web"})'
+        before = server.value(confirms) or 0.0
+
+        for number in range(5):
+            with transaction.atomic():
+                publish_event("orders.created", {"number": number}, key=f"k{number}")
+        processed = (
+            f'sum(reliable_events_consumer_messages_total{{job="consumer",consumer="{name}",'
+            'outcome="processed"})'
+        )
+        _until(server, processed, 5, "the consumer's counter")
+        _until(server, confirms, before + 5, "the web process's confirms")
+        handled = f'sum(reliable_events_handler_seconds_count{{consumer="{name}"}})'
+        assert server.value(handled) == 5
+        assert applied(name) == 5
+
+        # Left to a relay daemon (no on-commit publish): its own counters move.
+        relay = subprocess.Popen(
+            [sys.executable, "manage.py", "relay_outbox", "--metrics-port", str(relay_port)],
+            cwd=ROOT,
+            env=env,
+            stdout=relay_log,
+            stderr=subprocess.STDOUT,
+        )
+        server.wait_for(lambda: server.targets_up().get("relay"), 30, "the relay target up")
+        _until(server, "reliable_events_relays_alive", 1, "the relay daemon's heartbeat")
+        re_settings(PUBLISH_ON_COMMIT=False)
+        for number in range(3):
+            with transaction.atomic():
+                publish_event("orders.created", {"number": number}, key=f"r{number}")
+        _until(server, processed, 8, "the consumer's counter")
+        _until(server, 'sum(reliable_events_publish_confirms_total{job="relay"})', 3, "relay")
+        assert server.value('sum(reliable_events_relay_batch_seconds_count{job="relay"})')
+        assert server.value(confirms) == before + 5
+
+        # A poison message: dead-lettered at once; the open dead letters grow.
+        rabbit.channel.basic_publish(
+            amqp.Message(b"{not json", content_type="application/json", message_id="poison-1"),
+            exchange=exchange_name,
+            routing_key="orders.created",
+        )
+        poison = (
+            f'sum(reliable_events_consumer_messages_total{{consumer="{name}",outcome="poison"}})'
+        )
+        _until(server, poison, 1, "the poison counter")
+        _until(server, f'reliable_events_dead_letters_open{{consumer="{name}"}}', 1, "dead letters")
+        assert DeadLetter.objects.filter(consumer=name).count() == 1
+        assert _alert(server, "ReliableEventsDeadLettersGrowing", name) in ("pending", "firing")
+
+        # The consumer stops: it is absent at once (a clean stop), and the alert follows.
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(30) == 0
+        _until(server, alive, 0, "the stopped consumer")
+        assert _alert(server, "ReliableEventsConsumerAbsent", name) in ("pending", "firing")
+        url = f"{live_server.url}/health/?consumers={name}"
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(url, timeout=5)
+        assert failed.value.code == 503
+        body = json.loads(failed.value.read())
+        assert body["consumers"][name]["alive"] is False
+    finally:
+        for process in (child, relay):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        log.close()
+        relay_log.close()
+        server.stop()

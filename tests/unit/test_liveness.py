@@ -1,0 +1,158 @@
+"""Liveness: heartbeats written and read back, the admin overview turning red, the health
+command's exit codes, ``outbox_status --json``, the purge of stale heartbeats, and the
+consume loop's own heartbeat."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import Client
+from django.urls import reverse
+from django.utils import timezone
+
+from reliable_events.consumer.worker import Worker
+from reliable_events.liveness import HeartbeatWriter, clear_cache, liveness
+from reliable_events.maintenance import purge
+from reliable_events.models import Heartbeat, QueuedMessage
+from reliable_events.relay.claims import RelayReport
+from tests.support.consumer_support import make_consumer
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _fresh(re_settings: Any) -> None:
+    re_settings(BROKER_URL="db://", METRICS_CACHE_SECONDS=0)
+    clear_cache()
+
+
+def health(*args: str) -> tuple[int, str]:
+    out = StringIO()
+    try:
+        call_command("reliable_events_health", *args, stdout=out)
+    except CommandError as exc:
+        return exc.returncode, out.getvalue() + str(exc)
+    return 0, out.getvalue()
+
+
+def test_a_heartbeat_is_written_at_most_every_interval_and_marked_stopped() -> None:
+    writer = HeartbeatWriter("relay")
+    assert writer.tick(RelayReport(sent=3))
+    assert not writer.tick(RelayReport(sent=4))  # within HEARTBEAT_SECONDS
+    row = Heartbeat.objects.get()
+    assert (row.kind, row.pid, row.stopped) == ("relay", writer.pid, False)
+    assert row.counters["sent"] == 3
+    assert liveness().relays_alive == 1
+    writer.stop(RelayReport(sent=5))
+    row.refresh_from_db()
+    assert row.stopped
+    assert row.counters["sent"] == 5
+    assert liveness().relays_alive == 0
+
+
+def test_a_stale_heartbeat_is_not_alive_and_is_purged(re_settings: Any) -> None:
+    HeartbeatWriter("consumer", ["billing"]).tick()
+    old = timezone.now() - timedelta(days=2)
+    Heartbeat.objects.update(last_seen=old)
+    state = liveness()
+    assert state.processes[0].alive is False
+    billing = state.consumer("billing")
+    assert billing is not None
+    assert billing.problem.startswith("not seen for ")
+    report = purge()
+    assert report.heartbeats_deleted == 1
+    assert not Heartbeat.objects.exists()
+    assert "heartbeats_deleted=1" in str(report)
+
+
+def test_health_command_exit_codes(clean_registry: Any) -> None:
+    consumer = make_consumer(clean_registry, name="health.c")
+    assert health()[0] == 0
+    assert health("--relay")[0] == 3
+    code, text = health("--consumers", "nobody")
+    assert code == 1
+    assert "no consumer named 'nobody'" in text
+    assert health("--consumers")[0] == 4  # every registered one: never seen
+    assert health("--consumers", consumer.name)[0] == 4
+
+    HeartbeatWriter("relay").tick()
+    beat = HeartbeatWriter("consumer", [consumer.name])
+    beat.tick()
+    assert health("--relay", "--consumers")[0] == 0
+    assert health("--relay", "--consumers", "--this-host")[0] == 0
+    Heartbeat.objects.filter(kind="consumer").update(host="elsewhere")
+    code, text = health("--consumers", consumer.name, "--this-host")
+    assert code == 4
+    assert "no live process on this host" in text
+
+    beat.stop()
+    code, text = health("--relay", "--consumers", "--json")
+    assert code == 4
+    assert '"alive": false' in text
+    Heartbeat.objects.filter(kind="relay").update(stopped=True)
+    assert health("--relay", "--consumers")[0] == 3  # the first failing check wins
+
+
+def test_outbox_status_json_includes_liveness(clean_registry: Any) -> None:
+    consumer = make_consumer(clean_registry, name="status.c")
+    HeartbeatWriter("consumer", [consumer.name]).tick({"processed": 7})
+    QueuedMessage.objects.create(queue=consumer.queue_name(), message_id="m1", body=b"{}")
+    out = StringIO()
+    call_command("outbox_status", "--json", stdout=out)
+    data = json.loads(out.getvalue())["liveness"]
+    assert data["relays_alive"] == 0
+    (state,) = data["consumers"]
+    assert state["name"] == consumer.name
+    assert state["alive"] is True
+    assert state["messages"] == 1
+    assert state["problem"] == ""
+    assert data["processes"][0]["counters"] == {"processed": 7}
+    text = StringIO()
+    call_command("outbox_status", "--skip-broker", stdout=text)
+    assert f"consumer {consumer.name}: alive" in text.getvalue()
+
+
+def test_admin_overview_turns_red_for_a_consumer_not_seen(
+    admin_client: Client, clean_registry: Any
+) -> None:
+    seen = make_consumer(clean_registry, name="overview.seen")
+    missing = make_consumer(clean_registry, name="overview.missing")
+    HeartbeatWriter("consumer", [seen.name]).tick()
+    page = admin_client.get(reverse("admin:reliable_events_overview")).content.decode()
+    rows = page.split('<table id="re-consumers">')[1].split("</table>")[0].split("<tr")
+    by_name = {
+        name: row for row in rows for name in (seen.name, missing.name) if f"<td>{name}</td>" in row
+    }
+    assert "re-bad" in by_name[missing.name]
+    assert "never seen" in by_name[missing.name]
+    assert "re-bad" not in by_name[seen.name]
+    assert "alive" in by_name[seen.name]
+    assert 'id="re-liveness-note"' in page
+    assert "0 relay daemons alive" in page
+
+    HeartbeatWriter("consumer", [missing.name]).tick()
+    HeartbeatWriter("relay").tick()
+    page = admin_client.get(reverse("admin:reliable_events_overview")).content.decode()
+    assert 're-bad"' not in page.split('<table id="re-consumers">')[1].split("</table>")[0]
+    assert 'id="re-liveness-note"' not in page
+    assert "1 relay daemon alive" in page
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_consume_loop_beats_and_stops_cleanly(clean_registry: Any, re_settings: Any) -> None:
+    re_settings(BROKER_URL="memory://")
+    consumer = make_consumer(clean_registry, name="beating.c")
+    worker = Worker([consumer], url="memory://")
+    worker.run(until_idle=0.3)
+    row = Heartbeat.objects.get(kind="consumer")
+    assert row.consumers == [consumer.name]
+    assert row.stopped
+    assert set(row.counters) >= {"processed", "dead_lettered", "retried"}
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert state.problem
