@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import uuid
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,7 @@ def switch(on: bool) -> None:
 def consumer_round(
     broker: common.BenchBroker, consumer: Any, count: int, chunk: int
 ) -> tuple[float, float]:
-    from reliable_events.conf import app_settings
-
-    prefetch = int(app_settings.PREFETCH_COUNT)
-    consume.fill(broker, broker.queue, count * 2)
+    consume.fill(broker, [consumer.queue_name()], count * 2, direct=True)
     consume.reset_tables()
     off, on = consume.Meter(), consume.Meter()
     done = 0
@@ -57,7 +55,7 @@ def consumer_round(
         size = min(chunk, count - done)
         for meter, state in ((off, False), (on, True)):
             switch(state)
-            meter.add(*consume.consumer_chunk(consumer, broker.url, size, prefetch))
+            meter.add(*consume.consumer_chunk(consumer, broker.url, size))
         done += size
     return off.rate, on.rate
 
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     consumer_ratios: list[float] = []
     relay_ratios: list[float] = []
     with common.bench_broker(PUBLISH_ON_COMMIT=False) as broker:
-        consumer = consume.make_consumer()
+        consumer = consume.make_consumer(f"bench.metrics-{uuid.uuid4().hex[:10]}")
         broker.extra_queues.extend(spec.name for spec in consumer.queue_specs())
         conn, channel = broker._channel()
         try:

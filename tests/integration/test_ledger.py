@@ -206,7 +206,9 @@ def test_ledger_through_pgbouncer_every_committed_event_applied_once_and_traced_
     tmp_path: Path,
     report_figures: Any,
 ) -> None:
-    ledger(run, amqp_url, settings, clean_registry, tmp_path, report_figures, PGBOUNCER_EVENTS, False)
+    ledger(
+        run, amqp_url, settings, clean_registry, tmp_path, report_figures, PGBOUNCER_EVENTS, False
+    )
 
 
 def ledger(
