@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import uuid
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
