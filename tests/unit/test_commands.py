@@ -19,6 +19,7 @@ from django.utils import timezone
 from reliable_events import publish_event
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import unrouted_name
+from tests.support.optional import needs_beat
 from tests.support.producer_support import free_port
 
 pytestmark = pytest.mark.django_db
@@ -253,6 +254,7 @@ def test_purge_rejects_bad_arguments(args):
 
 
 # -- install_beat_schedule ----------------------------------------------------------------
+@needs_beat
 def test_install_beat_schedule_is_idempotent():
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
@@ -283,6 +285,7 @@ def test_install_beat_schedule_is_idempotent():
     assert IntervalSchedule.objects.filter(every=10).count() == 1
 
 
+@needs_beat
 @pytest.mark.parametrize("args", [["--relay-every", "0"], ["--purge-every", "-1"]])
 def test_install_beat_schedule_rejects_bad_intervals(args):
     with pytest.raises(CommandError, match="at least 1 second"):

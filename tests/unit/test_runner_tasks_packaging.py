@@ -22,6 +22,7 @@ from reliable_events.models import OutboxMessage
 from reliable_events.runner import StopFlag, run_loop, stop_on_signals
 from reliable_events.schedule import DEFAULT_SCHEDULE, install_beat_schedule
 from reliable_events.utils import parse_duration
+from tests.support.optional import needs_beat
 from tests.support.producer_support import ROOT
 
 
@@ -199,6 +200,7 @@ def test_tasks_are_registered_under_their_documented_names(celery_app):
     assert {item.task for item in DEFAULT_SCHEDULE} <= names
 
 
+@needs_beat
 @pytest.mark.django_db
 def test_install_beat_schedule_service():
     first = install_beat_schedule(relay_every=5, purge_every=60)

@@ -22,7 +22,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not apps.is_installed("django_celery_beat"):
-            raise CommandError("add 'django_celery_beat' to INSTALLED_APPS first")
+            raise CommandError(
+                "install django-celery-beat (pip install 'reliable-events[beat]') "
+                "and add 'django_celery_beat' to INSTALLED_APPS first"
+            )
         if options["relay_every"] < 1 or options["purge_every"] < 1:
             raise CommandError("intervals must be at least 1 second")
         for name, created in install_beat_schedule(

@@ -109,6 +109,7 @@ class Command(BaseCommand):
 
         with stop_on_signals(stop):  # installed before "running": a signal after it stops cleanly
             self.stdout.write("relay_outbox: running (SIGTERM or Ctrl-C stops after the batch)")
+            self.stdout.flush()
             run_loop(
                 step,
                 stop=stop,
