@@ -5,12 +5,14 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+#: The database transport's scheme (``db://`` or ``db://<alias>``).
+DATABASE_SCHEME = "db"
 
 
 #: This package's own transports by URL scheme: (publisher, consumer transport) classes
 #: by dotted path, imported when used (as kombu does with its transport aliases).
 OWN_TRANSPORTS: dict[str, tuple[str, str]] = {
-    "db": (
+    DATABASE_SCHEME: (
         "reliable_events.broker.database.DatabasePublisher",
         "reliable_events.broker.database.DatabaseTransport",
     ),
@@ -19,6 +21,10 @@ OWN_TRANSPORTS: dict[str, tuple[str, str]] = {
 
 def is_amqp_url(url: str) -> bool:
     return urlsplit(url).scheme.lower() in AMQP_SCHEMES
+
+
+def is_database_url(url: str) -> bool:
+    return urlsplit(url).scheme.lower() == DATABASE_SCHEME
 
 
 def own_transport(url: str) -> tuple[str, str] | None:

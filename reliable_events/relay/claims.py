@@ -12,9 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from django.db import (
-    DEFAULT_DB_ALIAS,
     connections,
-    router,
     transaction,
 )
 from django.db.models import Exists, F, OuterRef, TextField
@@ -29,6 +27,7 @@ from reliable_events.broker import (
     PublishResult,
 )
 from reliable_events.conf import app_settings
+from reliable_events.db import is_postgres, write_alias
 from reliable_events.models import OutboxMessage
 from reliable_events.relay.lanes import (
     LANE_LOCK_NAMESPACE,
@@ -169,11 +168,7 @@ def backoff_seconds(attempts: int) -> float:
 
 
 def outbox_alias(using: str | None) -> str:
-    return using or router.db_for_write(OutboxMessage) or DEFAULT_DB_ALIAS
-
-
-def is_postgres(alias: str) -> bool:
-    return connections[alias].vendor == "postgresql"
+    return write_alias(OutboxMessage, using)
 
 
 # -- claim / build / mark -----------------------------------------------------------------

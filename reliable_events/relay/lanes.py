@@ -16,16 +16,13 @@ from collections.abc import Iterable, Sequence
 from django.db import connections
 
 from reliable_events.conf import app_settings
+from reliable_events.db import is_postgres
 
 #: First key of the two-key advisory locks that guard lanes ("RE").
 LANE_LOCK_NAMESPACE = 0x5245
 #: First key of the advisory lock each relay holds while it runs (second key: its
 #: backend pid), by which relays count each other to share the lanes.
 RELAY_LOCK_NAMESPACE = 0x5246
-
-
-def is_postgres(alias: str) -> bool:
-    return connections[alias].vendor == "postgresql"
 
 
 def lock_lanes(
