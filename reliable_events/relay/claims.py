@@ -115,9 +115,13 @@ FOR UPDATE OF o SKIP LOCKED"""
 # Waits (bounded by lock_timeout) for the lanes of the hook's pending rows, in lane order
 # so that two hooks cannot deadlock; released at the end of the hook's transaction.
 # Returns the keys of those rows, per lane.
+#: ``lock_timeout`` is set (for the transaction) before the locks: the lanes' subquery
+#: reads its result, so it runs first.
 _PG_LOCK_HOOK_LANES = """SELECT s.lane, pg_advisory_xact_lock(%(namespace)s, s.lane), s.keys
-FROM (SELECT lane, array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL) AS keys
-      FROM {table} WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending'
+FROM (SELECT set_config('lock_timeout', %(timeout)s, true) AS timeout) t,
+LATERAL (SELECT lane, array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL) AS keys
+      FROM {table} WHERE t.timeout IS NOT NULL
+      AND id = ANY(%(ids)s::bigint[]) AND status = 'pending'
       GROUP BY lane ORDER BY lane) s"""
 _PG_MARK_SENT = """UPDATE {table} SET status = 'sent', sent_at = statement_timestamp(),
     attempts = attempts + 1, last_error = ''
@@ -312,11 +316,12 @@ def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> list[str] | 
     """
     with connections[alias].cursor() as cursor:
         cursor.execute(
-            "SELECT set_config('lock_timeout', %s, true)", [f"{max(1, int(wait * 1000))}ms"]
-        )
-        cursor.execute(
             _PG_LOCK_HOOK_LANES.format(table=_table(alias)),
-            {"ids": list(ids), "namespace": LANE_LOCK_NAMESPACE},
+            {
+                "ids": list(ids),
+                "namespace": LANE_LOCK_NAMESPACE,
+                "timeout": f"{max(1, int(wait * 1000))}ms",
+            },
         )
         lanes = cursor.fetchall()
     if not lanes:
