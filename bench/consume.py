@@ -34,7 +34,6 @@ import json
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,6 @@ TARGET_RATIO = 0.7
 
 def fill(broker: common.BenchBroker, queue: str, count: int) -> None:
     """Put ``count`` events in ``queue`` (through the exchange) and wait until they are in."""
-    from amqp import Message
     from kombu import Connection
 
     conn = Connection(broker.url)
@@ -57,15 +55,7 @@ def fill(broker: common.BenchBroker, queue: str, count: int) -> None:
     try:
         for n in range(count):
             channel.basic_publish(
-                Message(
-                    common.body_for(n),
-                    content_type="application/json",
-                    content_encoding="utf-8",
-                    delivery_mode=2,
-                    message_id=str(uuid.uuid4()),
-                    type="bench.created",
-                    application_headers={"x-event-key": common.key_for(n)},
-                ),
+                common.amqp_message(n, "bench.created"),
                 exchange=broker.exchange,
                 routing_key="bench.created",
             )
@@ -142,22 +132,6 @@ def consumer_chunk(consumer: Any, url: str, count: int, prefetch: int) -> tuple[
     return stats.settled, stats.last_settled - stats.first_settled
 
 
-def make_consumer() -> Any:
-    from reliable_events.consumer import Event, EventConsumer
-    from tests.testapp.models import Order
-
-    class BenchConsumer(EventConsumer):
-        name = f"bench.consumer-{uuid.uuid4().hex[:10]}"
-        topics = ["bench.#"]
-        max_retries = 0
-        retry_delays = [1]
-
-        def handle(self, event: Event) -> None:
-            Order.objects.create(reference=f"ec|{event.payload['n']}")
-
-    return BenchConsumer
-
-
 def reset_tables() -> None:
     from django.db import connection
 
@@ -217,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         sync_commit = cursor.fetchone()[0]
     results: dict[str, dict[str, Any]] = {}
     with common.bench_broker() as broker:
-        consumer = make_consumer()
+        consumer = common.bench_consumer("bench.consumer")
         broker.extra_queues.extend(spec.name for spec in consumer.queue_specs())
         conn, channel = broker._channel()
         try:

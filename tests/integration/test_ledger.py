@@ -25,7 +25,6 @@ number of events (default 10,000).  Bounded: about 5 minutes at worst.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -42,7 +41,7 @@ from reliable_events.consuming import PERMANENT_ERROR
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import make_consumer
-from tests.support.ledger_support import Fleet, chaos, db
+from tests.support.ledger_support import chaos, db, ledger_fleet
 from tests.support.producer_support import child_env
 from tests.support.service_control import (
     ensure_postgres,
@@ -51,7 +50,7 @@ from tests.support.service_control import (
     restart_rabbitmq,
     wait_for,
 )
-from tests.testapp.consumers import APPLIED_TWICE, LEDGER_CONSUMER_ENV
+from tests.testapp.consumers import APPLIED_TWICE
 from tests.testapp.management.commands.ledger_produce import designed_failure
 from tests.testapp.models import Effect, Order
 
@@ -199,31 +198,16 @@ def test_ledger_every_committed_event_applied_exactly_once_through_kills_and_res
     with Connection(amqp_url, connect_timeout=5) as conn:
         declare_on_amqp_channel(conn.channel(), topology)
 
-    env = child_env()
-    env.pop("COVERAGE_PROCESS_START", None)
-    env.update(
-        PYTHONUNBUFFERED="1",
-        RE_TEST_LOG_LEVEL="INFO",
-        **{
-            LEDGER_CONSUMER_ENV: json.dumps(
-                {
-                    "name": name,
-                    "topics": ["ledger.#"],
-                    "max_retries": MAX_RETRIES,
-                    "retry_delays": RETRY_DELAYS,
-                }
-            )
-        },
-    )
-    fleet = Fleet(
-        env=env,
+    fleet = ledger_fleet(
+        env=child_env(),
         logs=tmp_path,
-        consumer=name,
         run=run,
         events=EVENTS,
-        producer_count=PRODUCERS,
+        producers=PRODUCERS,
         per_transaction=PER_TRANSACTION,
-        max_seconds=BUDGET_SECONDS - 60,
+        budget_seconds=BUDGET_SECONDS,
+        max_retries=MAX_RETRIES,
+        retry_delays=RETRY_DELAYS,
     )
     stop_chaos = threading.Event()
     chaos_errors: list[BaseException] = []

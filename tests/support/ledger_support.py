@@ -5,6 +5,7 @@ that survive a PostgreSQL restart."""
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from typing import IO, TypeVar
 from django.db import DatabaseError, InterfaceError, connection
 
 from tests.support.producer_support import ROOT
+from tests.testapp.consumers import LEDGER_CONSUMER_ENV
 
 T = TypeVar("T")
 
@@ -163,6 +165,48 @@ class Fleet:
             for c in sorted(every, key=lambda c: c.log.name)
             if c.kind == kind
         )
+
+
+def ledger_fleet(
+    *,
+    env: dict[str, str],
+    logs: Path,
+    run: str,
+    events: int,
+    producers: int,
+    per_transaction: int,
+    budget_seconds: float,
+    max_retries: int,
+    retry_delays: list[float],
+) -> Fleet:
+    """The fleet of one ledger run: its consumer ``<run>.apply`` (on ``ledger.#``, with
+    ``max_retries`` and ``retry_delays``), children logging at INFO, unbuffered and
+    without coverage; the producers give up a minute before ``budget_seconds``."""
+    name = f"{run}.apply"
+    child = {
+        **env,
+        "PYTHONUNBUFFERED": "1",
+        "RE_TEST_LOG_LEVEL": "INFO",
+        LEDGER_CONSUMER_ENV: json.dumps(
+            {
+                "name": name,
+                "topics": ["ledger.#"],
+                "max_retries": max_retries,
+                "retry_delays": retry_delays,
+            }
+        ),
+    }
+    child.pop("COVERAGE_PROCESS_START", None)
+    return Fleet(
+        env=child,
+        logs=logs,
+        consumer=name,
+        run=run,
+        events=events,
+        producer_count=producers,
+        per_transaction=per_transaction,
+        max_seconds=budget_seconds - 60,
+    )
 
 
 def chaos(fleet: Fleet, stop: threading.Event, errors: list[BaseException]) -> None:
