@@ -17,8 +17,10 @@ from reliable_events.broker_url import is_database_url, safe_url
 from reliable_events.db import queue_alias, read_alias, write_alias
 from reliable_events.exceptions import ConfigurationError
 from reliable_events.models import OutboxMessage
+from reliable_events.relay.breaker import BrokerBreaker
 from reliable_events.sanitize import json_safe
-from tests.support.deadletter_factory import dead_letter
+from reliable_events.timeline import timeline
+from tests.support.deadletter_factory import dead_letter, outbox_row
 
 
 def test_a_db_url_names_its_database_or_says_which_alias_is_missing() -> None:
@@ -90,3 +92,24 @@ def test_json_too_deep_for_postgresql_is_kept_as_bounded_text() -> None:
     assert isinstance(safe, str)
     assert "leaf" in safe
     assert len(safe) <= 1000
+
+
+@pytest.mark.django_db
+def test_a_dead_outbox_row_shows_in_the_message_timeline() -> None:
+    row = outbox_row(status=OutboxMessage.Status.DEAD, last_error="refused")
+    found = timeline(row.message_id)
+    assert found.found
+    assert any("dead in the outbox" in event.summary for event in found.events)
+    assert not timeline("no-such-id").found
+
+
+def test_a_long_broker_outage_is_logged_again_while_it_lasts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    breaker = BrokerBreaker()
+    breaker.trip("connection refused")
+    breaker._logged -= BrokerBreaker.LOG_EVERY  # the first warning is that old now
+    with caplog.at_level("WARNING", logger="reliable_events.relay.breaker"):
+        breaker.trip("connection refused")
+    assert "broker still unavailable after" in caplog.text
+    assert "connection refused" in caplog.text
