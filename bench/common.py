@@ -317,3 +317,36 @@ def emit(name: str, figures: dict[str, Any]) -> None:
 
 def verdict(ok: bool) -> str:
     return "MET" if ok else "MISSED"
+
+
+def amqp_message(n: int, topic: str) -> Any:
+    """Event ``n`` as a raw py-amqp message (what the relay would publish for it)."""
+    from amqp import Message
+
+    return Message(
+        body_for(n),
+        content_type="application/json",
+        content_encoding="utf-8",
+        delivery_mode=2,
+        message_id=str(uuid.uuid4()),
+        type=topic,
+        application_headers={"x-event-key": key_for(n)},
+    )
+
+
+def bench_consumer(prefix: str) -> Any:
+    """A new consumer class (named ``<prefix>-<random>``) of ``bench.#`` whose handler
+    creates one ``Order`` per event, without retries."""
+    from reliable_events.consumer import Event, EventConsumer
+    from tests.testapp.models import Order
+
+    class BenchConsumer(EventConsumer):
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        topics = ["bench.#"]
+        max_retries = 0
+        retry_delays = [1]
+
+        def handle(self, event: Event) -> None:
+            Order.objects.create(reference=f"ec|{event.payload['n']}")
+
+    return BenchConsumer

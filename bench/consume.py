@@ -54,7 +54,6 @@ LIMIT_BATCH = 100
 def fill(broker: common.BenchBroker, queues: list[str], count: int, *, direct: bool) -> None:
     """Publish ``count`` events (through the exchange, or straight to ``queues[0]`` when
     ``direct``) and wait until every queue of ``queues`` holds them."""
-    from amqp import Message
     from kombu import Connection
 
     conn = Connection(broker.url)
@@ -64,15 +63,7 @@ def fill(broker: common.BenchBroker, queues: list[str], count: int, *, direct: b
     try:
         for n in range(count):
             channel.basic_publish(
-                Message(
-                    common.body_for(n),
-                    content_type="application/json",
-                    content_encoding="utf-8",
-                    delivery_mode=2,
-                    message_id=str(uuid.uuid4()),
-                    type="bench.created",
-                    application_headers={"x-event-key": common.key_for(n)},
-                ),
+                common.amqp_message(n, "bench.created"),
                 exchange="" if direct else broker.exchange,
                 routing_key=queues[0] if direct else "bench.created",
             )

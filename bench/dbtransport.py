@@ -36,7 +36,6 @@ import json
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -129,22 +128,6 @@ def consumer_chunk(consumer: Any, count: int) -> tuple[int, float]:
     if stats.processed < count or stats.first_settled is None or stats.last_settled is None:
         raise RuntimeError(f"processed {stats.processed} of {count}: {stats}")
     return stats.processed, stats.last_settled - stats.first_settled
-
-
-def make_consumer() -> Any:
-    from reliable_events.consumer import Event, EventConsumer
-    from tests.testapp.models import Order
-
-    class BenchConsumer(EventConsumer):
-        name = f"bench.db-consumer-{uuid.uuid4().hex[:10]}"
-        topics = ["bench.#"]
-        max_retries = 0
-        retry_delays = [1]
-
-        def handle(self, event: Event) -> None:
-            Order.objects.create(reference=f"ec|{event.payload['n']}")
-
-    return BenchConsumer
 
 
 def consumer_round(consumer: Any, count: int, chunk: int) -> tuple[float, float]:
@@ -254,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             samples[key].append(value)
 
     with override_settings(RELIABLE_EVENTS=config):
-        consumer = make_consumer()
+        consumer = common.bench_consumer("bench.db-consumer")
         for number in range(1, rounds + 1):
             for batch, samples in consumers.items():
                 consumer.batch_size = batch

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ TOPIC = "bench.created"
 
 def raw_confirm_latencies(broker: common.BenchBroker, count: int) -> list[float]:
     """Seconds from ``basic_publish`` to its ``basic.ack``, one message at a time."""
-    from amqp import Message
     from kombu import Connection
 
     conn = Connection(broker.url)
@@ -56,15 +54,7 @@ def raw_confirm_latencies(broker: common.BenchBroker, count: int) -> list[float]
             seen = len(acks)
             started = time.perf_counter()
             channel.basic_publish(
-                Message(
-                    common.body_for(n),
-                    content_type="application/json",
-                    content_encoding="utf-8",
-                    delivery_mode=2,
-                    message_id=str(uuid.uuid4()),
-                    type=TOPIC,
-                    application_headers={"x-event-key": common.key_for(n)},
-                ),
+                common.amqp_message(n, TOPIC),
                 exchange=broker.exchange,
                 routing_key=TOPIC,
             )

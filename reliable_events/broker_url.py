@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+#: The database transport's scheme (``db://`` or ``db://<alias>``).
+DATABASE_SCHEME = "db"
 
 #: Separator of the nodes in a one-string node list (kombu's failover form).
 NODE_SEPARATOR = ";"
@@ -20,7 +22,7 @@ NODE_SEPARATOR = ";"
 #: This package's own transports by URL scheme: (publisher, consumer transport) classes
 #: by dotted path, imported when used (as kombu does with its transport aliases).
 OWN_TRANSPORTS: dict[str, tuple[str, str]] = {
-    "db": (
+    DATABASE_SCHEME: (
         "reliable_events.broker.database.DatabasePublisher",
         "reliable_events.broker.database.DatabaseTransport",
     ),
@@ -74,6 +76,10 @@ def node_list_problems(url: str | Sequence[str]) -> list[str]:
 
 def is_amqp_url(url: str) -> bool:
     return urlsplit(url).scheme.lower() in AMQP_SCHEMES
+
+
+def is_database_url(url: str) -> bool:
+    return urlsplit(url).scheme.lower() == DATABASE_SCHEME
 
 
 def own_transport(url: str) -> tuple[str, str] | None:

@@ -12,9 +12,10 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.utils.module_loading import import_string
 
 from reliable_events import cloudevents
-from reliable_events.broker.database import alias_for, dialect_for
+from reliable_events.broker.queue_rows import dialect_for
 from reliable_events.broker_url import OWN_TRANSPORTS, node_list_problems
 from reliable_events.conf import app_settings
+from reliable_events.db import queue_alias
 from reliable_events.exceptions import ConfigurationError
 
 DOCS = "See docs/settings.md."
@@ -201,7 +202,7 @@ def check_own_transport(url: str, scheme: str) -> list[CheckMessage]:
             )
         ]
     try:
-        dialect_for(alias_for(url))
+        dialect_for(queue_alias(url))
     except ConfigurationError as exc:
         return [
             Error(f"RELIABLE_EVENTS['BROKER_URL']: {exc}.", hint=DOCS, id="reliable_events.E010")

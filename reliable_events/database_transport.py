@@ -5,32 +5,5 @@ This module only re-exports its names so that existing imports keep working.
 
 from __future__ import annotations
 
-from reliable_events.broker.database import (
-    CHANNEL,
-    DIALECTS,
-    FIRST_PAUSE,
-    SCHEME,
-    DatabasePublisher,
-    DatabaseRetryScheduler,
-    DatabaseTransport,
-    Dialect,
-    alias_for,
-    dialect_for,
-    insert_rows,
-    queue_row,
-)
-
-__all__ = [
-    "CHANNEL",
-    "DIALECTS",
-    "FIRST_PAUSE",
-    "SCHEME",
-    "DatabasePublisher",
-    "DatabaseRetryScheduler",
-    "DatabaseTransport",
-    "Dialect",
-    "alias_for",
-    "dialect_for",
-    "insert_rows",
-    "queue_row",
-]
+from reliable_events.broker.database import *  # noqa: F403 - the old path re-exports every name
+from reliable_events.broker.database import __all__ as __all__

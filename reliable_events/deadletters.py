@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, router, transaction
+from django.db import transaction
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -22,6 +22,7 @@ from django.utils import timezone
 from reliable_events.broker import open_publisher
 from reliable_events.consumer import registry
 from reliable_events.consumer.wire import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
+from reliable_events.db import write_alias
 from reliable_events.exceptions import ReliableEventsError, UnknownConsumer
 from reliable_events.models import DeadLetter, OutboxMessage, TriageEntry
 from reliable_events.outbox import Hold, hold, insert, insert_many, new_row
@@ -58,7 +59,7 @@ class TriageResult:
 
 
 def _alias(using: str | None) -> str:
-    return using or router.db_for_write(DeadLetter) or DEFAULT_DB_ALIAS
+    return write_alias(DeadLetter, using)
 
 
 def select(

@@ -26,13 +26,14 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, router
+from django.db import DatabaseError
 from django.db.models import Count
 from django.utils import timezone
 
 from reliable_events.broker_url import is_amqp_url
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import EventConsumer, registry
+from reliable_events.db import queue_alias, write_alias
 from reliable_events.models import Heartbeat, QueuedMessage
 from reliable_events.reports import Report
 from reliable_events.sanitize import describe_error
@@ -47,7 +48,7 @@ MAX_CONSUMERS = 200
 
 
 def _alias(using: str | None) -> str:
-    return using or router.db_for_write(Heartbeat) or DEFAULT_DB_ALIAS
+    return write_alias(Heartbeat, using)
 
 
 def counters_of(report: Report | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -182,7 +183,7 @@ def _amqp_depths(url: str, queues: list[str]) -> dict[str, QueueDepth]:
 
 
 def _table_depths(url: str, queues: list[str]) -> dict[str, QueueDepth]:
-    alias = urlsplit(url).netloc or router.db_for_read(QueuedMessage) or DEFAULT_DB_ALIAS
+    alias = queue_alias(url)
     try:
         rows = (
             QueuedMessage.objects.using(alias)

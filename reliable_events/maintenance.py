@@ -7,11 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import DEFAULT_DB_ALIAS, router
 from django.db.models import QuerySet
 from django.utils import timezone
 
 from reliable_events.conf import app_settings
+from reliable_events.db import write_alias
 from reliable_events.liveness import purge_heartbeats
 from reliable_events.models import OutboxMessage, ProcessedMessage
 from reliable_events.reports import Report
@@ -65,7 +65,7 @@ def purge(
     one short statement each, so it never holds long locks.
     """
     started = time.monotonic()
-    alias = using or router.db_for_write(OutboxMessage) or DEFAULT_DB_ALIAS
+    alias = write_alias(OutboxMessage, using)
     size = max(1, int(batch_size or app_settings.PURGE_BATCH_SIZE))
     now = timezone.now()
     # ``is None``, not ``or``: an explicit zero age means "every sent row".

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router
+from django.db import DatabaseError, connections
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.http import require_safe
 
 from reliable_events import metrics
 from reliable_events.conf import app_settings
+from reliable_events.db import read_alias
 from reliable_events.liveness import Liveness, liveness
 from reliable_events.models import OutboxMessage
 from reliable_events.sanitize import describe_error
@@ -81,7 +82,7 @@ class Snapshot:
 
 
 def take_snapshot(*, using: str | None = None) -> Snapshot:
-    alias = using or router.db_for_read(OutboxMessage) or DEFAULT_DB_ALIAS
+    alias = read_alias(OutboxMessage, using)
     limit = max(1, int(app_settings.METRICS_MAX_TOPICS))
     try:
         outbox = OutboxMessage.objects.using(alias)

@@ -18,13 +18,14 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from django.db import IntegrityError, connections, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import JSONField, Value
 from django.db.models.functions import Now
 from django.utils import timezone
 
 from reliable_events import tracing
 from reliable_events.conf import app_settings
+from reliable_events.db import is_postgres
 from reliable_events.exceptions import InvalidEvent
 from reliable_events.models import OutboxMessage
 from reliable_events.relay.on_commit import publish_after_commit
@@ -54,7 +55,7 @@ def on_commit_due(alias: str) -> datetime | Now:
     left waiting.  Elsewhere (SQLite, no lane locks): reserved for the hook for
     ``ON_COMMIT_GRACE_SECONDS``; the relay takes it after that.
     """
-    if connections[alias].vendor == "postgresql":
+    if is_postgres(alias):
         return Now()
     return timezone.now() + timedelta(seconds=float(app_settings.ON_COMMIT_GRACE_SECONDS))
 

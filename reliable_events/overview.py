@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, router
 from django.db.models import Count, Max, Min, Q, QuerySet
 from django.db.models.functions import Substr, TruncHour
 from django.utils import timezone
 
+from reliable_events.db import read_alias
 from reliable_events.liveness import Liveness, liveness
 from reliable_events.models import DeadLetter, OutboxMessage
 from reliable_events.status import OutboxStatus, outbox_status
@@ -97,7 +97,7 @@ def _per_hour(query: QuerySet[Any], field_name: str) -> dict[datetime, int]:
 
 def hourly_counts(*, hours: int = 24, using: str | None = None) -> list[HourBucket]:
     """One bucket per hour for the last ``hours`` hours (oldest first, current hour last)."""
-    alias = using or router.db_for_read(OutboxMessage) or DEFAULT_DB_ALIAS
+    alias = read_alias(OutboxMessage, using)
     now = timezone.now().astimezone(UTC)
     current = now.replace(minute=0, second=0, microsecond=0)
     first = current - timedelta(hours=hours - 1)
@@ -260,7 +260,7 @@ def failure_groups(
     group's error messages (the greatest, so it is stable between page loads).
     """
     if query is None:
-        alias = using or router.db_for_read(DeadLetter) or DEFAULT_DB_ALIAS
+        alias = read_alias(DeadLetter, using)
         query = DeadLetter.objects.using(alias).all()
     rows = (
         query.filter(status=DeadLetter.Status.OPEN)

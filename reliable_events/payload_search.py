@@ -22,9 +22,9 @@ import json
 import re
 from typing import Any
 
-from django.db import connections
 from django.db.models import Q, QuerySet
 
+from reliable_events.db import is_postgres
 from reliable_events.models import DeadLetter
 
 MAX_TEXT = 1000
@@ -93,7 +93,7 @@ def leaves(criteria: dict[str, Any]) -> list[tuple[list[str], Any]]:
 
 def search(query: QuerySet[DeadLetter], criteria: dict[str, Any]) -> QuerySet[DeadLetter]:
     """``query`` narrowed to dead letters whose payload matches ``criteria`` (see :func:`parse`)."""
-    if connections[query.db].vendor == "postgresql":
+    if is_postgres(query.db):
         return query.filter(payload__contains=criteria)
     condition = Q()
     for path, value in leaves(criteria):

@@ -8,10 +8,9 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, router
-
 from reliable_events import signals, tracing
 from reliable_events.conf import app_settings
+from reliable_events.db import write_alias
 from reliable_events.exceptions import InvalidEvent
 from reliable_events.models import (
     KEY_MAX_LENGTH,
@@ -189,7 +188,7 @@ def publish_event(
         message_id, "message_id", MESSAGE_ID_MAX_LENGTH, SHORTSTR_MAX_BYTES
     )
     wait = validate_delay(delay)
-    alias = using or router.db_for_write(OutboxMessage) or DEFAULT_DB_ALIAS
+    alias = write_alias(OutboxMessage, using)
     # Store the payload exactly as it will go on the wire (tuples become lists, etc.).
     stored_payload = json.loads(body)
 

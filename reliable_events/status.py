@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, router
 from django.db.models import Case, Count, DateTimeField, ExpressionWrapper, F, Min, Q, When
 from django.utils import timezone
 
 from reliable_events.conf import app_settings
+from reliable_events.db import read_alias
 from reliable_events.models import DeadLetter, OutboxMessage
 
 #: Clock difference allowed between the application (``next_attempt_at``) and the
@@ -43,7 +43,7 @@ class OutboxStatus:
 
 
 def outbox_status(*, using: str | None = None) -> OutboxStatus:
-    alias = using or router.db_for_read(OutboxMessage) or DEFAULT_DB_ALIAS
+    alias = read_alias(OutboxMessage, using)
     outbox = OutboxMessage.objects.using(alias)
     counts = outbox.status_counts()
     now = timezone.now()

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, router
-
 from reliable_events.consumer import registry
+from reliable_events.db import read_alias
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage, TriageEntry
 
 #: Rows read per table (a message is retried a handful of times, not thousands).
@@ -172,7 +171,7 @@ def _entry_event(entry: TriageEntry) -> TimelineEvent:
 
 def timeline(message_id: str, *, using: str | None = None) -> Timeline:
     """The timeline of ``message_id`` and of its edited copies (a few bounded queries)."""
-    alias = using or router.db_for_read(DeadLetter) or DEFAULT_DB_ALIAS
+    alias = read_alias(DeadLetter, using)
     entries_db = TriageEntry.objects.using(alias)
     copy_of = (
         entries_db.filter(copy_message_id=message_id).values_list("message_id", flat=True).first()

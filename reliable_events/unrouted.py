@@ -32,13 +32,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
-
-from django.db import DEFAULT_DB_ALIAS, router
 
 from reliable_events.broker_nodes import BrokerNodes
-from reliable_events.broker_url import is_amqp_url, safe_url
+from reliable_events.broker_url import is_amqp_url, is_database_url, safe_url
 from reliable_events.conf import app_settings
+from reliable_events.db import queue_alias
 from reliable_events.exceptions import BrokerError
 from reliable_events.models import QueuedMessage
 from reliable_events.sanitize import describe_error
@@ -164,14 +162,9 @@ def count_unrouted(url: str | None = None, *, timeout: float | None = None) -> U
     queue = unrouted_name()
     wait = float(app_settings.CONNECT_TIMEOUT) if timeout is None else timeout
     try:
-        parts = urlsplit(url)
-        if parts.scheme == "db":  # the database transport: the queue is rows of a table
-            # (its alias resolved as the transport does: importing reliable_events.broker
-            # from here would be a cycle, the AMQP transport runs this module's checks)
-            alias = parts.netloc or router.db_for_write(QueuedMessage) or DEFAULT_DB_ALIAS
-            return UnroutedCount(
-                queue, QueuedMessage.objects.using(alias).filter(queue=queue).count()
-            )
+        if is_database_url(url):  # the database transport: the queue is rows of a table
+            rows = QueuedMessage.objects.using(queue_alias(url)).filter(queue=queue)
+            return UnroutedCount(queue, rows.count())
         with _broker_channel(url, wait) as channel:
             return UnroutedCount(queue, queue_depth(channel, queue))
     except Exception as exc:  # the count is a report: any failure is shown, not raised

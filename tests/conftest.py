@@ -46,6 +46,21 @@ class RabbitClient:
         self.queues.append(name)
         return name
 
+    def full_queue(self, exchange: str, binding: str) -> str:
+        """A queue bound to ``exchange`` that holds nothing and rejects every publish
+        routed to it (``x-max-length: 0``, ``reject-publish``): the broker nacks it."""
+        name = f"test-full-{exchange}"
+        self.bind_queue(exchange, binding, name=name)  # declares the exchange
+        self.channel.queue_delete(name)
+        self.channel.queue_declare(
+            name,
+            durable=True,
+            auto_delete=False,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        self.channel.queue_bind(name, exchange, binding)
+        return name
+
     def get_all(self, queue: str, *, expect: int | None = None, timeout: float = 10.0) -> list[Any]:
         """Read (and ack) every message in ``queue``; wait until ``expect`` arrived."""
         messages: list[Any] = []

@@ -24,18 +24,15 @@ trace, as on a classic RabbitMQ queue).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
-from urllib.parse import urlsplit
 
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, InterfaceError, connections, router
+from django.db import DatabaseError, InterfaceError, connections
 from django.db import transaction as db_transaction
 from django.utils.dateparse import parse_datetime
 
@@ -50,152 +47,58 @@ from reliable_events.broker.base import (
     PublishResult,
     Transport,
 )
+from reliable_events.broker.queue_rows import (
+    CHANNEL,
+    DIALECTS,
+    Dialect,
+    claim_rows,
+    dialect_for,
+    due_in,
+    insert_rows,
+    load_headers,
+    queue_row,
+    table_name,
+)
+from reliable_events.broker_url import DATABASE_SCHEME
 from reliable_events.conf import app_settings
 from reliable_events.consumer import Event, EventConsumer
 from reliable_events.consumer.db import database_guard
 from reliable_events.consumer.failures import Failure
 from reliable_events.consumer.retries import RetryScheduler, retry_headers
-from reliable_events.consumer.wire import ATTEMPT_HEADER, Poison, parse_attempt
+from reliable_events.db import queue_alias
 from reliable_events.exceptions import ConfigurationError, DatabaseUnavailable
-from reliable_events.models import QueuedMessage
 from reliable_events.routing import Routes
 from reliable_events.runner import StopFlag
-from reliable_events.sanitize import describe_error, json_safe
+from reliable_events.sanitize import describe_error
 from reliable_events.topology import UNROUTED_SUFFIX, Topology
 
 logger = logging.getLogger(__name__)
 
-SCHEME = "db"
-#: PostgreSQL ``NOTIFY`` channel a publish signals on.
-CHANNEL = "reliable_events_queue"
+#: Kept importable from here: the queue rows' SQL moved to ``broker/queue_rows.py``.
+__all__ = [
+    "CHANNEL",
+    "DIALECTS",
+    "FIRST_PAUSE",
+    "SCHEME",
+    "DatabasePublisher",
+    "DatabaseRetryScheduler",
+    "DatabaseTransport",
+    "Dialect",
+    "alias_for",
+    "dialect_for",
+    "insert_rows",
+    "queue_row",
+]
+
+SCHEME = DATABASE_SCHEME
 #: First pause of an idle consumer, seconds (doubled per empty look, up to DATABASE_POLL_MAX).
 FIRST_PAUSE = 0.01
 #: A busy consumer reads (and drops) the notifications it has not waited for this often.
 _DRAIN_EVERY = 1.0
 
 
-def alias_for(url: str) -> str:
-    """The database alias of a ``db://`` URL (empty host: where ``QueuedMessage`` is routed)."""
-    alias = urlsplit(url).netloc
-    if not alias:
-        return router.db_for_write(QueuedMessage) or DEFAULT_DB_ALIAS
-    if alias not in connections:
-        raise ConfigurationError(f"{url!r}: there is no database alias {alias!r} in DATABASES")
-    return alias
-
-
-# -- SQL of the two supported databases ---------------------------------------------------
-@dataclass(frozen=True)
-class Dialect:
-    """The statements that differ between PostgreSQL and SQLite."""
-
-    #: The current time, comparable with ``available_at``.
-    now: str
-    #: The current time plus ``%s`` (PostgreSQL: seconds; SQLite: a ``"+N seconds"`` modifier).
-    later: str
-    headers_in: str
-    headers_out: str
-    #: Seconds from now until ``{due}`` (negative: due).
-    due_in: str
-    lock: str
-    listens: bool
-
-    def later_param(self, seconds: float) -> Any:
-        return float(seconds) if self.listens else f"+{float(seconds):.6f} seconds"
-
-
-_SQLITE_NOW = "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW')"
-DIALECTS = {
-    "postgresql": Dialect(
-        now="statement_timestamp()",
-        later="statement_timestamp() + make_interval(secs => %s)",
-        headers_in="%s::jsonb",
-        headers_out="headers::text",
-        due_in="EXTRACT(EPOCH FROM {due} - statement_timestamp())",
-        lock="FOR UPDATE SKIP LOCKED",
-        listens=True,
-    ),
-    "sqlite": Dialect(
-        now=_SQLITE_NOW,
-        later="STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW', %s)",
-        headers_in="%s",
-        headers_out="headers",
-        due_in="(julianday({due}) - julianday('now')) * 86400.0",
-        lock="",
-        listens=False,
-    ),
-}
-
-
-def dialect_for(alias: str) -> Dialect:
-    vendor = connections[alias].vendor
-    try:
-        return DIALECTS[vendor]
-    except KeyError:
-        raise ConfigurationError(
-            f"the database transport (db://) needs PostgreSQL or SQLite; database "
-            f"{alias!r} is {vendor}"
-        ) from None
-
-
-def _table(alias: str) -> str:
-    return str(connections[alias].ops.quote_name(QueuedMessage._meta.db_table))
-
-
-_COLUMNS = "id, queue, message_id, topic, key, {headers}, body, published_at"
-
-
-def insert_rows(
-    alias: str, rows: Sequence[tuple[Any, ...]], *, delay: float = 0.0, notify: bool = True
-) -> None:
-    """Insert queue rows ``(queue, message_id, topic, key, headers_json, body, attempt,
-    published_at)`` in the caller's transaction, due after ``delay`` seconds."""
-    dialect = dialect_for(alias)
-    due = dialect.later if delay > 0 else dialect.now
-    sql = (
-        f"INSERT INTO {_table(alias)} "  # noqa: S608 - identifiers from the model, values are parameters
-        "(queue, message_id, topic, key, headers, body, attempt, published_at, available_at) "
-        f"VALUES (%s, %s, %s, %s, {dialect.headers_in}, %s, %s, %s, {due})"
-    )
-    adapt = connections[alias].ops.adapt_datetimefield_value
-    params = [(*row[:7], adapt(row[7])) for row in rows]
-    if delay > 0:
-        params = [(*row, dialect.later_param(delay)) for row in params]
-    with connections[alias].cursor() as cursor:
-        cursor.executemany(sql, params)
-        if notify and dialect.listens:
-            cursor.execute("SELECT pg_notify(%s, '')", [CHANNEL])
-
-
-def queue_row(queue: str, message: OutgoingMessage | None = None, **values: Any) -> tuple[Any, ...]:
-    """One row for :func:`insert_rows` (from ``message``, or from ``values``)."""
-    if message is not None:
-        values = {
-            "message_id": message.message_id,
-            "topic": message.topic,
-            "headers": message.headers,
-            "body": message.body,
-            "published_at": message.timestamp,
-        }
-    headers = json_safe(dict(values["headers"] or {}))
-    key = headers.get(KEY_HEADER)
-    try:
-        attempt = parse_attempt(headers.get(ATTEMPT_HEADER))
-    except Poison:
-        attempt = 1  # the consumer dead-letters it; the column is informative only
-    stamp = values["published_at"]
-    if isinstance(stamp, int | float) and not isinstance(stamp, bool):
-        stamp = datetime.fromtimestamp(stamp, tz=UTC)
-    return (
-        queue,
-        values["message_id"],
-        values["topic"] or "",
-        key if isinstance(key, str) and key else None,
-        json.dumps(headers, separators=(",", ":")),
-        bytes(values["body"]),
-        attempt,
-        stamp if isinstance(stamp, datetime) else None,
-    )
+#: The database of a ``db://`` URL (kept under its old name).
+alias_for = queue_alias
 
 
 # -- publishing -----------------------------------------------------------------------
@@ -218,7 +121,7 @@ class DatabasePublisher(Publisher):
         dialect_for(self.alias)
         try:
             with connections[self.alias].cursor() as cursor:
-                cursor.execute(f"SELECT 1 FROM {_table(self.alias)} WHERE 1 = 0", [])  # noqa: S608
+                cursor.execute(f"SELECT 1 FROM {table_name(self.alias)} WHERE 1 = 0", [])  # noqa: S608
         except (DatabaseError, InterfaceError) as exc:
             raise ConfigurationError(
                 f"the database transport's table is missing in {self.alias!r} "
@@ -418,48 +321,18 @@ class DatabaseTransport(Transport):
         return self._delivery(rows[0])
 
     def _delete(self, queue: str, limit: int) -> list[tuple[Any, ...]]:
-        """Delete (claim) up to ``limit`` due rows of ``queue``, oldest first.
-
-        The ``(queue, id)`` index is walked, so other queues' rows (an unrouted backlog, a
-        stopped consumer's queue) are never scanned.  The queue is written as a range:
-        with ``queue = %s`` PostgreSQL's planner may walk the primary key instead,
-        expecting this queue's rows to be spread evenly among the others.
-        """
-        dialect = self._dialect
-        assert dialect is not None
-        table = _table(self.alias)
-        sql = (
-            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "  # noqa: S608
-            f"WHERE queue >= %s AND queue <= %s AND available_at <= {dialect.now} "
-            f"ORDER BY queue, id LIMIT %s {dialect.lock}) "
-            f"RETURNING {_COLUMNS.format(headers=dialect.headers_out)}"
-        )
-        with connections[self.alias].cursor() as cursor:
-            cursor.execute(sql, [queue, queue, limit])
-            rows = sorted(cursor.fetchall())
+        assert self._dialect is not None
+        rows = claim_rows(self.alias, self._dialect, queue, limit)
         self._open.update(row[0] for row in rows)
         return rows
 
     def _due(self) -> dict[str, float]:
-        """Seconds until the next row of each non-empty queue is due (one query; each
-        ``MIN`` is read from the ``(queue, available_at)`` index)."""
-        dialect = self._dialect
-        assert dialect is not None
-        table = _table(self.alias)
-        due_in = dialect.due_in.format(due="MIN(available_at)")
-        queues = list(self.queues)
-        sql = " UNION ALL ".join(
-            f"SELECT {index}, {due_in} FROM {table} WHERE queue = %s"  # noqa: S608
-            for index in range(len(queues))
-        )
-        with connections[self.alias].cursor() as cursor:
-            cursor.execute(sql, queues)
-            rows = cursor.fetchall()
-        return {queues[index]: float(seconds) for index, seconds in rows if seconds is not None}
+        assert self._dialect is not None
+        return due_in(self.alias, self._dialect, list(self.queues))
 
     def _delivery(self, row: tuple[Any, ...]) -> Delivery:
         pk, queue, message_id, topic, key, headers_text, body, published_at = row
-        headers = _load_headers(headers_text)
+        headers = load_headers(headers_text)
         if key is not None:
             headers.setdefault(KEY_HEADER, key)
         if isinstance(published_at, str):  # SQLite
@@ -566,16 +439,6 @@ class DatabaseTransport(Transport):
 
     def pump(self, seconds: float, stop: StopFlag) -> None:
         stop.wait(seconds)
-
-
-def _load_headers(text: Any) -> dict[str, Any]:
-    if isinstance(text, dict):
-        return text
-    try:
-        value = json.loads(text) if text else {}
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 class DatabaseRetryScheduler(RetryScheduler):

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import connections, transaction
 
 from reliable_events.conf import app_settings
 from reliable_events.consumer.db import database_lost
 from reliable_events.consumer.idempotency import delete_records, insert_record, insert_records
 from reliable_events.consumer.savepoints import HandlerSavepoint
+from reliable_events.db import write_alias
 from reliable_events.exceptions import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -312,13 +313,11 @@ class EventConsumer:
     def get_database(cls) -> str:
         if cls.database:
             return cls.database
-        from django.db import router
-
         # Lazy: consumer classes are defined (and this package imported, e.g. by the
         # broker) before Django's apps are loaded; the models need the app registry.
         from reliable_events.models import ProcessedMessage
 
-        return router.db_for_write(ProcessedMessage) or DEFAULT_DB_ALIAS
+        return write_alias(ProcessedMessage)
 
     # -- policy and topology -------------------------------------------------------------
     @classmethod

@@ -22,6 +22,7 @@ from reliable_events import signals
 from reliable_events.consumer.base import Event, HandlerResult
 from reliable_events.consumer.db import database_guard
 from reliable_events.consumer.wire import HISTORY_LIMIT, read_first_failed, read_history
+from reliable_events.db import is_postgres
 from reliable_events.models import (
     KEY_MAX_LENGTH,
     MESSAGE_ID_MAX_LENGTH,
@@ -194,7 +195,7 @@ def _save_dead_letter(
     with transaction.atomic(using=alias):
         letter = None
         if message_id:
-            if connections[alias].vendor == "postgresql":
+            if is_postgres(alias):
                 # Two workers dead-lettering copies of one message at the same moment
                 # (at-least-once delivery) must not both find "no open letter" and
                 # insert two: serialise them on this (consumer, message id) until commit.

@@ -12,9 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from django.db import (
-    DEFAULT_DB_ALIAS,
     connections,
-    router,
     transaction,
 )
 from django.db.models import Exists, F, OuterRef, TextField
@@ -29,6 +27,7 @@ from reliable_events.broker import (
     PublishResult,
 )
 from reliable_events.conf import app_settings
+from reliable_events.db import is_postgres, write_alias
 from reliable_events.models import LaneLease, OutboxMessage
 from reliable_events.relay.leases import LANE_LOCK_NAMESPACE, Fence, lease_filter
 from reliable_events.reports import Report
@@ -117,9 +116,13 @@ FOR UPDATE OF o SKIP LOCKED"""
 # Waits (bounded by lock_timeout) for the lanes of the hook's pending rows, in lane order
 # so that two hooks cannot deadlock; released at the end of the hook's transaction.
 # Returns the keys of those rows, per lane.
+#: ``lock_timeout`` is set (for the transaction) before the locks: the lanes' subquery
+#: reads its result, so it runs first.
 _PG_LOCK_HOOK_LANES = """SELECT s.lane, pg_advisory_xact_lock(%(namespace)s, s.lane), s.keys
-FROM (SELECT lane, array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL) AS keys
-      FROM {table} WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending'
+FROM (SELECT set_config('lock_timeout', %(timeout)s, true) AS timeout) t,
+LATERAL (SELECT lane, array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL) AS keys
+      FROM {table} WHERE t.timeout IS NOT NULL
+      AND id = ANY(%(ids)s::bigint[]) AND status = 'pending'
       GROUP BY lane ORDER BY lane) s"""
 _PG_MARK_SENT = """UPDATE {table} SET status = 'sent', sent_at = statement_timestamp(),
     attempts = attempts + 1, last_error = ''
@@ -173,11 +176,7 @@ def backoff_seconds(attempts: int) -> float:
 
 
 def outbox_alias(using: str | None) -> str:
-    return using or router.db_for_write(OutboxMessage) or DEFAULT_DB_ALIAS
-
-
-def is_postgres(alias: str) -> bool:
-    return connections[alias].vendor == "postgresql"
+    return write_alias(OutboxMessage, using)
 
 
 # -- claim / build / mark -----------------------------------------------------------------
@@ -340,11 +339,12 @@ def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> list[str] | 
     """
     with connections[alias].cursor() as cursor:
         cursor.execute(
-            "SELECT set_config('lock_timeout', %s, true)", [f"{max(1, int(wait * 1000))}ms"]
-        )
-        cursor.execute(
             _PG_LOCK_HOOK_LANES.format(table=_table(alias)),
-            {"ids": list(ids), "namespace": LANE_LOCK_NAMESPACE},
+            {
+                "ids": list(ids),
+                "namespace": LANE_LOCK_NAMESPACE,
+                "timeout": f"{max(1, int(wait * 1000))}ms",
+            },
         )
         lanes = cursor.fetchall()
     if not lanes:

@@ -66,6 +66,7 @@ from reliable_events.broker import (
     open_publisher,
 )
 from reliable_events.conf import app_settings
+from reliable_events.db import is_postgres
 from reliable_events.exceptions import BrokerError
 from reliable_events.models import OutboxMessage
 from reliable_events.relay.breaker import BrokerBreaker
@@ -74,7 +75,6 @@ from reliable_events.relay.claims import (
     RelayReport,
     build_message,
     claim_due,
-    is_postgres,
     outbox_alias,
     publish_rows,
     record_result,

@@ -14,15 +14,10 @@ from __future__ import annotations
 import random
 import time
 
-from django.db import connections
-
 from reliable_events.conf import app_settings
+from reliable_events.db import is_postgres
 from reliable_events.relay import leases
 from reliable_events.relay.leases import CLAIM_MARGIN, RENEW_AT, Fence
-
-
-def is_postgres(alias: str) -> bool:
-    return connections[alias].vendor == "postgresql"
 
 
 class LaneShare:

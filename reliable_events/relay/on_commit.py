@@ -22,13 +22,13 @@ from reliable_events.broker import (
     open_publisher,
 )
 from reliable_events.conf import app_settings
+from reliable_events.db import is_postgres
 from reliable_events.metrics import metered
 from reliable_events.relay.claims import (
     ClaimedRow,
     RelayReport,
     build_message,
     claim_committed,
-    is_postgres,
     lock_hook_lanes,
     mark_interrupted,
     outbox_alias,

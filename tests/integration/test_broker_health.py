@@ -103,16 +103,7 @@ def test_a_nack_and_a_return_are_the_messages_own_failures_and_count(
     addressed to a missing queue) in the same run as good rows: those two get an attempt
     and a backoff, the others are sent, the relay does not pause."""
     re_settings(PUBLISH_ON_COMMIT=False)
-    full = f"test-full-{exchange_name}"
-    rabbit.bind_queue(exchange_name, "full.#", name=full)
-    rabbit.channel.queue_delete(full)
-    rabbit.channel.queue_declare(
-        full,
-        durable=True,
-        auto_delete=False,
-        arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
-    )
-    rabbit.channel.queue_bind(full, exchange_name, "full.#")
+    rabbit.full_queue(exchange_name, "full.#")
     ok_queue = rabbit.bind_queue(exchange_name, "fine.#")
     with transaction.atomic():
         nacked = publish_event("full.event", {"n": 1}, key="a")

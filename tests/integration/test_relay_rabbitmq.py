@@ -318,16 +318,7 @@ def test_a_message_the_broker_nacks_stays_pending_and_is_retried(
 ):
     """A real basic.nack: a bound queue that is full and rejects publishes."""
     re_settings(PUBLISH_ON_COMMIT=False, TIME_SCALE=60)  # the backoff lasts (slow clock)
-    full = f"test-full-{exchange_name}"
-    rabbit.bind_queue(exchange_name, "full.#", name=full)  # declares the exchange
-    rabbit.channel.queue_delete(full)
-    rabbit.channel.queue_declare(
-        full,
-        durable=True,
-        auto_delete=False,
-        arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
-    )
-    rabbit.channel.queue_bind(full, exchange_name, "full.#")
+    full = rabbit.full_queue(exchange_name, "full.#")
     ok_queue = rabbit.bind_queue(exchange_name, "fine.#")
 
     with transaction.atomic():

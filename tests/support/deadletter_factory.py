@@ -7,7 +7,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import Permission, User
+from django.test import Client
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from reliable_events.models import DeadLetter, OutboxMessage
 
@@ -78,6 +80,31 @@ def outbox_row(**overrides: Any) -> OutboxMessage:
     }
     fields.update(overrides)
     return OutboxMessage.objects.create(**fields)
+
+
+#: Every permission of the app's admin and API.
+EVERY_PERMISSION = (
+    "view_deadletter",
+    "retry_deadletter",
+    "discard_deadletter",
+    "view_outboxmessage",
+    "change_outboxmessage",
+    "edit_deadletter",
+)
+
+
+def admin_client(user: User) -> Client:
+    """A client of the admin pages logged in as ``user``."""
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def api_client(user: User) -> APIClient:
+    """A client of the API authenticated as ``user``."""
+    client = APIClient()
+    client.force_authenticate(user)
+    return client
 
 
 def staff_user(username: str, *codenames: str) -> User:

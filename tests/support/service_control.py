@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 from django.db import connection
 
+from tests.support.producer_support import wait_until
+
 
 def _run(argv: list[str], timeout: float) -> None:
     subprocess.run(argv, check=True, timeout=timeout, capture_output=True)
@@ -49,13 +51,8 @@ def postgres_answers() -> bool:
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
+    """:func:`wait_until` polling every half second (services take seconds to change)."""
+    return wait_until(predicate, timeout=timeout, interval=interval)
 
 
 def pg_cluster() -> list[str]:

@@ -6,7 +6,6 @@ import re
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import User
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -14,18 +13,18 @@ from django.urls import reverse
 from django.utils import timezone
 
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
-from tests.support.deadletter_factory import dead_letter, many_dead_letters, outbox_row, staff_user
+from tests.support.deadletter_factory import (
+    admin_client,
+    dead_letter,
+    many_dead_letters,
+    outbox_row,
+    staff_user,
+)
 
 pytestmark = pytest.mark.django_db
 
 CHANGELIST = "admin:reliable_events_deadletter_changelist"
 ACTION_CHECKBOX = "_selected_action"
-
-
-def client_for(user: User) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def changelist_url() -> str:
@@ -123,7 +122,7 @@ def test_changelist_shows_groups_with_counts(admin_client: Client) -> None:
 # -- actions --------------------------------------------------------------------------
 def test_viewer_sees_no_triage_actions_and_cannot_post_them() -> None:
     letter = dead_letter()
-    viewer = client_for(staff_user("viewer", "view_deadletter"))
+    viewer = admin_client(staff_user("viewer", "view_deadletter"))
     response = viewer.get(changelist_url())
     assert response.status_code == 200
     assert "retry_selected" not in response.content.decode()
@@ -144,8 +143,8 @@ def test_viewer_sees_no_triage_actions_and_cannot_post_them() -> None:
 
 
 def test_action_permissions_are_separate() -> None:
-    retrier = client_for(staff_user("retrier", "view_deadletter", "retry_deadletter"))
-    discarder = client_for(staff_user("discarder", "view_deadletter", "discard_deadletter"))
+    retrier = admin_client(staff_user("retrier", "view_deadletter", "retry_deadletter"))
+    discarder = admin_client(staff_user("discarder", "view_deadletter", "discard_deadletter"))
     dead_letter()
     assert action_names(retrier.get(changelist_url())) == ["retry_selected"]
     assert action_names(discarder.get(changelist_url())) == ["discard_selected"]
@@ -153,7 +152,7 @@ def test_action_permissions_are_separate() -> None:
 
 def test_retry_action_calls_the_service_and_reports() -> None:
     user = staff_user("retrier", "view_deadletter", "retry_deadletter")
-    client = client_for(user)
+    client = admin_client(user)
     first, second = dead_letter(), dead_letter(consumer="mail.send", queue="mail.send")
     done = dead_letter(status=DeadLetter.Status.DISCARDED)
     response = client.post(
@@ -178,7 +177,7 @@ def test_retry_action_calls_the_service_and_reports() -> None:
 
 
 def test_discard_action_asks_for_a_note_then_discards() -> None:
-    client = client_for(staff_user("discarder", "view_deadletter", "discard_deadletter"))
+    client = admin_client(staff_user("discarder", "view_deadletter", "discard_deadletter"))
     letters = [dead_letter(), dead_letter()]
     ids = [letter.pk for letter in letters]
     first = client.post(changelist_url(), {"action": "discard_selected", ACTION_CHECKBOX: ids})
@@ -209,7 +208,7 @@ def test_discard_action_asks_for_a_note_then_discards() -> None:
 
 
 def test_select_across_acts_on_the_filtered_set() -> None:
-    client = client_for(staff_user("retrier", "view_deadletter", "retry_deadletter"))
+    client = admin_client(staff_user("retrier", "view_deadletter", "retry_deadletter"))
     many_dead_letters(60, consumer="billing.charge", fingerprint="fp-a")
     other = dead_letter(consumer="mail.send", fingerprint="fp-a")
     page = client.get(changelist_url() + "?consumer=billing.charge")
@@ -225,7 +224,7 @@ def test_select_across_acts_on_the_filtered_set() -> None:
 
 # -- groups ---------------------------------------------------------------------------
 def test_group_page_and_group_actions() -> None:
-    client = client_for(
+    client = admin_client(
         staff_user("oncall", "view_deadletter", "retry_deadletter", "discard_deadletter")
     )
     many_dead_letters(4, consumer="billing.charge", fingerprint="fp-a", error_type="x.Timeout")
@@ -280,7 +279,7 @@ def test_group_page_and_group_actions() -> None:
 
 
 def test_group_actions_need_the_permissions() -> None:
-    viewer = client_for(staff_user("viewer", "view_deadletter"))
+    viewer = admin_client(staff_user("viewer", "view_deadletter"))
     many_dead_letters(2, consumer="billing.charge", fingerprint="fp-a")
     page = viewer.get(reverse("admin:reliable_events_deadletter_groups"))
     assert "Retry 2" not in page.content.decode()
@@ -334,7 +333,7 @@ def test_detail_page_of_a_poison_message_shows_the_raw_body(admin_client: Client
 
 
 def test_detail_page_triage_buttons() -> None:
-    client = client_for(
+    client = admin_client(
         staff_user("oncall", "view_deadletter", "retry_deadletter", "discard_deadletter")
     )
     letter = dead_letter()
@@ -406,9 +405,9 @@ def test_overview_page_renders_figures(
 
 
 def test_overview_needs_view_permission() -> None:
-    nobody = client_for(staff_user("nobody"))
+    nobody = admin_client(staff_user("nobody"))
     assert nobody.get(reverse("admin:reliable_events_overview")).status_code == 403
-    outbox_viewer = client_for(staff_user("outbox-viewer", "view_outboxmessage"))
+    outbox_viewer = admin_client(staff_user("outbox-viewer", "view_outboxmessage"))
     assert outbox_viewer.get(reverse("admin:reliable_events_overview")).status_code == 200
     assert Client().get(reverse("admin:reliable_events_overview")).status_code == 302  # to login
 
@@ -439,14 +438,14 @@ def test_outbox_changelist_bounded_and_shows_backlog(
 def test_outbox_retry_dead_action() -> None:
     dead = outbox_row(status="dead", attempts=10, last_error="nack")
     sent = outbox_row(status="sent")
-    viewer = client_for(staff_user("viewer", "view_outboxmessage"))
+    viewer = admin_client(staff_user("viewer", "view_outboxmessage"))
     url = reverse("admin:reliable_events_outboxmessage_changelist")
     assert "retry_dead_selected" not in viewer.get(url).content.decode()
     viewer.post(url, {"action": "retry_dead_selected", ACTION_CHECKBOX: [dead.pk]})
     dead.refresh_from_db()
     assert dead.status == "dead"
 
-    operator = client_for(staff_user("operator", "view_outboxmessage", "change_outboxmessage"))
+    operator = admin_client(staff_user("operator", "view_outboxmessage", "change_outboxmessage"))
     response = operator.post(
         url, {"action": "retry_dead_selected", ACTION_CHECKBOX: [dead.pk, sent.pk]}
     )

@@ -11,37 +11,22 @@ import json
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import User
 from rest_framework.test import APIClient
 
 from reliable_events.models import DeadLetter, OutboxMessage
-from tests.support.deadletter_factory import dead_letter, staff_user
+from tests.support.deadletter_factory import EVERY_PERMISSION, api_client, dead_letter, staff_user
 
 pytestmark = pytest.mark.django_db
 
 BASE = "/api/events/"
 LIST = BASE + "dead-letters/"
-EVERY_PERMISSION = (
-    "view_deadletter",
-    "retry_deadletter",
-    "discard_deadletter",
-    "view_outboxmessage",
-    "change_outboxmessage",
-    "edit_deadletter",
-)
 HUGE = 2**63
 UNICODE_DIGITS = ("²", "٣", "\uff11", "1²")
 
 
-def client_for(user: User) -> APIClient:
-    client = APIClient()
-    client.force_authenticate(user)
-    return client
-
-
 @pytest.fixture
 def oncall() -> APIClient:
-    return client_for(staff_user("oncall", *EVERY_PERMISSION))
+    return api_client(staff_user("oncall", *EVERY_PERMISSION))
 
 
 @pytest.mark.parametrize("digits", UNICODE_DIGITS)

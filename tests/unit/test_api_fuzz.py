@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
-from tests.support.deadletter_factory import dead_letter, staff_user
+from tests.support.deadletter_factory import EVERY_PERMISSION, dead_letter, staff_user
 
 pytestmark = pytest.mark.django_db
 
@@ -30,14 +30,6 @@ POST_URLS = (
     LIST + "{id}/discard/",
     LIST + "{id}/edit-retry/",
     BASE + "outbox/retry-dead/",
-)
-PERMISSIONS = (
-    "view_deadletter",
-    "retry_deadletter",
-    "discard_deadletter",
-    "view_outboxmessage",
-    "change_outboxmessage",
-    "edit_deadletter",
 )
 FUZZ = settings(
     max_examples=150,
@@ -91,7 +83,7 @@ bodies = st.dictionaries(
 @pytest.fixture
 def every_permission() -> APIClient:
     client = APIClient()
-    client.force_authenticate(staff_user("fuzzer", *PERMISSIONS))
+    client.force_authenticate(staff_user("fuzzer", *EVERY_PERMISSION))
     return client
 
 

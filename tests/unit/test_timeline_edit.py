@@ -5,36 +5,28 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import User
 from django.db import connection, transaction
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from reliable_events import deadletters
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage, TriageEntry
 from reliable_events.timeline import timeline
 from tests.support.consumer_support import make_consumer
-from tests.support.deadletter_factory import dead_letter, outbox_row, staff_user
+from tests.support.deadletter_factory import (
+    admin_client,
+    api_client,
+    dead_letter,
+    outbox_row,
+    staff_user,
+)
 
 pytestmark = pytest.mark.django_db
 
 ONCALL = ("view_deadletter", "retry_deadletter", "discard_deadletter")
 TIMELINE = "/api/events/dead-letters/timeline/"
-
-
-def client_for(user: User) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
-
-
-def api_for(user: User) -> APIClient:
-    client = APIClient()
-    client.force_authenticate(user)
-    return client
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +81,7 @@ def test_timeline_is_bounded_in_queries(django_assert_max_num_queries: Any) -> N
 def test_admin_timeline_page_is_linked_from_every_list() -> None:
     message_id, letter = a_message_with_history()
     deadletters.retry([letter], user="alice", note="gateway back")
-    client = client_for(
+    client = admin_client(
         staff_user("viewer", "view_deadletter", "view_outboxmessage", "view_processedmessage")
     )
     url = reverse("admin:reliable_events_timeline") + f"?message_id={message_id}"
@@ -115,19 +107,19 @@ def test_admin_timeline_page_is_linked_from_every_list() -> None:
 
 
 def test_admin_timeline_needs_a_view_permission() -> None:
-    client = client_for(staff_user("nobody"))
+    client = admin_client(staff_user("nobody"))
     assert client.get(reverse("admin:reliable_events_timeline")).status_code == 403
 
 
 def test_api_timeline() -> None:
     message_id, _ = a_message_with_history()
-    client = api_for(staff_user("viewer", "view_deadletter"))
+    client = api_client(staff_user("viewer", "view_deadletter"))
     body = client.get(TIMELINE, {"message_id": message_id}).json()
     assert body["message_id"] == message_id
     assert {e["kind"] for e in body["events"]} == {"outbox", "processed", "dead-letter"}
     assert client.get(TIMELINE).status_code == 400
     assert client.get(TIMELINE, {"message_id": "x", "extra": "1"}).status_code == 400
-    assert api_for(staff_user("other")).get(TIMELINE, {"message_id": "x"}).status_code == 403
+    assert api_client(staff_user("other")).get(TIMELINE, {"message_id": "x"}).status_code == 403
 
 
 # -- edit and retry -------------------------------------------------------------------------
@@ -172,12 +164,12 @@ def test_admin_edit_and_retry_is_permission_gated_and_audited() -> None:
     letter = dead_letter(payload={"order_id": "x"})
     url = reverse("admin:reliable_events_deadletter_edit", args=[letter.pk])
     change = reverse("admin:reliable_events_deadletter_change", args=[letter.pk])
-    retrier = client_for(staff_user("retrier", *ONCALL))
+    retrier = admin_client(staff_user("retrier", *ONCALL))
     assert 'id="re-edit"' not in retrier.get(change).content.decode()
     assert retrier.get(url).status_code == 403
     assert retrier.post(url, {"payload": "{}", "note": "x"}).status_code == 403
 
-    editor = client_for(staff_user("editor", *ONCALL, "edit_deadletter"))
+    editor = admin_client(staff_user("editor", *ONCALL, "edit_deadletter"))
     assert 'id="re-edit"' in editor.get(change).content.decode()
     form = editor.get(url)
     assert "&quot;order_id&quot;: &quot;x&quot;" in form.content.decode()
@@ -202,8 +194,8 @@ def test_api_edit_and_retry() -> None:
     letter = dead_letter(payload={"order_id": "x"})
     url = f"/api/events/dead-letters/{letter.pk}/edit-retry/"
     body = {"payload": {"order_id": 7}, "note": "fix"}
-    assert api_for(staff_user("r", *ONCALL)).post(url, body, format="json").status_code == 403
-    client = api_for(staff_user("editor", "edit_deadletter"))
+    assert api_client(staff_user("r", *ONCALL)).post(url, body, format="json").status_code == 403
+    client = api_client(staff_user("editor", "edit_deadletter"))
     assert client.post(url, {"payload": {}}, format="json").status_code == 400  # no note
     response = client.post(url, body, format="json")
     assert response.status_code == 200, response.content

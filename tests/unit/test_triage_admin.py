@@ -6,26 +6,25 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
 
 from reliable_events.models import DeadLetter, OutboxMessage, TriageEntry
-from tests.support.deadletter_factory import dead_letter, many_dead_letters, outbox_row, staff_user
+from tests.support.deadletter_factory import (
+    admin_client,
+    dead_letter,
+    many_dead_letters,
+    outbox_row,
+    staff_user,
+)
 
 pytestmark = pytest.mark.django_db
 
 ONCALL = ("view_deadletter", "retry_deadletter", "discard_deadletter")
 GROUPS = "admin:reliable_events_deadletter_groups"
 GROUP_ACTION = "admin:reliable_events_deadletter_group_action"
-
-
-def client_for(user: User) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def messages_after(client: Client, response: Any) -> list[str]:
@@ -53,7 +52,7 @@ def group_form(page: Any, consumer: str, fingerprint: str) -> dict[str, Any]:
 # -- group actions act on exactly the letters the user saw ----------------------------------
 @pytest.mark.parametrize("op", ["retry", "discard"])
 def test_letters_arriving_between_view_and_click_are_not_touched(op: str) -> None:
-    client = client_for(staff_user("oncall", *ONCALL))
+    client = admin_client(staff_user("oncall", *ONCALL))
     seen = many_dead_letters(14, consumer="mail.send", fingerprint="fp-bounce")
     page = client.get(reverse(GROUPS))
     assert f"{op.capitalize()} 14" in page.content.decode()
@@ -88,7 +87,7 @@ def listed(client: Client, query: str = "") -> dict[str, Any]:
 
 @pytest.mark.parametrize("action", ["retry_selected", "discard_selected"])
 def test_select_all_acts_only_on_the_letters_listed(action: str) -> None:
-    client = client_for(staff_user("oncall", *ONCALL))
+    client = admin_client(staff_user("oncall", *ONCALL))
     seen = many_dead_letters(5, consumer="mail.send")
     snapshot = listed(client, "?consumer=mail.send")
     late = many_dead_letters(2, consumer="mail.send")
@@ -109,7 +108,7 @@ def test_select_all_acts_only_on_the_letters_listed(action: str) -> None:
 
 
 def test_discard_confirmation_keeps_the_snapshot() -> None:
-    client = client_for(staff_user("oncall", *ONCALL))
+    client = admin_client(staff_user("oncall", *ONCALL))
     many_dead_letters(3, consumer="mail.send")
     snapshot = listed(client)
     page = client.post(
@@ -122,7 +121,7 @@ def test_discard_confirmation_keeps_the_snapshot() -> None:
 
 
 def test_select_all_without_a_snapshot_or_with_a_late_commit_does_nothing() -> None:
-    client = client_for(staff_user("oncall", *ONCALL))
+    client = admin_client(staff_user("oncall", *ONCALL))
     many_dead_letters(3, consumer="mail.send")
     url = reverse("admin:reliable_events_deadletter_changelist")
     body = {"action": "retry_selected", "select_across": "1", "_selected_action": ["1"]}
@@ -137,7 +136,7 @@ def test_select_all_without_a_snapshot_or_with_a_late_commit_does_nothing() -> N
 
 def test_a_late_commit_below_the_snapshot_stops_the_action() -> None:
     """More open letters up to ``upto`` than were shown: one committed late; do nothing."""
-    client = client_for(staff_user("oncall", *ONCALL))
+    client = admin_client(staff_user("oncall", *ONCALL))
     many_dead_letters(5, consumer="mail.send", fingerprint="fp-bounce")
     form = group_form(client.get(reverse(GROUPS)), "mail.send", "fp-bounce")
     response = client.post(
@@ -149,7 +148,7 @@ def test_a_late_commit_below_the_snapshot_stops_the_action() -> None:
 
 
 def test_letters_resolved_meanwhile_are_reported() -> None:
-    client = client_for(staff_user("oncall", *ONCALL))
+    client = admin_client(staff_user("oncall", *ONCALL))
     letters = many_dead_letters(4, consumer="mail.send", fingerprint="fp-bounce")
     form = group_form(client.get(reverse(GROUPS)), "mail.send", "fp-bounce")
     DeadLetter.objects.filter(pk=letters[0].pk).update(status="discarded")
@@ -160,7 +159,7 @@ def test_letters_resolved_meanwhile_are_reported() -> None:
 
 
 def test_a_group_action_without_a_snapshot_does_nothing() -> None:
-    client = client_for(staff_user("oncall", *ONCALL))
+    client = admin_client(staff_user("oncall", *ONCALL))
     many_dead_letters(2, consumer="mail.send", fingerprint="fp-bounce")
     response = client.post(
         reverse(GROUP_ACTION), {"consumer": "mail.send", "fingerprint": "fp-bounce", "op": "retry"}
@@ -207,7 +206,7 @@ def test_api_group_selection_acts_only_up_to_the_listed_letters() -> None:
 def test_no_retry_button_on_a_letter_that_cannot_be_retried(
     overrides: dict[str, Any], why: str
 ) -> None:
-    client = client_for(staff_user("oncall", *ONCALL))
+    client = admin_client(staff_user("oncall", *ONCALL))
     letter = dead_letter(**overrides)
     page = client.get(reverse("admin:reliable_events_deadletter_change", args=[letter.pk]))
     html = page.content.decode()
@@ -222,7 +221,7 @@ def test_no_retry_button_on_a_letter_that_cannot_be_retried(
 # -- audit trail ---------------------------------------------------------------------------
 def test_every_triage_action_leaves_an_audit_entry_shown_on_the_history_page() -> None:
     user = staff_user("alice", *ONCALL)
-    client = client_for(user)
+    client = admin_client(user)
     by_detail, by_action, by_group, by_api, by_command = (
         dead_letter(consumer=f"c{n}", queue=f"c{n}", fingerprint=f"fp{n}") for n in range(5)
     )

@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, router
 
 from reliable_events import deadletters
+from reliable_events.db import write_alias
 from reliable_events.models import OutboxMessage
 
 EXIT_SOME_SKIPPED = 3
@@ -105,7 +105,7 @@ class Command(BaseCommand):
             self.stderr.write(f"skipped #{pk}: {reason}")
         summary = result.summary("would retry" if dry_run else "retried")
         if result.outbox_ids:
-            alias = using or router.db_for_write(OutboxMessage) or DEFAULT_DB_ALIAS
+            alias = write_alias(OutboxMessage, using)
             sent = (
                 OutboxMessage.objects.using(alias)
                 .filter(pk__in=result.outbox_ids, status=OutboxMessage.Status.SENT)

@@ -1,0 +1,188 @@
+"""How are the database transport's queue rows written and claimed? Its SQL, on both
+supported databases (PostgreSQL and SQLite).
+
+:class:`Dialect` holds what differs between the two; :func:`insert_rows` stores rows
+(the publish and the retries), :func:`claim_rows` deletes (claims) the oldest due rows of
+a queue and :func:`due_in` says when each queue's next row is due.  The transport that
+drives them is :mod:`reliable_events.broker.database`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from django.db import connections
+
+from reliable_events.broker.base import KEY_HEADER, OutgoingMessage
+from reliable_events.consumer.wire import ATTEMPT_HEADER, Poison, parse_attempt
+from reliable_events.exceptions import ConfigurationError
+from reliable_events.models import QueuedMessage
+from reliable_events.sanitize import json_safe
+
+#: PostgreSQL ``NOTIFY`` channel a publish signals on.
+CHANNEL = "reliable_events_queue"
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """The statements that differ between PostgreSQL and SQLite."""
+
+    #: The current time, comparable with ``available_at``.
+    now: str
+    #: The current time plus ``%s`` (PostgreSQL: seconds; SQLite: a ``"+N seconds"`` modifier).
+    later: str
+    headers_in: str
+    headers_out: str
+    #: Seconds from now until ``{due}`` (negative: due).
+    due_in: str
+    lock: str
+    listens: bool
+
+    def later_param(self, seconds: float) -> Any:
+        return float(seconds) if self.listens else f"+{float(seconds):.6f} seconds"
+
+
+_SQLITE_NOW = "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW')"
+DIALECTS = {
+    "postgresql": Dialect(
+        now="statement_timestamp()",
+        later="statement_timestamp() + make_interval(secs => %s)",
+        headers_in="%s::jsonb",
+        headers_out="headers::text",
+        due_in="EXTRACT(EPOCH FROM {due} - statement_timestamp())",
+        lock="FOR UPDATE SKIP LOCKED",
+        listens=True,
+    ),
+    "sqlite": Dialect(
+        now=_SQLITE_NOW,
+        later="STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW', %s)",
+        headers_in="%s",
+        headers_out="headers",
+        due_in="(julianday({due}) - julianday('now')) * 86400.0",
+        lock="",
+        listens=False,
+    ),
+}
+
+
+def dialect_for(alias: str) -> Dialect:
+    vendor = connections[alias].vendor
+    try:
+        return DIALECTS[vendor]
+    except KeyError:
+        raise ConfigurationError(
+            f"the database transport (db://) needs PostgreSQL or SQLite; database "
+            f"{alias!r} is {vendor}"
+        ) from None
+
+
+def table_name(alias: str) -> str:
+    return str(connections[alias].ops.quote_name(QueuedMessage._meta.db_table))
+
+
+_COLUMNS = "id, queue, message_id, topic, key, {headers}, body, published_at"
+
+
+def insert_rows(
+    alias: str, rows: Sequence[tuple[Any, ...]], *, delay: float = 0.0, notify: bool = True
+) -> None:
+    """Insert queue rows ``(queue, message_id, topic, key, headers_json, body, attempt,
+    published_at)`` in the caller's transaction, due after ``delay`` seconds."""
+    dialect = dialect_for(alias)
+    due = dialect.later if delay > 0 else dialect.now
+    sql = (
+        f"INSERT INTO {table_name(alias)} "  # noqa: S608 - identifiers from the model, values are parameters
+        "(queue, message_id, topic, key, headers, body, attempt, published_at, available_at) "
+        f"VALUES (%s, %s, %s, %s, {dialect.headers_in}, %s, %s, %s, {due})"
+    )
+    adapt = connections[alias].ops.adapt_datetimefield_value
+    params = [(*row[:7], adapt(row[7])) for row in rows]
+    if delay > 0:
+        params = [(*row, dialect.later_param(delay)) for row in params]
+    with connections[alias].cursor() as cursor:
+        cursor.executemany(sql, params)
+        if notify and dialect.listens:
+            cursor.execute("SELECT pg_notify(%s, '')", [CHANNEL])
+
+
+def queue_row(queue: str, message: OutgoingMessage | None = None, **values: Any) -> tuple[Any, ...]:
+    """One row for :func:`insert_rows` (from ``message``, or from ``values``)."""
+    if message is not None:
+        values = {
+            "message_id": message.message_id,
+            "topic": message.topic,
+            "headers": message.headers,
+            "body": message.body,
+            "published_at": message.timestamp,
+        }
+    headers = json_safe(dict(values["headers"] or {}))
+    key = headers.get(KEY_HEADER)
+    try:
+        attempt = parse_attempt(headers.get(ATTEMPT_HEADER))
+    except Poison:
+        attempt = 1  # the consumer dead-letters it; the column is informative only
+    stamp = values["published_at"]
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool):
+        stamp = datetime.fromtimestamp(stamp, tz=UTC)
+    return (
+        queue,
+        values["message_id"],
+        values["topic"] or "",
+        key if isinstance(key, str) and key else None,
+        json.dumps(headers, separators=(",", ":")),
+        bytes(values["body"]),
+        attempt,
+        stamp if isinstance(stamp, datetime) else None,
+    )
+
+
+def claim_rows(alias: str, dialect: Dialect, queue: str, limit: int) -> list[tuple[Any, ...]]:
+    """Delete (claim) up to ``limit`` due rows of ``queue``, oldest first, in the caller's
+    transaction; the rows as ``(id, queue, message_id, topic, key, headers, body,
+    published_at)``.
+
+    The ``(queue, id)`` index is walked, so other queues' rows (an unrouted backlog, a
+    stopped consumer's queue) are never scanned.  The queue is written as a range:
+    with ``queue = %s`` PostgreSQL's planner may walk the primary key instead,
+    expecting this queue's rows to be spread evenly among the others.
+    """
+    table = table_name(alias)
+    sql = (
+        f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "  # noqa: S608
+        f"WHERE queue >= %s AND queue <= %s AND available_at <= {dialect.now} "
+        f"ORDER BY queue, id LIMIT %s {dialect.lock}) "
+        f"RETURNING {_COLUMNS.format(headers=dialect.headers_out)}"
+    )
+    with connections[alias].cursor() as cursor:
+        cursor.execute(sql, [queue, queue, limit])
+        return sorted(cursor.fetchall())
+
+
+def due_in(alias: str, dialect: Dialect, queues: Sequence[str]) -> dict[str, float]:
+    """Seconds until the next row of each non-empty queue of ``queues`` is due (one query;
+    each ``MIN`` is read from the ``(queue, available_at)`` index)."""
+    table = table_name(alias)
+    seconds_until = dialect.due_in.format(due="MIN(available_at)")
+    sql = " UNION ALL ".join(
+        f"SELECT {index}, {seconds_until} FROM {table} WHERE queue = %s"  # noqa: S608
+        for index in range(len(queues))
+    )
+    with connections[alias].cursor() as cursor:
+        cursor.execute(sql, list(queues))
+        rows = cursor.fetchall()
+    return {queues[index]: float(seconds) for index, seconds in rows if seconds is not None}
+
+
+def load_headers(text: Any) -> dict[str, Any]:
+    """The headers of a claimed row (JSON text, or a dict), ``{}`` when unreadable."""
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text) if text else {}
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
