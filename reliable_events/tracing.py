@@ -250,7 +250,9 @@ def traced_process(method: Method) -> Method:
 def batch_processed(
     batch: Sequence[tuple[Delivery, Event]], results: Sequence[HandlerResult]
 ) -> None:
-    """The ``process`` spans of a committed batch (one per event, timed by its result)."""
+    """The ``process`` spans of the handlers of a committed batch that did not fail (one
+    per event, timed by its result); one that failed gets its span from
+    :func:`traced_failure`."""
     if not enabled():
         return
     tracer = _tracer()
@@ -266,3 +268,26 @@ def batch_processed(
         )
         _settle_span(span, result.outcome, result)
         span.end(end_time=now)
+
+
+Work = Callable[[], "tuple[Outcome, HandlerResult | None]"]
+
+
+def traced_failure(delivery: Delivery, work: Work) -> Work:
+    """``work`` (the retry or dead letter of a handler that failed in a batch) inside the
+    delivery's ``process`` span, which carries the final outcome."""
+    if not enabled():
+        return work
+
+    def settle() -> tuple[Outcome, HandlerResult | None]:
+        with _tracer().start_as_current_span(
+            f"process {delivery.consumer}",
+            context=propagate.extract(delivery.headers),
+            kind=SpanKind.CONSUMER,
+            attributes=_process_attributes(delivery, _system(str(app_settings.BROKER_URL))),
+        ) as span:
+            outcome, result = work()
+            _settle_span(span, outcome, result)
+            return outcome, result
+
+    return settle

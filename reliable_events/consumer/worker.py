@@ -379,7 +379,9 @@ class Worker:
                 self._settle(
                     delivery,
                     counted=True,
-                    work=partial(self.processor.fail, delivery, event, result),
+                    work=tracing.traced_failure(
+                        delivery, partial(self.processor.fail, delivery, event, result)
+                    ),
                 )
                 continue
             if result.outcome is Outcome.DUPLICATE:
@@ -387,7 +389,8 @@ class Worker:
             self.transport.ack(delivery)
             self._count(result.outcome, result)
             metrics.consumed(delivery.consumer, result.outcome, result)
-        tracing.batch_processed(batch, results)
+        kept = [i for i, result in enumerate(results) if result.outcome is not Outcome.FAILED]
+        tracing.batch_processed([batch[i] for i in kept], [results[i] for i in kept])
         return len(results)
 
     def _count(self, outcome: Outcome, result: HandlerResult | None) -> None:
