@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from reliable_events.broker.amqp import AmqpPublisher, AmqpTransport
 from reliable_events.broker.base import (
+    BUCKET_HEADER,
     CONTENT_ENCODING,
     CONTENT_TYPE,
     KEY_HEADER,
@@ -30,6 +31,7 @@ from reliable_events.broker.base import (
     Transport,
     is_broker_failure,
     is_connection_failure,
+    key_bucket,
 )
 from reliable_events.broker.connect import open_publisher, open_transport
 from reliable_events.broker.kombu import KombuPublisher, KombuTransport
@@ -44,6 +46,7 @@ from reliable_events.sanitize import describe_error, redact
 
 __all__ = [
     "AMQP_SCHEMES",
+    "BUCKET_HEADER",
     "CONTENT_ENCODING",
     "CONTENT_TYPE",
     "KEY_HEADER",
@@ -63,6 +66,7 @@ __all__ = [
     "is_amqp_url",
     "is_broker_failure",
     "is_connection_failure",
+    "key_bucket",
     "open_publisher",
     "open_transport",
     "own_transport",

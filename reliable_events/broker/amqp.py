@@ -36,6 +36,7 @@ from reliable_events.broker_url import (
 )
 from reliable_events.conf import app_settings
 from reliable_events.consumer import EventConsumer
+from reliable_events.consumer.partitions import partition_queues
 from reliable_events.exceptions import BrokerError, ConfigurationError, ConfirmTimeout
 from reliable_events.runner import StopFlag
 from reliable_events.sanitize import describe_error
@@ -48,7 +49,7 @@ from reliable_events.topology import (
 from reliable_events.topology_check import TopologyCheck
 
 if TYPE_CHECKING:
-    pass
+    from reliable_events.consumer.membership import PartitionShare
 
 logger = logging.getLogger(__name__)
 
@@ -472,6 +473,8 @@ class AmqpTransport(Transport):
         self._unsettled: set[int] = set()
         self.ack_every = max(1, prefetch // 2)
         self.topology_check = TopologyCheck(self.consumer_classes)
+        #: Which partitions of ordered consumers to take (set by the worker).
+        self.partition_share: PartitionShare | None = None
 
     @property
     def connected(self) -> bool:
@@ -479,7 +482,8 @@ class AmqpTransport(Transport):
 
     def topology(self) -> Topology:
         specs = [spec for cls in self.consumer_classes for spec in cls.queue_specs()]
-        return full_topology(specs)
+        exchanges = [spec for cls in self.consumer_classes for spec in cls.exchange_specs()]
+        return full_topology(specs, exchanges)
 
     def connect(self) -> None:
         if self.connected:
@@ -509,12 +513,13 @@ class AmqpTransport(Transport):
             channel.open()
             channel.basic_qos(0, self.prefetch, False)
             for cls in self.consumer_classes:
-                channel.basic_consume(
-                    cls.queue_name(),
-                    consumer_tag=cls.name,
-                    no_ack=False,
-                    callback=partial(self._on_message, cls.name),
-                )
+                for queue in self.consumed_queues(cls):
+                    channel.basic_consume(
+                        queue,
+                        consumer_tag=queue,
+                        no_ack=False,
+                        callback=partial(self._on_message, cls.name),
+                    )
         except BaseException:
             quiet_release(conn, "consumer")
             raise
@@ -525,6 +530,15 @@ class AmqpTransport(Transport):
             safe_url(self.url),
             self.prefetch,
         )
+
+    def consumed_queues(self, cls: type[EventConsumer]) -> list[str]:
+        """The queues this worker subscribes to for ``cls``: its queue, or an ordered
+        consumer's partitions this process takes (``partition_share``; all without)."""
+        if not cls.ordered:
+            return [cls.queue_name()]
+        if self.partition_share is None:
+            return partition_queues(cls)
+        return self.partition_share.queues(cls)
 
     def _on_message(self, consumer: str, message: Any) -> None:
         info = message.delivery_info
