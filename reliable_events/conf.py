@@ -110,10 +110,10 @@ class AppSettings:
     #: Seconds between two heartbeats of a consumer process running ordered consumers;
     #: each heartbeat also recomputes its share of the partitions and releases the keys
     #: whose dead letter was retried or discarded.
-    ORDERED_HEARTBEAT_SECONDS: float = 2.0
+    ORDERED_HEARTBEAT_SECONDS: float = 1.0
     #: Seconds without a heartbeat after which a consumer process counts as gone and its
     #: partitions are shared among the others.
-    ORDERED_MEMBER_TTL: float = 10.0
+    ORDERED_MEMBER_TTL: float = 5.0
     #: Consumers the Celery ``ConsumerStep`` runs (names); ``None`` = every registered one.
     CELERY_CONSUMERS: list[str] | None = None
 

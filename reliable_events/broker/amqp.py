@@ -513,13 +513,7 @@ class AmqpTransport(Transport):
             channel.open()
             channel.basic_qos(0, self.prefetch, False)
             for cls in self.consumer_classes:
-                for queue in self.consumed_queues(cls):
-                    channel.basic_consume(
-                        queue,
-                        consumer_tag=queue,
-                        no_ack=False,
-                        callback=partial(self._on_message, cls.name),
-                    )
+                self._consume(channel, cls.name, self.consumed_queues(cls))
         except BaseException:
             quiet_release(conn, "consumer")
             raise
@@ -530,6 +524,20 @@ class AmqpTransport(Transport):
             safe_url(self.url),
             self.prefetch,
         )
+
+    def _consume(self, channel: Any, consumer: str, queues: list[str]) -> None:
+        for queue in queues:
+            channel.basic_consume(
+                queue,
+                consumer_tag=queue,
+                no_ack=False,
+                callback=partial(self._on_message, consumer),
+            )
+
+    def subscribe(self, consumer: str, queues: list[str]) -> None:
+        """Also consume ``queues`` (partitions this process gained) on the open channel."""
+        if self._channel is not None:
+            self._consume(self._channel, consumer, queues)
 
     def consumed_queues(self, cls: type[EventConsumer]) -> list[str]:
         """The queues this worker subscribes to for ``cls``: its queue, or an ordered

@@ -2,13 +2,13 @@
 
 Each process running an ordered consumer keeps a heartbeat row
 (:class:`~reliable_events.models.ConsumerMember`, every ``ORDERED_HEARTBEAT_SECONDS``);
-the live processes (a heartbeat younger than ``ORDERED_MEMBER_TTL``), sorted by name,
-take the partitions round-robin (partition ``i`` goes to member ``i % count``) and each
-subscribes to its share only.  When a process joins or stops beating, every process
-computes the new share and, if its own changed, closes its connection and subscribes
-again: what it had received but not acked goes back to the queue (as when a process
-dies), then the new owner - possibly already subscribed, as the broker's standby -
-receives the partition.
+the live processes (a heartbeat younger than ``ORDERED_MEMBER_TTL``) share the
+partitions evenly by bounded rendezvous hashing (:func:`assign`), and each subscribes to
+its share only.  When a process joins or stops beating, every process
+computes the new share.  A process that gained partitions subscribes to them; one that
+lost some closes its connection and subscribes again to the rest: the broker puts back
+what it had received but not acked (as when a process dies) before it activates the
+new owner - possibly already subscribed, as the partition's standby.
 
 Exclusivity never comes from this scheme but from the queues' single active consumer:
 two processes that briefly disagree both subscribe, and the broker delivers to one.
@@ -21,6 +21,7 @@ import os
 import secrets
 import socket
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 
@@ -60,10 +61,12 @@ class PartitionShare:
     def due(self) -> bool:
         return bool(self.consumers) and time.monotonic() >= self._next
 
-    def heartbeat(self) -> bool:
-        """Beat, and recompute the share; whether it changed (resubscribe then)."""
+    def heartbeat(self) -> tuple[bool, dict[str, list[str]]]:
+        """Beat, and recompute the share: whether a partition was lost (release it by
+        closing the connection), and the partitions gained (subscribe to them)."""
         self._next = time.monotonic() + float(app_settings.ORDERED_HEARTBEAT_SECONDS)
-        changed = False
+        lost = False
+        gained: dict[str, list[str]] = {}
         for cls in self.consumers:
             try:
                 members = self._beat(cls)
@@ -76,7 +79,8 @@ class PartitionShare:
                 )
                 continue
             share = assign(partition_queues(cls), members, self.member)
-            if share != self.shares.get(cls.name):
+            before = self.queues(cls)
+            if share != before:
                 logger.info(
                     "reliable_events: %s: %d process(es); this one takes %s",
                     cls.name,
@@ -84,8 +88,9 @@ class PartitionShare:
                     ", ".join(share) or "no partition (standby)",
                 )
                 self.shares[cls.name] = share
-                changed = True
-        return changed
+                lost = lost or bool(set(before) - set(share))
+                gained[cls.name] = [queue for queue in share if queue not in before]
+        return lost, gained
 
     def _beat(self, cls: type[EventConsumer]) -> list[str]:
         alias = cls.get_database()
@@ -114,8 +119,22 @@ class PartitionShare:
 
 
 def assign(queues: Sequence[str], members: Sequence[str], member: str) -> list[str]:
-    """``member``'s partitions: partition ``i`` goes to ``members[i % len(members)]``."""
+    """``member``'s partitions.
+
+    Rendezvous hashing with a bound: each partition, in order, goes to the member that
+    ranks it highest (``crc32(member|partition)``) among those holding fewer than
+    ``ceil(partitions / members)``.  Every process computes the same answer from the
+    same member list, and a member joining or leaving moves few partitions.
+    """
     if member not in members:
         return list(queues)
-    index = list(members).index(member)
-    return [queue for i, queue in enumerate(queues) if i % len(members) == index]
+    bound = -(-len(queues) // len(members))
+    load = dict.fromkeys(members, 0)
+    mine = []
+    for queue in queues:
+        ranked = sorted(members, key=lambda m: zlib.crc32(f"{m}|{queue}".encode()), reverse=True)
+        owner = next(m for m in ranked if load[m] < bound)
+        load[owner] += 1
+        if owner == member:
+            mine.append(queue)
+    return mine

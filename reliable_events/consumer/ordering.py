@@ -22,6 +22,7 @@ from typing import Any
 
 from django.db import DatabaseError, InterfaceError
 
+from reliable_events.broker.amqp import AmqpTransport
 from reliable_events.broker.base import Delivery, Transport
 from reliable_events.consumer.base import Event, EventConsumer
 from reliable_events.consumer.failures import Failure
@@ -78,8 +79,14 @@ class OrderedRuntime:
         """Heartbeat (resubscribe when this process's share changed) and release keys."""
         if not self.share.due():
             return
-        if self.share.heartbeat() and self.transport.connected:
-            self.transport.close()  # unacked deliveries go back; connect() takes the share
+        lost, gained = self.share.heartbeat()
+        if lost and self.transport.connected:
+            # Closing is the one safe release: the broker puts back what this process
+            # holds unacked *before* it activates the next consumer of the partition.
+            self.transport.close()
+        elif gained and self.transport.connected and isinstance(self.transport, AmqpTransport):
+            for name, queues in gained.items():
+                self.transport.subscribe(name, queues)
         for consumer in self.consumers:
             try:
                 release_due(consumer)
