@@ -8,7 +8,7 @@
 * per *ordered* consumer (:mod:`reliable_events.consumer.partitions`) instead: a
   headers exchange ``<name>.hash`` bound to the events exchange with its topics, and
   its partition queues ``<name>.p<i>`` (single active consumer) bound to it by the
-  key's bucket (``x-event-bucket``).
+  key's bucket (``re-event-bucket``).
 
 Declaring the same thing twice is a no-op on RabbitMQ; declaring it with other
 arguments is a ``PRECONDITION_FAILED`` channel error, reported as a

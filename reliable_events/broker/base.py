@@ -31,8 +31,9 @@ PERSISTENT = 2
 #: Header carrying the event's ordering key.
 KEY_HEADER = "x-event-key"
 #: The key's bucket, ``crc32(key) % KEY_BUCKETS`` (keyless: of the message id), set by
-#: the relay: ordered consumers' partitions are bound to buckets (headers exchange).
-BUCKET_HEADER = "x-event-bucket"
+#: the relay: ordered consumers' partitions are bound to buckets (headers exchange;
+#: not ``x-``: a headers exchange ignores such keys when it matches).
+BUCKET_HEADER = "re-event-bucket"
 KEY_BUCKETS = 64
 #: Seconds the loop blocks waiting for a delivery before it looks at its stop flag.
 POLL_SECONDS = 1.0

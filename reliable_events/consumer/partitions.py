@@ -4,7 +4,7 @@ An ordered consumer (``EventConsumer.ordered = True``) does not have one queue b
 ``N`` partition queues (``partitions``, default ``ORDERED_PARTITIONS``, at most
 ``KEY_BUCKETS`` = 64):
 
-* the relay stamps every event with its key's bucket, ``x-event-bucket`` =
+* the relay stamps every event with its key's bucket, ``re-event-bucket`` =
   ``crc32(key) % 64`` (:func:`reliable_events.broker.base.key_bucket`; a keyless event:
   of its message id) and still publishes it once, to the topic exchange;
 * ``<name>.hash``, a headers exchange, is bound to the events exchange with the
