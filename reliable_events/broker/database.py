@@ -18,6 +18,11 @@ directions live here, like a kombu transport module (docs/relay.md, docs/consume
 * **Idle**: a bounded exponential back-off (``DATABASE_POLL_MAX``), never past the next
   retry's due time; on PostgreSQL a ``LISTEN`` connection wakes it at once.
 
+Ordered consumers (``EventConsumer.ordered``) keep one queue here (no partitions): one
+process at a time claims from it (a transaction-level advisory lock on PostgreSQL; SQLite
+has one writer), so a key's events are applied in order and an in-place retry holds the
+queue.
+
 Not there: a redelivery counter and ``redelivered`` flags (a rolled-back claim leaves no
 trace, as on a classic RabbitMQ queue).
 """
@@ -82,6 +87,10 @@ def alias_for(url: str) -> str:
     if alias not in connections:
         raise ConfigurationError(f"{url!r}: there is no database alias {alias!r} in DATABASES")
     return alias
+
+
+#: Advisory-lock namespace of ordered consumers' queues ("REOQ").
+ORDERED_QUEUE_LOCK_NAMESPACE = 0x52454F51
 
 
 # -- SQL of the two supported databases ---------------------------------------------------
@@ -317,6 +326,9 @@ class DatabaseTransport(Transport):
         self.consumer_classes = list(consumers)
         self.prefetch = prefetch
         self.queues = {cls.queue_name(): cls.name for cls in self.consumer_classes}
+        #: Queues of ordered consumers: one claiming transaction at a time (PostgreSQL:
+        #: a transaction-level advisory lock; SQLite has a single writer anyway).
+        self._ordered = {cls.queue_name() for cls in self.consumer_classes if cls.ordered}
         self.connection_errors = (DatabaseError, InterfaceError)
         self._buffer: deque[Delivery] = deque()
         self._dialect: Dialect | None = None
@@ -422,6 +434,8 @@ class DatabaseTransport(Transport):
         """
         dialect = self._dialect
         assert dialect is not None
+        if queue in self._ordered and dialect.listens and not self._queue_lock(queue):
+            return []  # another process is applying this ordered queue's head
         table = _table(self.alias)
         sql = (
             f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "  # noqa: S608
@@ -434,6 +448,15 @@ class DatabaseTransport(Transport):
             rows = sorted(cursor.fetchall())
         self._open.update(row[0] for row in rows)
         return rows
+
+    def _queue_lock(self, queue: str) -> bool:
+        """Hold ``queue`` for this claim transaction (PostgreSQL), or ``False``."""
+        with connections[self.alias].cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                [ORDERED_QUEUE_LOCK_NAMESPACE, queue],
+            )
+            return bool(cursor.fetchone()[0])
 
     def _due(self) -> dict[str, float]:
         """Seconds until the next row of each non-empty queue is due (one query; each

@@ -321,3 +321,54 @@ def test_two_workers_share_the_partitions_and_each_key_stays_in_order(ordered_cl
     shares = [w.ordered.share.queues(consumer) for w in workers]
     assert sorted(q for share in shares for q in share) == partition_queues(consumer)
     assert all(shares)
+
+
+# -- the database transport ------------------------------------------------------------------
+@pytest.fixture
+def ordered_db(clean_registry, settings) -> Callable[..., type[EventConsumer]]:
+    settings.RELIABLE_EVENTS = {**settings.RELIABLE_EVENTS, "BROKER_URL": "db://"}
+
+    def make(behaviour: Behaviour | None = None, **kwargs: Any) -> type[EventConsumer]:
+        consumer = make_consumer(clean_registry, behaviour=behaviour, **kwargs)
+        consumer.ordered = True
+        consumer.hold_key_on_dead_letter = True
+        return consumer
+
+    return make
+
+
+def test_database_transport_retries_in_place_and_holds_keys_in_order(ordered_db) -> None:
+    def flaky(consumer: EventConsumer, event: Event) -> None:
+        if event.id == "a-1" and event.attempt == 1:
+            raise RuntimeError("once")
+        if event.id == "b-1":
+            raise PermanentError("bad")
+
+    consumer = ordered_db(flaky, max_retries=2, retry_delays=[0.2])
+    publish(("a-1", "a"), ("b-1", "b"), ("a-2", "a"), ("b-2", "b"), ("b-3", "b"))
+    consume(consumer)
+    assert applied_ids(consumer) == ["a-1", "a-2"]
+    assert [c for c in handled(consumer) if c[0] == "a-1"] == [("a-1", 1), ("a-1", 2)]
+    assert list(ParkedEvent.objects.values_list("message_id", flat=True)) == ["b-2", "b-3"]
+    deadletters.discard([DeadLetter.objects.get()], note="bad", user="ops")
+    consume(consumer)
+    assert applied_ids(consumer) == ["a-1", "a-2", "b-2", "b-3"]
+
+
+def test_database_transport_workers_take_an_ordered_queue_one_at_a_time(ordered_db) -> None:
+    def slow(consumer: EventConsumer, event: Event) -> None:
+        time.sleep(0.002)
+
+    consumer = ordered_db(slow)
+    publish(*[(f"k{n % 5}-{n // 5}", f"k{n % 5}") for n in range(100)])
+    workers = [Worker([consumer]) for _ in range(2)]
+    threads = [threading.Thread(target=w.run, kwargs={"until_idle": 2.0}) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    order = applied_ids(consumer)
+    assert len(order) == 100
+    for key in range(5):
+        mine = [int(m.split("-")[1]) for m in order if m.startswith(f"k{key}-")]
+        assert mine == sorted(mine), (key, mine)
