@@ -54,6 +54,7 @@ CONSUMERS = 4
 PER_TRANSACTION = 1000
 #: The whole run (set-up to assertions) stays within this, hangs included.
 BUDGET_SECONDS = float(os.environ.get("RE_ORDERED_LEDGER_BUDGET", "900"))
+pytestmark.append(pytest.mark.timeout(int(BUDGET_SECONDS) + 120))
 TOPIC = "ordered.changed"
 #: A consumer process logs this once subscribed.
 CONSUMING = "reliable_events: consuming"
@@ -129,6 +130,7 @@ def test_ordered_consumers_keep_per_key_order_through_kills_and_a_broker_restart
         "EXCHANGE": f"test-ev-{run}",
         "PUBLISH_ON_COMMIT": False,
         "CONSUMER_RECONNECT_MAX": 2.0,
+        "CONSUMER_LOG_EVERY": 500,
     }
     twin = make_consumer(clean_registry, name=name, topics=["ordered.#"])
     twin.ordered = True
@@ -176,12 +178,14 @@ def test_ordered_consumers_keep_per_key_order_through_kills_and_a_broker_restart
         while producer.is_alive() and produced[0] < EVENTS * 0.4:
             time.sleep(0.2)
         marks["broker restart at"] = time.monotonic() - started
+        marks["applied at restart"] = applied()
         fleet.note("private broker SIGKILLed")
         node.kill()
         node.restart()
         fleet.note("private broker accepts connections again")
         producer.join(max(0.0, deadline - time.monotonic()))
         marks["produced"] = time.monotonic() - started
+        marks["applied when produced"] = applied()
         while applied() < EVENTS and time.monotonic() < deadline:
             fleet.revive()
             time.sleep(1.0)

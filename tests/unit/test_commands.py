@@ -144,6 +144,8 @@ def test_outbox_status_of_an_empty_outbox():
         "open_dead_letters": 0,
         "open_dead_letters_by_consumer": {},
         "scheduled": 0,
+        "held_keys": 0,
+        "parked_events": 0,
     }
     run("outbox_status", "--fail-on-dead", "--max-pending-age", "1")  # healthy: exit 0
 
