@@ -19,7 +19,7 @@ from django.test import Client
 from django.urls import reverse
 
 from reliable_events import deadletters
-from reliable_events.consumer import Event, EventConsumer
+from reliable_events.consumer import Event, EventConsumer, Outcome
 from reliable_events.consumer.partitions import hash_exchange, partition_queues
 from reliable_events.consuming import Worker
 from reliable_events.exceptions import PermanentError
@@ -27,6 +27,7 @@ from reliable_events.models import DeadLetter, KeyHold, OutboxMessage, ParkedEve
 from reliable_events.publishing import publish_event
 from reliable_events.relay import relay_once
 from reliable_events.status import outbox_status
+from reliable_events.testing import deliver_events
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import make_consumer
 from tests.testapp.models import Order
@@ -372,3 +373,23 @@ def test_database_transport_workers_take_an_ordered_queue_one_at_a_time(ordered_
     for key in range(5):
         mine = [int(m.split("-")[1]) for m in order if m.startswith(f"k{key}-")]
         assert mine == sorted(mine), (key, mine)
+
+
+def test_deliver_events_retries_an_ordered_consumer_in_place(clean_registry, settings) -> None:
+    settings.RELIABLE_EVENTS = {**settings.RELIABLE_EVENTS, "PUBLISH_ON_COMMIT": False}
+
+    def fail_once(consumer: EventConsumer, event: Event) -> None:
+        if event.id == "a-1" and event.attempt == 1:
+            raise RuntimeError("once")
+
+    consumer = make_consumer(clean_registry, behaviour=fail_once, max_retries=1)
+    consumer.ordered = True
+    with transaction.atomic():
+        for message_id in ("a-1", "a-2"):
+            publish_event("orders.created", {}, key="a", message_id=message_id)
+    report = deliver_events(consumer)
+    assert [(d.message_id, d.attempt, d.outcome) for d in report.deliveries] == [
+        ("a-1", 1, Outcome.RETRIED),
+        ("a-1", 2, Outcome.PROCESSED),
+        ("a-2", 1, Outcome.PROCESSED),
+    ]
