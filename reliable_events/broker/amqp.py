@@ -527,17 +527,11 @@ class AmqpTransport(Transport):
 
     def _consume(self, channel: Any, consumer: str, queues: list[str]) -> None:
         for queue in queues:
-            channel.basic_consume(
-                queue,
-                consumer_tag=queue,
-                no_ack=False,
-                callback=partial(self._on_message, consumer),
-            )
-
-    def subscribe(self, consumer: str, queues: list[str]) -> None:
-        """Also consume ``queues`` (partitions this process gained) on the open channel."""
-        if self._channel is not None:
-            self._consume(self._channel, consumer, queues)
+            callback = partial(self._on_message, consumer)
+            # Registered before the consume: py-amqp rejects (requeues) a delivery whose
+            # consumer tag it does not know yet, which would reorder the queue.
+            channel.callbacks[queue] = callback
+            channel.basic_consume(queue, consumer_tag=queue, no_ack=False, callback=callback)
 
     def consumed_queues(self, cls: type[EventConsumer]) -> list[str]:
         """The queues this worker subscribes to for ``cls``: its queue, or an ordered

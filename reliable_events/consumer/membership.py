@@ -5,10 +5,10 @@ Each process running an ordered consumer keeps a heartbeat row
 the live processes (a heartbeat younger than ``ORDERED_MEMBER_TTL``) share the
 partitions evenly by bounded rendezvous hashing (:func:`assign`), and each subscribes to
 its share only.  When a process joins or stops beating, every process
-computes the new share.  A process that gained partitions subscribes to them; one that
-lost some closes its connection and subscribes again to the rest: the broker puts back
-what it had received but not acked (as when a process dies) before it activates the
-new owner - possibly already subscribed, as the partition's standby.
+computes the new share; one whose share changed closes its connection and subscribes
+again to its new share: the broker puts back what it had received but not acked (as
+when a process dies) before it activates the next owner of a partition it left -
+possibly already subscribed, as the partition's standby.
 
 Exclusivity never comes from this scheme but from the queues' single active consumer:
 two processes that briefly disagree both subscribe, and the broker delivers to one.
@@ -62,8 +62,8 @@ class PartitionShare:
         return bool(self.consumers) and time.monotonic() >= self._next
 
     def heartbeat(self) -> tuple[bool, dict[str, list[str]]]:
-        """Beat, and recompute the share: whether a partition was lost (release it by
-        closing the connection), and the partitions gained (subscribe to them)."""
+        """Beat, and recompute the share: whether a partition was lost, and the
+        partitions gained (either way the worker subscribes again)."""
         self._next = time.monotonic() + float(app_settings.ORDERED_HEARTBEAT_SECONDS)
         lost = False
         gained: dict[str, list[str]] = {}

@@ -22,7 +22,6 @@ from typing import Any
 
 from django.db import DatabaseError, InterfaceError
 
-from reliable_events.broker.amqp import AmqpTransport
 from reliable_events.broker.base import Delivery, Transport
 from reliable_events.consumer.base import Event, EventConsumer
 from reliable_events.consumer.failures import Failure
@@ -80,13 +79,11 @@ class OrderedRuntime:
         if not self.share.due():
             return
         lost, gained = self.share.heartbeat()
-        if lost and self.transport.connected:
+        if (lost or gained) and self.transport.connected:
             # Closing is the one safe release: the broker puts back what this process
             # holds unacked *before* it activates the next consumer of the partition.
+            # Gained partitions are subscribed on a fresh channel too (connect()).
             self.transport.close()
-        elif gained and self.transport.connected and isinstance(self.transport, AmqpTransport):
-            for name, queues in gained.items():
-                self.transport.subscribe(name, queues)
         for consumer in self.consumers:
             try:
                 release_due(consumer)

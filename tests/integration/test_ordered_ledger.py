@@ -212,6 +212,14 @@ def test_ordered_consumers_keep_per_key_order_through_kills_and_a_broker_restart
         if payload["seq"] != payload["prev"] + 1
     ]
     lost = committed - set(ids)
+    if violations:  # each key's story, for the post-mortem (timeline.log has the kills)
+        broken = {payload["key"] for _, payload in violations}
+        story = sorted(
+            (p["key"], p["at"], m, p["seq"], p["prev"], p["pid"], p["redelivered"])
+            for m, p in effects
+            if p["key"] in broken
+        )
+        (tmp_path / "violations.log").write_text("\n".join(map(str, story)) + "\n")
     twice = len(ids) - len(set(ids))
     letters = DeadLetter.objects.filter(consumer=name).count()
     final = set(KeySequence.objects.filter(consumer=name).values_list("seq", flat=True))

@@ -98,7 +98,14 @@ def apply_ordered_event(consumer: str, event: Event) -> None:
             Effect.objects.create(
                 consumer=consumer,
                 message_id=event.id,
-                payload={"key": event.key, "seq": row.seq, "prev": previous},
+                payload={
+                    "key": event.key,
+                    "seq": row.seq,
+                    "prev": previous,
+                    "pid": os.getpid(),
+                    "at": time.time(),
+                    "redelivered": event.redelivered,
+                },
             )
     except IntegrityError as exc:
         raise PermanentError(f"{APPLIED_TWICE}: {event.id} already has an effect") from exc
