@@ -473,6 +473,8 @@ class AmqpTransport(Transport):
         self._unsettled: set[int] = set()
         self.ack_every = max(1, prefetch // 2)
         self.topology_check = TopologyCheck(self.consumer_classes)
+        #: The channel whose deliveries count (not one being closed).
+        self._live: Any = None
         #: Which partitions of ordered consumers to take (set by the worker).
         self.partition_share: PartitionShare | None = None
 
@@ -511,11 +513,15 @@ class AmqpTransport(Transport):
                 ) from exc
             channel = amqp.Channel(raw, None, auto_decode=False)
             channel.open()
+            self._live = channel
             channel.basic_qos(0, self.prefetch, False)
             for cls in self.consumer_classes:
                 self._consume(channel, cls.name, self.consumed_queues(cls))
         except BaseException:
+            self._live = None
             quiet_release(conn, "consumer")
+            self._buffer.clear()
+            self._unsettled.clear()
             raise
         self._kombu, self._raw, self._channel = conn, raw, channel
         logger.info(
@@ -527,7 +533,7 @@ class AmqpTransport(Transport):
 
     def _consume(self, channel: Any, consumer: str, queues: list[str]) -> None:
         for queue in queues:
-            callback = partial(self._on_message, consumer)
+            callback = partial(self._on_message, consumer, channel)
             # Registered before the consume: py-amqp rejects (requeues) a delivery whose
             # consumer tag it does not know yet, which would reorder the queue.
             channel.callbacks[queue] = callback
@@ -542,7 +548,11 @@ class AmqpTransport(Transport):
             return partition_queues(cls)
         return self.partition_share.queues(cls)
 
-    def _on_message(self, consumer: str, message: Any) -> None:
+    def _on_message(self, consumer: str, channel: Any, message: Any) -> None:
+        if channel is not self._live:
+            # A frame read while an old connection closes (close() drains it): its tag
+            # means nothing on the next channel, and the broker requeues it anyway.
+            return
         info = message.delivery_info
         try:
             props = dict(message.properties)
@@ -633,11 +643,15 @@ class AmqpTransport(Transport):
         except Exception:  # the connection is already gone: the broker redelivers them
             logger.debug("reliable_events: could not send pending acks", exc_info=True)
         conn, self._kombu, self._raw, self._channel = self._kombu, None, None, None
+        self._live = None
         self._buffer.clear()
         self._settled.clear()
         self._unsettled.clear()
         if conn is not None:
             quiet_release(conn, "consumer")
+        self._buffer.clear()  # nothing the closing connection delivered is kept
+        self._settled.clear()
+        self._unsettled.clear()
 
     def check_topology(self) -> None:
         if self._raw is not None and self.topology_check.due():
