@@ -14,7 +14,7 @@ from typing import Any
 import amqp
 import pytest
 from django.core.management import call_command
-from django.db import transaction
+from django.db import connections, transaction
 from django.test import Client
 from django.urls import reverse
 
@@ -89,6 +89,14 @@ def applied_ids(consumer: type[EventConsumer]) -> list[str]:
     prefix = f"{consumer.name}|"
     refs = Order.objects.filter(reference__startswith=prefix).order_by("id")
     return [ref.removeprefix(prefix) for ref in refs.values_list("reference", flat=True)]
+
+
+def run_closing(worker: Worker, until_idle: float) -> None:
+    """``worker.run`` in a thread, closing the thread's database connections after."""
+    try:
+        worker.run(until_idle=until_idle)
+    finally:
+        connections.close_all()
 
 
 def consume(consumer: type[EventConsumer], seconds: float = 1.5) -> Any:
@@ -309,7 +317,7 @@ def test_two_workers_share_the_partitions_and_each_key_stays_in_order(ordered_cl
     consumer.partitions = 4
     publish(*[(f"k{n % 10}-{n // 10}", f"k{n % 10}") for n in range(200)])
     workers = [Worker([consumer]) for _ in range(2)]
-    threads = [threading.Thread(target=w.run, kwargs={"until_idle": 5.0}) for w in workers]
+    threads = [threading.Thread(target=run_closing, args=(w, 5.0)) for w in workers]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -360,7 +368,7 @@ def test_database_transport_workers_take_an_ordered_queue_one_at_a_time(ordered_
     consumer = ordered_db(slow)
     publish(*[(f"k{n % 5}-{n // 5}", f"k{n % 5}") for n in range(100)])
     workers = [Worker([consumer]) for _ in range(2)]
-    threads = [threading.Thread(target=w.run, kwargs={"until_idle": 2.0}) for w in workers]
+    threads = [threading.Thread(target=run_closing, args=(w, 2.0)) for w in workers]
     for thread in threads:
         thread.start()
     for thread in threads:
