@@ -16,22 +16,20 @@ import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, router, transaction
 from django.db.models import Count, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Coalesce, Now
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from reliable_events.broker import open_publisher
-from reliable_events.conf import app_settings
 from reliable_events.consumer import EventConsumer, registry
 from reliable_events.consumer.holds import release, release_reason
 from reliable_events.consumer.wire import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
 from reliable_events.exceptions import ReliableEventsError, UnknownConsumer
 from reliable_events.models import DeadLetter, OutboxMessage, TriageEntry
-from reliable_events.publishing import json_value, lane_for, on_commit_due, schedule_on_commit
+from reliable_events.outbox import Hold, hold, insert, insert_many, new_row
 from reliable_events.topology import full_topology
 
 logger = logging.getLogger(__name__)
@@ -181,30 +179,28 @@ def _lock(alias: str, ids: list[int], result: TriageResult) -> list[DeadLetter]:
 
 
 def _redelivery(
-    letter: DeadLetter, *, message_id: str, payload: Any, due: datetime | Now
+    letter: DeadLetter,
+    *,
+    message_id: str,
+    payload: Any,
+    when: Hold,
+    extra_headers: dict[str, str] | None = None,
 ) -> OutboxMessage:
     """The outbox row re-delivering ``letter`` to its consumer's queue only."""
-    return OutboxMessage(
+    headers = {
+        k: v
+        for k, v in (letter.headers or {}).items()
+        if isinstance(v, str) and not k.lower().startswith("x-")
+    }
+    return new_row(
         message_id=message_id,
         topic=letter.topic or "retry",
         key=letter.key or None,
-        lane=lane_for(letter.key or None, message_id or uuid.uuid4().hex),
         queue=letter.queue or letter.consumer,
-        payload=json_value(payload),
-        headers={
-            k: v
-            for k, v in (letter.headers or {}).items()
-            if isinstance(v, str) and not k.lower().startswith("x-")
-        },
-        next_attempt_at=due,
+        payload=payload,
+        headers={**headers, **(extra_headers or {})},
+        due=when.due,
     )
-
-
-def _due(alias: str) -> tuple[datetime | Now, bool]:
-    """When a new re-delivery row is due, and whether the on-commit publish will send it:
-    like publish_event, due for the on-commit publish (see ``on_commit_due``), else at once."""
-    on_commit = bool(app_settings.PUBLISH_ON_COMMIT)
-    return (on_commit_due(alias) if on_commit else timezone.now()), on_commit
 
 
 def _entry(
@@ -252,7 +248,7 @@ def retry(
         locked = _lock(alias, ids, result)
         retried: list[DeadLetter] = []
         released: list[DeadLetter] = []
-        due, on_commit = _due(alias)
+        when = hold(alias)
         for letter in locked:
             reason = retry_block_reason(letter)
             ordered = ordered_consumer(letter)
@@ -266,13 +262,15 @@ def retry(
         if not dry_run and released:
             _release(alias, released, retry=True, user=user, source=source, note=note)
         if not dry_run and retried:
-            created = OutboxMessage.objects.using(alias).bulk_create(
+            created = insert_many(
                 [
                     _redelivery(
-                        letter, message_id=letter.message_id, payload=letter.payload, due=due
+                        letter, message_id=letter.message_id, payload=letter.payload, when=when
                     )
                     for letter in retried
-                ]
+                ],
+                alias,
+                on_commit=when.on_commit,
             )
             for letter in retried:
                 _resolve(letter, DeadLetter.Status.RETRIED, user=user, note=note)
@@ -290,12 +288,7 @@ def retry(
                 )
                 for letter, row in zip(retried, created, strict=True)
             )
-            for row in created:
-                if row.pk is None:  # pragma: no cover - every supported backend returns ids
-                    continue
-                result.outbox_ids.append(row.pk)
-                if on_commit:
-                    schedule_on_commit(row.pk, alias)
+            result.outbox_ids.extend(row.pk for row in created if row.pk is not None)
     if result.done and not dry_run:
         logger.info("reliable_events: %s by %s", result.summary("retried"), user or "system")
     return result
@@ -368,12 +361,16 @@ def edit_and_retry(
                 "in order; edit-and-retry would re-deliver it out of order"
             )
             return result
-        due, on_commit = _due(alias)
+        when = hold(alias)
         copy_id = str(uuid.uuid4())
-        row = _redelivery(current, message_id=copy_id, payload=payload, due=due)
-        if current.message_id:
-            row.headers[COPY_OF_HEADER] = current.message_id
-        row.save(using=alias)
+        row = _redelivery(
+            current,
+            message_id=copy_id,
+            payload=payload,
+            when=when,
+            extra_headers={COPY_OF_HEADER: current.message_id} if current.message_id else None,
+        )
+        insert(row, alias, on_commit=when.on_commit)
         _resolve(current, DeadLetter.Status.RETRIED, user=user, note=note)
         current.save(using=alias, update_fields=["status", "resolved_at", "resolved_by", "note"])
         _entry(
@@ -393,8 +390,6 @@ def edit_and_retry(
         result.done.append(current.pk)
         result.outbox_ids.append(row.pk)
         result.copies[current.pk] = copy_id
-        if on_commit:
-            schedule_on_commit(row.pk, alias)
     logger.info(
         "reliable_events: %s edited dead letter %s and retried it as message %s",
         user or "system",

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
-import threading
-import uuid
-import zlib
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, router, transaction
-from django.db.models import JSONField, Value
-from django.db.models.functions import Now
-from django.utils import timezone
+from django.db import DEFAULT_DB_ALIAS, router
 
 from reliable_events import signals
 from reliable_events.conf import app_settings
@@ -26,16 +19,33 @@ from reliable_events.models import (
     TOPIC_MAX_LENGTH,
     OutboxMessage,
 )
-from reliable_events.relay.on_commit import publish_after_commit
+from reliable_events.outbox import (
+    hold,
+    insert,
+    json_value,
+    lane_for,
+    new_row,
+    on_commit_due,
+    schedule_on_commit,
+)
 
-logger = logging.getLogger(__name__)
+#: Kept importable from here (they moved to :mod:`reliable_events.outbox`).
+__all__ = [
+    "encode_payload",
+    "json_value",
+    "lane_for",
+    "on_commit_due",
+    "publish_event",
+    "schedule_on_commit",
+    "validate_delay",
+    "validate_headers",
+    "validate_topic",
+]
 
 #: A topic is dot-separated words of letters, digits, ``_`` and ``-``.
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 #: Header names the app and the broker own; user headers may not use them.
 RESERVED_HEADER_PREFIX = "x-"
-
-_MAX_TRACKED_IDS = 10_000
 #: AMQP ``shortstr`` limit: header names and the message id must fit in 255 bytes.
 SHORTSTR_MAX_BYTES = 255
 #: Largest total UTF-8 size of an event's headers (names + values).  The headers travel in
@@ -70,17 +80,6 @@ def _require_utf8(text: str, what: str) -> int:
         return len(text.encode())
     except UnicodeEncodeError as exc:
         raise InvalidEvent(f"{what} is not valid Unicode (it has a lone surrogate)") from exc
-
-
-def json_value(value: Any) -> Any:
-    """``value`` ready for a non-null JSONField: JSON ``null`` rather than SQL NULL."""
-    return Value(None, JSONField()) if value is None else value
-
-
-def lane_for(key: str | None, message_id: str) -> int:
-    """The ordering lane of an event: fixed by its key (or its id when it has no key)."""
-    lanes = max(1, int(app_settings.LANES))
-    return zlib.crc32((key if key is not None else message_id).encode()) % lanes
 
 
 def validate_topic(topic: object) -> str:
@@ -189,107 +188,21 @@ def publish_event(
     given_id = _validate_optional_id(
         message_id, "message_id", MESSAGE_ID_MAX_LENGTH, SHORTSTR_MAX_BYTES
     )
-    hold = validate_delay(delay)
+    wait = validate_delay(delay)
     alias = using or router.db_for_write(OutboxMessage) or DEFAULT_DB_ALIAS
     # Store the payload exactly as it will go on the wire (tuples become lists, etc.).
     stored_payload = json.loads(body)
 
-    on_commit = bool(app_settings.PUBLISH_ON_COMMIT) and not hold
-    msg_id = given_id or str(uuid.uuid4())
-    message = OutboxMessage(
-        message_id=msg_id,
+    when = hold(alias, delay=wait)
+    message = new_row(
+        message_id=given_id,
         topic=topic,
         key=key,
-        lane=lane_for(key, msg_id),
-        payload=json_value(stored_payload),
+        payload=stored_payload,
         headers=clean_headers,
-        next_attempt_at=on_commit_due(alias) if on_commit else timezone.now() + hold,
+        due=when.due,
     )
-    if given_id is None:
-        message.save(using=alias, force_insert=True)
-    else:
-        existing = _insert_idempotent(message, alias, stored_payload)
-        if existing is not None:
-            return existing
-    message.payload = stored_payload
-    if not isinstance(message.next_attempt_at, datetime):  # stored as the database's now()
-        message.next_attempt_at = message.created_at
-    if on_commit:
-        schedule_on_commit(message.pk, alias)
-    signals.event_stored.send(sender=OutboxMessage, message=message, using=alias)
-    return message
-
-
-def on_commit_due(alias: str) -> datetime | Now:
-    """``next_attempt_at`` of a row the on-commit hook will publish.
-
-    PostgreSQL: due at once, on the database's clock (the transaction's ``now()``).  The
-    hook and the relay never publish a lane at the same time (lane locks), so the relay
-    needs no reservation to stay off the hook's rows, and a row the hook misses is not
-    left waiting.  Elsewhere (SQLite, no lane locks): reserved for the hook for
-    ``ON_COMMIT_GRACE_SECONDS``; the relay takes it after that.
-    """
-    if connections[alias].vendor == "postgresql":
-        return Now()
-    return timezone.now() + timedelta(seconds=float(app_settings.ON_COMMIT_GRACE_SECONDS))
-
-
-def _insert_idempotent(message: OutboxMessage, alias: str, payload: Any) -> OutboxMessage | None:
-    """Insert ``message``; if its id is taken, return the stored row instead."""
-    try:
-        with transaction.atomic(using=alias):
-            message.save(using=alias, force_insert=True)
-    except IntegrityError as exc:
-        existing = (
-            OutboxMessage.objects.using(alias)
-            .filter(message_id=message.message_id, queue="")
-            .first()
-        )
-        if existing is None:
-            raise
-        same = (
-            existing.topic == message.topic
-            and existing.key == message.key
-            and existing.payload == payload
-            and existing.headers == message.headers
-        )
-        if not same:
-            raise InvalidEvent(
-                f"message_id {message.message_id[:80]!r} is already used by a different event"
-            ) from exc
-        return existing
-    return None
-
-
-class _CommitTracker(threading.local):
-    """Ids stored by this thread that the next on-commit hook should publish."""
-
-    def __init__(self) -> None:
-        self.ids: dict[str, list[int]] = {}
-
-
-_tracker = _CommitTracker()
-
-
-def schedule_on_commit(pk: int, alias: str) -> None:
-    ids = _tracker.ids.setdefault(alias, [])
-    ids.append(pk)
-    if len(ids) > _MAX_TRACKED_IDS:  # only after many rolled-back transactions
-        del ids[: len(ids) - _MAX_TRACKED_IDS]
-    transaction.on_commit(lambda: _flush(alias), using=alias)
-
-
-def _flush(alias: str) -> None:
-    """The on-commit hook: publish every id this thread stored, never raising.
-
-    Each ``publish_event`` registers a call; the first one publishes all ids of the
-    transaction and the rest find nothing to do.  Ids of rolled-back transactions may be
-    among them: the dispatcher only publishes rows that exist and are still pending.
-    """
-    ids = _tracker.ids.pop(alias, None)
-    if not ids:
-        return
-    try:
-        publish_after_commit(ids, using=alias)
-    except Exception:  # the caller's transaction is committed: never turn it into a 500
-        logger.exception("reliable_events: on-commit publish failed; the relay will send")
+    stored = insert(message, alias, on_commit=when.on_commit, idempotent=given_id is not None)
+    if stored is message:
+        signals.event_stored.send(sender=OutboxMessage, message=message, using=alias)
+    return stored

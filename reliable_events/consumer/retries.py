@@ -7,8 +7,6 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from django.utils import timezone
-
 from reliable_events.broker.amqp import AmqpPublisher, AmqpTransport
 from reliable_events.broker.base import KEY_HEADER, Delivery, OutgoingMessage, Transport
 from reliable_events.conf import app_settings
@@ -26,10 +24,7 @@ from reliable_events.consumer.wire import (
 from reliable_events.exceptions import (
     BrokerError,
 )
-from reliable_events.models import (
-    OutboxMessage,
-)
-from reliable_events.publishing import json_value, lane_for
+from reliable_events.outbox import hold, insert, new_row
 from reliable_events.sanitize import json_safe
 
 logger = logging.getLogger(__name__)
@@ -129,17 +124,18 @@ class OutboxRetryScheduler(RetryScheduler):
         alias = consumer.get_database()
         headers = json_safe(retry_headers(delivery, event, failure))
         headers.pop(KEY_HEADER, None)  # the relay sets it from ``key``
+        when = hold(alias, delay=timedelta(seconds=delay), on_commit=False)
+        row = new_row(
+            message_id=event.id,
+            topic=event.topic or consumer.queue_name(),
+            key=event.key,
+            queue=consumer.queue_name(),
+            payload=event.payload,
+            headers=headers,
+            due=when.due,
+        )
         with database_guard(alias, "scheduling a retry"):
-            OutboxMessage.objects.using(alias).create(
-                message_id=event.id,
-                topic=event.topic or consumer.queue_name(),
-                key=event.key,
-                lane=lane_for(event.key, event.id),
-                queue=consumer.queue_name(),
-                payload=json_value(event.payload),  # a JSON null body stays JSON null
-                headers=headers,
-                next_attempt_at=timezone.now() + timedelta(seconds=delay),
-            )
+            insert(row, alias, on_commit=False)
 
 
 def retry_scheduler(transport: Transport) -> RetryScheduler:

@@ -16,7 +16,7 @@ from django.utils import timezone
 from reliable_events import publish_event
 from reliable_events.exceptions import InvalidEvent
 from reliable_events.models import OutboxMessage
-from reliable_events.publishing import _flush, lane_for, schedule_on_commit
+from reliable_events.outbox import _flush, lane_for, schedule_on_commit
 
 pytestmark = pytest.mark.django_db
 
@@ -313,13 +313,13 @@ def test_flush_without_tracked_ids_does_nothing():
 
 
 def test_tracked_ids_are_bounded(monkeypatch):
-    import reliable_events.publishing as publishing
+    import reliable_events.outbox as outbox
 
-    monkeypatch.setattr(publishing, "_MAX_TRACKED_IDS", 3)
-    publishing._tracker.ids.pop("default", None)
+    monkeypatch.setattr(outbox, "_MAX_TRACKED_IDS", 3)
+    outbox._tracker.ids.pop("default", None)
     with transaction.atomic():
         for pk in range(1, 6):
             schedule_on_commit(pk, "default")
-        assert publishing._tracker.ids["default"] == [3, 4, 5]
+        assert outbox._tracker.ids["default"] == [3, 4, 5]
         transaction.set_rollback(True)
-    publishing._tracker.ids.pop("default", None)
+    outbox._tracker.ids.pop("default", None)
