@@ -118,6 +118,17 @@ class AppSettings:
     TOPOLOGY_CHECK_SECONDS: float = 30.0
     #: Seconds the admin overview and the API reuse the unrouted queue's depth.
     UNROUTED_CACHE_SECONDS: float = 15.0
+    #: Partition queues of an ordered consumer (``EventConsumer.ordered``) unless the
+    #: consumer sets ``partitions``.  Changing it moves keys between partitions: drain
+    #: the queues first.
+    ORDERED_PARTITIONS: int = 8
+    #: Seconds between two heartbeats of a consumer process running ordered consumers;
+    #: each heartbeat also recomputes its share of the partitions and releases the keys
+    #: whose dead letter was retried or discarded.
+    ORDERED_HEARTBEAT_SECONDS: float = 1.0
+    #: Seconds without a heartbeat after which a consumer process counts as gone and its
+    #: partitions are shared among the others.
+    ORDERED_MEMBER_TTL: float = 5.0
     #: Consumers the Celery ``ConsumerStep`` runs (names); ``None`` = every registered one.
     CELERY_CONSUMERS: list[str] | None = None
     #: OpenTelemetry spans (``create``, ``send``, ``process``) and the W3C trace context

@@ -4,6 +4,10 @@ Retrying a dead letter writes an outbox row addressed to that consumer's queue o
 (``OutboxMessage.queue``) and marks the dead letter ``retried`` in the same
 transaction; the row is then published with a confirm (on commit, or by the relay).
 So a retry is never lost and never reaches the topic's other subscribers.
+
+A dead letter of an *ordered* consumer is not re-published (its queues are partitions):
+retry and discard release its key instead (:mod:`reliable_events.consumer.holds`), and
+the consumer applies it - and then the events parked behind it - in order.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from reliable_events.broker import open_publisher
-from reliable_events.consumer import registry
+from reliable_events.consumer import EventConsumer, registry
+from reliable_events.consumer.holds import release, release_reason
 from reliable_events.consumer.wire import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
 from reliable_events.db import write_alias
 from reliable_events.exceptions import ReliableEventsError, UnknownConsumer
@@ -142,14 +147,24 @@ def prepare_queues(letters: Iterable[DeadLetter]) -> tuple[dict[int, str], list[
     warnings: list[str] = []
     if consumers:
         specs = [spec for cls in consumers.values() for spec in cls.queue_specs()]
+        exchanges = [spec for cls in consumers.values() for spec in cls.exchange_specs()]
         publisher = open_publisher()
         try:
-            publisher.declare(full_topology(specs))
+            publisher.declare(full_topology(specs, exchanges))
         except ReliableEventsError as exc:
             warnings.append(f"could not declare the consumer queues: {exc}")
         finally:
             publisher.close()
     return unknown, warnings
+
+
+def ordered_consumer(letter: DeadLetter) -> type[EventConsumer] | None:
+    """The registered ordered consumer of ``letter``, if it is one."""
+    try:
+        cls = registry.get(letter.consumer)
+    except UnknownConsumer:
+        return None
+    return cls if cls.ordered else None
 
 
 def _lock(alias: str, ids: list[int], result: TriageResult) -> list[DeadLetter]:
@@ -233,14 +248,20 @@ def retry(
     with transaction.atomic(using=alias):
         locked = _lock(alias, ids, result)
         retried: list[DeadLetter] = []
+        released: list[DeadLetter] = []
         when = hold(alias)
         for letter in locked:
             reason = retry_block_reason(letter)
+            ordered = ordered_consumer(letter)
+            if reason is None and ordered is not None:
+                reason = release_reason(alias, ordered, letter)
             if reason is not None:
                 result.skipped[letter.pk] = reason
                 continue
             result.done.append(letter.pk)
-            retried.append(letter)
+            (retried if ordered is None else released).append(letter)
+        if not dry_run and released:
+            _release(alias, released, retry=True, user=user, source=source, note=note)
         if not dry_run and retried:
             created = insert_many(
                 [
@@ -272,6 +293,27 @@ def retry(
     if result.done and not dry_run:
         logger.info("reliable_events: %s by %s", result.summary("retried"), user or "system")
     return result
+
+
+def _release(
+    alias: str, letters: list[DeadLetter], *, retry: bool, user: str, source: str, note: str
+) -> None:
+    """Dead letters of ordered consumers: release their keys (the consumer applies them)."""
+    for letter in letters:
+        cls = ordered_consumer(letter)
+        if cls is not None:
+            release(alias, cls, letter, retry=retry)
+    if not retry:
+        return
+    for letter in letters:
+        _resolve(letter, DeadLetter.Status.RETRIED, user=user, note=note)
+    DeadLetter.objects.using(alias).bulk_update(
+        letters, ["status", "resolved_at", "resolved_by", "note"]
+    )
+    TriageEntry.objects.using(alias).bulk_create(
+        _entry(letter, TriageEntry.Action.RETRY, user=user, source=source, note=note)
+        for letter in letters
+    )
 
 
 def changed_keys(before: Any, after: Any) -> list[str]:
@@ -313,6 +355,12 @@ def edit_and_retry(
             return result
         if not (current.queue or current.consumer):
             result.skipped[current.pk] = "the consumer queue is unknown"
+            return result
+        if ordered_consumer(current) is not None:
+            result.skipped[current.pk] = (
+                "an ordered consumer's dead letter is retried as it is (or discarded), "
+                "in order; edit-and-retry would re-deliver it out of order"
+            )
             return result
         when = hold(alias)
         copy_id = str(uuid.uuid4())
@@ -371,12 +419,17 @@ def discard(
         locked = _lock(alias, ids, result)
         discarded: list[DeadLetter] = []
         for letter in locked:
+            ordered = ordered_consumer(letter)
+            reason = None if ordered is None else release_reason(alias, ordered, letter)
             if letter.status != DeadLetter.Status.OPEN:
                 result.skipped[letter.pk] = f"it is {letter.status}, not open"
+            elif reason is not None:
+                result.skipped[letter.pk] = reason
             else:
                 result.done.append(letter.pk)
                 discarded.append(letter)
         if discarded and not dry_run:
+            _release(alias, discarded, retry=False, user=user, source=source, note=note)
             DeadLetter.objects.using(alias).filter(pk__in=result.done).update(
                 status=DeadLetter.Status.DISCARDED,
                 resolved_at=timezone.now(),

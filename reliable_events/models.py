@@ -476,3 +476,109 @@ class Heartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.host}:{self.pid}"
+
+
+class KeyHold(models.Model):
+    """A key an ordered consumer holds: its head event was dead-lettered, so its later
+    events are parked (:class:`ParkedEvent`) until the dead letter is retried or
+    discarded (``state`` then says which; a consumer process releases them in order).
+
+    Written by the consumer (dead-lettering, releasing) and by the dead-letter service
+    (:mod:`reliable_events.deadletters`: retry, discard).  See
+    :mod:`reliable_events.consumer.ordering`.
+    """
+
+    class State(models.TextChoices):
+        HELD = "held", _("held")
+        RETRY = "retry", _("released: retry the dead letter, then the parked events")
+        DISCARD = "discard", _("released: the parked events only")
+
+    id = models.BigAutoField(primary_key=True, help_text=_("Row id."))
+    consumer = models.CharField(max_length=NAME_MAX_LENGTH, help_text=_("The ordered consumer."))
+    key = models.CharField(  # noqa: DJ001
+        max_length=KEY_MAX_LENGTH,
+        null=True,
+        blank=True,
+        help_text=_("The held ordering key (none: a keyless dead letter being retried)."),
+    )
+    dead_letter_id = models.BigIntegerField(help_text=_("The dead letter at the key's head."))
+    state = models.CharField(
+        max_length=10, choices=State.choices, default=State.HELD, help_text=_("Held or released.")
+    )
+    created_at = models.DateTimeField(
+        db_default=Now(), help_text=_("When the key was first held (database clock).")
+    )
+    updated_at = models.DateTimeField(
+        db_default=Now(), help_text=_("Last change of state (database clock).")
+    )
+
+    class Meta:
+        verbose_name = _("held key")
+        verbose_name_plural = _("held keys")
+        ordering = ("id",)
+        constraints = (
+            models.UniqueConstraint(fields=("consumer", "key"), name="re_keyhold_consumer_key"),
+        )
+        indexes = (models.Index(fields=("state", "consumer"), name="re_keyhold_state"),)
+
+    def __str__(self) -> str:
+        return f"{self.consumer}: {self.key} ({self.state})"
+
+
+class ParkedEvent(models.Model):
+    """An event of a held key, kept in arrival order until its key is released."""
+
+    id = models.BigAutoField(primary_key=True, help_text=_("Arrival order: released by id."))
+    consumer = models.CharField(max_length=NAME_MAX_LENGTH, help_text=_("The ordered consumer."))
+    key = models.CharField(max_length=KEY_MAX_LENGTH, help_text=_("The held ordering key."))
+    message_id = models.CharField(max_length=MESSAGE_ID_MAX_LENGTH, help_text=_("The message id."))
+    topic = models.CharField(
+        max_length=TOPIC_MAX_LENGTH, blank=True, default="", help_text=_("The event's topic.")
+    )
+    payload = models.JSONField(null=True, blank=True, help_text=_("The event body."))
+    headers = models.JSONField(default=dict, blank=True, help_text=_("The message's headers."))
+    published_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("When the event was first stored.")
+    )
+    parked_at = models.DateTimeField(
+        db_default=Now(), help_text=_("When it was parked (database clock).")
+    )
+
+    class Meta:
+        verbose_name = _("parked event")
+        verbose_name_plural = _("parked events")
+        ordering = ("id",)
+        constraints = (
+            models.UniqueConstraint(
+                fields=("consumer", "message_id"), name="re_parked_consumer_message"
+            ),
+        )
+        indexes = (models.Index(fields=("consumer", "key", "id"), name="re_parked_key"),)
+
+    def __str__(self) -> str:
+        return f"{self.consumer}: {self.key} / {self.message_id}"
+
+
+class ConsumerMember(models.Model):
+    """A live consumer process running an ordered consumer (its heartbeat): the processes
+    share the consumer's partitions (:mod:`reliable_events.consumer.partitions`)."""
+
+    id = models.BigAutoField(primary_key=True, help_text=_("Row id."))
+    consumer = models.CharField(max_length=NAME_MAX_LENGTH, help_text=_("The ordered consumer."))
+    member = models.CharField(max_length=100, help_text=_("host:pid:random of the process."))
+    heartbeat_at = models.DateTimeField(
+        db_default=Now(), help_text=_("Last heartbeat (database clock).")
+    )
+
+    class Meta:
+        verbose_name = _("ordered consumer process")
+        verbose_name_plural = _("ordered consumer processes")
+        ordering = ("consumer", "member")
+        constraints = (
+            models.UniqueConstraint(
+                fields=("consumer", "member"), name="re_member_consumer_member"
+            ),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.consumer}: {self.member}"

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from reliable_events.conf import app_settings
 from reliable_events.db import read_alias
-from reliable_events.models import DeadLetter, OutboxMessage
+from reliable_events.models import DeadLetter, KeyHold, OutboxMessage, ParkedEvent
 
 #: Clock difference allowed between the application (``next_attempt_at``) and the
 #: database (``created_at``) when telling a delayed row from an on-commit reservation.
@@ -37,6 +37,9 @@ class OutboxStatus:
     open_dead_letters_by_consumer: dict[str, int]
     #: Pending rows published with ``delay=`` that are not due yet (not backlog).
     scheduled: int = 0
+    #: Keys ordered consumers hold behind a dead letter, and the events parked behind them.
+    held_keys: int = 0
+    parked_events: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,4 +77,6 @@ def outbox_status(*, using: str | None = None) -> OutboxStatus:
         open_dead_letters=sum(by_consumer.values()),
         open_dead_letters_by_consumer=by_consumer,
         scheduled=figures["scheduled"] or 0,
+        held_keys=KeyHold.objects.using(alias).count(),
+        parked_events=ParkedEvent.objects.using(alias).count(),
     )

@@ -4,7 +4,11 @@
   ``<EXCHANGE>.unrouted`` (fanout), feeding the durable queue ``<EXCHANGE>.unrouted``:
   an event no queue is bound for is kept there, never dropped;
 * per consumer (see :mod:`reliable_events.consumer`): a durable queue bound to its
-  topics, and delay queues ``<name>.retry.<n>`` whose TTL dead-letters back into it.
+  topics, and delay queues ``<name>.retry.<n>`` whose TTL dead-letters back into it;
+* per *ordered* consumer (:mod:`reliable_events.consumer.partitions`) instead: a
+  headers exchange ``<name>.hash`` bound to the events exchange with its topics, and
+  its partition queues ``<name>.p<i>`` (single active consumer) bound to it by the
+  key's bucket (``re-event-bucket``).
 
 Declaring the same thing twice is a no-op on RabbitMQ; declaring it with other
 arguments is a ``PRECONDITION_FAILED`` channel error, reported as a
@@ -27,6 +31,8 @@ class ExchangeSpec:
     name: str
     type: str
     arguments: dict[str, Any] = field(default_factory=dict)
+    #: (source exchange, routing key) pairs: exchange-to-exchange bindings.
+    bindings: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,8 @@ class QueueSpec:
     #: (exchange, routing key) pairs.
     bindings: tuple[tuple[str, str], ...] = ()
     arguments: dict[str, Any] = field(default_factory=dict)
+    #: (headers exchange, binding arguments) pairs.
+    matches: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,9 +77,13 @@ def events_topology() -> Topology:
     )
 
 
-def full_topology(consumer_queues: Iterable[QueueSpec] = ()) -> Topology:
+def full_topology(
+    consumer_queues: Iterable[QueueSpec] = (), consumer_exchanges: Iterable[ExchangeSpec] = ()
+) -> Topology:
     base = events_topology()
-    return Topology(base.exchanges, base.queues + tuple(consumer_queues))
+    return Topology(
+        base.exchanges + tuple(consumer_exchanges), base.queues + tuple(consumer_queues)
+    )
 
 
 def declare_on_amqp_channel(channel: Any, topology: Topology) -> None:
@@ -84,6 +96,9 @@ def declare_on_amqp_channel(channel: Any, topology: Topology) -> None:
             auto_delete=False,
             arguments=exchange.arguments or None,
         )
+    for exchange in topology.exchanges:
+        for source, routing_key in exchange.bindings:
+            channel.exchange_bind(exchange.name, source, routing_key)
     for queue in topology.queues:
         channel.queue_declare(
             queue.name,
@@ -94,6 +109,8 @@ def declare_on_amqp_channel(channel: Any, topology: Topology) -> None:
         )
         for exchange_name, routing_key in queue.bindings:
             channel.queue_bind(queue.name, exchange_name, routing_key)
+        for exchange_name, arguments in queue.matches:
+            channel.queue_bind(queue.name, exchange_name, "", arguments=arguments)
 
 
 def declare_on_kombu_channel(channel: Any, topology: Topology) -> None:

@@ -81,7 +81,10 @@ class TopologyCheck:
         result = CheckResult()
         side = _Side(connection)
         try:
-            topology = full_topology([spec for cls in self.consumers for spec in cls.queue_specs()])
+            topology = full_topology(
+                [spec for cls in self.consumers for spec in cls.queue_specs()],
+                [spec for cls in self.consumers for spec in cls.exchange_specs()],
+            )
             for exchange in topology.exchanges:
                 if not side.exists("exchange", exchange.name):
                     result.missing.append(f"exchange {exchange.name!r}")
@@ -123,7 +126,14 @@ class TopologyCheck:
         exchange = str(app_settings.EXCHANGE)
         rebound = []
         for cls in registry.all():
-            if cls.name in running or not side.exists("queue", cls.queue_name()):
+            if cls.name in running:
+                continue
+            for spec in cls.exchange_specs():  # an ordered consumer's hash exchange
+                if side.exists("exchange", spec.name):
+                    for source, routing_key in spec.bindings:
+                        side.channel.exchange_bind(spec.name, source, routing_key)
+                    rebound.append(spec.name)
+            if cls.ordered or not side.exists("queue", cls.queue_name()):
                 continue
             for topic in cls.topics:
                 side.channel.queue_bind(cls.queue_name(), exchange, topic)

@@ -9,7 +9,7 @@ from reliable_events.topology import Topology, full_topology
 
 def declare_all(*, url: str | None = None) -> Topology:
     """Declare the exchange, unrouted queue and all consumer queues; return what was declared."""
-    topology = full_topology(registry.queue_specs())
+    topology = full_topology(registry.queue_specs(), registry.exchange_specs())
     publisher = open_publisher(url)
     try:
         publisher.declare(topology)

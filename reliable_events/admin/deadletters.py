@@ -488,6 +488,7 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             "pending_url": outbox_url + "?" + urlencode({"status__exact": "pending"}),
             "dead_outbox_url": outbox_url + "?" + urlencode({"status__exact": "dead"}),
             "deadletters_url": deadletters_url,
+            "held_keys_url": reverse(f"{name}:reliable_events_keyhold_changelist"),
             "groups_url": reverse(f"{name}:reliable_events_deadletter_groups"),
             "top_groups": failure_groups(limit=5),
             **options,

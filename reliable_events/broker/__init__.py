@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from reliable_events.broker.amqp import AmqpPublisher, AmqpTransport
 from reliable_events.broker.base import (
+    BUCKET_HEADER,
     CONTENT_ENCODING,
     CONTENT_TYPE,
     KEY_HEADER,
@@ -34,6 +35,7 @@ from reliable_events.broker.base import (
     Transport,
     is_broker_failure,
     is_connection_failure,
+    key_bucket,
 )
 from reliable_events.broker.connect import open_publisher, open_transport
 from reliable_events.broker.kombu import KombuPublisher, KombuTransport
@@ -48,6 +50,7 @@ from reliable_events.sanitize import describe_error, redact
 
 __all__ = [
     "AMQP_SCHEMES",
+    "BUCKET_HEADER",
     "CONTENT_ENCODING",
     "CONTENT_TYPE",
     "KEY_HEADER",
@@ -67,6 +70,7 @@ __all__ = [
     "is_amqp_url",
     "is_broker_failure",
     "is_connection_failure",
+    "key_bucket",
     "open_publisher",
     "open_transport",
     "own_transport",

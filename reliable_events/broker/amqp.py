@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Hashable, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amqp import spec as _amqp_spec
 
@@ -36,6 +36,7 @@ from reliable_events.broker_nodes import BrokerNodes
 from reliable_events.broker_url import safe_url
 from reliable_events.conf import app_settings
 from reliable_events.consumer import EventConsumer
+from reliable_events.consumer.partitions import partition_queues
 from reliable_events.exceptions import BrokerError, ConfigurationError, ConfirmTimeout
 from reliable_events.runner import StopFlag
 from reliable_events.sanitize import describe_error
@@ -46,6 +47,9 @@ from reliable_events.topology import (
     full_topology,
 )
 from reliable_events.topology_check import TopologyCheck
+
+if TYPE_CHECKING:
+    from reliable_events.consumer.membership import PartitionShare
 
 logger = logging.getLogger(__name__)
 
@@ -426,6 +430,10 @@ class AmqpTransport(Transport):
         self._unsettled: set[int] = set()
         self.ack_every = max(1, prefetch // 2)
         self.topology_check = TopologyCheck(self.consumer_classes)
+        #: The channel whose deliveries count (not one being closed).
+        self._live: Any = None
+        #: Which partitions of ordered consumers to take (set by the worker).
+        self.partition_share: PartitionShare | None = None
 
     @property
     def connected(self) -> bool:
@@ -433,7 +441,8 @@ class AmqpTransport(Transport):
 
     def topology(self) -> Topology:
         specs = [spec for cls in self.consumer_classes for spec in cls.queue_specs()]
-        return full_topology(specs)
+        exchanges = [spec for cls in self.consumer_classes for spec in cls.exchange_specs()]
+        return full_topology(specs, exchanges)
 
     def connect(self) -> None:
         if self.connected:
@@ -472,20 +481,40 @@ class AmqpTransport(Transport):
                 ) from exc
             channel = amqp.Channel(raw, None, auto_decode=False)
             channel.open()
+            self._live = channel
             channel.basic_qos(0, self.prefetch, False)
             for cls in self.consumer_classes:
-                channel.basic_consume(
-                    cls.queue_name(),
-                    consumer_tag=cls.name,
-                    no_ack=False,
-                    callback=partial(self._on_message, cls.name),
-                )
+                self._consume(channel, cls.name, self.consumed_queues(cls))
         except BaseException:
+            self._live = None
             quiet_release(conn, "consumer")
+            self._buffer.clear()
+            self._unsettled.clear()
             raise
         return conn, raw, channel
 
-    def _on_message(self, consumer: str, message: Any) -> None:
+    def _consume(self, channel: Any, consumer: str, queues: list[str]) -> None:
+        for queue in queues:
+            callback = partial(self._on_message, consumer, channel)
+            # Registered before the consume: py-amqp rejects (requeues) a delivery whose
+            # consumer tag it does not know yet, which would reorder the queue.
+            channel.callbacks[queue] = callback
+            channel.basic_consume(queue, consumer_tag=queue, no_ack=False, callback=callback)
+
+    def consumed_queues(self, cls: type[EventConsumer]) -> list[str]:
+        """The queues this worker subscribes to for ``cls``: its queue, or an ordered
+        consumer's partitions this process takes (``partition_share``; all without)."""
+        if not cls.ordered:
+            return [cls.queue_name()]
+        if self.partition_share is None:
+            return partition_queues(cls)
+        return self.partition_share.queues(cls)
+
+    def _on_message(self, consumer: str, channel: Any, message: Any) -> None:
+        if channel is not self._live:
+            # A frame read while an old connection closes (close() drains it): its tag
+            # means nothing on the next channel, and the broker requeues it anyway.
+            return
         info = message.delivery_info
         try:
             props = dict(message.properties)
@@ -583,11 +612,15 @@ class AmqpTransport(Transport):
         except Exception:  # the connection is already gone: the broker redelivers them
             logger.debug("reliable_events: could not send pending acks", exc_info=True)
         conn, self._kombu, self._raw, self._channel = self._kombu, None, None, None
+        self._live = None
         self._buffer.clear()
         self._settled.clear()
         self._unsettled.clear()
         if conn is not None:
             quiet_release(conn, "consumer")
+        self._buffer.clear()  # nothing the closing connection delivered is kept
+        self._settled.clear()
+        self._unsettled.clear()
 
     def check_topology(self) -> None:
         if self._raw is not None and self.topology_check.due():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ CONTENT_ENCODING = "utf-8"
 PERSISTENT = 2
 #: Header carrying the event's ordering key.
 KEY_HEADER = "x-event-key"
+#: The key's bucket, ``crc32(key) % KEY_BUCKETS`` (keyless: of the message id), set by
+#: the relay: ordered consumers' partitions are bound to buckets (headers exchange;
+#: not ``x-``: a headers exchange ignores such keys when it matches).
+BUCKET_HEADER = "re-event-bucket"
+KEY_BUCKETS = 64
 #: Seconds the loop blocks waiting for a delivery before it looks at its stop flag.
 POLL_SECONDS = 1.0
 #: Socket timeout for reading what already arrived (batching), seconds.
@@ -82,6 +88,11 @@ class PublishResult:
                 self.interrupted.setdefault(ref, reason)
         if broker and refs and not self.broker_error:
             self.broker_error = reason
+
+
+def key_bucket(key: str) -> str:
+    """The bucket of ``key`` (a string, for a headers-exchange binding to match)."""
+    return str(zlib.crc32(key.encode("utf-8", "surrogatepass")) % KEY_BUCKETS)
 
 
 def is_connection_failure(exc: BaseException) -> bool:

@@ -18,6 +18,11 @@ directions live here, like a kombu transport module (docs/relay.md, docs/consume
 * **Idle**: a bounded exponential back-off (``DATABASE_POLL_MAX``), never past the next
   retry's due time; on PostgreSQL a ``LISTEN`` connection wakes it at once.
 
+Ordered consumers (``EventConsumer.ordered``) keep one queue here (no partitions): one
+process at a time claims from it (a transaction-level advisory lock on PostgreSQL; SQLite
+has one writer), so a key's events are applied in order and an in-place retry holds the
+queue.
+
 Not there: a redelivery counter and ``redelivered`` flags (a rolled-back claim leaves no
 trace, as on a classic RabbitMQ queue).
 """
@@ -99,6 +104,9 @@ _DRAIN_EVERY = 1.0
 
 #: The database of a ``db://`` URL (kept under its old name).
 alias_for = queue_alias
+
+#: Advisory-lock namespace of ordered consumers' queues ("REOQ").
+ORDERED_QUEUE_LOCK_NAMESPACE = 0x52454F51
 
 
 # -- publishing -----------------------------------------------------------------------
@@ -224,6 +232,9 @@ class DatabaseTransport(Transport):
         self.consumer_classes = list(consumers)
         self.prefetch = prefetch
         self.queues = {cls.queue_name(): cls.name for cls in self.consumer_classes}
+        #: Queues of ordered consumers: one claiming transaction at a time (PostgreSQL:
+        #: a transaction-level advisory lock; SQLite has a single writer anyway).
+        self._ordered = {cls.queue_name() for cls in self.consumer_classes if cls.ordered}
         self.connection_errors = (DatabaseError, InterfaceError)
         self._buffer: deque[Delivery] = deque()
         self._dialect: Dialect | None = None
@@ -321,10 +332,22 @@ class DatabaseTransport(Transport):
         return self._delivery(rows[0])
 
     def _delete(self, queue: str, limit: int) -> list[tuple[Any, ...]]:
-        assert self._dialect is not None
-        rows = claim_rows(self.alias, self._dialect, queue, limit)
+        dialect = self._dialect
+        assert dialect is not None
+        if queue in self._ordered and dialect.listens and not self._queue_lock(queue):
+            return []  # another process is applying this ordered queue's head
+        rows = claim_rows(self.alias, dialect, queue, limit)
         self._open.update(row[0] for row in rows)
         return rows
+
+    def _queue_lock(self, queue: str) -> bool:
+        """Hold ``queue`` for this claim transaction (PostgreSQL), or ``False``."""
+        with connections[self.alias].cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                [ORDERED_QUEUE_LOCK_NAMESPACE, queue],
+            )
+            return bool(cursor.fetchone()[0])
 
     def _due(self) -> dict[str, float]:
         assert self._dialect is not None

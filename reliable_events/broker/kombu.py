@@ -31,7 +31,7 @@ from reliable_events.broker_url import (
 )
 from reliable_events.conf import app_settings
 from reliable_events.consumer import EventConsumer, registry
-from reliable_events.exceptions import BrokerError
+from reliable_events.exceptions import BrokerError, ConfigurationError
 from reliable_events.sanitize import describe_error, error_summary
 from reliable_events.topology import (
     Topology,
@@ -157,7 +157,9 @@ class KombuPublisher(Publisher):
 def _embedded_topology() -> Topology:
     """On server-less transports, routing state lives in each process: declare every
     consumer queue too, so that this process routes events to them."""
-    return full_topology(registry.queue_specs())
+    return full_topology(
+        spec for cls in registry.all() if not cls.ordered for spec in cls.queue_specs()
+    )
 
 
 # -- consuming ---------------------------------------------------------------------------
@@ -169,6 +171,12 @@ class KombuTransport(Transport):
     ) -> None:
         self.url = url
         self.consumer_classes = list(consumers)
+        ordered = [cls.name for cls in self.consumer_classes if cls.ordered]
+        if ordered:
+            raise ConfigurationError(
+                f"ordered consumers ({', '.join(ordered)}) need a RabbitMQ (amqp://) or the "
+                "database (db://) transport"
+            )
         self.prefetch = prefetch
         self.relays_itself = url.split(":", 1)[0].lower() == "memory"
         self._conn: Any = None

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 from django.db import connections, transaction
 
 from reliable_events.conf import app_settings
+from reliable_events.consumer import partitions
 from reliable_events.consumer.db import database_lost
 from reliable_events.consumer.idempotency import delete_records, insert_record, insert_records
 from reliable_events.consumer.savepoints import HandlerSavepoint
@@ -45,7 +46,7 @@ from reliable_events.exceptions import (
     PermanentError,
     UnknownConsumer,
 )
-from reliable_events.topology import QueueSpec, queue_arguments
+from reliable_events.topology import ExchangeSpec, QueueSpec, queue_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class Outcome(enum.Enum):
     RETRIED = "retried"
     DEAD_LETTERED = "dead-lettered"
     POISON = "poison"
+    #: Kept behind its key's dead-lettered head (``hold_key_on_dead_letter``).
+    PARKED = "parked"
 
 
 @dataclass
@@ -123,6 +126,16 @@ class EventConsumer:
     #: savepoint (``None``: the ``CONSUMER_BATCH_SIZE`` setting).  See
     #: :meth:`process_batch`.
     batch_size: ClassVar[int | None] = None
+    #: Per-key order across processes: the consumer's events are spread over partition
+    #: queues by key (consistent-hash exchange, single active consumer each) and a
+    #: failed event is retried in place, holding its partition.  See
+    #: :mod:`reliable_events.consumer.partitions` and ``docs/consumers.md``.
+    ordered: ClassVar[bool] = False
+    #: Partition queues of an ordered consumer (``None``: ``ORDERED_PARTITIONS``).
+    partitions: ClassVar[int | None] = None
+    #: Ordered consumers only: when an event is dead-lettered, park the later events of
+    #: its key until the dead letter is retried or discarded (then they follow in order).
+    hold_key_on_dead_letter: ClassVar[bool] = False
     #: Set on an intermediate base class to keep it out of the registry.
     abstract: ClassVar[bool] = False
 
@@ -349,8 +362,16 @@ class EventConsumer:
         return max(1, min(cls.get_max_retries(), len(cls.get_retry_delays())))
 
     @classmethod
+    def exchange_specs(cls) -> list[ExchangeSpec]:
+        """The consumer's own exchanges: an ordered consumer's consistent-hash exchange."""
+        return partitions.exchange_specs(cls) if cls.ordered else []
+
+    @classmethod
     def queue_specs(cls) -> list[QueueSpec]:
-        """The consumer's queue (bound to its topics) and its delay queues."""
+        """The consumer's queue (bound to its topics) and its delay queues; an ordered
+        consumer's partition queues (it retries in place: no delay queues)."""
+        if cls.ordered:
+            return partitions.queue_specs(cls)
         exchange = str(app_settings.EXCHANGE)
         main_args = queue_arguments()
         if app_settings.QUEUE_TYPE == "quorum":
@@ -404,6 +425,16 @@ class EventConsumer:
             not isinstance(cls.batch_size, int) or cls.batch_size < 1
         ):
             raise ConfigurationError(f"consumer {cls.name!r}: batch_size must be an int >= 1")
+        if cls.hold_key_on_dead_letter and not cls.ordered:
+            raise ConfigurationError(
+                f"consumer {cls.name!r}: hold_key_on_dead_letter needs ordered = True"
+            )
+        if cls.partitions is not None and (
+            not isinstance(cls.partitions, int) or not 1 <= cls.partitions <= 64
+        ):
+            raise ConfigurationError(
+                f"consumer {cls.name!r}: partitions must be an int from 1 to 64"
+            )
         if len(cls.name) > _MAX_NAME_LENGTH:
             raise ConfigurationError(
                 f"consumer name {cls.name[:40]!r}... is longer than {_MAX_NAME_LENGTH} characters"
@@ -475,6 +506,9 @@ class ConsumerRegistry:
         for consumer in self.all():
             specs.extend(consumer.queue_specs())
         return specs
+
+    def exchange_specs(self) -> list[ExchangeSpec]:
+        return [spec for consumer in self.all() for spec in consumer.exchange_specs()]
 
 
 registry = ConsumerRegistry()

@@ -22,6 +22,7 @@ from reliable_events.broker.base import CONTENT_ENCODING, CONTENT_TYPE, Delivery
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import Event, EventConsumer, Outcome, registry
 from reliable_events.consumer.failures import Failure
+from reliable_events.consumer.ordering import RetryInPlace
 from reliable_events.consumer.processor import Processor
 from reliable_events.consumer.retries import RetryScheduler, retry_headers
 from reliable_events.models import OutboxMessage
@@ -146,8 +147,12 @@ def deliver_pending(
             pending.extend(_deliveries(build_message(row), routes, names))
             while pending:
                 delivery = pending.popleft()
-                event = processor.decode(delivery)
-                outcome, _result = processor.process(delivery)
+                event = processor.decode(processor.in_place.current(delivery))
+                try:
+                    outcome, _result = processor.process(delivery)
+                except RetryInPlace:  # an ordered consumer: again at once, before the rest
+                    outcome = Outcome.RETRIED
+                    pending.appendleft(delivery)
                 report.deliveries.append(
                     DeliveredEvent(
                         consumer=delivery.consumer,

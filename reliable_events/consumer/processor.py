@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.db import transaction
 from django.utils import timezone
 
 from reliable_events import tracing
@@ -18,6 +19,8 @@ from reliable_events.consumer.failures import (
     fingerprint,
     write_dead_letter,
 )
+from reliable_events.consumer.holds import hold_key, holds_keys, is_held, park
+from reliable_events.consumer.ordering import InPlaceRetries
 from reliable_events.consumer.retries import RetryScheduler
 from reliable_events.consumer.wire import (
     ATTEMPT_HEADER,
@@ -52,6 +55,7 @@ class Processor:
         self.max_bytes = int(app_settings.MAX_PAYLOAD_BYTES)
         self.exchange = str(app_settings.EXCHANGE)
         self.max_deliveries = int(app_settings.MAX_DELIVERIES)
+        self.in_place = InPlaceRetries()
 
     def decode(self, delivery: Delivery) -> Event | None:
         """The event, or ``None`` when the delivery needs :meth:`process` on its own (it is
@@ -63,15 +67,28 @@ class Processor:
         count = delivery.headers.get(DELIVERY_COUNT_HEADER)
         if isinstance(count, int) and not isinstance(count, bool) and count >= self.max_deliveries:
             return None
+        cls = type(self.consumers[delivery.consumer])
+        if holds_keys(cls, event) and is_held(cls, str(event.key)):
+            return None  # parked by process()
         return event
 
     @tracing.traced_process
     def process(self, delivery: Delivery) -> tuple[Outcome, HandlerResult | None]:
         """Decode, run and settle ``delivery``; the caller acks unless this raises.
 
-        Raises :class:`DatabaseUnavailable` (leave it unacked, wait, try again) and
-        :class:`RetryPublishFailed` (reject it back to its queue).
+        Raises :class:`DatabaseUnavailable` (leave it unacked, wait, try again),
+        :class:`RetryPublishFailed` (reject it back to its queue) and, for an ordered
+        consumer, :class:`~reliable_events.consumer.ordering.RetryInPlace` (keep it,
+        wait, process it again).
         """
+        if not type(self.consumers[delivery.consumer]).ordered:
+            return self._process(delivery)
+        delivery = self.in_place.current(delivery)
+        settled = self._process(delivery)
+        self.in_place.settled(delivery)
+        return settled
+
+    def _process(self, delivery: Delivery) -> tuple[Outcome, HandlerResult | None]:
         consumer = self.consumers[delivery.consumer]
         cls = type(consumer)
         try:
@@ -83,6 +100,8 @@ class Processor:
         if isinstance(count, int) and not isinstance(count, bool) and count >= self.max_deliveries:
             self._redelivery_limit(cls, delivery, event, count)
             return Outcome.DEAD_LETTERED, None
+        if holds_keys(cls, event) and is_held(cls, str(event.key)) and park(cls, event):
+            return Outcome.PARKED, None
         result = consumer.process(event)
         if result.outcome is Outcome.DUPLICATE:
             log_duplicate(cls.name, event.id)
@@ -112,16 +131,20 @@ class Processor:
             self._dead_letter(cls, delivery, event, failure, reason)
             return Outcome.DEAD_LETTERED, result
         delay = cls.delay_for(event.attempt)
-        self.scheduler.schedule(cls, delivery, event, failure, retry=event.attempt, delay=delay)
+        if not cls.ordered:
+            self.scheduler.schedule(cls, delivery, event, failure, retry=event.attempt, delay=delay)
         logger.warning(
-            "reliable_events: %s failed on %s (attempt %d of %d), retrying in %gs: %s",
+            "reliable_events: %s failed on %s (attempt %d of %d), retrying %sin %gs: %s",
             cls.name,
             event.id,
             event.attempt,
             max_retries + 1,
+            "in place " if cls.ordered else "",
             delay,
             failure.history[-1]["error"],
         )
+        if cls.ordered:
+            self.in_place.failed(delivery, event, failure, delay)
         return Outcome.RETRIED, result
 
     def _dead_letter(
@@ -132,10 +155,20 @@ class Processor:
         failure: Failure,
         reason: str,
     ) -> None:
-        write_dead_letter(
-            cls.get_database(),
+        self._write_holding(
+            cls,
+            event.key,
             _record(cls, delivery, reason, event.payload, "", event.topic, event.key, failure),
         )
+
+    def _write_holding(
+        self, cls: type[EventConsumer], key: str | None, record: DeadLetterRecord
+    ) -> None:
+        """Write the dead letter; an ordered consumer holding keys holds ``key`` behind it
+        in the same transaction."""
+        alias = cls.get_database()
+        with transaction.atomic(using=alias):
+            hold_key(alias, cls, key, write_dead_letter(alias, record))
 
     def _poison(self, cls: type[EventConsumer], delivery: Delivery, poison: Poison) -> None:
         now = timezone.now()
@@ -197,8 +230,9 @@ class Processor:
             ],
             first_failed_at=read_first_failed(delivery.headers) or now,
         )
-        write_dead_letter(
-            cls.get_database(),
+        self._write_holding(
+            cls,
+            event.key,
             _record(
                 cls, delivery, REDELIVERY_LIMIT, event.payload, "", event.topic, event.key, failure
             ),

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from reliable_events import cloudevents
-from reliable_events.broker.base import KEY_HEADER, Delivery
+from reliable_events.broker.base import BUCKET_HEADER, KEY_HEADER, Delivery
 from reliable_events.consumer.base import Event
 from reliable_events.exceptions import (
     PoisonMessage,
@@ -179,7 +179,11 @@ def _decode_event(delivery: Delivery, *, max_bytes: int, exchange: str) -> Event
         topic=event_topic(delivery, exchange),
         key=key if isinstance(key, str) and key else None,
         payload=payload,
-        headers={k: v for k, v in headers.items() if not k.lower().startswith("x-")},
+        headers={
+            k: v
+            for k, v in headers.items()
+            if not k.lower().startswith("x-") and k != BUCKET_HEADER
+        },
         attempt=attempt,
         redelivered=delivery.redelivered,
         published_at=_timestamp(props.get("timestamp")),

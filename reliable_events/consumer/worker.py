@@ -69,6 +69,7 @@ from reliable_events.consumer.db import (
     close_stale_connections,
     database_answers,
 )
+from reliable_events.consumer.ordering import OrderedRuntime, RetryInPlace
 from reliable_events.consumer.processor import Processor
 from reliable_events.consumer.retries import RetryPublishFailed, retry_scheduler
 from reliable_events.consumer.wire import log_duplicate, log_redelivery
@@ -104,6 +105,7 @@ class WorkerStats(Report):
         "retried",
         "dead_lettered",
         "poison",
+        "parked",
         "requeued",
         "reconnects",
         "database_outages",
@@ -115,6 +117,7 @@ class WorkerStats(Report):
     retried: int = 0
     dead_lettered: int = 0
     poison: int = 0
+    parked: int = 0
     requeued: int = 0
     reconnects: int = 0
     database_outages: int = 0
@@ -129,7 +132,14 @@ class WorkerStats(Report):
 
     @property
     def settled(self) -> int:
-        return self.processed + self.duplicates + self.retried + self.dead_lettered + self.poison
+        return (
+            self.processed
+            + self.duplicates
+            + self.retried
+            + self.dead_lettered
+            + self.poison
+            + self.parked
+        )
 
     def rate(self) -> float:
         """Settled deliveries per second, between the first and the last one."""
@@ -149,6 +159,8 @@ class WorkerStats(Report):
             self.dead_lettered += 1
         elif outcome is Outcome.POISON:
             self.poison += 1
+        elif outcome is Outcome.PARKED:
+            self.parked += 1
         now = time.monotonic()
         if self.first_settled is None:
             self.first_settled = now
@@ -197,9 +209,12 @@ class Worker:
         self.transport = open_transport(self.url, classes, prefetch=prefetch)
         self.scheduler = retry_scheduler(self.transport)
         self.processor = Processor(self.consumers, self.scheduler)
+        self.ordered = OrderedRuntime(self.consumers.values(), self.transport)
+        # An ordered consumer takes one message at a time: a failed handler is retried in
+        # place, so no later event of its key may commit in the same batch before it.
         self._batch_sizes = {
             cls.name: cls.get_batch_size()
-            if self.transport.batches_by_default or cls.batch_size is not None
+            if not cls.ordered and (self.transport.batches_by_default or cls.batch_size is not None)
             else 1
             for cls in classes
         }
@@ -241,6 +256,7 @@ class Worker:
 
     def _step(self, until_idle: float | None) -> None:
         """Take one delivery (waiting at most a poll interval) and settle it."""
+        self.ordered.tick()
         self.transport.connect()
         self.transport.check_topology()
         self.heartbeat.tick(self.stats)
@@ -289,6 +305,7 @@ class Worker:
 
     def close(self) -> None:
         self.heartbeat.stop(self.stats)
+        self.ordered.close()
         self.transport.close()
         self.scheduler.close()
         if self._relay is not None:
@@ -434,6 +451,11 @@ class Worker:
                     return
                 if not self._wait_for_database():
                     return  # stopping: unacked, the broker delivers it again
+                continue
+            except RetryInPlace as retry:  # an ordered consumer: keep it, wait, again
+                self.transport.pump(retry.delay, self.stop)
+                if self.stop.is_set():
+                    return  # unacked: the broker delivers it again
                 continue
             except RetryPublishFailed as exc:
                 logger.warning("reliable_events: %s; the message goes back to its queue", exc)

@@ -21,10 +21,12 @@ from django.utils import timezone
 
 from reliable_events import signals
 from reliable_events.broker import (
+    BUCKET_HEADER,
     KEY_HEADER,
     OutgoingMessage,
     Publisher,
     PublishResult,
+    key_bucket,
 )
 from reliable_events.conf import app_settings
 from reliable_events.db import is_postgres, write_alias
@@ -363,6 +365,7 @@ def build_message(row: ClaimedRow, exchange: str | None = None) -> OutgoingMessa
     )
     if key is not None:
         all_headers[KEY_HEADER] = key
+    all_headers[BUCKET_HEADER] = key_bucket(row.message_id if key is None else key)
     return OutgoingMessage(
         ref=row.id,
         exchange="" if queue else (exchange or str(app_settings.EXCHANGE)),

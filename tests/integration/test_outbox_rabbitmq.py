@@ -8,6 +8,7 @@ import pytest
 from django.db import transaction
 
 from reliable_events import publish_event
+from reliable_events.broker import BUCKET_HEADER, key_bucket
 from reliable_events.models import OutboxMessage
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.rabbitmq, pytest.mark.postgres]
@@ -64,10 +65,8 @@ def test_wire_properties_of_a_published_event(broker, rabbit, exchange_name):
     assert json.loads(body) == {"name": "Zoë", "n": [1, 2.5, None]}
     assert "Zoë" in body  # UTF-8, not \u escapes
     assert message.properties["content_encoding"] == "utf-8"
-    assert (
-        "application_headers" not in message.properties
-        or not message.properties["application_headers"]
-    )  # no key, no headers: nothing added
+    # no key, no headers: only the bucket ordered consumers are partitioned by
+    assert message.properties["application_headers"] == {BUCKET_HEADER: key_bucket(row.message_id)}
     stamp = message.properties["timestamp"]
     when = stamp if isinstance(stamp, datetime) else datetime.fromtimestamp(stamp, UTC)
     created = OutboxMessage.objects.get(pk=row.pk).created_at

@@ -31,9 +31,12 @@ from opentelemetry import trace
 
 from reliable_events.consumer import Event, EventConsumer
 from reliable_events.exceptions import PermanentError
-from tests.testapp.models import Effect
+from tests.testapp.models import Effect, KeySequence
 
 LEDGER_CONSUMER_ENV = "RE_TEST_LEDGER_CONSUMER"
+#: The ordered ledger's consumer (``tests/integration/test_ordered_ledger.py``): a JSON
+#: object (``name``, ``topics``, ``partitions``).
+ORDERED_CONSUMER_ENV = "RE_TEST_ORDERED_CONSUMER"
 #: Text of the error a second application raises (searched for by the ledger test).
 APPLIED_TWICE = "APPLIED TWICE"
 #: Printed (flushed) right before the effect is written: a message id printed more often
@@ -92,3 +95,44 @@ if _SPEC:
 
         def handle(self, event: Event) -> None:
             apply_ledger_event(self.name, event)
+
+
+def apply_ordered_event(consumer: str, event: Event) -> None:
+    """The ordered ledger's handler: check ``seq`` against the key's last applied one
+    (row lock) and record both in the effect (``prev``: what was applied before)."""
+    payload = event.payload if isinstance(event.payload, dict) else {}
+    row = KeySequence.objects.select_for_update().get(consumer=consumer, key=event.key)
+    previous = row.seq
+    row.seq = int(payload["seq"])
+    row.save(update_fields=["seq"])
+    try:
+        with transaction.atomic():
+            Effect.objects.create(
+                consumer=consumer,
+                message_id=event.id,
+                payload={
+                    "key": event.key,
+                    "seq": row.seq,
+                    "prev": previous,
+                    "pid": os.getpid(),
+                    "at": time.time(),
+                    "redelivered": event.redelivered,
+                },
+            )
+    except IntegrityError as exc:
+        raise PermanentError(f"{APPLIED_TWICE}: {event.id} already has an effect") from exc
+
+
+_ORDERED_SPEC = os.environ.get(ORDERED_CONSUMER_ENV)
+
+if _ORDERED_SPEC:
+    _ORDERED = json.loads(_ORDERED_SPEC)
+
+    class OrderedLedgerConsumer(EventConsumer):
+        name = str(_ORDERED["name"])
+        topics = list(_ORDERED["topics"])
+        ordered = True
+        partitions = _ORDERED.get("partitions")
+
+        def handle(self, event: Event) -> None:
+            apply_ordered_event(self.name, event)

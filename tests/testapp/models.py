@@ -26,3 +26,20 @@ class Effect(models.Model):
 
     def __str__(self) -> str:
         return f"{self.consumer}:{self.message_id}"
+
+
+class KeySequence(models.Model):
+    """The last sequence number an ordered consumer applied for a key (the ordered
+    ledger's handler checks each event against it, under a row lock)."""
+
+    consumer = models.CharField(max_length=200, help_text="Consumer that applied it.")
+    key = models.CharField(max_length=255, help_text="Ordering key.")
+    seq = models.BigIntegerField(default=0, help_text="Last sequence number applied.")
+
+    class Meta:
+        constraints = (
+            models.UniqueConstraint(fields=("consumer", "key"), name="key_sequence_once"),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.consumer}:{self.key}={self.seq}"

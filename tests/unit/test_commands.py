@@ -120,7 +120,8 @@ def test_outbox_status_text_and_json():
     assert float(lines[3].split(": ")[1].rstrip("s")) >= 89
     assert lines[4:7] == ["open dead letters: 3", "  billing: 2", "  mailer: 1"]
     assert lines[7] == "scheduled (delay=, not due yet): 0"
-    assert lines[8].startswith(f"unrouted ({unrouted_name()}): ")  # tests/unit/test_unrouted.py
+    assert lines[8] == "held keys (ordered consumers): 0, parked events: 0"
+    assert lines[9].startswith(f"unrouted ({unrouted_name()}): ")  # tests/unit/test_unrouted.py
 
     out, _ = run("outbox_status", "--json")
     data = json.loads(out)
@@ -144,6 +145,8 @@ def test_outbox_status_of_an_empty_outbox():
         "open_dead_letters": 0,
         "open_dead_letters_by_consumer": {},
         "scheduled": 0,
+        "held_keys": 0,
+        "parked_events": 0,
         "liveness": {
             "consumers": [],
             "processes": [],

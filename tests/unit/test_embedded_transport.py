@@ -13,7 +13,14 @@ from django.db import transaction
 from kombu import Connection, Exchange, Queue
 
 from reliable_events import publish_event
-from reliable_events.broker import KEY_HEADER, KombuPublisher, OutgoingMessage, open_publisher
+from reliable_events.broker import (
+    BUCKET_HEADER,
+    KEY_HEADER,
+    KombuPublisher,
+    OutgoingMessage,
+    key_bucket,
+    open_publisher,
+)
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import Relay, relay_once, retry_dead
 
@@ -66,7 +73,7 @@ def test_on_commit_hook_delivers_to_a_kombu_queue(memory_queue, django_capture_o
     assert first.properties["type"] == "orders.created"
     assert first.properties["delivery_mode"] == 2
     assert first.content_type == "application/json"
-    assert first.headers == {"h": "v", KEY_HEADER: "1"}
+    assert first.headers == {"h": "v", KEY_HEADER: "1", BUCKET_HEADER: key_bucket("1")}
     assert OutboxMessage.objects.filter(status=OutboxMessage.Status.SENT).count() == 2
 
 

@@ -39,7 +39,7 @@ def test_worker_stats_print_counters_then_the_computed_mean_and_rate():
     )
     # settled = 4 + 1 + 2 + 3 + 5 = 15 over 2 s: (15 - 1) / 2 = 7/s
     assert str(stats) == (
-        "processed=4 duplicates=1 retried=2 dead_lettered=3 poison=5 requeued=6 "
+        "processed=4 duplicates=1 retried=2 dead_lettered=3 poison=5 parked=0 requeued=6 "
         "reconnects=7 database_outages=8 handler_mean_ms=2.50 rate=7/s"
     )
     assert str(WorkerStats()).endswith("handler_mean_ms=0.00 rate=0/s")

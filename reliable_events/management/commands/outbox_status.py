@@ -79,6 +79,10 @@ class Command(BaseCommand):
             for consumer, count in sorted(status.open_dead_letters_by_consumer.items()):
                 self.stdout.write(f"  {consumer}: {count}")
             self.stdout.write(f"scheduled (delay=, not due yet): {status.scheduled}")
+            self.stdout.write(
+                f"held keys (ordered consumers): {status.held_keys}, "
+                f"parked events: {status.parked_events}"
+            )
             if unrouted is not None:
                 self.stdout.write(_unrouted_line(unrouted))
             if state.processes or state.consumers:
