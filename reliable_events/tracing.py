@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from reliable_events.broker.base import OutgoingMessage, Publisher, PublishResult
@@ -247,47 +248,67 @@ def traced_process(method: Method) -> Method:
     return process
 
 
+@contextmanager
+def handling(event: Event, consumer: str) -> Iterator[Any]:
+    """The ``process`` span of a handler in a batch, current while ``handle`` runs and
+    left open: :func:`batch_processed` (or :func:`traced_failure`) ends it with the
+    outcome once the batch committed.  ``None`` when tracing is off."""
+    if not enabled():
+        yield None
+        return
+    span = _tracer().start_span(
+        f"process {consumer}",
+        context=propagate.extract(event.headers),
+        kind=SpanKind.CONSUMER,
+    )
+    with trace.use_span(span, end_on_exit=False):
+        yield span
+
+
 def batch_processed(
     batch: Sequence[tuple[Delivery, Event]], results: Sequence[HandlerResult]
 ) -> None:
-    """The ``process`` spans of the handlers of a committed batch that did not fail (one
-    per event, timed by its result); one that failed gets its span from
-    :func:`traced_failure`."""
+    """The ``process`` spans of the handlers of a committed batch that did not fail: the
+    span :func:`handling` opened, or (a duplicate) one timed by its result; one that
+    failed is ended by :func:`traced_failure`."""
     if not enabled():
         return
     tracer = _tracer()
     system = _system(str(app_settings.BROKER_URL))
     now = time.time_ns()
     for (delivery, _event), result in zip(batch, results, strict=False):
-        span = tracer.start_span(
+        span = result.span or tracer.start_span(
             f"process {delivery.consumer}",
             context=propagate.extract(delivery.headers),
             kind=SpanKind.CONSUMER,
-            attributes=_process_attributes(delivery, system),
             start_time=now - int(result.seconds * 1e9),
         )
+        span.set_attributes(_process_attributes(delivery, system))
         _settle_span(span, result.outcome, result)
-        span.end(end_time=now)
+        span.end(end_time=None if result.span is not None else now)
 
 
 Work = Callable[[], "tuple[Outcome, HandlerResult | None]"]
 
 
-def traced_failure(delivery: Delivery, work: Work) -> Work:
+def traced_failure(delivery: Delivery, work: Work, span: Any = None) -> Work:
     """``work`` (the retry or dead letter of a handler that failed in a batch) inside the
-    delivery's ``process`` span, which carries the final outcome."""
+    delivery's ``process`` span (``span``, opened by :func:`handling`, or a new one),
+    which ends with the final outcome."""
     if not enabled():
         return work
 
     def settle() -> tuple[Outcome, HandlerResult | None]:
-        with _tracer().start_as_current_span(
+        attributes = _process_attributes(delivery, _system(str(app_settings.BROKER_URL)))
+        current = span or _tracer().start_span(
             f"process {delivery.consumer}",
             context=propagate.extract(delivery.headers),
             kind=SpanKind.CONSUMER,
-            attributes=_process_attributes(delivery, _system(str(app_settings.BROKER_URL))),
-        ) as span:
+        )
+        with trace.use_span(current, end_on_exit=True):
+            current.set_attributes(attributes)
             outcome, result = work()
-            _settle_span(span, outcome, result)
+            _settle_span(current, outcome, result)
             return outcome, result
 
     return settle

@@ -12,13 +12,9 @@ from collections.abc import Hashable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from amqp import spec as _amqp_spec
-
 from reliable_events.broker.base import (
     _NO_WAIT,
-    CONTENT_ENCODING,
     CONTENT_TYPE,
-    PERSISTENT,
     POLL_SECONDS,
     UNROUTABLE_QUEUE,
     Delivery,
@@ -31,7 +27,13 @@ from reliable_events.broker.base import (
     quiet_release,
     undecodable_delivery,
 )
-from reliable_events.broker.writes import CoalescedWrites
+from reliable_events.broker.writes import (
+    BASIC_PUBLISH,
+    REFILL_FRACTION,
+    STATIC_PROPERTIES,
+    CoalescedWrites,
+    FastMessage,
+)
 from reliable_events.broker_nodes import BrokerNodes
 from reliable_events.broker_url import safe_url
 from reliable_events.conf import app_settings
@@ -242,12 +244,12 @@ class AmqpPublisher(Publisher):
         window = self.window
         # Once the window is full, read confirms until a quarter of it is free again, so
         # that messages go out in bursts (fewer, larger writes) rather than one per ack.
-        low_water = window - max(1, window // _REFILL_FRACTION) + 1
+        low_water = window - max(1, window // REFILL_FRACTION) + 1
         # basic.publish without Channel.basic_publish's per-message extras (a
         # zero-timeout read for connection.blocked, a timeout context): frames from the
         # broker are read whenever the window is full, which is often enough.
         send_method = self._channel.send_method
-        static = _STATIC_PROPERTIES
+        static = STATIC_PROPERTIES
         sent = 0
         writes = CoalescedWrites(self._kombu.connection.transport)
         writing: Hashable | None = None  # the message being encoded and written
@@ -280,10 +282,10 @@ class AmqpPublisher(Publisher):
                     self._mandatory[self._seq] = message.message_id
                 writing = message.ref
                 send_method(
-                    _BASIC_PUBLISH,
+                    BASIC_PUBLISH,
                     "Bssbb",
                     (0, message.exchange, message.routing_key, direct, False),
-                    _Message(message.body, props),
+                    FastMessage(message.body, props),
                 )
                 writing = None
                 sent += 1
@@ -346,39 +348,6 @@ class AmqpPublisher(Publisher):
         result = self._result or PublishResult()
         self._result = PublishResult() if self._inflight else None
         return result
-
-
-def _make_message_class() -> Any:
-    from amqp import Message
-
-    class FastMessage(Message):
-        """``amqp.Message`` taking its property dict as is (no ``**kwargs`` copy)."""
-
-        __slots__ = ()
-
-        def __init__(self, body: bytes, properties: dict[str, Any]) -> None:
-            super().__init__(body)
-            self.properties = properties
-
-    return FastMessage
-
-
-#: Once the confirm window is full, wait until 1/_REFILL_FRACTION of it is free.
-_REFILL_FRACTION = 4
-
-
-#: Properties every event carries.
-_STATIC_PROPERTIES: dict[str, Any] = {
-    "content_type": CONTENT_TYPE,
-    "content_encoding": CONTENT_ENCODING,
-    "delivery_mode": PERSISTENT,
-}
-
-
-_Message: Any = _make_message_class()
-
-
-_BASIC_PUBLISH: Any = _amqp_spec.Basic.Publish
 
 
 # -- consuming ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from django.db import connections, transaction
 
+from reliable_events import tracing
 from reliable_events.conf import app_settings
 from reliable_events.consumer import partitions
 from reliable_events.consumer.db import database_lost
@@ -99,6 +100,8 @@ class HandlerResult:
     seconds: float = 0.0
     error: BaseException | None = None
     traceback: str = ""
+    #: A batch handler's ``process`` span, still open (``tracing.handling``), or ``None``.
+    span: Any = None
 
     @property
     def permanent(self) -> bool:
@@ -254,14 +257,15 @@ class EventConsumer:
                         continue
                     fresh.discard(event.id)
                     stage = "handle"
-                    failure = self._handle_in_savepoint(alias, event)
+                    with tracing.handling(event, self.name) as span:
+                        failure = self._handle_in_savepoint(alias, event)
                     stage = "record"
                     seconds = time.perf_counter() - started
                     if failure is None:
-                        results.append(HandlerResult(Outcome.PROCESSED, seconds))
+                        results.append(HandlerResult(Outcome.PROCESSED, seconds, span=span))
                     else:
                         undo.add(event.id)
-                        results.append(HandlerResult(Outcome.FAILED, seconds, *failure))
+                        results.append(HandlerResult(Outcome.FAILED, seconds, *failure, span=span))
                 # Not run (rolled back, or past max_seconds): the next delivery runs them.
                 delete_records(connection, self.name, undo | fresh)
                 stage = "commit"

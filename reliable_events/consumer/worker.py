@@ -397,7 +397,9 @@ class Worker:
                     delivery,
                     counted=True,
                     work=tracing.traced_failure(
-                        delivery, partial(self.processor.fail, delivery, event, result)
+                        delivery,
+                        partial(self.processor.fail, delivery, event, result),
+                        result.span,
                     ),
                 )
                 continue
