@@ -32,11 +32,11 @@ from reliable_events.broker.base import (
     Delivery,
     OutgoingMessage,
     Publisher,
+    PublisherWrapper,
     PublishResult,
 )
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import ConfigurationError
-from reliable_events.topology import Topology
 
 SPECVERSION = "1.0"
 #: The AMQP binding's prefix (what binary mode writes).
@@ -104,13 +104,12 @@ def structured(message: OutgoingMessage, event_source: str) -> OutgoingMessage:
     return dataclasses.replace(message, body=body, content_type=STRUCTURED_CONTENT_TYPE)
 
 
-class CloudEventsPublisher(Publisher):
+class CloudEventsPublisher(PublisherWrapper):
     """Publishes every message as a CloudEvent (``binary`` or ``structured``); everything
     else is the wrapped publisher's."""
 
     def __init__(self, inner: Publisher, event_mode: str) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.encode = binary if event_mode == "binary" else structured
         self.source = source()
 
@@ -121,25 +120,6 @@ class CloudEventsPublisher(Publisher):
         return self.inner.publish(
             [encode(m, event_source) for m in messages], timeout=timeout, wait=wait
         )
-
-    def connect(self) -> None:
-        self.inner.connect()
-
-    def flush(self, *, timeout: float) -> PublishResult:
-        return self.inner.flush(timeout=timeout)
-
-    def declare(self, topology: Topology) -> None:
-        self.inner.declare(topology)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def connected(self) -> bool:
-        return self.inner.connected
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 def wrap(publisher: Publisher) -> Publisher:

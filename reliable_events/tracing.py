@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from reliable_events.broker.base import OutgoingMessage, Publisher, PublishResult
+from reliable_events.broker.base import OutgoingMessage, Publisher, PublisherWrapper, PublishResult
 from reliable_events.conf import app_settings
 
 try:  # the optional ``otel`` extra: tried once, at import
@@ -43,7 +43,6 @@ except ImportError:  # pragma: no cover - the dev requirements install it
 if TYPE_CHECKING:
     from reliable_events.broker.base import Delivery
     from reliable_events.consumer.base import Event, HandlerResult, Outcome
-    from reliable_events.topology import Topology
 
 #: The W3C headers (trace context and baggage) an event carries.
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
@@ -133,14 +132,13 @@ def creation_context(headers: Mapping[str, Any]) -> Any:
     return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
 
 
-class TracedPublisher(Publisher):
+class TracedPublisher(PublisherWrapper):
     """A publisher whose every :meth:`publish` is a ``send`` span linked to the creation
     context of each message (everything else is the wrapped publisher's)."""
 
     def __init__(self, inner: Publisher, role: str) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.role = role
-        self.url = inner.url
         self.system = _system(inner.url)
 
     def publish(
@@ -174,25 +172,6 @@ class TracedPublisher(Publisher):
                 span.set_status(Status(StatusCode.ERROR, result.broker_error or "not confirmed"))
             span.set_attribute("reliable_events.confirmed", len(result.confirmed))
         return result
-
-    def connect(self) -> None:
-        self.inner.connect()
-
-    def flush(self, *, timeout: float) -> PublishResult:
-        return self.inner.flush(timeout=timeout)
-
-    def declare(self, topology: Topology) -> None:
-        self.inner.declare(topology)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def connected(self) -> bool:
-        return self.inner.connected
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 def traced(publisher: Publisher, role: str) -> Publisher:

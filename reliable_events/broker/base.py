@@ -155,6 +155,40 @@ class Publisher:
         raise NotImplementedError
 
 
+class PublisherWrapper(Publisher):
+    """A publisher around another (``inner``): a subclass changes :meth:`publish`; the
+    rest (connecting, flushing, declaring, closing, ``connected`` and any other
+    attribute) is ``inner``'s."""
+
+    def __init__(self, inner: Publisher) -> None:
+        self.inner = inner
+        self.url = inner.url
+
+    def connect(self) -> None:
+        self.inner.connect()
+
+    def publish(
+        self, messages: Sequence[OutgoingMessage], *, timeout: float, wait: bool = True
+    ) -> PublishResult:
+        return self.inner.publish(messages, timeout=timeout, wait=wait)
+
+    def flush(self, *, timeout: float) -> PublishResult:
+        return self.inner.flush(timeout=timeout)
+
+    def declare(self, topology: Topology) -> None:
+        self.inner.declare(topology)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.inner.connected
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 # -- consuming ---------------------------------------------------------------------------
 @dataclass
 class Delivery:

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from reliable_events.broker import OutgoingMessage, Publisher, PublishResult
-from reliable_events.topology import Topology
+from reliable_events.broker.base import PublisherWrapper
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,25 +157,8 @@ def message_ids(messages: Iterable[Any]) -> list[str]:
 
 
 # -- fault injection ----------------------------------------------------------------------
-class WrappingPublisher(Publisher):
+class WrappingPublisher(PublisherWrapper):
     """A publisher around a real one: everything but ``publish`` goes to ``inner``."""
-
-    def __init__(self, inner: Publisher) -> None:
-        self.inner = inner
-        self.url = inner.url
-
-    def flush(self, *, timeout: float) -> PublishResult:
-        return self.inner.flush(timeout=timeout)
-
-    def declare(self, topology: Topology) -> None:
-        self.inner.declare(topology)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    @property
-    def connected(self) -> bool:
-        return self.inner.connected
 
 
 class FailingPublisher(WrappingPublisher):
