@@ -170,6 +170,7 @@ def delete_records(connection: Any, consumer: str, message_ids: set[str]) -> Non
     transaction."""
     if not message_ids:
         return
+    # Lazy, as in _insert_sql: the models need the app registry.
     from reliable_events.models import ProcessedMessage
 
     ProcessedMessage.objects.using(connection.alias).filter(
