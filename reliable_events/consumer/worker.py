@@ -391,6 +391,9 @@ class Worker:
             for delivery, _ in batch:
                 self._settle(delivery, counted=True)
             return len(batch)
+        # The spans end before the acks: a process killed after its ack loses no span.
+        kept = [i for i, result in enumerate(results) if result.outcome is not Outcome.FAILED]
+        tracing.batch_processed([batch[i] for i in kept], [results[i] for i in kept])
         for (delivery, event), result in zip(batch, results, strict=False):
             if result.outcome is Outcome.FAILED:
                 self._settle(
@@ -408,8 +411,6 @@ class Worker:
             self.transport.ack(delivery)
             self._count(result.outcome, result)
             metrics.consumed(delivery.consumer, result.outcome, result)
-        kept = [i for i, result in enumerate(results) if result.outcome is not Outcome.FAILED]
-        tracing.batch_processed([batch[i] for i in kept], [results[i] for i in kept])
         return len(results)
 
     def _count(self, outcome: Outcome, result: HandlerResult | None) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from django.db import transaction
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -46,7 +47,10 @@ def make_strict_consumer() -> type[EventConsumer]:
 
 
 def wait_for(driver: Any, text: str) -> None:
-    WebDriverWait(driver, 20).until(lambda d: text in d.find_element(By.TAG_NAME, "body").text)
+    # The page may be replaced between finding its body and reading it: look again.
+    WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: text in d.find_element(By.TAG_NAME, "body").text
+    )
 
 
 def test_edit_and_retry_from_the_timeline_in_the_browser(
