@@ -81,14 +81,9 @@ def insert_record(connection: Any, consumer: str, message_id: str, topic: str) -
     return True
 
 
-def _begin_and_insert(connection: Any, params: list[str]) -> bool | None:
-    """psycopg 3, at the start of a transaction: ``BEGIN`` and the insert in one round
-    trip (one simple-protocol query, values escaped by libpq) instead of two.
-
-    ``None`` when this does not apply (another driver, or a transaction already open).
-    psycopg reads the transaction status from libpq, so it then sees the transaction
-    open and sends no ``BEGIN`` of its own; Django commits or rolls it back as usual.
-    """
+def _idle_libpq(connection: Any) -> tuple[Any, Any] | None:
+    """psycopg 3's libpq connection of ``connection`` and its ``pq`` module, when it is
+    not in autocommit and no transaction is open; ``None`` otherwise (psycopg2 too)."""
     raw = connection.connection
     try:
         import psycopg
@@ -97,18 +92,41 @@ def _begin_and_insert(connection: Any, params: list[str]) -> bool | None:
         return None
     if not isinstance(raw, psycopg.Connection) or raw.autocommit:
         return None
-    pgconn = raw.pgconn
-    if pgconn.transaction_status != pq.TransactionStatus.IDLE:
+    if raw.pgconn.transaction_status != pq.TransactionStatus.IDLE:
         return None
+    return raw.pgconn, pq
+
+
+def _run(pgconn: Any, sql: bytes, expected: Any) -> Any:
+    """Run ``sql`` on libpq; psycopg's own errors when its status is not ``expected``
+    (``OperationalError`` when the connection is gone)."""
+    import psycopg  # there: _idle_libpq found a psycopg 3 connection
+
+    result = pgconn.exec_(sql)
+    if result.status != expected:
+        message = (result.error_message or b"").decode("utf-8", "replace")
+        if pgconn.status != psycopg.pq.ConnStatus.OK:
+            raise psycopg.OperationalError(f"connection lost: {message}")
+        raise psycopg.DatabaseError(message)
+    return result
+
+
+def _begin_and_insert(connection: Any, params: list[str]) -> bool | None:
+    """psycopg 3, at the start of a transaction: ``BEGIN`` and the insert in one round
+    trip (one simple-protocol query, values escaped by libpq) instead of two.
+
+    ``None`` when this does not apply (another driver, or a transaction already open).
+    psycopg reads the transaction status from libpq, so it then sees the transaction
+    open and sends no ``BEGIN`` of its own; Django commits or rolls it back as usual.
+    """
+    idle = _idle_libpq(connection)
+    if idle is None:
+        return None
+    pgconn, pq = idle
     escape = pq.Escaping(pgconn).escape_literal
     values = b", ".join(escape(value.encode()) for value in params)
     sql = _insert_sql(connection).replace("%s, %s, %s", "{}").encode()
-    result = pgconn.exec_(b"BEGIN; " + sql.replace(b"{}", values))
-    if result.status != pq.ExecStatus.COMMAND_OK:
-        message = (result.error_message or b"").decode("utf-8", "replace")
-        if pgconn.status != pq.ConnStatus.OK:
-            raise psycopg.OperationalError(f"connection lost: {message}")
-        raise psycopg.DatabaseError(message)
+    result = _run(pgconn, b"BEGIN; " + sql.replace(b"{}", values), pq.ExecStatus.COMMAND_OK)
     return bool(result.command_tuples == 1)
 
 
@@ -198,17 +216,10 @@ def _begin_and_insert_many(
 ) -> set[str] | None:
     """psycopg 3, at the start of a transaction: ``BEGIN`` and the batch's insert in one
     round trip (see :func:`_begin_and_insert`); ``None`` when this does not apply."""
-    raw = connection.connection
-    try:
-        import psycopg
-        from psycopg import pq
-    except ImportError:  # psycopg2, or no PostgreSQL driver
+    idle = _idle_libpq(connection)
+    if idle is None:
         return None
-    if not isinstance(raw, psycopg.Connection) or raw.autocommit:
-        return None
-    pgconn = raw.pgconn
-    if pgconn.transaction_status != pq.TransactionStatus.IDLE:
-        return None
+    pgconn, pq = idle
     escape = pq.Escaping(pgconn).escape_literal
     name = escape(consumer.encode())
     values = b", ".join(
@@ -218,10 +229,5 @@ def _begin_and_insert_many(
     sql = _insert_sql(connection).replace("%s, %s, %s", "{}").encode()
     sql = sql.replace(b"({})", values)
     returning = f" RETURNING {connection.ops.quote_name('message_id')}".encode()
-    result = pgconn.exec_(b"BEGIN; " + sql + returning)
-    if result.status != pq.ExecStatus.TUPLES_OK:
-        message = (result.error_message or b"").decode("utf-8", "replace")
-        if pgconn.status != pq.ConnStatus.OK:
-            raise psycopg.OperationalError(f"connection lost: {message}")
-        raise psycopg.DatabaseError(message)
+    result = _run(pgconn, b"BEGIN; " + sql + returning, pq.ExecStatus.TUPLES_OK)
     return {(result.get_value(row, 0) or b"").decode("utf-8") for row in range(result.ntuples)}
