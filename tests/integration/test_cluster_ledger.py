@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import threading
 import time
@@ -42,11 +41,11 @@ from django.db import connection
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import make_consumer
-from tests.support.ledger_support import Fleet, db
+from tests.support.ledger_support import db, ledger_fleet
 from tests.support.producer_support import child_env
 from tests.support.rabbit_node import RabbitCluster
 from tests.support.service_control import wait_for
-from tests.testapp.consumers import APPLIED_TWICE, LEDGER_CONSUMER_ENV
+from tests.testapp.consumers import APPLIED_TWICE
 from tests.testapp.management.commands.ledger_produce import designed_failure
 from tests.testapp.models import Effect
 
@@ -197,32 +196,21 @@ def test_cluster_ledger_node_kills_and_freeze_lose_nothing_apply_nothing_twice(
         declare_on_amqp_channel(conn.channel(), topology)
     assert cluster.leader(name) == 1
 
-    env = child_env()
-    env.pop("COVERAGE_PROCESS_START", None)
-    env.update(
-        PYTHONUNBUFFERED="1",
-        RE_TEST_LOG_LEVEL="INFO",
-        **{
-            LEDGER_CONSUMER_ENV: json.dumps(
-                {
-                    "name": name,
-                    "topics": ["ledger.#"],
-                    "max_retries": MAX_RETRIES,
-                    "retry_delays": RETRY_DELAYS,
-                    "batch_size": BATCH_SIZE,
-                }
-            )
-        },
-    )
-    fleet = Fleet(
-        env=env,
+    fleet = ledger_fleet(
+        env=child_env(),
         logs=tmp_path,
-        consumer=name,
         run=run,
         events=EVENTS,
-        producer_count=PRODUCERS,
+        producers=PRODUCERS,
         per_transaction=PER_TRANSACTION,
-        max_seconds=BUDGET_SECONDS - 60,
+        budget_seconds=BUDGET_SECONDS,
+        consumer={
+            "name": name,
+            "topics": ["ledger.#"],
+            "max_retries": MAX_RETRIES,
+            "retry_delays": RETRY_DELAYS,
+            "batch_size": BATCH_SIZE,
+        },
         rate=RATE,
     )
     progress = Progress(run, name)

@@ -35,7 +35,6 @@ going through a private PgBouncer in transaction pooling mode
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -53,7 +52,7 @@ from reliable_events.consuming import PERMANENT_ERROR
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import make_consumer
-from tests.support.ledger_support import Fleet, chaos, db
+from tests.support.ledger_support import chaos, db, ledger_fleet
 from tests.support.otel_support import SPANS_ENV, check_ledger_traces, read_span_files
 from tests.support.producer_support import child_env
 from tests.support.service_control import (
@@ -63,7 +62,7 @@ from tests.support.service_control import (
     restart_rabbitmq,
     wait_for,
 )
-from tests.testapp.consumers import APPLIED_TWICE, LEDGER_CONSUMER_ENV
+from tests.testapp.consumers import APPLIED_TWICE
 from tests.testapp.management.commands.ledger_produce import designed_failure
 from tests.testapp.models import Effect, Order
 
@@ -252,32 +251,20 @@ def ledger(
 
     spans = tmp_path / "spans"
     spans.mkdir()
-    env = child_env()
-    env.pop("COVERAGE_PROCESS_START", None)
-    env.update(
-        PYTHONUNBUFFERED="1",
-        **{SPANS_ENV: str(spans)},
-        RE_TEST_LOG_LEVEL="INFO",
-        **{
-            LEDGER_CONSUMER_ENV: json.dumps(
-                {
-                    "name": name,
-                    "topics": ["ledger.#"],
-                    "max_retries": MAX_RETRIES,
-                    "retry_delays": RETRY_DELAYS,
-                }
-            )
-        },
-    )
-    fleet = Fleet(
-        env=env,
+    fleet = ledger_fleet(
+        env={**child_env(), SPANS_ENV: str(spans)},
         logs=tmp_path,
-        consumer=name,
         run=run,
         events=events,
-        producer_count=PRODUCERS,
+        producers=PRODUCERS,
         per_transaction=PER_TRANSACTION,
-        max_seconds=BUDGET_SECONDS - 60,
+        budget_seconds=BUDGET_SECONDS,
+        consumer={
+            "name": name,
+            "topics": ["ledger.#"],
+            "max_retries": MAX_RETRIES,
+            "retry_delays": RETRY_DELAYS,
+        },
         crash_events=CRASH_EVENTS,
     )
     stop_chaos = threading.Event()

@@ -49,11 +49,11 @@ from django.db import connection
 
 from reliable_events.conf import AppSettings
 from reliable_events.consuming import PERMANENT_ERROR
-from tests.support.ledger_support import Fleet, chaos
+from tests.support.ledger_support import Fleet, chaos, ledger_fleet
 from tests.support.otel_support import SPANS_ENV, check_ledger_traces, read_span_files
 from tests.support.producer_support import ROOT, child_env
 from tests.support.service_control import wait_for
-from tests.testapp.consumers import APPLIED_TWICE, APPLYING, LEDGER_CONSUMER_ENV
+from tests.testapp.consumers import APPLIED_TWICE, APPLYING
 from tests.testapp.management.commands.ledger_produce import designed_failure
 
 EVENTS = int(os.environ.get("RE_DB_LEDGER_EVENTS", "5000"))
@@ -166,31 +166,24 @@ def run_ledger(
     name = f"{run}.apply"
     spans = logs / "spans"
     spans.mkdir()
-    env = {
-        **env,
-        SPANS_ENV: str(spans),
-        "PYTHONUNBUFFERED": "1",
-        "RE_TEST_LOG_LEVEL": "INFO",
-        "RE_TEST_RELIABLE_EVENTS": json.dumps(shipped_settings(f"test-ev-{run}")),
-        LEDGER_CONSUMER_ENV: json.dumps(
-            {
-                "name": name,
-                "topics": ["ledger.#"],
-                "max_retries": MAX_RETRIES,
-                "retry_delays": RETRY_DELAYS,
-            }
-        ),
-    }
-    env.pop("COVERAGE_PROCESS_START", None)
-    fleet = Fleet(
-        env=env,
+    fleet = ledger_fleet(
+        env={
+            **env,
+            SPANS_ENV: str(spans),
+            "RE_TEST_RELIABLE_EVENTS": json.dumps(shipped_settings(f"test-ev-{run}")),
+        },
         logs=logs,
-        consumer=name,
         run=run,
         events=EVENTS,
-        producer_count=PRODUCERS,
+        producers=PRODUCERS,
         per_transaction=PER_TRANSACTION,
-        max_seconds=BUDGET_SECONDS - 60,
+        budget_seconds=BUDGET_SECONDS,
+        consumer={
+            "name": name,
+            "topics": ["ledger.#"],
+            "max_retries": MAX_RETRIES,
+            "retry_delays": RETRY_DELAYS,
+        },
         crash_events=CRASH_EVENTS,
     )
     stop_chaos = threading.Event()

@@ -5,6 +5,7 @@ that survive a PostgreSQL restart."""
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import signal
 import subprocess
@@ -14,11 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 from django.db import DatabaseError, InterfaceError, connection
 
 from tests.support.producer_support import ROOT
+from tests.testapp.consumers import LEDGER_CONSUMER_ENV
 
 T = TypeVar("T")
 
@@ -189,3 +191,39 @@ def chaos(fleet: Fleet, stop: threading.Event, errors: list[BaseException]) -> N
             fleet.revive()
     except BaseException as exc:  # reported by the test
         errors.append(exc)
+
+
+def ledger_fleet(
+    *,
+    env: dict[str, str],
+    logs: Path,
+    run: str,
+    events: int,
+    producers: int,
+    per_transaction: int,
+    budget_seconds: float,
+    consumer: dict[str, Any],
+    **options: Any,
+) -> Fleet:
+    """The fleet of one ledger run: children logging at INFO, unbuffered, without
+    coverage, each consumer child building the consumer ``consumer`` describes (its
+    ``name``, topics, retries: what ``LEDGER_CONSUMER_ENV`` carries); the producers give
+    up a minute before ``budget_seconds``.  ``options``: further :class:`Fleet` fields."""
+    child = {
+        **env,
+        "PYTHONUNBUFFERED": "1",
+        "RE_TEST_LOG_LEVEL": "INFO",
+        LEDGER_CONSUMER_ENV: json.dumps(consumer),
+    }
+    child.pop("COVERAGE_PROCESS_START", None)
+    return Fleet(
+        env=child,
+        logs=logs,
+        consumer=consumer["name"],
+        run=run,
+        events=events,
+        producer_count=producers,
+        per_transaction=per_transaction,
+        max_seconds=budget_seconds - 60,
+        **options,
+    )
