@@ -130,8 +130,8 @@ class EventConsumer:
     #: :meth:`process_batch`.
     batch_size: ClassVar[int | None] = None
     #: Per-key order across processes: the consumer's events are spread over partition
-    #: queues by key (consistent-hash exchange, single active consumer each) and a
-    #: failed event is retried in place, holding its partition.  See
+    #: queues by key (a bucket header matched by a headers exchange, single active
+    #: consumer each) and a failed event is retried in place, holding its partition.  See
     #: :mod:`reliable_events.consumer.partitions` and ``docs/consumers.md``.
     ordered: ClassVar[bool] = False
     #: Partition queues of an ordered consumer (``None``: ``ORDERED_PARTITIONS``).
@@ -367,7 +367,7 @@ class EventConsumer:
 
     @classmethod
     def exchange_specs(cls) -> list[ExchangeSpec]:
-        """The consumer's own exchanges: an ordered consumer's consistent-hash exchange."""
+        """The consumer's own exchanges: an ordered consumer's headers exchange."""
         return partitions.exchange_specs(cls) if cls.ordered else []
 
     @classmethod

@@ -59,8 +59,11 @@ from tests.testapp.management.commands.ledger_produce import designed_failure
 EVENTS = int(os.environ.get("RE_DB_LEDGER_EVENTS", "5000"))
 PRODUCERS = 2
 PER_TRANSACTION = 5
-#: The whole test (set-up to assertions) stays within this, hangs included.
-BUDGET_SECONDS = 170.0
+#: The whole test (set-up to assertions) stays within this, hangs included.  A hang guard,
+#: not a speed goal: a quiet machine converges in about a minute, a CI machine running
+#: other lanes beside it may take three times as long.
+BUDGET_SECONDS = 270.0
+pytestmark = pytest.mark.timeout(int(BUDGET_SECONDS) + 90)
 #: The ledger consumer's own retry policy (a consumer attribute, not a library setting).
 MAX_RETRIES = 3
 RETRY_DELAYS = [0.5]
@@ -444,6 +447,7 @@ def test_ledger_on_sqlite_and_the_database_transport_survives_sigkills(
 
 @pytest.mark.postgres
 @pytest.mark.slow
+@pytest.mark.alone
 @pytest.mark.django_db(transaction=True)
 def test_ledger_on_postgresql_and_the_database_transport_with_two_consumers(
     tmp_path: Path, report_figures: Any

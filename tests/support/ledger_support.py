@@ -24,6 +24,10 @@ from tests.testapp.consumers import LEDGER_CONSUMER_ENV
 
 T = TypeVar("T")
 
+#: What ``relay_outbox`` and ``consume_events`` print once started (Django set up, the
+#: command's loop about to begin).
+RUNNING = b": running"
+
 
 def db(query: Callable[[], T], timeout: float = 60.0) -> T:
     """``query()`` on this process's connection, reconnecting across a PostgreSQL restart."""
@@ -123,6 +127,11 @@ class Fleet:
     def targets(self) -> list[tuple[str, int]]:
         return [key for key in self.children if key[0] in ("relay", "consumer")]
 
+    def running(self) -> list[tuple[str, int]]:
+        """The relays and consumers past their start-up (they printed that they run)."""
+        with self.lock:
+            return [key for key in self.targets() if _has_started(self.children[key])]
+
     def kill_and_restart(self, key: tuple[str, int]) -> None:
         with self.lock:
             child = self.children[key]
@@ -182,12 +191,23 @@ class Fleet:
         )
 
 
+def _has_started(child: Child) -> bool:
+    if child.proc.poll() is not None:
+        return False
+    with child.log.open("rb") as log:
+        return RUNNING in log.read(65536)
+
+
 def chaos(fleet: Fleet, stop: threading.Event, errors: list[BaseException]) -> None:
-    """Every 1-3 s, SIGKILL a random relay or consumer and start it again at once."""
+    """Every 1-3 s, SIGKILL a random relay or consumer that is running and start it again
+    at once.  One still starting is left alone: on a loaded machine Django's start-up
+    alone can outlast the interval, and killing processes that never ran tests nothing."""
     rng = random.Random()
     try:
         while not stop.wait(rng.uniform(1.0, 3.0)):
-            fleet.kill_and_restart(rng.choice(fleet.targets()))
+            running = fleet.running()
+            if running:
+                fleet.kill_and_restart(rng.choice(running))
             fleet.revive()
     except BaseException as exc:  # reported by the test
         errors.append(exc)
