@@ -108,6 +108,16 @@ class HandlerResult:
         return isinstance(self.error, PermanentError)
 
 
+def _refuse_a_swallowed_error(connection: Any) -> None:
+    """Raise when ``handle`` caught a database error and went on: Django would roll the
+    transaction back at its end, silently, and the event would be acked unapplied."""
+    if connection.needs_rollback:
+        raise transaction.TransactionManagementError(
+            "handle() caught a database error and went on; use a nested "
+            "transaction.atomic() around what may fail"
+        )
+
+
 class EventConsumer:
     """Base class of consumers: subclasses set ``name`` and ``topics`` and write ``handle``.
 
@@ -181,6 +191,7 @@ class EventConsumer:
                     return HandlerResult(Outcome.DUPLICATE, time.perf_counter() - started)
                 stage = "handle"
                 self.handle(event)
+                _refuse_a_swallowed_error(connection)
                 stage = "commit"
         except Exception as exc:
             seconds = time.perf_counter() - started
@@ -302,13 +313,7 @@ class EventConsumer:
         with HandlerSavepoint(connection) as savepoint:
             try:
                 self.handle(event)
-                if connection.needs_rollback:
-                    # The handler swallowed a database error: the transaction would be
-                    # rolled back at its end, silently.  Fail this event alone instead.
-                    raise transaction.TransactionManagementError(
-                        "handle() caught a database error and went on; use a nested "
-                        "transaction.atomic() around what may fail"
-                    )
+                _refuse_a_swallowed_error(connection)
             except Exception as exc:
                 savepoint.rollback()
                 text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from django.db import DatabaseError
+
 
 class HandlerSavepoint:
     """The savepoint of one handler call; a Django execute wrapper while it runs."""
@@ -56,13 +58,19 @@ class HandlerSavepoint:
     def rollback(self) -> None:
         """Undo everything the handler did; its on-commit callbacks are dropped."""
         connection = self.connection
+        # As atomic() does: the mark a database error left (the handler caught it) would
+        # refuse the ROLLBACK TO SAVEPOINT itself; it is set again if that fails.
+        connection.needs_rollback = False
         if self.created:
-            connection.savepoint_rollback(self.sid)
+            try:
+                connection.savepoint_rollback(self.sid)
+            except DatabaseError:
+                connection.needs_rollback = True
+                raise
         else:  # no statement ran: nothing to undo in the database
             connection.run_on_commit = [
                 entry for entry in connection.run_on_commit if self.sid not in entry[0]
             ]
-        connection.needs_rollback = False
 
 
 def _speaks_simple_protocol(cursor: Any) -> bool:
