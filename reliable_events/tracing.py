@@ -24,17 +24,30 @@ Attribute names follow the OpenTelemetry messaging semantic conventions.
 from __future__ import annotations
 
 import functools
+import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from reliable_events.broker.base import OutgoingMessage, Publisher, PublisherWrapper, PublishResult
 from reliable_events.conf import app_settings
 
 try:  # the optional ``otel`` extra: tried once, at import
+    from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
-    from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.context import Context
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace import (
+        Link,
+        NonRecordingSpan,
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+    )
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     AVAILABLE = True
 except ImportError:  # pragma: no cover - the dev requirements install it
@@ -182,6 +195,58 @@ def traced(publisher: Publisher, role: str) -> Publisher:
 
 
 # -- the consumer ---------------------------------------------------------------------------
+#: W3C ``traceparent`` as OpenTelemetry's own ``TraceContextTextMapPropagator`` reads it.
+_TRACEPARENT_RE = re.compile(
+    r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:(-.*)|[ \t]*)$"
+)
+_TRACEPARENT_MAX = 512
+#: The global propagator last looked at, and whether it is OpenTelemetry's default.
+_default_textmap: list[Any] = [None, False]
+
+
+def _is_default_textmap(textmap: Any) -> bool:
+    """Whether ``textmap`` is OpenTelemetry's default propagator (W3C trace context, then
+    W3C baggage), decided once per propagator object."""
+    if _default_textmap[0] is not textmap:
+        parts = getattr(textmap, "_propagators", None)
+        _default_textmap[1] = (
+            type(textmap) is CompositePropagator
+            and isinstance(parts, list | tuple)
+            and [type(part) for part in parts]
+            == [TraceContextTextMapPropagator, W3CBaggagePropagator]
+        )
+        _default_textmap[0] = textmap
+    return bool(_default_textmap[1])
+
+
+def carried_context(headers: Mapping[str, Any]) -> Any:
+    """The context carried in ``headers``: what ``propagate.extract(headers)`` returns.
+
+    With the default propagator and a message carrying a ``traceparent`` alone (what
+    :func:`stamp` stores without baggage or trace state), the header is read here, the
+    way the W3C propagator reads it, without the propagators' generic getter; anything
+    else goes through ``propagate.extract``.
+    """
+    textmap = propagate.get_global_textmap()
+    if "tracestate" in headers or "baggage" in headers or not _is_default_textmap(textmap):
+        return textmap.extract(headers)
+    value = headers.get("traceparent")
+    if value is None:
+        return Context()
+    if not isinstance(value, str) or len(value) > _TRACEPARENT_MAX:
+        return textmap.extract(headers)  # its own handling (and warning)
+    match = _TRACEPARENT_RE.match(value)
+    if match is None:
+        return Context()
+    version, trace_id, span_id, flags, rest = match.groups()
+    if trace_id == "0" * 32 or span_id == "0" * 16 or version == "ff" or (version == "00" and rest):
+        return Context()
+    parent = SpanContext(
+        int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16))
+    )
+    return trace.set_span_in_context(NonRecordingSpan(parent), Context())
+
+
 def _process_attributes(delivery: Delivery, system: str) -> dict[str, Any]:
     return {
         "messaging.system": system,
@@ -216,7 +281,7 @@ def traced_process(method: Method) -> Method:
             return method(self, delivery)
         with _tracer().start_as_current_span(
             f"process {delivery.consumer}",
-            context=propagate.extract(delivery.headers),
+            context=carried_context(delivery.headers),
             kind=SpanKind.CONSUMER,
             attributes=_process_attributes(delivery, _system(str(app_settings.BROKER_URL))),
         ) as span:
@@ -227,44 +292,72 @@ def traced_process(method: Method) -> Method:
     return process
 
 
-@contextmanager
-def handling(event: Event, consumer: str) -> Iterator[Any]:
-    """The ``process`` span of a handler in a batch, current while ``handle`` runs and
-    left open: :func:`batch_processed` (or :func:`traced_failure`) ends it with the
-    outcome once the batch committed.  ``None`` when tracing is off."""
-    if not enabled():
-        yield None
-        return
-    span = _tracer().start_span(
-        f"process {consumer}",
-        context=propagate.extract(event.headers),
-        kind=SpanKind.CONSUMER,
-    )
-    with trace.use_span(span, end_on_exit=False):
-        yield span
+class HandlerSpans:
+    """The ``process`` spans of the handlers of one batch transaction: :meth:`enter`
+    starts one, child of the event's carried context, and makes it current while
+    ``handle`` runs; :meth:`leave` makes the previous context current again and leaves
+    the span open: :func:`batch_processed` (or :func:`traced_failure`) ends it with the
+    outcome once the batch committed."""
+
+    __slots__ = ("name", "tracer")
+
+    def __init__(self, consumer: str) -> None:
+        self.tracer = _tracer()
+        self.name = f"process {consumer}"
+
+    def enter(self, event: Event) -> tuple[Any, Any]:
+        """The span and the token of the context it is current in."""
+        span = self.tracer.start_span(
+            self.name, context=carried_context(event.headers), kind=SpanKind.CONSUMER
+        )
+        return span, otel_context.attach(trace.set_span_in_context(span))
+
+    @staticmethod
+    def leave(span: Any, token: Any, error: Exception | None = None) -> None:
+        """Leave the span's context; ``error``: what escaped the handler's savepoint (the
+        batch is lost), recorded on the span as ``trace.use_span`` would."""
+        otel_context.detach(token)
+        if error is not None and span.is_recording():
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+
+
+def handler_spans(consumer: str) -> HandlerSpans | None:
+    """The handler spans of one batch of ``consumer``, or ``None`` when tracing is off."""
+    return HandlerSpans(consumer) if enabled() else None
 
 
 def batch_processed(
     batch: Sequence[tuple[Delivery, Event]], results: Sequence[HandlerResult]
 ) -> None:
     """The ``process`` spans of the handlers of a committed batch that did not fail: the
-    span :func:`handling` opened, or (a duplicate) one timed by its result; one that
-    failed is ended by :func:`traced_failure`."""
-    if not enabled():
+    span :meth:`HandlerSpans.enter` opened, or (a duplicate) one timed by its result; one
+    that failed is ended by :func:`traced_failure`."""
+    if not enabled() or not results:
         return
     tracer = _tracer()
     system = _system(str(app_settings.BROKER_URL))
     now = time.time_ns()
     for (delivery, _event), result in zip(batch, results, strict=False):
-        span = result.span or tracer.start_span(
-            f"process {delivery.consumer}",
-            context=propagate.extract(delivery.headers),
-            kind=SpanKind.CONSUMER,
-            start_time=now - int(result.seconds * 1e9),
-        )
-        span.set_attributes(_process_attributes(delivery, system))
-        _settle_span(span, result.outcome, result)
-        span.end(end_time=None if result.span is not None else now)
+        span = result.span
+        if span is None:
+            span = tracer.start_span(
+                f"process {delivery.consumer}",
+                context=carried_context(delivery.headers),
+                kind=SpanKind.CONSUMER,
+                start_time=now - int(result.seconds * 1e9),
+            )
+            end_time: int | None = now
+        else:
+            end_time = None
+        if span.is_recording():
+            attributes = _process_attributes(delivery, system)
+            attributes[OUTCOME] = result.outcome.value
+            span.set_attributes(attributes)
+            if result.error is not None:
+                span.record_exception(result.error)
+                span.set_status(Status(StatusCode.ERROR, type(result.error).__name__))
+        span.end(end_time=end_time)
 
 
 Work = Callable[[], "tuple[Outcome, HandlerResult | None]"]
@@ -272,8 +365,8 @@ Work = Callable[[], "tuple[Outcome, HandlerResult | None]"]
 
 def traced_failure(delivery: Delivery, work: Work, span: Any = None) -> Work:
     """``work`` (the retry or dead letter of a handler that failed in a batch) inside the
-    delivery's ``process`` span (``span``, opened by :func:`handling`, or a new one),
-    which ends with the final outcome."""
+    delivery's ``process`` span (``span``, opened by :meth:`HandlerSpans.enter`, or a
+    new one), which ends with the final outcome."""
     if not enabled():
         return work
 
@@ -281,7 +374,7 @@ def traced_failure(delivery: Delivery, work: Work, span: Any = None) -> Work:
         attributes = _process_attributes(delivery, _system(str(app_settings.BROKER_URL)))
         current = span or _tracer().start_span(
             f"process {delivery.consumer}",
-            context=propagate.extract(delivery.headers),
+            context=carried_context(delivery.headers),
             kind=SpanKind.CONSUMER,
         )
         with trace.use_span(current, end_on_exit=True):

@@ -100,7 +100,7 @@ class HandlerResult:
     seconds: float = 0.0
     error: BaseException | None = None
     traceback: str = ""
-    #: A batch handler's ``process`` span, still open (``tracing.handling``), or ``None``.
+    #: A batch handler's ``process`` span, still open (``tracing.HandlerSpans``), or ``None``.
     span: Any = None
 
     @property
@@ -247,6 +247,7 @@ class EventConsumer:
             connection = connections[alias]
             connection.ensure_connection()
             raw = connection.connection
+            spans = tracing.handler_spans(self.name)
             with transaction.atomic(using=alias):
                 fresh = insert_records(
                     connection, self.name, [(event.id, event.topic) for event in events]
@@ -268,8 +269,19 @@ class EventConsumer:
                         continue
                     fresh.discard(event.id)
                     stage = "handle"
-                    with tracing.handling(event, self.name) as span:
-                        failure = self._handle_in_savepoint(alias, event)
+                    if spans is None:
+                        span = None
+                        failure = self._handle_in_savepoint(connection, event)
+                    else:
+                        span, token = spans.enter(event)
+                        escaped: Exception | None = None
+                        try:
+                            failure = self._handle_in_savepoint(connection, event)
+                        except Exception as exc:
+                            escaped = exc
+                            raise
+                        finally:
+                            spans.leave(span, token, escaped)
                     stage = "record"
                     seconds = time.perf_counter() - started
                     if failure is None:
@@ -298,7 +310,9 @@ class EventConsumer:
             ) from exc
         return results
 
-    def _handle_in_savepoint(self, alias: str, event: Event) -> tuple[BaseException, str] | None:
+    def _handle_in_savepoint(
+        self, connection: Any, event: Event
+    ) -> tuple[BaseException, str] | None:
         """Run ``handle`` in a savepoint; the exception and its traceback when it raised
         (everything it did is then rolled back to the savepoint).
 
@@ -309,7 +323,6 @@ class EventConsumer:
         handler registered are dropped with it.  A database that fails rolling back to
         the savepoint propagates (the transaction is lost).
         """
-        connection = connections[alias]
         with HandlerSavepoint(connection) as savepoint:
             try:
                 self.handle(event)

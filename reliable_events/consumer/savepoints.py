@@ -10,6 +10,14 @@ needs no savepoint at all.  Anything else (another driver, server-side binding,
 ``executemany``) sends it alone first.  Django's bookkeeping is kept: the savepoint's id
 is on ``connection.savepoint_ids`` while the handler runs, so that its on-commit
 callbacks are dropped with it.
+
+Every handler's savepoint has the same SQL name, so that ``SAVEPOINT ...; INSERT ...`` is
+the same text for every event: psycopg parses a query once per distinct text (a cache of
+128), and a name per event made every one of them a new text, parsed again and pushing
+the handlers' other statements out of that cache.  ``ROLLBACK TO SAVEPOINT`` goes back to
+the most recent savepoint of a name (PostgreSQL, SQLite and MySQL alike): the running
+handler's, the older ones being its predecessors'.  The unique id (Django's bookkeeping)
+stays per handler.
 """
 
 from __future__ import annotations
@@ -17,7 +25,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from django.db import DatabaseError
+#: The SQL name of every handler's savepoint.
+SQL_NAME = "re_handler"
+#: ``SAVEPOINT`` and ``ROLLBACK TO SAVEPOINT`` of :data:`SQL_NAME`, by database vendor.
+_STATEMENTS: dict[str, tuple[str, str]] = {}
 
 
 class HandlerSavepoint:
@@ -27,7 +38,15 @@ class HandlerSavepoint:
         self.connection = connection
         connection.savepoint_state += 1
         self.sid = f"re_batch_{connection.savepoint_state}"
-        self.sql = connection.ops.savepoint_create_sql(self.sid)
+        statements = _STATEMENTS.get(connection.vendor)
+        if statements is None:
+            ops = connection.ops
+            statements = _STATEMENTS[connection.vendor] = (
+                ops.savepoint_create_sql(SQL_NAME),
+                ops.savepoint_rollback_sql(SQL_NAME),
+            )
+        self.sql = statements[0]
+        self.rollback_sql = statements[1]
         #: The ``SAVEPOINT`` was sent (a statement ran since the savepoint began).
         self.created = False
 
@@ -58,25 +77,32 @@ class HandlerSavepoint:
     def rollback(self) -> None:
         """Undo everything the handler did; its on-commit callbacks are dropped."""
         connection = self.connection
-        # As atomic() does: the mark a database error left (the handler caught it) would
-        # refuse the ROLLBACK TO SAVEPOINT itself; it is set again if that fails.
+        # Set when the handler swallowed a database error; Django refuses any statement
+        # until it is cleared (as its own atomic() does before rolling back).
         connection.needs_rollback = False
-        if self.created:
-            try:
-                connection.savepoint_rollback(self.sid)
-            except DatabaseError:
-                connection.needs_rollback = True
-                raise
-        else:  # no statement ran: nothing to undo in the database
-            connection.run_on_commit = [
-                entry for entry in connection.run_on_commit if self.sid not in entry[0]
-            ]
+        if self.created:  # else no statement ran: nothing to undo in the database
+            with connection.cursor() as cursor:
+                cursor.execute(self.rollback_sql)
+        connection.run_on_commit = [
+            entry for entry in connection.run_on_commit if self.sid not in entry[0]
+        ]
+
+
+def _client_cursor_class() -> type | None:
+    try:
+        import psycopg
+    except ImportError:  # psycopg2, or no PostgreSQL driver
+        return None
+    return psycopg.ClientCursor
+
+
+#: psycopg 3's client-side-binding cursor class, looked up once (``None``: no psycopg 3).
+_CLIENT_CURSOR: list[type | None] = []
 
 
 def _speaks_simple_protocol(cursor: Any) -> bool:
     """psycopg 3's client-side-binding cursor (several statements in one query)."""
-    try:
-        import psycopg
-    except ImportError:  # psycopg2, or no PostgreSQL driver
-        return False
-    return isinstance(cursor, psycopg.ClientCursor)
+    if not _CLIENT_CURSOR:
+        _CLIENT_CURSOR.append(_client_cursor_class())
+    client = _CLIENT_CURSOR[0]
+    return client is not None and isinstance(cursor, client)

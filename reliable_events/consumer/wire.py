@@ -85,6 +85,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+#: ``json.loads(text, parse_constant=...)`` builds a decoder per call; this one is shared.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def decode_payload(body: bytes) -> Any:
     """The JSON value of ``body`` (UTF-8; ``NaN``/``Infinity`` are not JSON)."""
     try:
@@ -92,7 +96,9 @@ def decode_payload(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise Poison(NOT_JSON, f"body is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # what json.loads refuses before decoding
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _DECODER.decode(text)
     except ValueError as exc:
         raise Poison(NOT_JSON, f"body is not JSON: {str(exc)[:200]}") from exc
     except RecursionError as exc:  # a small body can nest deeper than the parser goes

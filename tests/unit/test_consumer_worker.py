@@ -7,6 +7,8 @@ The guarantees themselves are proven on PostgreSQL + RabbitMQ in
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from datetime import timedelta
 from io import StringIO
@@ -14,6 +16,7 @@ from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import IntegrityError
 from django.utils import timezone
 from kombu import Connection, Producer
 
@@ -38,8 +41,9 @@ from reliable_events.consuming import (
 from reliable_events.exceptions import PermanentError
 from reliable_events.maintenance import purge
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
+from reliable_events.runner import StopFlag
 from tests.support.consumer_support import applied, make_consumer
-from tests.testapp.models import Order
+from tests.testapp.models import Effect, Order
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -365,6 +369,35 @@ def test_a_rolled_back_handler_in_a_batch_loses_its_on_commit_callbacks(clean_re
     assert Order.objects.filter(reference__startswith="nested|").count() == 4
     assert [e.id for e in consumer.calls].count("m-1") == 2
     assert (stats.processed, stats.retried) == (4, 1)
+
+
+def test_a_handler_that_swallows_a_database_error_fails_alone_in_its_batch(clean_registry):
+    def swallow_on_m1(consumer: EventConsumer, event: Event) -> None:
+        Effect.objects.create(consumer="swallow", message_id=f"{event.id}|{event.attempt}")
+        if event.id == "m-1" and event.attempt == 1:
+            # Caught without a nested atomic(): the transaction is broken.
+            with contextlib.suppress(IntegrityError):
+                Effect.objects.create(consumer="swallow", message_id=f"{event.id}|1")
+
+    consumer = make_consumer(clean_registry, retry_delays=[0], behaviour=swallow_on_m1)
+    consumer.batch_size = 10
+    stop = StopFlag()
+    worker = started(consumer, stop=stop)
+    for n in range(3):
+        send(message_id=f"m-{n}")
+    deadline = threading.Timer(20.0, stop.set)  # taken for a lost database, it never idles
+    deadline.start()
+    try:
+        stats = worker.run(until_idle=1.0)
+    finally:
+        deadline.cancel()
+    assert (stats.processed, stats.retried, stats.database_outages) == (3, 1, 0)
+    assert sorted(Effect.objects.values_list("message_id", flat=True)) == [
+        "m-0|1",
+        "m-1|2",
+        "m-2|1",
+    ]
+    assert [e.id for e in consumer.calls] == ["m-0", "m-1", "m-2", "m-1"]
 
 
 def test_a_batch_applies_each_message_once(clean_registry):

@@ -207,3 +207,40 @@ def test_without_opentelemetry_the_hooks_hand_back_their_input(monkeypatch):
         assert tracing.stamp(headers, topic="t", message_id="m") is headers
         assert tracing.traced(publisher, "relay") is publisher
         assert not tracing.enabled()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"},
+        {"traceparent": " \t00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 "},
+        {"traceparent": "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra"},
+        {"traceparent": "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01"},
+        {"traceparent": "00-00000000000000000000000000000000-b7ad6b7169203331-01"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"},
+        {"traceparent": ""},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" + "-" * 600},
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=value",
+        },
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "baggage": "tenant=acme",
+        },
+        {"baggage": "tenant=acme", "x-event-key": "k1"},
+    ],
+)
+def test_the_carried_context_is_what_the_global_propagator_extracts(headers):
+    from opentelemetry import propagate
+
+    ours, theirs = tracing.carried_context(headers), propagate.extract(headers)
+    assert trace.get_current_span(ours).get_span_context() == (
+        trace.get_current_span(theirs).get_span_context()
+    )
+    assert baggage.get_all(ours) == baggage.get_all(theirs)
