@@ -372,3 +372,25 @@ def test_nul_in_a_filter_value_is_a_400(admin_client: Client, model: str, param:
         reverse(f"admin:reliable_events_{model}_changelist") + f"?{param}=a%00b"
     )
     assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("form", "error"),
+    [
+        ({"op": "delete", "consumer": "mail.send", "fingerprint": "fp"}, "Unknown operation."),
+        ({"op": "retry", "consumer": "mail.send"}, "Pick a group"),
+        ({"op": "retry", "consumer": "", "fingerprint": "fp"}, "Pick a group"),
+        ({"op": "retry", "consumer": "mail\x00send", "fingerprint": "fp"}, "Pick a group"),
+    ],
+)
+def test_a_group_action_without_a_valid_group_or_operation_does_nothing(
+    form: dict[str, str], error: str
+) -> None:
+    client = admin_client(staff_user("oncall", *ONCALL))
+    many_dead_letters(2, consumer="mail.send", fingerprint="fp")
+    response = client.post(reverse(GROUP_ACTION), {**form, "upto": 10**9, "seen": 2})
+    assert response["Location"] == reverse(GROUPS)
+    assert any(error in text for text in messages_after(client, response))
+    assert DeadLetter.objects.open().count() == 2
+    assert not OutboxMessage.objects.exists()
+    assert not TriageEntry.objects.exists()
