@@ -247,6 +247,22 @@ def test_invalid_consumers_are_refused(clean_registry, attrs):
         type("Bad", (EventConsumer,), {**base, **attrs})
 
 
+@pytest.mark.parametrize(
+    ("attrs", "error"),
+    [
+        ({"hold_key_on_dead_letter": True}, "hold_key_on_dead_letter needs ordered = True"),
+        ({"ordered": True, "partitions": 0}, "partitions must be an int from 1 to 64"),
+        ({"ordered": True, "partitions": 65}, "partitions must be an int from 1 to 64"),
+        ({"ordered": True, "partitions": "4"}, "partitions must be an int from 1 to 64"),
+    ],
+)
+def test_ordering_options_out_of_range_are_refused(clean_registry, attrs, error):
+    base = {"name": "valid.name", "topics": ["orders.*"], "handle": lambda self, event: None}
+    with pytest.raises(ConfigurationError, match=error):
+        type("Bad", (EventConsumer,), {**base, **attrs})
+    assert "valid.name" not in registry.names()
+
+
 def test_consumers_module_of_the_test_app_defines_nothing_without_its_env(monkeypatch):
     monkeypatch.delenv("RE_TEST_CONSUMER", raising=False)
     registry.autodiscover()
