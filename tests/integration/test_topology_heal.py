@@ -263,3 +263,27 @@ def _queue_exists(url: str, name: str) -> bool:
         except Exception:  # NOT_FOUND closes that channel; this connection is thrown away
             return False
     return True
+
+
+def test_republish_exits_5_when_the_events_still_have_no_queue(broker, rabbit, re_settings):
+    """Nothing is bound for the topic yet: re-published, the events come straight back
+    to the unrouted queue; the command says so and exits 5 (none is lost)."""
+    re_settings(PUBLISH_ON_COMMIT=False)
+    for n in range(3):
+        publish_event("nobody.listens", {"n": n})
+    relay = Relay()
+    try:
+        assert relay.drain().sent == 3
+    finally:
+        relay.close()
+    unrouted = unrouted_name()
+    rabbit.queues.append(unrouted)
+    assert wait_until(lambda: rabbit.count(unrouted) == 3, timeout=10)
+    with pytest.raises(CommandError, match="--limit must be a positive number") as info:
+        call_command("republish_unrouted", "--limit", "0", stdout=StringIO())
+    assert info.value.returncode == 1
+    with pytest.raises(CommandError) as info:
+        call_command("republish_unrouted", stdout=StringIO())
+    assert info.value.returncode == 5
+    assert f"3 event(s) are still in {unrouted!r}: no queue is bound" in str(info.value)
+    assert rabbit.count(unrouted) == 3
