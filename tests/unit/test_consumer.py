@@ -16,6 +16,7 @@ from reliable_events.consumer import (
     record_processed,
     registry,
 )
+from reliable_events.consumer.wire import FIRST_FAILED_HEADER, HISTORY_HEADER, read_first_failed
 from reliable_events.consuming import (
     ATTEMPT_HEADER,
     BAD_ATTEMPT_HEADER,
@@ -196,6 +197,23 @@ def test_retry_headers_drop_broker_headers_and_carry_the_history():
     assert headers["tenant"] == "a"
     assert not [k for k in headers if k.startswith(("x-death", "x-first-death"))]
     assert read_history(headers) == failure.history
+
+
+def test_retry_headers_as_other_amqp_clients_type_them_are_read():
+    """Another client may send the history as a byte array and the first failure as an
+    AMQP timestamp; neither may be lost, and nonsense is read as nothing."""
+    history = [{"attempt": 1, "at": "2024-01-01T00:00:00+00:00", "error": "E"}]
+    assert read_history({HISTORY_HEADER: json.dumps(history).encode()}) == history
+    assert read_history({HISTORY_HEADER: '{"attempt": 1}'}) == []
+    naive = datetime(2024, 1, 1, 12, 30)
+    assert read_first_failed({FIRST_FAILED_HEADER: naive}) == naive.replace(tzinfo=UTC)
+    stamp = b"2024-01-01T12:30:00+00:00"
+    assert read_first_failed({FIRST_FAILED_HEADER: stamp}) == naive.replace(tzinfo=UTC)
+
+
+def test_a_timestamp_beyond_the_calendar_is_no_publication_time():
+    event = decode(delivery(timestamp=10**20))
+    assert event.published_at is None
 
 
 # -- consumers, registry, topology -------------------------------------------------------
