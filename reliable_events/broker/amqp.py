@@ -408,11 +408,6 @@ class AmqpTransport(Transport):
     def connected(self) -> bool:
         return self._channel is not None
 
-    def topology(self) -> Topology:
-        specs = [spec for cls in self.consumer_classes for spec in cls.queue_specs()]
-        exchanges = [spec for cls in self.consumer_classes for spec in cls.exchange_specs()]
-        return full_topology(specs, exchanges)
-
     def connect(self) -> None:
         if self.connected:
             return
