@@ -67,9 +67,6 @@ class UnroutedCount:
     def known(self) -> bool:
         return self.count is not None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"queue": self.queue, "count": self.count, "error": self.error}
-
 
 @dataclass
 class RepublishReport:
