@@ -150,6 +150,9 @@ def test_a_frame_variable_that_cannot_be_printed_is_left_to_django():
         (True, URL, None, "no.such.Filter", True),
         (False, URL, URL, None, False),
         (True, "memory://", "filesystem://", None, False),
+        (True, "amqp://guest@rabbit//", None, None, False),  # no password
+        # urlsplit refuses it (an unclosed "["), the page would still show its password
+        (True, f"amqp://app:{PASSWORD}@[rabbit-1//", None, None, True),
     ],
 )
 def test_w003_debug_with_a_broker_password_and_no_filter(
