@@ -46,7 +46,6 @@ from reliable_events.topology import (
     Topology,
     declare_on_amqp_channel,
     events_topology,
-    full_topology,
 )
 from reliable_events.topology_check import TopologyCheck
 
