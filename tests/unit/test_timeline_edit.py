@@ -153,6 +153,19 @@ def test_edit_and_retry_publishes_a_copy_with_a_new_id_and_records_it() -> None:
     assert deadletters.edit_and_retry(letter, {}, user="alice").skipped
 
 
+def test_triage_of_a_letter_deleted_meanwhile_or_of_no_letter_changes_nothing() -> None:
+    letter = dead_letter(payload={"order_id": 1})
+    DeadLetter.objects.filter(pk=letter.pk).delete()  # purged by another operator
+    result = deadletters.edit_and_retry(letter, {"order_id": 2}, user="alice")
+    assert result.skipped == {letter.pk: "no such dead letter"}
+    assert (result.done, result.outbox_ids) == ([], [])
+    assert not OutboxMessage.objects.exists()
+    assert not TriageEntry.objects.exists()
+    nothing = deadletters.discard([], user="alice", note="nothing selected")
+    assert (nothing.done, nothing.skipped) == ([], {})
+    assert not TriageEntry.objects.exists()
+
+
 def test_edit_and_retry_fixes_a_body_that_was_not_json() -> None:
     letter = dead_letter(payload=None, raw_body="{order_id: 42", reason="not-json")
     assert deadletters.retry_block_reason(letter) is not None
