@@ -25,6 +25,7 @@ from reliable_events.consumer.base import HandlerResult, Outcome
 from reliable_events.liveness import HeartbeatWriter
 from reliable_events.metrics_collector import build_registry, capped
 from reliable_events.relay.claims import RelayReport
+from reliable_events.topology import Topology, events_topology
 from tests.support.consumer_support import make_consumer
 from tests.support.deadletter_factory import dead_letter, outbox_row
 from tests.support.producer_support import free_port
@@ -170,6 +171,10 @@ class FakePublisher(Publisher):
 
     def __init__(self) -> None:
         self.closed = False
+        self.declared: list[Topology] = []
+
+    def declare(self, topology: Topology) -> None:
+        self.declared.append(topology)
 
     def connect(self) -> None:
         pass
@@ -222,6 +227,10 @@ def test_the_metered_publisher_counts_each_outcome() -> None:
     assert sample("reliable_events_confirm_latency_seconds_count") - latency == 1
     assert publisher.url == "fake://"
     assert publisher.connected
+    topology = events_topology()
+    publisher.declare(topology)
+    assert inner.declared == [topology]
+    assert publisher.closed is False  # any other attribute is the inner publisher's
     publisher.close()
     assert inner.closed
 
