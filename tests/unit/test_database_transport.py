@@ -19,7 +19,7 @@ from django.test.utils import CaptureQueriesContext
 
 from reliable_events import publish_event
 from reliable_events.broker import KEY_HEADER, UNROUTABLE_QUEUE, OutgoingMessage, open_publisher
-from reliable_events.broker.queue_rows import table_name
+from reliable_events.broker.queue_rows import CHANNEL, table_name
 from reliable_events.checks import reliable_events_checks
 from reliable_events.consumer import Event, EventConsumer
 from reliable_events.consuming import ATTEMPT_HEADER, NOT_JSON, Worker
@@ -517,7 +517,8 @@ def test_a_lost_listen_connection_falls_back_to_polling_and_listens_again(
             cursor.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND query LIKE 'LISTEN%%'"
+                "AND query = %s",
+                [f"LISTEN {CHANNEL}"],
             )
             assert cursor.fetchone() == (1,)
         assert transport.get(0.5) is None  # the wait fails: it sleeps instead
@@ -529,7 +530,8 @@ def test_a_lost_listen_connection_falls_back_to_polling_and_listens_again(
         with connection.cursor() as cursor:
             cursor.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND query LIKE 'LISTEN%%'"
+                "AND query = %s",
+                [f"LISTEN {CHANNEL}"],
             )
             assert cursor.fetchone() == (1,)
     finally:
