@@ -16,6 +16,7 @@ from reliable_events.broker.queue_rows import dialect_for
 from reliable_events.broker_url import OWN_TRANSPORTS, node_list_problems
 from reliable_events.conf import app_settings
 from reliable_events.db import queue_alias
+from reliable_events.debug import mask_urls
 from reliable_events.exceptions import ConfigurationError
 
 DOCS = "See docs/settings.md."
@@ -142,7 +143,18 @@ def check_broker_url() -> list[CheckMessage]:
         ]
     from kombu.transport import TRANSPORT_ALIASES
 
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        split = urlsplit(url)
+        split.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:  # the URL stays out of the message: it may hold a password
+        return [
+            Error(
+                "RELIABLE_EVENTS['BROKER_URL'] is not a URL (bad port or host).",
+                hint="e.g. 'amqp://user:password@host:5672//'. " + DOCS,
+                id="reliable_events.E002",
+            )
+        ]
+    scheme = split.scheme.lower()
     if scheme in OWN_TRANSPORTS or scheme in UNSAFE_TRANSPORTS:
         return check_own_transport(url, scheme)
     if scheme not in TRANSPORT_ALIASES and scheme != "amqps":
@@ -324,10 +336,8 @@ SAFE_FILTER = "reliable_events.debug.SafeExceptionReporterFilter"
 
 
 def _has_password(url: Any) -> bool:
-    try:
-        return isinstance(url, str) and bool(urlsplit(url).password)
-    except ValueError:
-        return False
+    """Whether the filter would mask something in ``url`` (also one urlsplit refuses)."""
+    return isinstance(url, str) and mask_urls(url) != url
 
 
 def check_debug_filter() -> list[CheckMessage]:

@@ -28,6 +28,8 @@ from reliable_events.sanitize import redact
 _URL_WITH_PASSWORD = re.compile(
     r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@'\"<>]*:[^\s/'\"<>]*@[^\s'\"<>]*"
 )
+#: The same userinfo, its password in no group (masked even where ``urlsplit`` fails).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s/@'\"<>]*:)[^\s/'\"<>]*@")
 
 
 def mask_urls(text: str) -> str:
@@ -35,7 +37,8 @@ def mask_urls(text: str) -> str:
     # Longest password first: one may contain another.
     for url in sorted(set(_URL_WITH_PASSWORD.findall(text)), key=_password_length, reverse=True):
         text = redact(text, url)
-    return text
+    # A URL urlsplit cannot read (an unclosed "[" in its host) still has its userinfo.
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def _password_length(url: str) -> int:

@@ -67,9 +67,6 @@ class UnroutedCount:
     def known(self) -> bool:
         return self.count is not None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"queue": self.queue, "count": self.count, "error": self.error}
-
 
 @dataclass
 class RepublishReport:
@@ -315,11 +312,11 @@ def _move(
 
 
 def sample_topics(channel: Any, limit: int = SAMPLE_SIZE) -> Counter[str]:
-    """Topics of up to ``limit`` unrouted messages, read by moving them from the head of
-    the queue to its tail (confirmed, then acked); ``channel`` must be a fresh one."""
-    timeout = float(app_settings.CONFIRM_TIMEOUT)
-    queue = unrouted_name()
-    return _move(channel, limit, "", lambda _message: queue, confirm_timeout=timeout)
+    """Topics of up to ``limit`` unrouted messages, each read once by moving it from the
+    head of the queue to its tail (confirmed, then acked); ``channel`` must be a fresh one."""
+    timeout, queue = float(app_settings.CONFIRM_TIMEOUT), unrouted_name()
+    budget = min(limit, queue_depth(channel))  # past the depth: the moved ones again
+    return _move(channel, budget, "", lambda _message: queue, confirm_timeout=timeout)
 
 
 def republish_unrouted(

@@ -46,7 +46,6 @@ from reliable_events.topology import (
     Topology,
     declare_on_amqp_channel,
     events_topology,
-    full_topology,
 )
 from reliable_events.topology_check import TopologyCheck
 
@@ -407,11 +406,6 @@ class AmqpTransport(Transport):
     @property
     def connected(self) -> bool:
         return self._channel is not None
-
-    def topology(self) -> Topology:
-        specs = [spec for cls in self.consumer_classes for spec in cls.queue_specs()]
-        exchanges = [spec for cls in self.consumer_classes for spec in cls.exchange_specs()]
-        return full_topology(specs, exchanges)
 
     def connect(self) -> None:
         if self.connected:

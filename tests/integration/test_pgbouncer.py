@@ -12,6 +12,7 @@ from reliable_events import publish_event
 from reliable_events.consumer.idempotency import record_processed
 from reliable_events.models import LaneLease, OutboxMessage, RelayPresence
 from reliable_events.relay import Relay, behind_pooler, relay_once
+from reliable_events.relay.pooling import listen_works
 from tests.support.producer_support import drain_queue, message_ids
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
@@ -26,6 +27,19 @@ def test_a_pooled_connection_is_detected(through_pgbouncer):
 
 def test_a_direct_connection_is_not_taken_for_a_pooled_one():
     assert not behind_pooler(connection)
+    assert not behind_pooler(connection)  # detected once per connection: the same answer
+
+
+def test_relay_listen_forces_listen_or_polling_whatever_is_detected(re_settings):
+    assert listen_works(connection)  # None (the default): detected, a direct connection
+    re_settings(RELAY_LISTEN=False)
+    assert not listen_works(connection)
+    re_settings(RELAY_LISTEN=True)
+    assert listen_works(connection)
+
+
+def test_relay_listen_detects_the_pooler_by_default(through_pgbouncer):
+    assert not listen_works(connection)
 
 
 @pytest.mark.rabbitmq

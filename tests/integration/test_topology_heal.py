@@ -24,11 +24,18 @@ from django.db import connections
 
 from reliable_events import publish_event
 from reliable_events.consumer import Event, EventConsumer
+from reliable_events.consumer.partitions import hash_exchange, partition_queues
 from reliable_events.consuming import Worker
 from reliable_events.models import OutboxMessage
 from reliable_events.overview import overview
 from reliable_events.relay import Relay, relay_once
-from reliable_events.topology import declare_on_amqp_channel, events_topology, unrouted_name
+from reliable_events.topology import (
+    declare_on_amqp_channel,
+    events_topology,
+    full_topology,
+    unrouted_name,
+)
+from reliable_events.topology_check import TopologyCheck
 from reliable_events.unrouted import clear_cache, count_unrouted
 from tests.support.consumer_support import applied, make_consumer, queue_names, running
 from tests.support.producer_support import wait_until
@@ -263,3 +270,90 @@ def _queue_exists(url: str, name: str) -> bool:
         except Exception:  # NOT_FOUND closes that channel; this connection is thrown away
             return False
     return True
+
+
+def test_republish_exits_5_when_the_events_still_have_no_queue(broker, rabbit, re_settings):
+    """Nothing is bound for the topic yet: re-published, the events come straight back
+    to the unrouted queue; the command says so and exits 5 (none is lost)."""
+    re_settings(PUBLISH_ON_COMMIT=False)
+    for n in range(3):
+        publish_event("nobody.listens", {"n": n})
+    relay = Relay()
+    try:
+        assert relay.drain().sent == 3
+    finally:
+        relay.close()
+    unrouted = unrouted_name()
+    rabbit.queues.append(unrouted)
+    assert wait_until(lambda: rabbit.count(unrouted) == 3, timeout=10)
+    with pytest.raises(CommandError, match="--limit must be a positive number") as info:
+        call_command("republish_unrouted", "--limit", "0", stdout=StringIO())
+    assert info.value.returncode == 1
+    with pytest.raises(CommandError) as info:
+        call_command("republish_unrouted", stdout=StringIO())
+    assert info.value.returncode == 5
+    assert f"3 event(s) are still in {unrouted!r}: no queue is bound" in str(info.value)
+    assert rabbit.count(unrouted) == 3
+
+
+def test_a_check_binds_an_idle_ordered_consumer_never_creates_a_queue_and_samples_once(
+    broker, rabbit, amqp_url, exchange_name, clean_registry, re_settings, caplog
+):
+    """The check of a worker running one consumer: another, ordered, registered consumer
+    gets its hash exchange bound again; a registered consumer whose queue was never
+    declared is left alone (``declare_topology`` creates queues, not the check).  Unrouted
+    events nobody here subscribes to are named in a warning, and a second check at the
+    same depth reuses the sample instead of moving the messages again."""
+    re_settings(PUBLISH_ON_COMMIT=False)
+    caplog.set_level(logging.WARNING, logger="reliable_events")
+    mine = make_consumer(clean_registry, topics=["orders.*"])
+    ordered = make_consumer(clean_registry, topics=["payments.*"])
+    ordered.ordered = True
+    ordered.partitions = 2
+    never = make_consumer(clean_registry, topics=["refunds.*"])
+    rabbit.queues.extend([*queue_names(mine), *partition_queues(ordered)])
+    rabbit.exchanges.append(hash_exchange(ordered))
+    declare_on_amqp_channel(
+        rabbit.channel, full_topology(ordered.queue_specs(), ordered.exchange_specs())
+    )
+    # The events exchange deleted and re-declared: every binding to it is gone.
+    rabbit.channel.exchange_delete(exchange_name)
+    declare_on_amqp_channel(rabbit.channel, events_topology())
+    for n in range(3):
+        publish_event("nobody.listens", {"n": n})
+    relay = Relay()
+    try:
+        assert relay.drain().sent == 3
+    finally:
+        relay.close()
+    assert wait_until(lambda: rabbit.count(unrouted_name()) == 3, timeout=10)
+
+    check = TopologyCheck([mine])
+    result = check.run(rabbit.connection)
+    assert sorted(result.missing) == sorted(f"queue {name!r}" for name in queue_names(mine))
+    assert result.rebound == [hash_exchange(ordered)]
+    assert not _queue_exists(amqp_url, never.queue_name())
+    assert result.unrouted == 3
+    assert result.topics == {"nobody.listens": 3}
+    assert result.ours == {}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "no queue was bound for their topic" in t and "nobody.listens" in t for t in warnings
+    )
+
+    again = check.run(rabbit.connection)
+    assert again.missing == []
+    assert again.topics is result.topics  # the same depth: not sampled again
+    assert rabbit.count(unrouted_name()) == 3  # sampling moves messages, never drops them
+
+    publish("payments.created", 4)
+    relay = Relay()
+    try:
+        assert relay.drain().sent == 4
+    finally:
+        relay.close()
+    partitions = partition_queues(ordered)
+    assert wait_until(
+        lambda: sum(rabbit.count(name) for name in partitions) == 4, timeout=10
+    )  # through the hash exchange bound again by the first check
+    assert rabbit.count(unrouted_name()) == 3

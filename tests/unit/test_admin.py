@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -433,6 +434,22 @@ def test_outbox_changelist_bounded_and_shows_backlog(
         reverse("admin:reliable_events_outboxmessage_changelist"), {"status__exact": "dead"}
     )
     assert len(response.context["cl"].result_list) == 1
+
+
+def test_outbox_changelist_shows_ages_in_their_two_largest_units(admin_client: Client) -> None:
+    now = timezone.now()
+    for age in (
+        timedelta(days=2, hours=3, minutes=4),
+        timedelta(hours=3, minutes=5, seconds=6),
+        timedelta(minutes=7, seconds=8),
+    ):
+        row = outbox_row(status="pending", attempts=0)
+        OutboxMessage.objects.filter(pk=row.pk).update(created_at=now - age)
+    html = admin_client.get(reverse("admin:reliable_events_outboxmessage_changelist")).content
+    text = html.decode()
+    assert re.search(r">2d 3h</span>", text)
+    assert re.search(r">3h 5m</span>", text)
+    assert re.search(r">7m (8|9|10)s</span>", text)  # the page is built a moment later
 
 
 def test_outbox_retry_dead_action() -> None:

@@ -44,7 +44,14 @@ def test_e001_settings_not_a_dict(settings):
 
 @pytest.mark.parametrize(
     ("url", "words"),
-    [("", "non-empty"), (None, "non-empty"), (5, "non-empty"), ("nosuch://x:9092", "'nosuch'")],
+    [
+        ("", "non-empty"),
+        (None, "non-empty"),
+        (5, "non-empty"),
+        ("nosuch://x:9092", "'nosuch'"),
+        ("amqp://u:s3cret@[rabbit//", "not a URL"),  # an unclosed "[": urlsplit refuses it
+        ("amqp://u:s3cret@rabbit:56720000//", "not a URL"),  # a port out of range
+    ],
 )
 def test_e002_broker_url(settings, re_settings, url, words):
     settings.CELERY_BROKER_URL = None
@@ -55,6 +62,7 @@ def test_e002_broker_url(settings, re_settings, url, words):
     assert _ids(messages) == ["reliable_events.E002"]
     assert words in messages[0].msg
     assert "amqp://" in str(messages[0].hint)
+    assert "s3cret" not in messages[0].msg
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,40 @@ def test_relay_once_exits_3_when_events_could_not_be_published(re_settings):
     assert row.attempts == 0  # the broker failed, not the event: no attempt counted
 
 
+def test_relay_once_exits_3_when_the_broker_refuses_an_event(re_settings):
+    """The broker answers but refuses one row (addressed to a queue nobody declared): that
+    row counts an attempt and stays pending, the command says so and exits 3."""
+    re_settings(PUBLISH_ON_COMMIT=False, BROKER_URL="db://")
+    row = OutboxMessage.objects.create(
+        message_id="m-addressed",
+        topic="a.b",
+        queue="nobody.listens",
+        payload={},
+        next_attempt_at=timezone.now(),
+    )
+    err = StringIO()
+    with pytest.raises(CommandError) as info:
+        call_command("relay_outbox", "--once", stdout=StringIO(), stderr=err)
+    assert info.value.returncode == 3
+    assert str(info.value) == "1 event(s) could not be published; they stay pending"
+    assert err.getvalue().startswith("  error: ")
+    row.refresh_from_db()
+    assert (row.status, row.attempts) == (OutboxMessage.Status.PENDING, 1)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"CLOUDEVENTS": "sometimes"}, "CLOUDEVENTS is 'sometimes'"),
+    ],
+)
+def test_relay_with_a_bad_configuration_exits_1(re_settings, setting, message):
+    re_settings(**setting)
+    with pytest.raises(CommandError, match=message) as info:
+        run("relay_outbox", "--once")
+    assert info.value.returncode == 1
+
+
 @pytest.mark.parametrize("size", ["0", "-5"])
 def test_relay_batch_size_must_be_positive(size):
     with pytest.raises(CommandError, match="--batch-size must be at least 1") as info:

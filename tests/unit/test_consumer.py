@@ -16,6 +16,7 @@ from reliable_events.consumer import (
     record_processed,
     registry,
 )
+from reliable_events.consumer.wire import FIRST_FAILED_HEADER, HISTORY_HEADER, read_first_failed
 from reliable_events.consuming import (
     ATTEMPT_HEADER,
     BAD_ATTEMPT_HEADER,
@@ -198,6 +199,23 @@ def test_retry_headers_drop_broker_headers_and_carry_the_history():
     assert read_history(headers) == failure.history
 
 
+def test_retry_headers_as_other_amqp_clients_type_them_are_read():
+    """Another client may send the history as a byte array and the first failure as an
+    AMQP timestamp; neither may be lost, and nonsense is read as nothing."""
+    history = [{"attempt": 1, "at": "2024-01-01T00:00:00+00:00", "error": "E"}]
+    assert read_history({HISTORY_HEADER: json.dumps(history).encode()}) == history
+    assert read_history({HISTORY_HEADER: '{"attempt": 1}'}) == []
+    naive = datetime(2024, 1, 1, 12, 30)
+    assert read_first_failed({FIRST_FAILED_HEADER: naive}) == naive.replace(tzinfo=UTC)
+    stamp = b"2024-01-01T12:30:00+00:00"
+    assert read_first_failed({FIRST_FAILED_HEADER: stamp}) == naive.replace(tzinfo=UTC)
+
+
+def test_a_timestamp_beyond_the_calendar_is_no_publication_time():
+    event = decode(delivery(timestamp=10**20))
+    assert event.published_at is None
+
+
 # -- consumers, registry, topology -------------------------------------------------------
 def test_subclasses_register_and_reset_empties_the_registry(clean_registry):
     class ReserveStock(EventConsumer):
@@ -245,6 +263,22 @@ def test_invalid_consumers_are_refused(clean_registry, attrs):
     base = {"name": "valid.name", "topics": ["orders.*"], "handle": lambda self, event: None}
     with pytest.raises(ConfigurationError):
         type("Bad", (EventConsumer,), {**base, **attrs})
+
+
+@pytest.mark.parametrize(
+    ("attrs", "error"),
+    [
+        ({"hold_key_on_dead_letter": True}, "hold_key_on_dead_letter needs ordered = True"),
+        ({"ordered": True, "partitions": 0}, "partitions must be an int from 1 to 64"),
+        ({"ordered": True, "partitions": 65}, "partitions must be an int from 1 to 64"),
+        ({"ordered": True, "partitions": "4"}, "partitions must be an int from 1 to 64"),
+    ],
+)
+def test_ordering_options_out_of_range_are_refused(clean_registry, attrs, error):
+    base = {"name": "valid.name", "topics": ["orders.*"], "handle": lambda self, event: None}
+    with pytest.raises(ConfigurationError, match=error):
+        type("Bad", (EventConsumer,), {**base, **attrs})
+    assert "valid.name" not in registry.names()
 
 
 def test_consumers_module_of_the_test_app_defines_nothing_without_its_env(monkeypatch):

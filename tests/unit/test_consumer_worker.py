@@ -644,6 +644,58 @@ def test_consumer_service_runs_in_a_thread_and_stops(clean_registry, settings):
     assert applied(consumer, "m-1") == 1
 
 
+def test_consumer_service_keeps_the_error_that_ended_its_thread(clean_registry, caplog):
+    """An exception no handler code catches (here KeyboardInterrupt, as SIGINT would raise
+    it) ends the thread: the service keeps it, logs it, and stopping is still clean."""
+
+    def interrupt(consumer: EventConsumer, event: Event) -> None:
+        raise KeyboardInterrupt("interrupted in the handler")
+
+    consumer = make_consumer(clean_registry, behaviour=interrupt)
+    service = ConsumerService([consumer.name])
+    service.stop()  # never started: nothing to stop
+    service.start()
+    thread = service.thread
+    service.start()  # already running: the same thread
+    assert service.thread is thread
+    send(message_id="m-1")
+    deadline = time.monotonic() + 10
+    while service.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not service.running
+    assert isinstance(service.error, KeyboardInterrupt)
+    assert "the consumer thread stopped on an error" in caplog.text
+    service.stop(timeout=1)
+    assert applied(consumer, "m-1") == 0
+
+
+def test_consumer_service_says_when_its_thread_outlives_the_stop_timeout(clean_registry, caplog):
+    gate = threading.Event()
+    started = threading.Event()
+
+    def hold(consumer: EventConsumer, event: Event) -> None:
+        started.set()
+        assert gate.wait(30)
+
+    consumer = make_consumer(clean_registry, behaviour=hold)
+    service = ConsumerService([consumer.name])
+    service.start()
+    thread = service.thread
+    assert thread is not None
+    try:
+        send(message_id="m-1")
+        assert started.wait(10)
+        service.stop(timeout=0.1)
+        assert "consumer thread still busy after 0s" in caplog.text
+        assert thread.is_alive()
+    finally:
+        gate.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert service.error is None
+    assert applied(consumer, "m-1") == 1  # the message it was busy with was finished
+
+
 def test_consumer_step_is_left_out_when_no_consumers_are_configured(settings):
     settings.RELIABLE_EVENTS = {**settings.RELIABLE_EVENTS, "CELERY_CONSUMERS": []}
     step = ConsumerStep.__new__(ConsumerStep)

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
-from django.db import connection, connections, transaction
+from django.db import DatabaseError, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
 from reliable_events import publish_event
 from reliable_events.broker import KEY_HEADER, UNROUTABLE_QUEUE, OutgoingMessage, open_publisher
+from reliable_events.broker.queue_rows import CHANNEL, table_name
 from reliable_events.checks import reliable_events_checks
 from reliable_events.consumer import Event, EventConsumer
 from reliable_events.consuming import ATTEMPT_HEADER, NOT_JSON, Worker
@@ -28,10 +29,11 @@ from reliable_events.database_transport import (
     insert_rows,
     queue_row,
 )
-from reliable_events.exceptions import PermanentError
+from reliable_events.exceptions import ConfigurationError, PermanentError
 from reliable_events.models import DeadLetter, ProcessedMessage, QueuedMessage
 from reliable_events.relay import relay_once
 from reliable_events.routing import binding_matches
+from reliable_events.topology import events_topology
 from tests.support.consumer_support import applied, make_consumer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -428,3 +430,109 @@ def test_a_database_failure_while_processing_rolls_the_claim_back(clean_registry
     assert (stats.database_outages, stats.requeued, stats.processed) == (1, 1, 1)
     assert applied(consumer, "m-1") == 1
     assert not QueuedMessage.objects.exists()
+
+
+def test_a_claim_left_unsettled_or_requeued_goes_back_and_a_late_ack_changes_nothing(
+    clean_registry,
+):
+    consumer = make_consumer(clean_registry)
+    open_publisher().publish(
+        [message("orders.created", "m-1"), message("orders.created", "m-2")], timeout=1
+    )
+    transport = DatabaseTransport(URL, [consumer], prefetch=1)
+    transport.connect()
+    try:
+        assert transport.take_more(consumer.name, 5) == []  # no claim open to add to
+        first = transport.get(1.0)
+        assert first is not None
+        assert first.message_id == "m-1"
+        again = transport.get(1.0)  # ``first`` was never settled: rolled back first
+        assert again is not None
+        assert again.message_id == "m-1"
+        transport.ack(first)  # of a transaction rolled back: nothing to commit
+        transport.requeue(again)
+        assert rows() == [(consumer.name, "m-1"), (consumer.name, "m-2")]
+        last = transport.get(1.0)
+        assert last is not None
+        transport.ack(last)
+        assert rows() == [(consumer.name, "m-2")]
+    finally:
+        transport.close()
+
+
+def test_an_ack_of_a_transaction_marked_for_rollback_leaves_the_row_in_its_queue(
+    clean_registry, caplog
+):
+    """A handler swallowed a database error outside a savepoint: Django marked the claim's
+    transaction for rollback, so the ack cannot commit it; the row stays to be retried."""
+    consumer = make_consumer(clean_registry)
+    open_publisher().publish([message("orders.created", "m-1")], timeout=1)
+    transport = DatabaseTransport(URL, [consumer], prefetch=1)
+    transport.connect()
+    try:
+        delivery = transport.get(1.0)
+        assert delivery is not None
+        with pytest.raises(DatabaseError), transaction.atomic(savepoint=False):
+            connection.cursor().execute("SELECT * FROM no_such_table_here")
+        transport.ack(delivery)
+    finally:
+        transport.close()
+    assert "the transaction of m-1 was marked for rollback" in caplog.text
+    assert rows() == [(consumer.name, "m-1")]
+    stats = Worker([consumer]).run(until_idle=0.3)
+    assert stats.processed == 1
+    assert applied(consumer, "m-1") == 1
+
+
+def test_publishing_nothing_writes_nothing_and_a_missing_table_is_named_at_declare(
+    clean_registry,
+):
+    publisher = DatabasePublisher(URL)
+    result = publisher.publish([], timeout=1)
+    assert (result.confirmed, result.failed) == ([], {})
+    publisher.declare(events_topology())  # the table is there: nothing to say
+
+    table = table_name(connection.alias)
+    with transaction.atomic():
+        connection.cursor().execute(f"ALTER TABLE {table} RENAME TO re_queue_away")
+        with pytest.raises(ConfigurationError, match=r"table is missing .*run manage.py migrate"):
+            publisher.declare(events_topology())
+        transaction.set_rollback(True)  # the rename is undone with the rest
+    assert not QueuedMessage.objects.exists()  # the table is back
+
+
+@pytest.mark.postgres
+def test_a_lost_listen_connection_falls_back_to_polling_and_listens_again(
+    clean_registry, re_settings
+):
+    if connection.vendor != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    re_settings(DATABASE_POLL_MAX=0.2)
+    consumer = make_consumer(clean_registry)
+    transport = DatabaseTransport(URL, [consumer], prefetch=1)
+    transport.connect()
+    try:
+        assert transport.get(0.5) is None  # idle: listening
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND query = %s",
+                [f"LISTEN {CHANNEL}"],
+            )
+            assert cursor.fetchone() == (1,)
+        assert transport.get(0.5) is None  # the wait fails: it sleeps instead
+        open_publisher().publish([message("orders.created", "m-1")], timeout=1)
+        delivery = transport.get(5.0)  # found by polling
+        assert delivery is not None
+        transport.ack(delivery)
+        assert transport.get(0.5) is None  # and listening again (a new connection)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query = %s",
+                [f"LISTEN {CHANNEL}"],
+            )
+            assert cursor.fetchone() == (1,)
+    finally:
+        transport.close()

@@ -110,10 +110,34 @@ def test_frame_variables_are_masked_when_debug_is_off_too(leaky):
             "try amqp://a:***@h1// then redis://:***@h2/0",
         ),
         ("postgres://u:p%40ss@db/x", "postgres://u:***@db/x"),
+        # urlsplit refuses it (an unclosed "["): its password is masked all the same
+        (f"amqp://u:{PASSWORD}@[rabbit-1//", "amqp://u:***@[rabbit-1//"),
     ],
 )
 def test_mask_urls(text, expected):
     assert mask_urls(text) == expected
+
+
+class Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_a_frame_variable_that_cannot_be_printed_is_left_to_django():
+    def fail() -> None:
+        thing = Unprintable()  # noqa: F841
+        raise RuntimeError("handler failed")
+
+    try:
+        fail()
+    except RuntimeError as exc:
+        tb = exc.__traceback__
+        assert tb is not None
+        assert tb.tb_next is not None
+        variables = dict(
+            SafeExceptionReporterFilter().get_traceback_frame_variables(None, tb.tb_next.tb_frame)
+        )
+    assert isinstance(variables["thing"], Unprintable)  # as is: Django's page reports the error
 
 
 @pytest.mark.parametrize(
@@ -126,6 +150,9 @@ def test_mask_urls(text, expected):
         (True, URL, None, "no.such.Filter", True),
         (False, URL, URL, None, False),
         (True, "memory://", "filesystem://", None, False),
+        (True, "amqp://guest@rabbit//", None, None, False),  # no password
+        # urlsplit refuses it (an unclosed "["), the page would still show its password
+        (True, f"amqp://app:{PASSWORD}@[rabbit-1//", None, None, True),
     ],
 )
 def test_w003_debug_with_a_broker_password_and_no_filter(

@@ -21,8 +21,11 @@ from reliable_events.broker import (
     key_bucket,
     open_publisher,
 )
+from reliable_events.consumer.worker import Worker
+from reliable_events.exceptions import ConfigurationError
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import Relay, relay_once, retry_dead
+from tests.support.consumer_support import make_consumer
 
 pytestmark = pytest.mark.django_db
 
@@ -298,3 +301,12 @@ def test_closing_a_broken_connection_is_quiet(caplog):
     with caplog.at_level(logging.DEBUG, logger="reliable_events"):
         quiet_release(object())  # has no release(): the error is logged at debug level only
     assert "error while closing a broker connection" in caplog.text
+
+
+def test_an_ordered_consumer_is_refused_on_a_kombu_transport(clean_registry: Any) -> None:
+    """kombu's virtual transports have no consistent-hash exchange: ordering would be lost
+    silently, so the worker refuses to start rather than consume out of order."""
+    consumer = make_consumer(clean_registry, name="orders.ordered")
+    consumer.ordered = True
+    with pytest.raises(ConfigurationError, match=r"ordered consumers \(orders.ordered\) need"):
+        Worker([consumer], url="memory://")

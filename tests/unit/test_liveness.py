@@ -5,12 +5,17 @@ consume loop's own heartbeat."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import timedelta
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -21,8 +26,12 @@ from reliable_events.maintenance import purge
 from reliable_events.models import Heartbeat, QueuedMessage
 from reliable_events.relay.claims import RelayReport
 from tests.support.consumer_support import make_consumer
+from tests.support.producer_support import free_port
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.django_db
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +107,50 @@ def test_health_command_exit_codes(clean_registry: Any) -> None:
     assert health("--relay", "--consumers")[0] == 3  # the first failing check wins
 
 
+def _probe(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """``manage.py reliable_events_health`` in a child process, as a Kubernetes probe runs
+    it, on the test database reached through ``port``."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+        "RE_TEST_DATABASE": "postgres",
+        "RE_TEST_PG_NAME": connection.settings_dict["NAME"],
+        "RE_TEST_PG_PORT": str(port),
+    }
+    return subprocess.run(
+        [sys.executable, "manage.py", "reliable_events_health", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.postgres
+def test_health_command_exits_2_when_the_database_does_not_answer() -> None:
+    target = connection.settings_dict
+    with TcpProxy(target["HOST"], int(target["PORT"])) as proxy:
+        healthy = _probe(proxy.port)
+        assert (healthy.returncode, healthy.stdout.strip()) == (0, "database: ok"), healthy.stderr
+
+        proxy.stop()  # the database's address now refuses connections
+        down = _probe(proxy.port, "--relay")
+        assert down.returncode == 2, down.stdout + down.stderr
+        assert down.stdout.startswith("database: ")
+        assert down.stdout.strip() != "database: ok"
+        assert "relays alive" not in down.stdout  # nothing else was asked of a dead database
+        assert down.stderr.strip().endswith("unhealthy: the database does not answer")
+        assert "Traceback" not in down.stderr
+
+        as_json = _probe(proxy.port, "--json")
+        assert as_json.returncode == 2
+        report = json.loads(as_json.stdout)
+        assert (report["status"], report["database"]) == ("fail", False)
+        assert report["error"]
+
+
 def test_outbox_status_json_includes_liveness(clean_registry: Any) -> None:
     consumer = make_consumer(clean_registry, name="status.c")
     HeartbeatWriter("consumer", [consumer.name]).tick({"processed": 7})
@@ -156,3 +209,21 @@ def test_the_consume_loop_beats_and_stops_cleanly(clean_registry: Any, re_settin
     state = liveness().consumer(consumer.name)
     assert state is not None
     assert state.problem
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_heartbeat_the_database_does_not_take_is_skipped_without_raising() -> None:
+    writer = HeartbeatWriter("relay")
+    saved = dict(connection.settings_dict)
+    connection.close()
+    if connection.vendor == "postgresql":
+        connection.settings_dict["PORT"] = str(free_port())  # nothing listens there
+    else:
+        connection.settings_dict["NAME"] = "/nonexistent-directory/reliable_events.sqlite3"
+    try:
+        assert writer.tick(RelayReport(sent=1)) is False
+    finally:
+        connection.close()
+        connection.settings_dict.update(saved)
+    assert not Heartbeat.objects.exists()
+    assert HeartbeatWriter("relay").tick(RelayReport(sent=2))  # the database is back

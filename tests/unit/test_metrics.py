@@ -15,6 +15,7 @@ from typing import Any
 
 import prometheus_client
 import pytest
+from django.db import connection
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,8 +25,10 @@ from reliable_events.consumer.base import HandlerResult, Outcome
 from reliable_events.liveness import HeartbeatWriter
 from reliable_events.metrics_collector import build_registry, capped
 from reliable_events.relay.claims import RelayReport
+from reliable_events.topology import Topology, events_topology
 from tests.support.consumer_support import make_consumer
 from tests.support.deadletter_factory import dead_letter, outbox_row
+from tests.support.producer_support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,6 +171,10 @@ class FakePublisher(Publisher):
 
     def __init__(self) -> None:
         self.closed = False
+        self.declared: list[Topology] = []
+
+    def declare(self, topology: Topology) -> None:
+        self.declared.append(topology)
 
     def connect(self) -> None:
         pass
@@ -220,6 +227,10 @@ def test_the_metered_publisher_counts_each_outcome() -> None:
     assert sample("reliable_events_confirm_latency_seconds_count") - latency == 1
     assert publisher.url == "fake://"
     assert publisher.connected
+    topology = events_topology()
+    publisher.declare(topology)
+    assert inner.declared == [topology]
+    assert publisher.closed is False  # any other attribute is the inner publisher's
     publisher.close()
     assert inner.closed
 
@@ -327,3 +338,28 @@ def test_without_prometheus_client_everything_is_a_no_op() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_scrape_while_the_database_does_not_answer_says_so_and_the_next_reconnects(
+    client: Client,
+) -> None:
+    outbox_row(status="pending")
+    saved = dict(connection.settings_dict)
+    connection.close()
+    if connection.vendor == "postgresql":
+        connection.settings_dict["PORT"] = str(free_port())  # nothing listens there
+    else:
+        connection.settings_dict["NAME"] = "/nonexistent-directory/reliable_events.sqlite3"
+    try:
+        response = client.get("/metrics/")
+    finally:
+        connection.close()
+        connection.settings_dict.update(saved)
+    assert response.status_code == 200
+    text = response.content.decode()
+    assert samples(text, "reliable_events_database_up") == {(): 0}
+    assert samples(text, "reliable_events_outbox_pending") == {}
+    text = client.get("/metrics/").content.decode()
+    assert samples(text, "reliable_events_database_up") == {(): 1}
+    assert samples(text, "reliable_events_outbox_pending") == {(("topic", "orders.created"),): 1}

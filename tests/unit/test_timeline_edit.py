@@ -153,6 +153,19 @@ def test_edit_and_retry_publishes_a_copy_with_a_new_id_and_records_it() -> None:
     assert deadletters.edit_and_retry(letter, {}, user="alice").skipped
 
 
+def test_triage_of_a_letter_deleted_meanwhile_or_of_no_letter_changes_nothing() -> None:
+    letter = dead_letter(payload={"order_id": 1})
+    DeadLetter.objects.filter(pk=letter.pk).delete()  # purged by another operator
+    result = deadletters.edit_and_retry(letter, {"order_id": 2}, user="alice")
+    assert result.skipped == {letter.pk: "no such dead letter"}
+    assert (result.done, result.outbox_ids) == ([], [])
+    assert not OutboxMessage.objects.exists()
+    assert not TriageEntry.objects.exists()
+    nothing = deadletters.discard([], user="alice", note="nothing selected")
+    assert (nothing.done, nothing.skipped) == ([], {})
+    assert not TriageEntry.objects.exists()
+
+
 def test_edit_and_retry_fixes_a_body_that_was_not_json() -> None:
     letter = dead_letter(payload=None, raw_body="{order_id: 42", reason="not-json")
     assert deadletters.retry_block_reason(letter) is not None
@@ -247,3 +260,51 @@ def test_every_timeline_query_finds_its_rows_through_an_index() -> None:
             # The lookup keys are the index's leading column(s), not a filter on its rows.
             leading = "consumer" if table.endswith("processedmessage") else "message_id"
             assert any(leading in line for line in conditions), plan
+
+
+def _messages(client: Client, response: Any) -> list[str]:
+    assert response.status_code == 302, response.content[:300]
+    return [str(m) for m in client.get(response["Location"]).context["messages"]]
+
+
+def test_admin_edit_refuses_what_it_cannot_edit(re_settings: Any) -> None:
+    editor = admin_client(staff_user("editor", *ONCALL, "edit_deadletter"))
+    missing = reverse("admin:reliable_events_deadletter_edit", args=[10**9])
+    assert editor.get(missing).status_code == 404
+
+    gone = dead_letter(status=DeadLetter.Status.DISCARDED)
+    response = editor.get(reverse("admin:reliable_events_deadletter_edit", args=[gone.pk]))
+    assert response["Location"] == reverse(
+        "admin:reliable_events_deadletter_change", args=[gone.pk]
+    )
+    assert f"Dead letter #{gone.pk} is discarded: nothing to edit." in _messages(editor, response)
+
+    nowhere = dead_letter(queue="", consumer="")
+    url = reverse("admin:reliable_events_deadletter_edit", args=[nowhere.pk])
+    response = editor.post(url, {"payload": '{"order_id": 7}', "note": "fix"})
+    assert "Not retried: the consumer queue is unknown." in _messages(editor, response)
+    nowhere.refresh_from_db()
+    assert nowhere.status == DeadLetter.Status.OPEN
+    assert not OutboxMessage.objects.exists()
+
+    re_settings(MAX_PAYLOAD_BYTES=40)
+    letter = dead_letter()
+    url = reverse("admin:reliable_events_deadletter_edit", args=[letter.pk])
+    big = editor.post(url, {"payload": '{"text": "' + "x" * 40 + '"}', "note": "fix"})
+    assert big.status_code == 200
+    assert "The payload is over MAX_PAYLOAD_BYTES (40 bytes)." in big.content.decode()
+    assert not OutboxMessage.objects.exists()
+
+
+def test_admin_edit_starts_from_the_raw_body_of_a_letter_that_was_not_json() -> None:
+    letter = dead_letter(payload=None, raw_body='{"order_id": 42,', reason="not-json")
+    editor = admin_client(staff_user("editor", *ONCALL, "edit_deadletter"))
+    form = editor.get(reverse("admin:reliable_events_deadletter_edit", args=[letter.pk]))
+    assert form.context["form"].initial["payload"] == '{"order_id": 42,'
+
+
+@pytest.mark.parametrize("message_id", ["a%00b", "x" * 256])
+def test_admin_timeline_of_an_impossible_message_id_is_a_404(message_id: str) -> None:
+    client = admin_client(staff_user("viewer", "view_deadletter"))
+    url = reverse("admin:reliable_events_timeline") + f"?message_id={message_id}"
+    assert client.get(url).status_code == 404

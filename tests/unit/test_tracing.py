@@ -244,3 +244,41 @@ def test_the_carried_context_is_what_the_global_propagator_extracts(headers):
         trace.get_current_span(theirs).get_span_context()
     )
     assert baggage.get_all(ours) == baggage.get_all(theirs)
+
+
+def test_an_oversized_baggage_is_not_stored_but_the_trace_context_is(re_settings):
+    re_settings(PUBLISH_ON_COMMIT=False)
+    with recording():
+        token = context.attach(baggage.set_baggage("blob", "x" * tracing.MAX_TRACE_HEADER))
+        try:
+            publish_in_request("request", message_id="m-big")
+        finally:
+            context.detach(token)
+    headers = OutboxMessage.objects.get(message_id="m-big").headers
+    assert "baggage" not in headers
+    assert tracing.creation_context(headers) is not None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # forbidden version
+        "00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01",  # not hex
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # invalid trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # invalid span id
+        "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",  # not dash-separated
+    ],
+)
+def test_a_malformed_traceparent_gives_no_creation_context(value):
+    assert tracing.creation_context({"traceparent": value}) is None
+
+
+def test_a_wellformed_traceparent_gives_its_creation_context():
+    found = tracing.creation_context(
+        {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    )
+    assert (found.trace_id, found.span_id, found.is_remote) == (
+        0x4BF92F3577B34DA6A3CE929D0E0E4736,
+        0x00F067AA0BA902B7,
+        True,
+    )

@@ -372,3 +372,72 @@ def test_nul_in_a_filter_value_is_a_400(admin_client: Client, model: str, param:
         reverse(f"admin:reliable_events_{model}_changelist") + f"?{param}=a%00b"
     )
     assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("form", "error"),
+    [
+        ({"op": "delete", "consumer": "mail.send", "fingerprint": "fp"}, "Unknown operation."),
+        ({"op": "retry", "consumer": "mail.send"}, "Pick a group"),
+        ({"op": "retry", "consumer": "", "fingerprint": "fp"}, "Pick a group"),
+        ({"op": "retry", "consumer": "mail\x00send", "fingerprint": "fp"}, "Pick a group"),
+    ],
+)
+def test_a_group_action_without_a_valid_group_or_operation_does_nothing(
+    form: dict[str, str], error: str
+) -> None:
+    client = admin_client(staff_user("oncall", *ONCALL))
+    many_dead_letters(2, consumer="mail.send", fingerprint="fp")
+    response = client.post(reverse(GROUP_ACTION), {**form, "upto": 10**9, "seen": 2})
+    assert response["Location"] == reverse(GROUPS)
+    assert any(error in text for text in messages_after(client, response))
+    assert DeadLetter.objects.open().count() == 2
+    assert not OutboxMessage.objects.exists()
+    assert not TriageEntry.objects.exists()
+
+
+def test_the_detail_triage_url_takes_only_a_known_post() -> None:
+    client = admin_client(staff_user("oncall", *ONCALL))
+    letter = dead_letter()
+    url = reverse("admin:reliable_events_deadletter_triage", args=[letter.pk])
+    assert client.get(url).status_code == 405
+    response = client.post(url, {"op": "explode", "note": "x"})
+    assert "Unknown operation." in messages_after(client, response)
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.OPEN
+    assert not TriageEntry.objects.exists()
+
+
+def test_discarding_a_letter_already_retried_is_skipped_and_said() -> None:
+    client = admin_client(staff_user("oncall", *ONCALL))
+    letter = dead_letter(status=DeadLetter.Status.RETRIED)
+    response = client.post(
+        reverse("admin:reliable_events_deadletter_triage", args=[letter.pk]),
+        {"op": "discard", "note": "duplicate"},
+    )
+    assert any("it is retried, not open" in text for text in messages_after(client, response))
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.RETRIED
+    assert not TriageEntry.objects.exists()
+
+
+def test_the_groups_page_needs_the_view_permission() -> None:
+    assert admin_client(staff_user("nobody")).get(reverse(GROUPS)).status_code == 403
+
+
+def test_a_letter_without_fingerprint_or_history_shows_neither() -> None:
+    client = admin_client(staff_user("viewer", "view_deadletter"))
+    grouped = dead_letter(fingerprint="fp-x")
+    loose = dead_letter(fingerprint="", history=[])
+    listing = client.get(reverse("admin:reliable_events_deadletter_changelist")).content.decode()
+    assert listing.count('class="re-group-link"') == 1
+    assert "fingerprint=fp-x&amp;consumer=billing.charge" in listing
+    html = client.get(
+        reverse("admin:reliable_events_deadletter_change", args=[loose.pk])
+    ).content.decode()
+    history = html.split("Attempt history")[1].split("</fieldset>")[0]
+    assert '<div class="readonly">-</div>' in history
+    html = client.get(
+        reverse("admin:reliable_events_deadletter_change", args=[grouped.pk])
+    ).content.decode()
+    assert "<th>attempt</th>" in html.split("Attempt history")[1].split("</fieldset>")[0]

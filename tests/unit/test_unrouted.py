@@ -25,6 +25,7 @@ from kombu import Connection
 from reliable_events import publish_event
 from reliable_events.broker import OutgoingMessage, open_publisher
 from reliable_events.conf import app_settings
+from reliable_events.exceptions import BrokerError
 from reliable_events.models import OutboxMessage
 from reliable_events.status import outbox_status
 from reliable_events.topology import unrouted_name
@@ -33,6 +34,7 @@ from reliable_events.unrouted import (
     clear_cache,
     count_unrouted,
     describe_topics,
+    republish_unrouted,
     topic_matches,
 )
 from tests.support.producer_support import free_port
@@ -214,6 +216,19 @@ def test_the_dead_flag_keeps_its_exit_code_when_unrouted_events_exist_too() -> N
 def test_republish_needs_an_amqp_broker() -> None:
     with pytest.raises(CommandError, match="needs an AMQP broker"):
         run("republish_unrouted", "--no-declare")
+
+
+def test_republish_from_a_broker_that_does_not_answer_says_so_without_its_password(
+    re_settings: Any,
+) -> None:
+    url = f"amqp://guest:s3cret@127.0.0.1:{free_port()}//"
+    re_settings(CONNECT_TIMEOUT=0.5)
+    with pytest.raises(BrokerError, match=r"stopped after 0 message\(s\)") as info:
+        republish_unrouted(url)
+    assert "s3cret" not in str(info.value)
+    with pytest.raises(CommandError, match="stopped after 0") as command:
+        run("republish_unrouted", "--no-declare", "--url", url)
+    assert "s3cret" not in str(command.value)
 
 
 # -- the admin overview -------------------------------------------------------------------

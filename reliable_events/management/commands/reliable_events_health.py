@@ -49,7 +49,7 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(report.as_dict(), sort_keys=True))
         else:
             self.stdout.write(f"database: {'ok' if report.database else report.error}")
-            if report.relay_required:
+            if report.relay_required and report.database:
                 self.stdout.write(f"relays alive: {report.relays_alive}")
             for name, problem in report.consumers.items():
                 self.stdout.write(f"consumer {name}: {problem or 'alive'}")
@@ -60,9 +60,9 @@ class Command(BaseCommand):
 
 
 def _reasons(report: Any) -> list[str]:
-    reasons = []
     if not report.database:
-        reasons.append("the database does not answer")
+        return ["the database does not answer"]  # nothing else could be checked
+    reasons = []
     if not report.relay_ok:
         reasons.append("no live relay daemon")
     reasons.extend(f"{name}: {problem}" for name, problem in report.consumers.items() if problem)
