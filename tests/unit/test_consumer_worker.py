@@ -23,6 +23,7 @@ from kombu import Connection, Producer
 from reliable_events import publish_event
 from reliable_events.bootsteps import ConsumerService, ConsumerStep
 from reliable_events.consumer import Event, EventConsumer
+from reliable_events.consumer import worker as worker_module
 from reliable_events.consuming import (
     ATTEMPT_HEADER,
     BAD_ATTEMPT_HEADER,
@@ -400,7 +401,10 @@ def test_a_handler_that_swallows_a_database_error_fails_alone_in_its_batch(clean
     assert [e.id for e in consumer.calls] == ["m-0", "m-1", "m-2", "m-1"]
 
 
-def test_a_batch_applies_each_message_once(clean_registry):
+def test_a_batch_applies_each_message_once(clean_registry, monkeypatch):
+    # A batch cut short by its time limit (a loaded machine) hands its rest over again:
+    # not what this test counts.
+    monkeypatch.setattr(worker_module, "BATCH_MAX_SECONDS", 60.0)
     consumer = make_consumer(clean_registry)
     consumer.batch_size = 50
     batches = spy_batches(consumer)
