@@ -5,8 +5,9 @@ and consumers as separate processes, get orders through both consumers (some aft
 retries), leave dead letters behind, and stop every process it started: on the embedded
 default (SQLite + ``db://``, relayed by the ``relay_outbox`` daemon, no Celery and no
 kombu ``filesystem://``; at least 300 events, bound to ``0.0.0.0``) and on PostgreSQL +
-RabbitMQ (a database, a vhost and a user of its own, removed afterwards; with
-``DJANGO_DEBUG=1``; relayed by a Celery worker with beat).  While it runs, a request with a
+RabbitMQ (a database of its own, removed afterwards, and a private RabbitMQ node with a
+vhost and a user of its own; with ``DJANGO_DEBUG=1``; relayed by a Celery worker with
+beat).  While it runs, a request with a
 bad ``Host:`` header must get a 400 without any password in it, and every order must
 end with its reservation and either a notification or a dead letter.
 """
@@ -31,9 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import pytest
+
+from tests.support import rabbit_node
+from tests.support.optional import needs_beat
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +53,18 @@ SKIP_DIRS = {".git", ".venv", "var", "__pycache__", ".mypy_cache", ".ruff_cache"
 def fresh_copy(target: Path) -> Path:
     """What a clone has: tracked and untracked-but-not-ignored files (git), else the tree."""
     repo = target / "repo"
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        check=False,
+    git = shutil.which("git")  # none in the Django 6 lanes' trixie root
+    listed = (
+        subprocess.run(
+            [git, "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=False,
+        )
+        if git
+        else None
     )
-    if listed.returncode == 0 and listed.stdout:
+    if listed is not None and listed.returncode == 0 and listed.stdout:
         for name in filter(None, listed.stdout.decode().split("\0")):
             source = ROOT / name
             if source.is_file():
@@ -169,8 +178,9 @@ def run_demo(
         if not key.startswith(("DEMO_", "COVERAGE_", "DJANGO_", "RE_TEST_"))
         and key not in {"PYTHONPATH"}
     }
-    # Reuse this interpreter's environment instead of downloading the requirements again.
-    env.update({"VENV": sys.prefix, "DEMO_VAR_DIR": str(var_dir), **extra_env})
+    # This interpreter's environment as it is: no download, and on a lane without the
+    # `beat` extra (Django 6.1) no install of requirements.txt that would move its Django.
+    env.update({"VENV": sys.prefix, "DEMO_INSTALL": "0", "DEMO_VAR_DIR": str(var_dir), **extra_env})
     port = free_port()
     started = time.monotonic()
     process = subprocess.Popen(
@@ -325,15 +335,10 @@ def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
     check_database(run.summary, figures)
 
 
-def _rabbitmqctl(*args: str) -> None:
-    tool = shutil.which("rabbitmqctl")
-    if tool is None:
-        pytest.fail("rabbitmqctl is needed to give the demo its own vhost on the test broker")
-    subprocess.run([tool, "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.mark.postgres
 @pytest.mark.rabbitmq
+@needs_beat  # the demo's relay on RabbitMQ is Celery beat on the DatabaseScheduler
+@pytest.mark.skipif(not rabbit_node.available(), reason="RabbitMQ server scripts not installed")
 def test_demo_on_postgres_and_rabbitmq(tmp_path: Path, settings: Any) -> None:
     import psycopg
     from psycopg import sql
@@ -342,9 +347,6 @@ def test_demo_on_postgres_and_rabbitmq(tmp_path: Path, settings: Any) -> None:
     vhost, database = f"re-demo-{suffix}", f"re_demo_{suffix}"
     # A broker user of its own, so that the password the page must not show is known.
     user, password = f"re-demo-{suffix}", secrets.token_urlsafe(12)
-    amqp = urlsplit(str(settings.AMQP_URL))
-    netloc = f"{user}:{password}@{amqp.hostname}:{amqp.port or 5672}"
-    broker_url = urlunsplit(amqp._replace(netloc=netloc, path="/" + quote(vhost, safe="")))
     pg = settings.DATABASES["default"]
     pg_env = {
         "DEMO_PG_NAME": database,
@@ -364,32 +366,37 @@ def test_demo_on_postgres_and_rabbitmq(tmp_path: Path, settings: Any) -> None:
             autocommit=True,
         )
 
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("add_user", user, password)
-    try:
-        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-        run = run_demo(
-            tmp_path,
-            # DEBUG on (opt-in): the debug page lists the settings, masked by the filter.
-            {**pg_env, "DEMO_BROKER_URL": broker_url, "DJANGO_DEBUG": "1"},
-            check=safety_requests(),
-        )
-        assert "broker:   amqp://" in run.output
-        assert f"database: postgresql {database}" in run.output
-        assert "relay:    Celery worker with beat" in run.output
-        assert "relay_outbox" in (run.var_dir / "logs" / "worker.log").read_text()
-        check_run(run, "worker")
-        check_safety(run, password)
-        evil = run.answers["evil"].body
-        assert "DisallowedHost" in evil  # Django's debug page, with settings and environment
-        assert f"amqp://{user}:***@" in evil  # BROKER_URL and friends, masked
-        with connect(database) as conn:
-            rows = [conn.execute(query).fetchone() for query in POSTGRES_CHECKS]
-        check_database(run.summary, [row[0] if row else -1 for row in rows])
-    finally:
-        _rabbitmqctl("delete_user", user)
-        _rabbitmqctl("delete_vhost", vhost)
-        with connect("postgres") as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+    # A private RabbitMQ node (tests/support/rabbit_node.py) with the vhost and user, made
+    # by its own rabbitmqctl: in every lane (the Django 6 lanes' root cannot administer the
+    # shared node), and gone with it.
+    with rabbit_node.private_rabbit_node() as broker:
+        broker_url = f"amqp://{user}:{password}@127.0.0.1:{broker.port}/{quote(vhost, safe='')}"
+        broker.ctl("add_vhost", vhost)
+        broker.ctl("add_user", user, password)
+        broker.ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        try:
+            run = run_demo(
+                tmp_path,
+                # DEBUG on (opt-in): the debug page lists the settings, masked by the filter.
+                {**pg_env, "DEMO_BROKER_URL": broker_url, "DJANGO_DEBUG": "1"},
+                check=safety_requests(),
             )
+            assert "broker:   amqp://" in run.output
+            assert f"database: postgresql {database}" in run.output
+            assert "relay:    Celery worker with beat" in run.output
+            assert "relay_outbox" in (run.var_dir / "logs" / "worker.log").read_text()
+            check_run(run, "worker")
+            check_safety(run, password)
+            evil = run.answers["evil"].body
+            assert "DisallowedHost" in evil  # Django's debug page, with settings and environment
+            assert f"amqp://{user}:***@" in evil  # BROKER_URL and friends, masked
+            with connect(database) as conn:
+                rows = [conn.execute(query).fetchone() for query in POSTGRES_CHECKS]
+            check_database(run.summary, [row[0] if row else -1 for row in rows])
+        finally:
+            with connect("postgres") as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(database)
+                    )
+                )
