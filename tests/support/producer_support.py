@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from django.db import connection
 
 from reliable_events.broker import OutgoingMessage, Publisher, PublishResult
 from reliable_events.broker.base import PublisherWrapper
@@ -28,6 +30,23 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def database_not_answering() -> Iterator[None]:
+    """The default database pointed where nothing answers while the block runs (PostgreSQL:
+    a port nothing listens on; SQLite: a file that cannot exist), then pointed back."""
+    saved = dict(connection.settings_dict)
+    connection.close()
+    if connection.vendor == "postgresql":
+        connection.settings_dict["PORT"] = str(free_port())
+    else:
+        connection.settings_dict["NAME"] = "/nonexistent-directory/reliable_events.sqlite3"
+    try:
+        yield
+    finally:
+        connection.close()
+        connection.settings_dict.update(saved)
 
 
 def with_port(url: str, port: int, *, password: str | None = None) -> str:

@@ -26,7 +26,7 @@ from reliable_events.maintenance import purge
 from reliable_events.models import Heartbeat, QueuedMessage
 from reliable_events.relay.claims import RelayReport
 from tests.support.consumer_support import make_consumer
-from tests.support.producer_support import free_port
+from tests.support.producer_support import database_not_answering
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.django_db
@@ -214,16 +214,7 @@ def test_the_consume_loop_beats_and_stops_cleanly(clean_registry: Any, re_settin
 @pytest.mark.django_db(transaction=True)
 def test_a_heartbeat_the_database_does_not_take_is_skipped_without_raising() -> None:
     writer = HeartbeatWriter("relay")
-    saved = dict(connection.settings_dict)
-    connection.close()
-    if connection.vendor == "postgresql":
-        connection.settings_dict["PORT"] = str(free_port())  # nothing listens there
-    else:
-        connection.settings_dict["NAME"] = "/nonexistent-directory/reliable_events.sqlite3"
-    try:
+    with database_not_answering():
         assert writer.tick(RelayReport(sent=1)) is False
-    finally:
-        connection.close()
-        connection.settings_dict.update(saved)
     assert not Heartbeat.objects.exists()
     assert HeartbeatWriter("relay").tick(RelayReport(sent=2))  # the database is back

@@ -15,7 +15,6 @@ from typing import Any
 
 import prometheus_client
 import pytest
-from django.db import connection
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,7 +27,7 @@ from reliable_events.relay.claims import RelayReport
 from reliable_events.topology import Topology, events_topology
 from tests.support.consumer_support import make_consumer
 from tests.support.deadletter_factory import dead_letter, outbox_row
-from tests.support.producer_support import free_port
+from tests.support.producer_support import database_not_answering
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -345,17 +344,8 @@ def test_a_scrape_while_the_database_does_not_answer_says_so_and_the_next_reconn
     client: Client,
 ) -> None:
     outbox_row(status="pending")
-    saved = dict(connection.settings_dict)
-    connection.close()
-    if connection.vendor == "postgresql":
-        connection.settings_dict["PORT"] = str(free_port())  # nothing listens there
-    else:
-        connection.settings_dict["NAME"] = "/nonexistent-directory/reliable_events.sqlite3"
-    try:
+    with database_not_answering():
         response = client.get("/metrics/")
-    finally:
-        connection.close()
-        connection.settings_dict.update(saved)
     assert response.status_code == 200
     text = response.content.decode()
     assert samples(text, "reliable_events_database_up") == {(): 0}
