@@ -138,7 +138,9 @@ def kill_in_handler(
 
 def redrive(env: dict[str, str], consumer: str) -> dict[str, str]:
     """Edit and retry ``REDRIVE`` open dead letters (their payload fixed), in a child
-    process (the service the admin uses); the copies' ids -> the original ids."""
+    process (the service the admin uses) with the fleet's settings (``env``: its broker;
+    the test settings' in-process one would take the copies away with the child); the
+    copies' ids -> the original ids."""
     done = subprocess.run(
         [
             sys.executable,
@@ -248,7 +250,7 @@ def run_ledger(
             converged_twice, timeout=max(0.0, deadline - time.monotonic() - 25), interval=1.0
         )
         marks["converged"] = time.monotonic() - started
-        copies = redrive(env, name) if quiet else {}
+        copies = redrive(fleet.env, name) if quiet else {}
         listed = ", ".join(f"'{c}'" for c in copies) or "''"
         wait_for(
             lambda: (
