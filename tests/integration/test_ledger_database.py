@@ -416,6 +416,7 @@ def check_ledger(figures: dict[str, Any], report_figures: Any, label: str) -> No
     assert trace_figures["redriven"] == REDRIVE
 
 
+@pytest.mark.alone
 def test_ledger_on_sqlite_and_the_database_transport_survives_sigkills(
     tmp_path: Path, report_figures: Any
 ) -> None:

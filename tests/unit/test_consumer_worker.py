@@ -688,7 +688,7 @@ def test_consumer_service_says_when_its_thread_outlives_the_stop_timeout(clean_r
     assert thread is not None
     try:
         send(message_id="m-1")
-        assert started.wait(10)
+        assert started.wait(60)
         service.stop(timeout=0.1)
         assert "consumer thread still busy after 0s" in caplog.text
         assert thread.is_alive()
