@@ -272,17 +272,22 @@ def _queue_exists(url: str, name: str) -> bool:
     return True
 
 
+def _relay_unrouted(count: int) -> None:
+    """``count`` events of a topic nobody subscribes to, published by a relay."""
+    for n in range(count):
+        publish_event("nobody.listens", {"n": n})
+    relay = Relay()
+    try:
+        assert relay.drain().sent == count
+    finally:
+        relay.close()
+
+
 def test_republish_exits_5_when_the_events_still_have_no_queue(broker, rabbit, re_settings):
     """Nothing is bound for the topic yet: re-published, the events come straight back
     to the unrouted queue; the command says so and exits 5 (none is lost)."""
     re_settings(PUBLISH_ON_COMMIT=False)
-    for n in range(3):
-        publish_event("nobody.listens", {"n": n})
-    relay = Relay()
-    try:
-        assert relay.drain().sent == 3
-    finally:
-        relay.close()
+    _relay_unrouted(3)
     unrouted = unrouted_name()
     rabbit.queues.append(unrouted)
     assert wait_until(lambda: rabbit.count(unrouted) == 3, timeout=10)
@@ -319,13 +324,7 @@ def test_a_check_binds_an_idle_ordered_consumer_never_creates_a_queue_and_sample
     # The events exchange deleted and re-declared: every binding to it is gone.
     rabbit.channel.exchange_delete(exchange_name)
     declare_on_amqp_channel(rabbit.channel, events_topology())
-    for n in range(3):
-        publish_event("nobody.listens", {"n": n})
-    relay = Relay()
-    try:
-        assert relay.drain().sent == 3
-    finally:
-        relay.close()
+    _relay_unrouted(3)
     assert wait_until(lambda: rabbit.count(unrouted_name()) == 3, timeout=10)
 
     check = TopologyCheck([mine])
