@@ -20,7 +20,7 @@ from django.db.models.functions import Now
 from bench.common import percentile
 from reliable_events import publish_event
 from reliable_events.conf import AppSettings
-from reliable_events.models import OutboxMessage
+from reliable_events.models import LaneLease, OutboxMessage, RelayPresence
 from reliable_events.relay import dispatcher, publish_after_commit
 from tests.support.producer_support import (
     child_env,
@@ -57,6 +57,31 @@ def per_key_order_holds(messages: list[Any], outbox_id: dict[str, int]) -> bool:
         seen.add(message_id)
         order[str(message.headers["x-event-key"])].append(outbox_id[message_id])
     return all(ids == sorted(ids) for ids in order.values())
+
+
+def _stuck() -> str:
+    """What holds the rows still pending (for the failure message)."""
+    pending = list(
+        OutboxMessage.objects.pending().values("id", "key", "lane", "attempts", "last_error")[:5]
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT now()")
+        now = cursor.fetchone()[0]
+    due = OutboxMessage.objects.pending().filter(next_attempt_at__lte=now).count()
+    leases = list(LaneLease.objects.values("lane", "owner", "expires_at", "token")[:8])
+    presences = list(RelayPresence.objects.values())
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT a.pid, a.state, a.application_name, left(a.query, 120), count(l.*) "
+            "FROM pg_stat_activity a LEFT JOIN pg_locks l ON l.pid = a.pid "
+            "WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() "
+            "GROUP BY 1, 2, 3, 4"
+        )
+        sessions = cursor.fetchall()
+    return (
+        f"{OutboxMessage.objects.pending().count()} pending ({due} due), first {pending}; "
+        f"leases {leases}; relays {presences}; now {now}; sessions {sessions}"
+    )
 
 
 @pytest.mark.slow
@@ -97,12 +122,17 @@ def test_two_processes_on_hot_keys_stay_fast_and_ordered_through_a_connection_re
             out, err = producer.communicate(timeout=seconds + 60)
             assert producer.returncode == 0, err
             committed.update(json.loads(out.strip().splitlines()[-1]))
-        assert wait_until(lambda: not OutboxMessage.objects.pending().exists(), timeout=60)
+        drained = wait_until(lambda: not OutboxMessage.objects.pending().exists(), timeout=60)
+        stuck = "" if drained else _stuck()
     finally:
         for producer in producers:
             stop_process(producer)
-        _out, relay_err = stop_process(relay)
+        relay_out, relay_err = stop_process(relay)
     assert relay.returncode == 0, relay_err
+    assert drained, (
+        f"rows still pending 60 s after the producers ended: {stuck}; relay said:\n{relay_err}\n"
+        + "\n".join(relay_out.splitlines()[-15:])
+    )
 
     rows = {
         r.message_id: r

@@ -184,8 +184,7 @@ def test_three_relays_at_once_over_5000_events(
 def test_relay_loop_stops_on_sigterm_when_idle(broker):
     relay = manage("relay_outbox", env=child_env())
     try:
-        line = relay.stdout.readline() if relay.stdout else ""
-        assert "relay_outbox: running" in line
+        assert relay.wait_for_output("relay_outbox: running", timeout=60)
     finally:
         out, err = stop_process(relay, signal.SIGTERM)
     assert relay.returncode == 0, err
@@ -195,8 +194,7 @@ def test_relay_loop_stops_on_sigterm_when_idle(broker):
 def test_relay_loop_stops_on_sigint(broker):
     relay = manage("relay_outbox", env=child_env())
     try:
-        assert relay.stdout is not None
-        assert "running" in relay.stdout.readline()
+        assert relay.wait_for_output("relay_outbox: running", timeout=60)
     finally:
         out, err = stop_process(relay, signal.SIGINT)
     assert relay.returncode == 0, err

@@ -10,10 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -84,16 +85,55 @@ def child_env(**reliable_events: Any) -> dict[str, str]:
     return env
 
 
-def manage(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+class ManagedProcess(subprocess.Popen[str]):
+    """A ``manage.py`` child whose stdout and stderr are read as they come.
+
+    A daemon writes a line per run; were its pipe left unread until the end of the test,
+    the pipe would fill (64 KiB) and the daemon block in a ``write`` (seen: a relay that
+    stopped publishing under load).  :meth:`communicate` returns everything it wrote.
+    """
+
+    def __init__(self, argv: list[str], *, cwd: Path, env: dict[str, str]) -> None:
+        super().__init__(
+            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._readers = [
+            threading.Thread(target=_pump, args=(stream, lines), daemon=True)
+            for stream, lines in ((self.stdout, self._out), (self.stderr, self._err))
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def output(self) -> str:
+        """What the child wrote to stdout so far."""
+        return "".join(self._out)
+
+    def wait_for_output(self, text: str, *, timeout: float) -> bool:
+        """Whether ``text`` appears in the child's stdout within ``timeout`` seconds."""
+        return wait_until(lambda: text in self.output(), timeout=timeout, interval=0.02)
+
+    def communicate(
+        self, input: str | None = None, timeout: float | None = None
+    ) -> tuple[str, str]:
+        self.wait(timeout)
+        for reader in self._readers:
+            reader.join()
+        return "".join(self._out), "".join(self._err)
+
+
+def _pump(stream: IO[str] | None, lines: list[str]) -> None:
+    if stream is None:
+        return
+    for line in stream:
+        lines.append(line)
+    stream.close()
+
+
+def manage(*args: str, env: dict[str, str]) -> ManagedProcess:
     """Start ``python manage.py <args>`` in the repository root."""
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return ManagedProcess([sys.executable, str(ROOT / "manage.py"), *args], cwd=ROOT, env=env)
 
 
 def stop_process(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[str, str]:
