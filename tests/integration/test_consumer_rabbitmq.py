@@ -315,7 +315,10 @@ def test_a_lost_broker_connection_is_reopened_and_nothing_is_lost(
         send(rabbit, exchange_name, message_id=message_id)
     try:
         worker = Worker([consumer], url=proxy.url(), prefetch=5)
-        stats = run_worker_thread(worker, until_idle=3.0)
+        # Idle time counts while disconnected (``consume_events --until-idle`` exits
+        # with code 3 then): the reconnect back-off after the 1.5 s outage (jittered,
+        # ~0.3 + 0.7 + 1.5 s) must fit in it with room for a slow machine.
+        stats = run_worker_thread(worker, until_idle=8.0)
     finally:
         proxy.stop()
     assert stats.reconnects >= 1
