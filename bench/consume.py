@@ -19,8 +19,8 @@ A rate is messages per second of busy time, each turn timed from its first to it
 settled message.  Target (issue #11): EventConsumer >= 0.8 x (b).  Then, per round:
 ``EventConsumer`` in 1 and in 2 processes on one queue of ``--count`` events (target:
 2 processes >= 1.7 x one; the machine has 2 cores) and a plain Celery task with
-``acks_late`` doing the same insert (Celery's default prefork pool, one child process: the peer a user would
-otherwise pick).  Medians over ``--rounds`` rounds.
+``acks_late`` doing the same insert (Celery's default prefork pool, one child process:
+the peer a user would otherwise pick).  Medians over ``--rounds`` rounds.
 
 It runs on its own database (``RE_BENCH_PG_NAME``, default ``re_bench_consume``, created
 if missing) and a private exchange and queues (deleted at the end).
