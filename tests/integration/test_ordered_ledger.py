@@ -1,7 +1,7 @@
 """The ordering ledger: per-key order through 4 ordered consumer processes, kills and a
 broker restart.
 
-* ``RE_ORDERED_LEDGER_EVENTS`` events (default 200,000; about 18 minutes on 2 cores,
+* ``RE_ORDERED_LEDGER_EVENTS`` events (default 200,000; about 8 minutes alone on 2 cores,
   20,000 take about 2) on 1,000 keys, each with its
   key's sequence number (1, 2, 3, ...), committed by this test as outbox rows
   (1,000 per transaction) while everything runs;
