@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from django.db import connection, transaction
+from django.db.models import Count, Q
 from django.db.models.functions import Now
 
 from bench.common import percentile
@@ -61,13 +62,11 @@ def per_key_order_holds(messages: list[Any], outbox_id: dict[str, int]) -> bool:
 
 def _stuck() -> str:
     """What holds the rows still pending (for the failure message)."""
-    pending = list(
-        OutboxMessage.objects.pending().values("id", "key", "lane", "attempts", "last_error")[:5]
+    rows = OutboxMessage.objects.pending()
+    first = list(rows.values("id", "key", "lane", "attempts", "last_error")[:5])
+    counts = rows.aggregate(
+        pending=Count("id"), due=Count("id", filter=Q(next_attempt_at__lte=Now()))
     )
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT now()")
-        now = cursor.fetchone()[0]
-    due = OutboxMessage.objects.pending().filter(next_attempt_at__lte=now).count()
     leases = list(LaneLease.objects.values("lane", "owner", "expires_at", "token")[:8])
     presences = list(RelayPresence.objects.values())
     with connection.cursor() as cursor:
@@ -79,8 +78,8 @@ def _stuck() -> str:
         )
         sessions = cursor.fetchall()
     return (
-        f"{OutboxMessage.objects.pending().count()} pending ({due} due), first {pending}; "
-        f"leases {leases}; relays {presences}; now {now}; sessions {sessions}"
+        f"{counts['pending']} pending ({counts['due']} due), first {first}; "
+        f"leases {leases}; relays {presences}; sessions {sessions}"
     )
 
 

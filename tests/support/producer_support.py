@@ -117,6 +117,8 @@ class ManagedProcess(subprocess.Popen[str]):
     def communicate(
         self, input: str | None = None, timeout: float | None = None
     ) -> tuple[str, str]:
+        if input is not None:
+            raise ValueError("a ManagedProcess child reads no input")
         self.wait(timeout)
         for reader in self._readers:
             reader.join()
