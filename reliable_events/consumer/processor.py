@@ -12,6 +12,7 @@ from reliable_events import tracing
 from reliable_events.broker.base import KEY_HEADER, Delivery
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import Event, EventConsumer, HandlerResult, Outcome
+from reliable_events.consumer.db import database_guard
 from reliable_events.consumer.failures import (
     DeadLetterRecord,
     Failure,
@@ -165,9 +166,10 @@ class Processor:
         self, cls: type[EventConsumer], key: str | None, record: DeadLetterRecord
     ) -> None:
         """Write the dead letter; an ordered consumer holding keys holds ``key`` behind it
-        in the same transaction."""
+        in the same transaction.  Raises :class:`DatabaseUnavailable` when the database
+        is gone, also when it fails as the transaction ends (Django reconnects then)."""
         alias = cls.get_database()
-        with transaction.atomic(using=alias):
+        with database_guard(alias, "writing a dead letter"), transaction.atomic(using=alias):
             hold_key(alias, cls, key, write_dead_letter(alias, record))
 
     def _poison(self, cls: type[EventConsumer], delivery: Delivery, poison: Poison) -> None:

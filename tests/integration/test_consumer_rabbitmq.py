@@ -7,6 +7,7 @@ double application would show as 2.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 import amqp
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import OperationalError, connection
 
 from reliable_events.consumer import QUORUM_DELIVERY_LIMIT, Event, EventConsumer
 from reliable_events.consuming import (
@@ -349,6 +350,54 @@ def test_a_database_connection_lost_mid_handler_leaves_the_message_unacked(
     assert applied(consumer, "m-1") == applied(consumer, "m-2") == 1
     assert stats.retried == 0  # an outage is not the handler's failure
     assert not DeadLetter.objects.exists()
+    assert rabbit.count(consumer.name) == 0
+
+
+def test_a_database_gone_while_writing_a_dead_letter_is_waited_for_not_a_crash(
+    amqp_consumer, rabbit, exchange_name
+):
+    """The dead letter of a handler that failed in a batch is written after the batch
+    committed.  When the database goes away right then and does not take new connections
+    (PostgreSQL shutting down), the transaction around the dead letter fails again as it
+    ends (Django reconnects to restore autocommit): the worker waits for the database and
+    writes the letter; it must not die of that second error (seen in the ledger)."""
+    import socket
+
+    settings_dict = connection.settings_dict
+    port = settings_dict["PORT"]
+    with socket.socket() as probe:  # a port nobody listens on: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        closed = str(probe.getsockname()[1])
+    restored = threading.Event()
+
+    def restore() -> None:
+        settings_dict["PORT"] = port
+        restored.set()
+
+    def database_down_after_commit() -> None:
+        settings_dict["PORT"] = closed
+        with contextlib.suppress(OperationalError), connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        threading.Timer(1.0, restore).start()
+
+    def fail_or_break(consumer: EventConsumer, event: Event) -> None:
+        if event.id == "m-1":
+            raise PermanentError("cannot ever work")
+        connection.on_commit(database_down_after_commit)
+
+    consumer = amqp_consumer(behaviour=fail_or_break)
+    send(rabbit, exchange_name, message_id="m-1")
+    send(rabbit, exchange_name, message_id="m-2")
+    try:
+        stats = Worker([consumer], prefetch=5).run(until_idle=3.0)
+    finally:
+        assert restored.wait(5)
+    assert stats.database_outages >= 1
+    assert stats.dead_lettered == 1
+    assert applied(consumer, "m-1") == 0
+    assert applied(consumer, "m-2") == 1
+    letters = list(DeadLetter.objects.values_list("message_id", "reason"))
+    assert letters == [("m-1", PERMANENT_ERROR)]
     assert rabbit.count(consumer.name) == 0
 
 
