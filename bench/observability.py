@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     with common.bench_broker(PUBLISH_ON_COMMIT=False) as broker:
         consumer = make_consumer()
         broker.extra_queues.append(consumer.queue_name())
-        Worker([consumer], url=broker.url).transport.connect()  # its queue, bound
+        declaring = Worker([consumer], url=broker.url)
+        declaring.transport.connect()  # its queue, bound
+        declaring.close()  # else its prefetched messages wait for the garbage collector
         for number in range(1, rounds + 1):
             order = [False, True] if number % 2 else [True, False]
             for on in order:
