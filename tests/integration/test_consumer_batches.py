@@ -115,8 +115,10 @@ def test_duplicates_inside_one_batch_apply_once(
 
     stats = Worker([consumer]).run(until_idle=1.0)
 
-    assert sum(len(batch) for batch in batches) == 60
-    assert any(len(set(batch)) < len(batch) for batch in batches)  # copies met in a batch
+    # One batch of 60, copies met in it (BATCH_MAX_SECONDS may carry its tail over to a
+    # second transaction on a slow machine: the tail is handed in again, after the head).
+    assert batches[0] == ids
+    assert len(set(batches[0])) < len(batches[0])
     assert Counter(event.id for event in consumer.calls) == Counter(dict.fromkeys(set(ids), 1))
     assert applied(consumer) == 40
     assert (stats.processed, stats.duplicates) == (40, 20)
