@@ -399,26 +399,40 @@ class RabbitCluster:
         """The node whose AMQP port is ``port``."""
         return next(i for i, node in enumerate(self.nodes) if node.port == port)
 
-    def leader(self, queue: str, *, via: int | None = None) -> int:
-        """The node leading the quorum queue ``queue`` (asked of a running node)."""
+    def leader(self, queue: str, *, via: int | None = None, timeout: float = 180.0) -> int:
+        """The node leading the quorum queue ``queue`` (asked of the running nodes in
+        turn until one answers: a node that rejoined may keep ``list_queues`` waiting
+        while its queue members catch up, longer on a loaded machine)."""
         import json
 
-        candidates = [via] if via is not None else range(len(self.nodes))
-        for index in candidates:
-            node = self.nodes[index]
-            if not node.running:
-                continue
-            try:
-                rows = json.loads(
-                    node.ctl("list_queues", "name", "leader", "--formatter", "json", "-q")
-                )
-            except (RabbitNodeError, ValueError):
-                continue
-            for row in rows:
-                if row.get("name") == queue:
-                    leader = str(row.get("leader"))
-                    return next(i for i, n in enumerate(self.nodes) if n.nodename == leader)
-        raise RabbitNodeError(f"no running node names the leader of {queue!r}")
+        candidates = [via] if via is not None else list(range(len(self.nodes)))
+        deadline = time.monotonic() + timeout
+        while True:
+            for index in candidates:
+                node = self.nodes[index]
+                if not node.running:
+                    continue
+                try:
+                    rows = json.loads(
+                        node.ctl(
+                            "list_queues",
+                            "name",
+                            "leader",
+                            "--formatter",
+                            "json",
+                            "-q",
+                            timeout=min(30.0, max(1.0, deadline - time.monotonic())),
+                        )
+                    )
+                except (RabbitNodeError, ValueError, subprocess.TimeoutExpired):
+                    continue
+                for row in rows:
+                    if row.get("name") == queue:
+                        leader = str(row.get("leader"))
+                        return next(i for i, n in enumerate(self.nodes) if n.nodename == leader)
+            if time.monotonic() >= deadline:
+                raise RabbitNodeError(f"no running node named the leader of {queue!r}")
+            time.sleep(1.0)
 
     def kill(self, index: int) -> None:
         """SIGKILL node ``index``'s Erlang VM."""
