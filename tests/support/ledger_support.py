@@ -54,6 +54,10 @@ class Child:
     out: IO[bytes]
 
 
+#: What makes a Python child start coverage (``coverage.process_startup``).
+COVERAGE_VARIABLES = frozenset({"COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START"})
+
+
 @dataclass
 class Fleet:
     """The relay, consumer and producer processes, their restarts and their logs."""
@@ -80,6 +84,12 @@ class Fleet:
     timeline: list[str] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        # Not measured by coverage (scripts/test runs the suite under `coverage run`, whose
+        # subprocess patch would trace every child): a SIGKILLed child never writes its
+        # data, and the tracer slows the restarts and the event stream the ledger times.
+        self.env = {k: v for k, v in self.env.items() if k not in COVERAGE_VARIABLES}
 
     def argv(self, kind: str, index: int) -> list[str]:
         manage = [sys.executable, str(ROOT / "manage.py")]
