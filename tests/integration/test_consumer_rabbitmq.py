@@ -36,6 +36,7 @@ from reliable_events.exceptions import PermanentError
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import applied, make_consumer, queue_names, run_worker_thread
+from tests.support.producer_support import free_port
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.rabbitmq, pytest.mark.postgres]
@@ -361,13 +362,9 @@ def test_a_database_gone_while_writing_a_dead_letter_is_waited_for_not_a_crash(
     (PostgreSQL shutting down), the transaction around the dead letter fails again as it
     ends (Django reconnects to restore autocommit): the worker waits for the database and
     writes the letter; it must not die of that second error (seen in the ledger)."""
-    import socket
-
     settings_dict = connection.settings_dict
     port = settings_dict["PORT"]
-    with socket.socket() as probe:  # a port nobody listens on: connections are refused
-        probe.bind(("127.0.0.1", 0))
-        closed = str(probe.getsockname()[1])
+    closed = str(free_port())  # nobody listens there: connections are refused
     restored = threading.Event()
 
     def restore() -> None:
