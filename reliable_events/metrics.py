@@ -17,13 +17,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reliable_events.broker.base import UNROUTABLE_QUEUE, OutgoingMessage, Publisher, PublishResult
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import HandlerResult, Outcome
-from reliable_events.relay.claims import RelayReport
 from reliable_events.topology import Topology
+
+if TYPE_CHECKING:
+    from reliable_events.relay.claims import RelayReport
 
 try:  # the optional extra ``reliable-events[prometheus]``
     import prometheus_client

@@ -17,6 +17,7 @@ arguments is a ``PRECONDITION_FAILED`` channel error, reported as a
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,11 @@ from typing import Any
 from reliable_events.conf import app_settings
 
 UNROUTED_SUFFIX = ".unrouted"
+#: The key's bucket, ``crc32(key) % KEY_BUCKETS`` (keyless: of the message id), set by
+#: the relay: ordered consumers' partitions are bound to buckets (headers exchange;
+#: not ``x-``: a headers exchange ignores such keys when it matches).
+BUCKET_HEADER = "re-event-bucket"
+KEY_BUCKETS = 64
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,11 @@ class QueueSpec:
 class Topology:
     exchanges: tuple[ExchangeSpec, ...]
     queues: tuple[QueueSpec, ...]
+
+
+def key_bucket(key: str) -> str:
+    """The bucket of ``key`` (a string, for a headers-exchange binding to match)."""
+    return str(zlib.crc32(key.encode("utf-8", "surrogatepass")) % KEY_BUCKETS)
 
 
 def queue_arguments(**extra: Any) -> dict[str, Any]:

@@ -11,9 +11,10 @@ return their input unchanged (``traced_process`` returns the method itself).
   sent.  The headers travel with the event everywhere (AMQP headers, ``db://`` and
   ``memory://`` messages, delay-queue and outbox retries, dead letters and their retry or
   edited copy), so every later span finds the creation context there.
-* The relay and the on-commit hook (:class:`TracedPublisher`): one ``send`` span per
-  batch, *linked* to each message's creation context (not its child: a batch has many),
-  up to :data:`MAX_LINKS` links.
+* The relay and the on-commit hook (:class:`reliable_events.relay.spans.TracedPublisher`):
+  one ``send`` span per batch, *linked* to each message's creation context
+  (:func:`creation_context`; not its child: a batch has many), up to :data:`MAX_LINKS`
+  links.
 * The consumer (:func:`traced_process`, :func:`batch_processed`): one ``process`` span per
   delivery, child of the carried creation context, with the outcome
   (``reliable_events.outcome``: processed, duplicate, retried, dead-lettered, poison).
@@ -29,7 +30,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from reliable_events.broker.base import OutgoingMessage, Publisher, PublisherWrapper, PublishResult
 from reliable_events.conf import app_settings
 
 try:  # the optional ``otel`` extra: tried once, at import
@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - the dev requirements install it
     AVAILABLE = False
 
 if TYPE_CHECKING:
-    from reliable_events.broker.base import Delivery
+    from reliable_events.broker.base import Delivery, OutgoingMessage, PublishResult
     from reliable_events.consumer.base import Event, HandlerResult, Outcome
 
 #: The W3C headers (trace context and baggage) an event carries.
@@ -77,7 +77,7 @@ def enabled() -> bool:
 _cached: list[Any] = [None, None]
 
 
-def _tracer() -> Any:
+def tracer() -> Any:
     """The library's tracer of the current global provider (``get_tracer`` builds a new
     tracer on each call in the SDK, about the cost of a span: kept per provider)."""
     provider = trace.get_tracer_provider()
@@ -87,7 +87,8 @@ def _tracer() -> Any:
     return _cached[1]
 
 
-def _system(url: str) -> str:
+def messaging_system(url: str) -> str:
+    """``messaging.system`` of a broker URL."""
     return "rabbitmq" if url.startswith("amqp") else "reliable_events"
 
 
@@ -99,11 +100,11 @@ def stamp(headers: dict[str, str], *, topic: str, message_id: str) -> dict[str, 
     if not AVAILABLE or not app_settings.TRACING or "traceparent" in headers:
         return headers
     exchange = str(app_settings.EXCHANGE)
-    span = _tracer().start_span(
+    span = tracer().start_span(
         f"create {exchange}",
         kind=SpanKind.PRODUCER,
         attributes={
-            "messaging.system": _system(str(app_settings.BROKER_URL)),
+            "messaging.system": messaging_system(str(app_settings.BROKER_URL)),
             "messaging.operation.type": "create",
             "messaging.operation.name": "create",
             "messaging.destination.name": exchange,
@@ -145,53 +146,40 @@ def creation_context(headers: Mapping[str, Any]) -> Any:
     return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags))
 
 
-class TracedPublisher(PublisherWrapper):
-    """A publisher whose every :meth:`publish` is a ``send`` span linked to the creation
-    context of each message (everything else is the wrapped publisher's)."""
-
-    def __init__(self, inner: Publisher, role: str) -> None:
-        super().__init__(inner)
-        self.role = role
-        self.system = _system(inner.url)
-
-    def publish(
-        self, messages: Sequence[OutgoingMessage], *, timeout: float, wait: bool = True
-    ) -> PublishResult:
-        links = []
-        for message in messages:
-            context = creation_context(message.headers)
-            if context is not None:
-                links.append(Link(context))
-                if len(links) >= MAX_LINKS:
-                    break
-        first = messages[0] if messages else None
-        destination = (first.exchange or first.routing_key) if first else ""
-        attributes: dict[str, Any] = {
-            "messaging.system": self.system,
-            "messaging.operation.type": "send",
-            "messaging.operation.name": "send",
-            "messaging.destination.name": destination,
-            "reliable_events.publisher": self.role,
-        }
-        if len(messages) == 1 and first is not None:
-            attributes["messaging.message.id"] = first.message_id
-        else:
-            attributes["messaging.batch.message_count"] = len(messages)
-        with _tracer().start_as_current_span(
-            f"send {destination}", kind=SpanKind.CLIENT, links=links, attributes=attributes
-        ) as span:
-            result = self.inner.publish(messages, timeout=timeout, wait=wait)
-            if result.failed or result.interrupted:
-                span.set_status(Status(StatusCode.ERROR, result.broker_error or "not confirmed"))
-            span.set_attribute("reliable_events.confirmed", len(result.confirmed))
-        return result
+def send_span(messages: Sequence[OutgoingMessage], role: str, system: str) -> Any:
+    """The ``send`` span of one publish of ``messages`` (a context manager: current while
+    it is open), linked to the creation context of each message, up to :data:`MAX_LINKS`."""
+    links = []
+    for message in messages:
+        context = creation_context(message.headers)
+        if context is not None:
+            links.append(Link(context))
+            if len(links) >= MAX_LINKS:
+                break
+    first = messages[0] if messages else None
+    destination = (first.exchange or first.routing_key) if first else ""
+    attributes: dict[str, Any] = {
+        "messaging.system": system,
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+        "messaging.destination.name": destination,
+        "reliable_events.publisher": role,
+    }
+    if len(messages) == 1 and first is not None:
+        attributes["messaging.message.id"] = first.message_id
+    else:
+        attributes["messaging.batch.message_count"] = len(messages)
+    return tracer().start_as_current_span(
+        f"send {destination}", kind=SpanKind.CLIENT, links=links, attributes=attributes
+    )
 
 
-def traced(publisher: Publisher, role: str) -> Publisher:
-    """``publisher`` itself when tracing is off, else wrapped in :class:`TracedPublisher`."""
-    if not enabled() or isinstance(publisher, TracedPublisher):
-        return publisher
-    return TracedPublisher(publisher, role)
+def sent(span: Any, result: PublishResult) -> None:
+    """What the broker confirmed of a ``send`` span's messages (an error status when not
+    all of them)."""
+    if result.failed or result.interrupted:
+        span.set_status(Status(StatusCode.ERROR, result.broker_error or "not confirmed"))
+    span.set_attribute("reliable_events.confirmed", len(result.confirmed))
 
 
 # -- the consumer ---------------------------------------------------------------------------
@@ -279,11 +267,13 @@ def traced_process(method: Method) -> Method:
     def process(self: Any, delivery: Delivery) -> tuple[Outcome, HandlerResult | None]:
         if not app_settings.TRACING:
             return method(self, delivery)
-        with _tracer().start_as_current_span(
+        with tracer().start_as_current_span(
             f"process {delivery.consumer}",
             context=carried_context(delivery.headers),
             kind=SpanKind.CONSUMER,
-            attributes=_process_attributes(delivery, _system(str(app_settings.BROKER_URL))),
+            attributes=_process_attributes(
+                delivery, messaging_system(str(app_settings.BROKER_URL))
+            ),
         ) as span:
             outcome, result = method(self, delivery)
             _settle_span(span, outcome, result)
@@ -302,7 +292,7 @@ class HandlerSpans:
     __slots__ = ("name", "tracer")
 
     def __init__(self, consumer: str) -> None:
-        self.tracer = _tracer()
+        self.tracer = tracer()
         self.name = f"process {consumer}"
 
     def enter(self, event: Event) -> tuple[Any, Any]:
@@ -335,13 +325,13 @@ def batch_processed(
     that failed is ended by :func:`traced_failure`."""
     if not enabled() or not results:
         return
-    tracer = _tracer()
-    system = _system(str(app_settings.BROKER_URL))
+    spans = tracer()
+    system = messaging_system(str(app_settings.BROKER_URL))
     now = time.time_ns()
     for (delivery, _event), result in zip(batch, results, strict=False):
         span = result.span
         if span is None:
-            span = tracer.start_span(
+            span = spans.start_span(
                 f"process {delivery.consumer}",
                 context=carried_context(delivery.headers),
                 kind=SpanKind.CONSUMER,
@@ -371,8 +361,8 @@ def traced_failure(delivery: Delivery, work: Work, span: Any = None) -> Work:
         return work
 
     def settle() -> tuple[Outcome, HandlerResult | None]:
-        attributes = _process_attributes(delivery, _system(str(app_settings.BROKER_URL)))
-        current = span or _tracer().start_span(
+        attributes = _process_attributes(delivery, messaging_system(str(app_settings.BROKER_URL)))
+        current = span or tracer().start_span(
             f"process {delivery.consumer}",
             context=carried_context(delivery.headers),
             kind=SpanKind.CONSUMER,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from reliable_events.broker.amqp import AmqpPublisher, AmqpTransport
 from reliable_events.broker.base import (
-    BUCKET_HEADER,
     CONTENT_ENCODING,
     CONTENT_TYPE,
     KEY_HEADER,
@@ -35,7 +34,6 @@ from reliable_events.broker.base import (
     Transport,
     is_broker_failure,
     is_connection_failure,
-    key_bucket,
 )
 from reliable_events.broker.connect import open_publisher, open_transport
 from reliable_events.broker.kombu import KombuPublisher, KombuTransport
@@ -47,6 +45,7 @@ from reliable_events.broker_url import (
     safe_url,
 )
 from reliable_events.sanitize import describe_error, redact
+from reliable_events.topology import BUCKET_HEADER, key_bucket
 
 __all__ = [
     "AMQP_SCHEMES",

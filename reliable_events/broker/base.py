@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -15,9 +14,7 @@ from typing import TYPE_CHECKING, Any
 from reliable_events.exceptions import BrokerError
 from reliable_events.runner import StopFlag
 from reliable_events.sanitize import error_summary
-from reliable_events.topology import (
-    Topology,
-)
+from reliable_events.topology import Topology
 
 if TYPE_CHECKING:  # for annotations only: the retry schedulers publish through the broker
     from reliable_events.consumer.retries import RetryScheduler
@@ -31,11 +28,6 @@ CONTENT_ENCODING = "utf-8"
 PERSISTENT = 2
 #: Header carrying the event's ordering key.
 KEY_HEADER = "x-event-key"
-#: The key's bucket, ``crc32(key) % KEY_BUCKETS`` (keyless: of the message id), set by
-#: the relay: ordered consumers' partitions are bound to buckets (headers exchange;
-#: not ``x-``: a headers exchange ignores such keys when it matches).
-BUCKET_HEADER = "re-event-bucket"
-KEY_BUCKETS = 64
 #: Seconds the loop blocks waiting for a delivery before it looks at its stop flag.
 POLL_SECONDS = 1.0
 #: Socket timeout for reading what already arrived (batching), seconds.
@@ -88,11 +80,6 @@ class PublishResult:
                 self.interrupted.setdefault(ref, reason)
         if broker and refs and not self.broker_error:
             self.broker_error = reason
-
-
-def key_bucket(key: str) -> str:
-    """The bucket of ``key`` (a string, for a headers-exchange binding to match)."""
-    return str(zlib.crc32(key.encode("utf-8", "surrogatepass")) % KEY_BUCKETS)
 
 
 def is_connection_failure(exc: BaseException) -> bool:

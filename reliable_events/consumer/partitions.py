@@ -5,7 +5,7 @@ An ordered consumer (``EventConsumer.ordered = True``) does not have one queue b
 ``KEY_BUCKETS`` = 64):
 
 * the relay stamps every event with its key's bucket, ``re-event-bucket`` =
-  ``crc32(key) % 64`` (:func:`reliable_events.broker.base.key_bucket`; a keyless event:
+  ``crc32(key) % 64`` (:func:`reliable_events.topology.key_bucket`; a keyless event:
   of its message id) and still publishes it once, to the topic exchange;
 * ``<name>.hash``, a headers exchange, is bound to the events exchange with the
   consumer's topics (its alternate exchange is ``<EXCHANGE>.unrouted``: an event
@@ -28,9 +28,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from reliable_events.broker.base import BUCKET_HEADER, KEY_BUCKETS
 from reliable_events.conf import app_settings
-from reliable_events.topology import ExchangeSpec, QueueSpec, queue_arguments, unrouted_name
+from reliable_events.topology import (
+    BUCKET_HEADER,
+    KEY_BUCKETS,
+    ExchangeSpec,
+    QueueSpec,
+    queue_arguments,
+    unrouted_name,
+)
 
 if TYPE_CHECKING:
     from reliable_events.consumer.base import EventConsumer

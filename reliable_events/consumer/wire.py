@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from reliable_events import cloudevents
-from reliable_events.broker.base import BUCKET_HEADER, KEY_HEADER, Delivery
+from reliable_events.broker.base import KEY_HEADER, Delivery
 from reliable_events.consumer.base import Event
 from reliable_events.exceptions import (
     PoisonMessage,
@@ -18,6 +18,7 @@ from reliable_events.models import (
     TOPIC_MAX_LENGTH,
 )
 from reliable_events.sanitize import clean_text, error_summary, json_safe
+from reliable_events.topology import BUCKET_HEADER
 
 logger = logging.getLogger(__name__)
 

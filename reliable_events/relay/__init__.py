@@ -9,6 +9,7 @@
 - :mod:`~reliable_events.relay.leases`: lane leases and relay presence rows (PostgreSQL).
 - :mod:`~reliable_events.relay.pooling`: detecting a transaction-pooling pooler.
 - :mod:`~reliable_events.relay.breaker`: the relay's view of broker health.
+- :mod:`~reliable_events.relay.traced`: the ``send`` span of each publish.
 
 The names below keep ``from reliable_events.relay import ...`` working.
 """

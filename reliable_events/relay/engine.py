@@ -59,7 +59,7 @@ from django.db import (
     connections,
 )
 
-from reliable_events import metrics, signals, tracing
+from reliable_events import metrics, signals
 from reliable_events.broker import (
     Publisher,
     PublishResult,
@@ -82,6 +82,7 @@ from reliable_events.relay.claims import (
 )
 from reliable_events.relay.lanes import LaneShare
 from reliable_events.relay.pooling import listen_works
+from reliable_events.relay.traced import traced
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class Relay:
     ) -> None:
         self.alias = outbox_alias(using)
         self.batch_size = max(1, int(batch_size or app_settings.RELAY_BATCH_SIZE))
-        self.publisher = metrics.metered(tracing.traced(publisher or open_publisher(), "relay"))
+        self.publisher = metrics.metered(traced(publisher or open_publisher(), "relay"))
         self.lanes = LaneShare(self.alias)
         self.breaker = BrokerBreaker()
         self._workers: tuple[_DatabaseWorker, _DatabaseWorker] | None = None

@@ -15,7 +15,6 @@ from django.db import (
     transaction,
 )
 
-from reliable_events import tracing
 from reliable_events.broker import (
     Publisher,
     PublishResult,
@@ -35,6 +34,7 @@ from reliable_events.relay.claims import (
     record_result,
     wake_relays,
 )
+from reliable_events.relay.traced import traced
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class _OnCommitDispatcher:
             if self.publisher is not None:
                 self.publisher.close()
             self.publisher = metered(
-                tracing.traced(
+                traced(
                     open_publisher(
                         url, connect_timeout=float(app_settings.ON_COMMIT_CONNECT_TIMEOUT)
                     ),

@@ -20,6 +20,7 @@ from reliable_events.consuming import Worker
 from reliable_events.exceptions import PermanentError
 from reliable_events.models import DeadLetter, OutboxMessage
 from reliable_events.relay import relay_once
+from reliable_events.relay.traced import traced
 from tests.support.consumer_support import make_consumer
 from tests.support.otel_support import Span, TraceIndex, recording
 
@@ -205,7 +206,7 @@ def test_without_opentelemetry_the_hooks_hand_back_their_input(monkeypatch):
     publisher: Any = object()
     with recording():
         assert tracing.stamp(headers, topic="t", message_id="m") is headers
-        assert tracing.traced(publisher, "relay") is publisher
+        assert traced(publisher, "relay") is publisher
         assert not tracing.enabled()
 
 
