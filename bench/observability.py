@@ -10,6 +10,8 @@ setting, in the same process:
   is on or off.  Every event carries a ``traceparent`` in both runs (as ``publish_event``
   stores it), so the relay links every message of its batches and the consumer opens a
   ``process`` span per delivery, child of that context.
+* ``metrics``: the Prometheus metrics (``METRICS``; on by default when
+  ``prometheus_client`` is installed, so "off" here is ``METRICS = False``).
 
 A new feature is one entry of :data:`FEATURES`: a function ``(on) -> settings`` (it may
 also install what it needs once).
@@ -29,7 +31,8 @@ import argparse
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +82,13 @@ def tracing(on: bool) -> dict[str, Any]:
     return {"TRACING": on}
 
 
-FEATURES: dict[str, Callable[[bool], dict[str, Any]]] = {"tracing": tracing}
+def metrics(on: bool) -> dict[str, Any]:
+    """Prometheus metrics: ``METRICS`` (decided once per process: :func:`applied` resets
+    that decision around each measurement)."""
+    return {"METRICS": on}
+
+
+FEATURES: dict[str, Callable[[bool], dict[str, Any]]] = {"tracing": tracing, "metrics": metrics}
 
 
 def settings_for(features: Sequence[str], on: bool) -> dict[str, Any]:
@@ -90,6 +99,24 @@ def settings_for(features: Sequence[str], on: bool) -> dict[str, Any]:
 
 
 # -- the two measurements -------------------------------------------------------------------
+@contextmanager
+def applied(settings: dict[str, Any]) -> Iterator[None]:
+    """``RELIABLE_EVENTS = settings`` for what is built inside, the process-wide metrics
+    decision taken again on the way in and out."""
+    from django.test import override_settings
+
+    from reliable_events import metrics as app_metrics
+
+    with override_settings(RELIABLE_EVENTS=settings):
+        app_metrics.reset()
+        if "METRICS" in settings and app_metrics.enabled() is not bool(settings["METRICS"]):
+            raise SystemExit(f"METRICS = {settings['METRICS']} did not take (prometheus_client?)")
+        try:
+            yield
+        finally:
+            app_metrics.reset()
+
+
 def traceparent(n: int) -> str:
     return f"00-{uuid.uuid4().hex}-{n + 1:016x}-01"
 
@@ -108,13 +135,11 @@ def seed_traced_rows(count: int) -> None:
 
 
 def relay_rate(broker: common.BenchBroker, rows: int, config: dict[str, Any]) -> float:
-    from django.test import override_settings
-
     from reliable_events.relay import Relay
 
     common.truncate_outbox()
     seed_traced_rows(rows)
-    with override_settings(RELIABLE_EVENTS=broker.settings(PUBLISH_ON_COMMIT=False, **config)):
+    with applied(broker.settings(PUBLISH_ON_COMMIT=False, **config)):
         relay = Relay()
         try:
             relay.publisher.connect()
@@ -178,12 +203,10 @@ def make_consumer() -> Any:
 def consumer_rate(
     broker: common.BenchBroker, consumer: Any, count: int, config: dict[str, Any]
 ) -> float:
-    from django.test import override_settings
-
     from reliable_events.consumer.worker import Worker
 
     fill(broker, consumer.queue_name(), count)
-    with override_settings(RELIABLE_EVENTS=broker.settings(**config)):
+    with applied(broker.settings(**config)):
         worker = Worker([consumer], url=broker.url, log_every=10**9)
         stats = worker.run(until_idle=10.0, max_messages=count)
     if stats.settled < count or stats.first_settled is None or stats.last_settled is None:
