@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
+from django.apps import apps
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.db import connections
 from django.utils.module_loading import import_string
 
 from reliable_events import cloudevents
 from reliable_events.broker.queue_rows import dialect_for
 from reliable_events.broker_url import OWN_TRANSPORTS, node_list_problems
 from reliable_events.conf import app_settings
-from reliable_events.db import queue_alias
+from reliable_events.db import queue_alias, write_alias
 from reliable_events.debug import mask_urls
 from reliable_events.exceptions import ConfigurationError
 
@@ -398,6 +402,37 @@ def check_pooled_databases() -> list[CheckMessage]:
     return messages
 
 
+def _keeps_utc(name: str | None) -> bool:
+    """Whether the time zone ``name`` (``None``: the process's) is UTC all year."""
+    zone = ZoneInfo(name) if name else None
+    year = datetime.now(UTC).year
+    return not any(
+        datetime(year, month, 1, tzinfo=UTC).astimezone(zone).utcoffset() for month in (1, 7)
+    )
+
+
+def check_sqlite_clock() -> list[CheckMessage]:
+    """SQLite's clock (``CURRENT_TIMESTAMP``, the ``now()`` the relay and the consumers
+    compare due times with) counts in UTC, while under ``USE_TZ = False`` Django stores
+    naive datetimes in ``TIME_ZONE``: every due time would be off by the zone's offset
+    (east of UTC, rows wait that many hours; west, back-off is skipped)."""
+    if settings.USE_TZ or _keeps_utc(settings.TIME_ZONE):
+        return []
+    aliases = {write_alias(model) for model in apps.get_app_config("reliable_events").get_models()}
+    found = sorted(alias for alias in aliases if connections[alias].vendor == "sqlite")
+    if not found:
+        return []
+    return [
+        Error(
+            f"USE_TZ = False with TIME_ZONE = {settings.TIME_ZONE!r} on SQLite "
+            f"(DATABASES {', '.join(map(repr, found))}): SQLite's clock is UTC, so every "
+            "due time of an outbox or queue row would be off by the time zone's offset.",
+            hint="Set USE_TZ = True (Django's default) or TIME_ZONE = 'UTC'. " + DOCS,
+            id="reliable_events.E013",
+        )
+    ]
+
+
 CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
     check_settings_type,
     check_broker_url,
@@ -409,6 +444,7 @@ CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
     check_retry_policy,
     check_debug_filter,
     check_pooled_databases,
+    check_sqlite_clock,
     _setting_errors,
 )
 

@@ -70,10 +70,12 @@ class Hold(NamedTuple):
 def hold(alias: str, *, delay: timedelta = timedelta(0), on_commit: bool = True) -> Hold:
     """The hold of a new row: reserved for the on-commit hook (:func:`on_commit_due`) when
     ``on_commit`` is wanted, ``PUBLISH_ON_COMMIT`` is on and there is no ``delay``; else
-    due after ``delay`` (the relay sends it)."""
+    due after ``delay`` (the relay sends it).  Due at once means the database's ``now()``,
+    the clock the relay's claim compares with (this process's clock may be ahead of it,
+    and on SQLite it counts microseconds where the database's counts milliseconds)."""
     if on_commit and bool(app_settings.PUBLISH_ON_COMMIT) and not delay:
         return Hold(on_commit_due(alias), True)
-    return Hold(timezone.now() + delay, False)
+    return Hold(timezone.now() + delay if delay else Now(), False)
 
 
 def new_row(

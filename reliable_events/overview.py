@@ -98,7 +98,9 @@ def _per_hour(query: QuerySet[Any], field_name: str) -> dict[datetime, int]:
 def hourly_counts(*, hours: int = 24, using: str | None = None) -> list[HourBucket]:
     """One bucket per hour for the last ``hours`` hours (oldest first, current hour last)."""
     alias = read_alias(OutboxMessage, using)
-    now = timezone.now().astimezone(UTC)
+    now = timezone.now()
+    if now.tzinfo is not None:
+        now = now.astimezone(UTC)
     current = now.replace(minute=0, second=0, microsecond=0)
     first = current - timedelta(hours=hours - 1)
     outbox = OutboxMessage.objects.using(alias)

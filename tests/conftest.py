@@ -191,6 +191,14 @@ def re_settings(settings: Any) -> Any:
     return configure
 
 
+@pytest.fixture(params=[True, False], ids=["aware", "naive"])
+def use_tz(request: Any, settings: Any) -> bool:
+    """The test runs twice: under ``USE_TZ = True`` (Django's default) and ``False`` (a
+    project keeping naive datetimes in ``TIME_ZONE``)."""
+    settings.USE_TZ = request.param
+    return bool(request.param)
+
+
 @pytest.fixture
 def tcp_proxy() -> Iterator[Any]:
     """A started :class:`tests.support.tcp_proxy.TcpProxy` in front of the real RabbitMQ."""

@@ -12,6 +12,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import DateField, Max, QuerySet
@@ -24,6 +25,7 @@ from django.http import (
 )
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.utils.dateparse import parse_datetime
 from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
@@ -87,7 +89,18 @@ class DocumentedLookupsOnly:
             low, high = _DATE_PARTS[part]
             text = str(value)
             return text.isascii() and text.isdigit() and len(text) <= 4 and low <= int(text) <= high
+        if part in ("gte", "lt") and not settings.USE_TZ:
+            # Naive datetimes only: SQLite refuses an aware one then (a 500).
+            return not _has_offset(str(value))
         return True
+
+
+def _has_offset(text: str) -> bool:
+    try:
+        parsed = parse_datetime(text)
+    except ValueError:  # well-formed but impossible: Django's own 400
+        return False
+    return parsed is not None and parsed.tzinfo is not None
 
 
 #: The date-hierarchy parameters and the values a date can have.

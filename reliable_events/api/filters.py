@@ -18,6 +18,7 @@ from rest_framework.exceptions import ValidationError
 
 from reliable_events import payload_search
 from reliable_events.models import DeadLetter
+from reliable_events.times import as_project
 
 #: Exact-match filters: query parameter -> model field.
 EXACT = {
@@ -58,7 +59,7 @@ def _datetime(name: str, value: str, *, end_of_day: bool = False) -> datetime:
         )
     if timezone.is_naive(parsed):
         parsed = timezone.make_aware(parsed, timezone.get_current_timezone())
-    return parsed
+    return as_project(parsed)
 
 
 def as_id(value: str) -> int | None:

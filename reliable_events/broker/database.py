@@ -34,7 +34,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Hashable, Sequence
-from datetime import UTC
 from typing import Any
 
 from django.db import DatabaseError, InterfaceError, connections
@@ -75,6 +74,7 @@ from reliable_events.exceptions import ConfigurationError, DatabaseUnavailable
 from reliable_events.routing import Routes
 from reliable_events.runner import StopFlag
 from reliable_events.sanitize import describe_error
+from reliable_events.times import as_instant, from_column
 from reliable_events.topology import UNROUTED_SUFFIX, Topology
 
 logger = logging.getLogger(__name__)
@@ -359,8 +359,9 @@ class DatabaseTransport(Transport):
         if key is not None:
             headers.setdefault(KEY_HEADER, key)
         if isinstance(published_at, str):  # SQLite
-            parsed = parse_datetime(published_at)
-            published_at = parsed.replace(tzinfo=UTC) if parsed and not parsed.tzinfo else parsed
+            published_at = parse_datetime(published_at)
+        if published_at is not None:
+            published_at = as_instant(from_column(published_at))
         return Delivery(
             consumer=self.queues[queue],
             body=bytes(body),

@@ -22,6 +22,7 @@ from reliable_events.consumer.wire import ATTEMPT_HEADER, Poison, parse_attempt
 from reliable_events.exceptions import ConfigurationError
 from reliable_events.models import QueuedMessage
 from reliable_events.sanitize import json_safe
+from reliable_events.times import as_project
 
 #: PostgreSQL ``NOTIFY`` channel a publish signals on.
 CHANNEL = "reliable_events_queue"
@@ -127,7 +128,7 @@ def queue_row(queue: str, message: OutgoingMessage | None = None, **values: Any)
         attempt = 1  # the consumer dead-letters it; the column is informative only
     stamp = values["published_at"]
     if isinstance(stamp, int | float) and not isinstance(stamp, bool):
-        stamp = datetime.fromtimestamp(stamp, tz=UTC)
+        stamp = as_project(datetime.fromtimestamp(stamp, tz=UTC))
     return (
         queue,
         values["message_id"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from django.db.models import TextField
 from django.db.models.functions import Cast
@@ -28,6 +29,7 @@ from reliable_events.consumer.retries import RetryScheduler, retry_headers
 from reliable_events.models import OutboxMessage
 from reliable_events.relay.claims import ClaimedRow, build_message, mark_sent, outbox_alias
 from reliable_events.routing import Routes
+from reliable_events.times import as_instant
 
 #: Rows claimed from the outbox per round.
 BATCH = 500
@@ -102,7 +104,11 @@ def _deliveries(message: OutgoingMessage, routes: Routes, names: dict[str, str])
                 "type": message.topic,
                 "content_type": CONTENT_TYPE,
                 "content_encoding": CONTENT_ENCODING,
-                "timestamp": message.timestamp,
+                "timestamp": (
+                    as_instant(message.timestamp)
+                    if isinstance(message.timestamp, datetime)
+                    else message.timestamp
+                ),
             },
             headers=dict(message.headers),
             exchange=message.exchange,

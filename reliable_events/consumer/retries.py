@@ -32,6 +32,7 @@ from reliable_events.exceptions import (
 )
 from reliable_events.outbox import hold, insert, new_row
 from reliable_events.sanitize import json_safe
+from reliable_events.times import as_instant
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def retry_headers(delivery: Delivery, event: Event, failure: Failure) -> dict[st
     }
     headers[ATTEMPT_HEADER] = event.attempt + 1
     headers[TOPIC_HEADER] = event.topic
-    headers[FIRST_FAILED_HEADER] = failure.first_failed_at.isoformat()
+    headers[FIRST_FAILED_HEADER] = as_instant(failure.first_failed_at).isoformat()
     headers[HISTORY_HEADER] = json.dumps(failure.history, separators=(",", ":"))
     return headers
 

@@ -18,6 +18,7 @@ from reliable_events.models import (
     TOPIC_MAX_LENGTH,
 )
 from reliable_events.sanitize import clean_text, error_summary, json_safe
+from reliable_events.times import as_project
 from reliable_events.topology import BUCKET_HEADER
 
 logger = logging.getLogger(__name__)
@@ -210,10 +211,10 @@ def event_topic(delivery: Delivery, exchange: str) -> str:
 
 def _timestamp(value: Any) -> datetime | None:
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return as_project(value)
     if isinstance(value, int | float) and not isinstance(value, bool):
         try:
-            return datetime.fromtimestamp(value, tz=UTC)
+            return as_project(datetime.fromtimestamp(value, tz=UTC))
         except (OverflowError, OSError, ValueError):
             return None
     return None
@@ -260,11 +261,10 @@ def read_first_failed(headers: dict[str, Any]) -> datetime | None:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return as_project(value)
     if isinstance(value, str):
         try:
-            parsed = datetime.fromisoformat(value)
+            return as_project(datetime.fromisoformat(value))
         except ValueError:
             return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return None

@@ -382,7 +382,7 @@ def test_dead_letters_cannot_be_added_changed_or_deleted(admin_client: Client) -
 
 # -- overview ---------------------------------------------------------------------------
 def test_overview_page_renders_figures(
-    admin_client: Client, django_assert_max_num_queries: Any
+    admin_client: Client, django_assert_max_num_queries: Any, use_tz: bool
 ) -> None:
     outbox_row(status="pending")
     outbox_row(status="dead", attempts=10, last_error="nack")

@@ -116,7 +116,7 @@ def test_list_is_paginated_and_light(oncall: APIClient, django_assert_max_num_qu
     assert len(oncall.get(LIST, {"page_size": 500}).json()["results"]) == 120
 
 
-def test_list_filters(oncall: APIClient) -> None:
+def test_list_filters(oncall: APIClient, use_tz: bool) -> None:
     a = dead_letter(consumer="billing.charge", error_message="gateway down", key="k-1")
     b = dead_letter(
         consumer="mail.send", topic="users.created", fingerprint="fp-mail", reason="permanent-error"
@@ -332,7 +332,7 @@ def test_bulk_ids_are_limited(oncall: APIClient) -> None:
 
 
 # -- outbox -----------------------------------------------------------------------------
-def test_outbox_stats() -> None:
+def test_outbox_stats(use_tz: bool) -> None:
     client = api(staff_user("viewer", "view_outboxmessage"))
     outbox_row(status="pending")
     outbox_row(status="dead", attempts=10)

@@ -8,6 +8,7 @@ import pytest
 from django.core.checks import Error, Warning
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.db import connection
 
 from reliable_events.checks import reliable_events_checks
 
@@ -227,3 +228,27 @@ def test_w004_session_state_on_a_pooled_database(settings, re_settings):
     settings.DATABASES = {**settings.DATABASES, "pooled": {**pooled, "OPTIONS": {}}}
     settings.DATABASES["pooled"]["DISABLE_SERVER_SIDE_CURSORS"] = False
     assert "reliable_events.W004" not in _ids(_only(re_settings))
+
+
+def test_e013_naive_times_off_utc_on_sqlite(settings, re_settings):
+    """SQLite's clock is UTC: with naive times in another zone every due time is off (the
+    SQLite tier sees the error, the PostgreSQL tier does not: its clock knows zones)."""
+    on_sqlite = connection.vendor == "sqlite"
+    settings.USE_TZ = False
+    for zone, off_utc in (
+        ("UTC", False),
+        ("Etc/UTC", False),
+        ("Europe/London", True),  # UTC in winter only
+        ("Asia/Tokyo", True),
+        ("America/New_York", True),
+    ):
+        settings.TIME_ZONE = zone
+        messages = [m for m in _only(re_settings) if m.id == "reliable_events.E013"]
+        assert len(messages) == (1 if off_utc and on_sqlite else 0), zone
+        if messages:
+            assert isinstance(messages[0], Error)
+            assert repr(zone) in messages[0].msg
+            assert "'default'" in messages[0].msg
+            assert "USE_TZ = True" in str(messages[0].hint)
+    settings.USE_TZ = True
+    assert "reliable_events.E013" not in _ids(_only(re_settings))

@@ -27,6 +27,7 @@ from reliable_events.consuming import (
     TOPIC_HEADER,
     WRONG_CONTENT_TYPE,
     Delivery,
+    Failure,
     Poison,
     application_frame,
     decode_event,
@@ -84,6 +85,34 @@ def test_a_well_formed_delivery_becomes_an_event():
     assert event.headers == {"tenant": "a"}  # the app's x- headers are not user headers
     assert event.attempt == 1
     assert event.published_at == datetime.fromtimestamp(1_700_000_000, tz=UTC)
+
+
+def test_without_use_tz_wire_times_are_naive_in_the_time_zone(settings):
+    """A project with ``USE_TZ = False`` keeps naive datetimes in ``TIME_ZONE``: the event's
+    publication time and a retry's first failure are handed over that way (SQLite refuses
+    an aware one in a query then), and the retry header still names the instant."""
+    settings.USE_TZ = False
+    settings.TIME_ZONE = "Asia/Tokyo"  # UTC+9, no daylight saving
+    assert decode(delivery()).published_at == datetime(2023, 11, 15, 7, 13, 20)
+    at_noon_utc = datetime(2024, 1, 1, 21, 0)
+    for header in (
+        b"2024-01-01T12:00:00+00:00",
+        datetime(2024, 1, 1, 12, 0),  # an AMQP timestamp as py-amqp decodes it (UTC)
+    ):
+        assert read_first_failed({FIRST_FAILED_HEADER: header}) == at_noon_utc
+    failure = Failure(
+        attempt=1,
+        at=at_noon_utc,
+        error_type="ValueError",
+        error_message="bad",
+        traceback="",
+        fingerprint="f",
+        history=[],
+        first_failed_at=at_noon_utc,
+    )
+    written = retry_headers(delivery(), decode(delivery()), failure)[FIRST_FAILED_HEADER]
+    assert written == "2024-01-01T21:00:00+09:00"
+    assert read_first_failed({FIRST_FAILED_HEADER: written}) == at_noon_utc
 
 
 @pytest.mark.parametrize(

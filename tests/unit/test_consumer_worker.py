@@ -132,7 +132,7 @@ def test_handler_sees_the_event(clean_registry):
 
 
 # -- retries and dead letters ------------------------------------------------------------
-def test_a_failing_handler_is_retried_then_dead_lettered_with_its_history(clean_registry):
+def test_a_failing_handler_is_retried_then_dead_lettered_with_its_history(clean_registry, use_tz):
     consumer = make_consumer(clean_registry, max_retries=2, retry_delays=[0], behaviour=fail_always)
     worker = started(consumer)
     send(b'{"n": 1}', message_id="m-1", headers={"x-event-key": "k1", "tenant": "a"})

@@ -228,7 +228,7 @@ def test_a_failed_handler_is_retried_through_available_at(clean_registry):
     assert not QueuedMessage.objects.exists()
 
 
-def test_exhausted_retries_become_a_dead_letter_and_the_row_goes(clean_registry):
+def test_exhausted_retries_become_a_dead_letter_and_the_row_goes(clean_registry, use_tz):
     def fail(consumer: EventConsumer, event: Event) -> None:
         raise RuntimeError(f"boom {event.attempt}")
 

@@ -342,6 +342,20 @@ def test_documented_filters_still_work(
     assert response.status_code == 200, response.content[:300]
 
 
+def test_without_use_tz_a_date_filter_takes_naive_datetimes_and_refuses_an_offset(
+    admin_client: Client, settings: Any
+) -> None:
+    settings.USE_TZ = False
+    dead_letter()
+    url = reverse("admin:reliable_events_deadletter_changelist")
+    naive = admin_client.get(url, {"last_failed_at__gte": "2020-01-01 00:00:00"})
+    assert naive.status_code == 200, naive.content[:300]
+    assert naive.context["cl"].result_count == 1
+    # An aware value is what SQLite refuses outright under USE_TZ = False: a 400.
+    aware = admin_client.get(url, {"last_failed_at__gte": "2020-01-01 00:00+00:00"})
+    assert aware.status_code == 400
+
+
 # -- odd ids in admin URLs -------------------------------------------------------------------
 @pytest.mark.parametrize("odd", ["\u00b2", "\u0661\u0662", str(2**63), "9" * 30, "-1", "abc"])
 @pytest.mark.parametrize("view", ["change", "history", "edit", "triage"])

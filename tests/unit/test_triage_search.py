@@ -126,7 +126,9 @@ def test_retry_count_per_letter_in_admin_and_api(admin_client: Client) -> None:
 @pytest.mark.parametrize(
     ("params", "bars"), [({}, 24), ({"range": "1h"}, 1), ({"range": "7d"}, 168)]
 )
-def test_overview_time_range(admin_client: Client, params: dict[str, str], bars: int) -> None:
+def test_overview_time_range(
+    admin_client: Client, params: dict[str, str], bars: int, use_tz: bool
+) -> None:
     page = admin_client.get(reverse("admin:reliable_events_overview"), params)
     assert page.status_code == 200
     assert len(page.context["data"].hours) == bars
@@ -150,7 +152,7 @@ def test_overview_auto_refresh_without_scripts(admin_client: Client) -> None:
         assert len(page.context["data"].hours) == 24
 
 
-def test_api_stats_time_range() -> None:
+def test_api_stats_time_range(use_tz: bool) -> None:
     client = APIClient()
     client.force_authenticate(staff_user("viewer", "view_outboxmessage"))
     dead_letter()
