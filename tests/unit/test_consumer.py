@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -100,16 +101,7 @@ def test_without_use_tz_wire_times_are_naive_in_the_time_zone(settings):
         datetime(2024, 1, 1, 12, 0),  # an AMQP timestamp as py-amqp decodes it (UTC)
     ):
         assert read_first_failed({FIRST_FAILED_HEADER: header}) == at_noon_utc
-    failure = Failure(
-        attempt=1,
-        at=at_noon_utc,
-        error_type="ValueError",
-        error_message="bad",
-        traceback="",
-        fingerprint="f",
-        history=[],
-        first_failed_at=at_noon_utc,
-    )
+    failure = first_failure(at_noon_utc, history=[])
     written = retry_headers(delivery(), decode(delivery()), failure)[FIRST_FAILED_HEADER]
     assert written == "2024-01-01T21:00:00+09:00"
     assert read_first_failed({FIRST_FAILED_HEADER: written}) == at_noon_utc
@@ -204,21 +196,26 @@ def test_json_safe_turns_amqp_values_into_storable_json():
     assert safe["deep"] == [{"n": 1}]
 
 
-def test_retry_headers_drop_broker_headers_and_carry_the_history():
-    from reliable_events.consuming import Failure
-
-    d = delivery(headers={"x-death": [{"count": 1}], "x-first-death-queue": "q", "tenant": "a"})
-    event = decode(d)
-    now = datetime(2024, 1, 1, tzinfo=UTC)
-    failure = Failure(
+def first_failure(at: datetime, history: list[dict[str, Any]]) -> Failure:
+    """A handler's first failed attempt (``ValueError: bad``) at ``at``."""
+    return Failure(
         attempt=1,
-        at=now,
+        at=at,
         error_type="ValueError",
         error_message="bad",
         traceback="",
         fingerprint="f",
-        history=[{"attempt": 1, "at": now.isoformat(), "error": "ValueError: bad"}],
-        first_failed_at=now,
+        history=history,
+        first_failed_at=at,
+    )
+
+
+def test_retry_headers_drop_broker_headers_and_carry_the_history():
+    d = delivery(headers={"x-death": [{"count": 1}], "x-first-death-queue": "q", "tenant": "a"})
+    event = decode(d)
+    now = datetime(2024, 1, 1, tzinfo=UTC)
+    failure = first_failure(
+        now, history=[{"attempt": 1, "at": now.isoformat(), "error": "ValueError: bad"}]
     )
     headers = retry_headers(d, event, failure)
     assert headers[ATTEMPT_HEADER] == 2
