@@ -279,6 +279,7 @@ def test_cluster_ledger_node_kills_and_freeze_lose_nothing_apply_nothing_twice(
         cluster.wait_until_clustered()
         time.sleep(BETWEEN_FAULTS)
         leader = cluster.leader(name)
+        cluster.wait_until_quorum_safe(leader)  # one node's fault, not the quorum's
         at = fault(f"SIGKILL node {leader} (queue leader)", lambda: cluster.kill(leader))
         resumed[f"kill node {leader} (leader)"] = progress.wait_resumed(at, RESUME_TIMEOUT)
         cluster.restart(leader)
@@ -288,6 +289,7 @@ def test_cluster_ledger_node_kills_and_freeze_lose_nothing_apply_nothing_twice(
         cluster.wait_until_clustered()
         time.sleep(BETWEEN_FAULTS)
         frozen = relay_node()
+        cluster.wait_until_quorum_safe(frozen)
         at = fault(
             f"SIGSTOP node {frozen} (relay 0's)",
             lambda: cluster.freeze(frozen),

@@ -266,10 +266,11 @@ class RabbitNode:
             self._terminate(timeout=30)
         return self.start()
 
-    def ctl(self, *args: str, timeout: float = 60.0) -> str:
-        """``rabbitmqctl -n <this node> args...`` (with this node's cookie)."""
+    def ctl(self, *args: str, timeout: float = 60.0, tool: str = "rabbitmqctl") -> str:
+        """``rabbitmqctl -n <this node> args...`` (with this node's cookie); ``tool``: another
+        of RabbitMQ's command-line tools (``rabbitmq-queues``)."""
         result = subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.nodename, *args],
+            [str(RABBITMQ_BIN / tool), "-n", self.nodename, *args],
             env=self.env(),
             cwd=self.base_dir,
             capture_output=True,
@@ -278,7 +279,7 @@ class RabbitNode:
             check=False,
         )
         if result.returncode != 0:
-            raise RabbitNodeError(f"rabbitmqctl {' '.join(args)}: {result.stderr.strip()}")
+            raise RabbitNodeError(f"{tool} {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
 
     def _terminate(self, timeout: float) -> None:
@@ -394,6 +395,24 @@ class RabbitCluster:
                 last = str(exc)
             time.sleep(0.5)
         raise RabbitNodeError(f"the cluster did not form within {timeout:.0f}s {last}")
+
+    def wait_until_quorum_safe(self, index: int, timeout: float = 180.0) -> None:
+        """Until stopping node ``index`` would leave every quorum queue its quorum
+        (``rabbitmq-queues check_if_node_is_quorum_critical``): a node that rejoined the
+        cluster may still be catching its queue members up, longer on a loaded machine,
+        and a fault meant for one node would then take the quorum away."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                self.nodes[index].ctl(
+                    "check_if_node_is_quorum_critical", tool="rabbitmq-queues", timeout=30
+                )
+                return
+            except (RabbitNodeError, subprocess.TimeoutExpired) as exc:
+                last = str(exc)
+            time.sleep(1.0)
+        raise RabbitNodeError(f"node {index} stayed quorum-critical for {timeout:.0f}s: {last}")
 
     def index_of(self, port: int) -> int:
         """The node whose AMQP port is ``port``."""
