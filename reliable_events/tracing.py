@@ -11,7 +11,7 @@ return their input unchanged (``traced_process`` returns the method itself).
   sent.  The headers travel with the event everywhere (AMQP headers, ``db://`` and
   ``memory://`` messages, delay-queue and outbox retries, dead letters and their retry or
   edited copy), so every later span finds the creation context there.
-* The relay and the on-commit hook (:class:`reliable_events.relay.spans.TracedPublisher`):
+* The relay and the on-commit hook (:class:`reliable_events.relay.traced.TracedPublisher`):
   one ``send`` span per batch, *linked* to each message's creation context
   (:func:`creation_context`; not its child: a batch has many), up to :data:`MAX_LINKS`
   links.
