@@ -40,6 +40,7 @@ from django.db import DatabaseError, InterfaceError, connections
 from django.db import transaction as db_transaction
 from django.utils.dateparse import parse_datetime
 
+from reliable_events import pg_listen
 from reliable_events.broker.base import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
@@ -183,24 +184,22 @@ class DatabasePublisher(Publisher):
 
 # -- consuming ------------------------------------------------------------------------
 class _Listener:
-    """PostgreSQL ``LISTEN`` on a connection of its own (autocommit)."""
+    """PostgreSQL ``LISTEN`` on a connection of its own (autocommit; either driver)."""
 
     def __init__(self, alias: str) -> None:
-        import psycopg
-
-        params = connections[alias].get_connection_params()
-        self.conn: Any = psycopg.connect(**params, autocommit=True)
-        self.conn.execute(f"LISTEN {CHANNEL}")
+        self.conn: Any = pg_listen.connect(alias)
+        try:
+            pg_listen.listen(self.conn, CHANNEL)
+        except Exception:
+            self.close()
+            raise
 
     def wait(self, seconds: float) -> bool:
         """Whether a notification came within ``seconds`` (the rest are dropped)."""
-        woken = any(True for _ in self.conn.notifies(timeout=seconds, stop_after=1))
-        self.drain()
-        return woken
+        return pg_listen.wait(self.conn, seconds)
 
     def drain(self) -> None:
-        for _ in self.conn.notifies(timeout=0):
-            pass
+        pg_listen.drain(self.conn)
 
     def close(self) -> None:
         try:
@@ -245,6 +244,7 @@ class DatabaseTransport(Transport):
         self._turn = 0
         self._listener: _Listener | None = None
         self._listen_retry_at = 0.0
+        self._listen_failing = False
         self._drained_at = 0.0
 
     @property
@@ -451,8 +451,17 @@ class DatabaseTransport(Transport):
                 self._listener = _Listener(self.alias)
             except Exception as exc:  # no notifications: polling still works
                 self._listen_retry_at = time.monotonic() + 5.0
-                logger.debug("reliable_events: cannot LISTEN (%s); polling", type(exc).__name__)
+                # once per streak of failures: new rows wait for the next poll meanwhile
+                log = logger.debug if self._listen_failing else logger.warning
+                self._listen_failing = True
+                log(
+                    "reliable_events: db:// consumers cannot LISTEN on %r (%s); polling "
+                    "for new rows until they can",
+                    self.alias,
+                    type(exc).__name__,
+                )
                 return None
+            self._listen_failing = False
         try:
             return action(self._listener)
         except Exception as exc:  # lost connection: reconnect on the next wait

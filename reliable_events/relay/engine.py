@@ -59,7 +59,7 @@ from django.db import (
     connections,
 )
 
-from reliable_events import metrics, signals
+from reliable_events import metrics, pg_listen, signals
 from reliable_events.broker import (
     Publisher,
     PublishResult,
@@ -378,7 +378,7 @@ class Relay:
         with connection.wrap_database_errors:
             listen = self._listening is raw or listen_works(connection)
             if listen and self._listening is not raw:  # a new session: LISTEN again
-                raw.execute(f"LISTEN {WAKE_CHANNEL}")
+                pg_listen.listen(raw, WAKE_CHANNEL)
                 self._listening = raw
             while not (stop and stop()):
                 self.lanes.keep_alive()
@@ -389,7 +389,7 @@ class Relay:
                 if not listen:
                     time.sleep(min(0.2, remaining))
                     continue
-                for _notify in raw.notifies(timeout=min(0.2, remaining), stop_after=1):
+                if pg_listen.wait(raw, min(0.2, remaining)):
                     return
 
     def rest(self) -> None:

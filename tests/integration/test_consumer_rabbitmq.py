@@ -18,7 +18,7 @@ from typing import Any
 import amqp
 import pytest
 from django.core.management import call_command
-from django.db import OperationalError, connection
+from django.db import OperationalError, connection, connections
 
 from reliable_events.consumer import QUORUM_DELIVERY_LIMIT, Event, EventConsumer
 from reliable_events.consuming import (
@@ -434,22 +434,17 @@ def test_a_connection_that_died_while_idle_is_caught_at_the_idempotency_record(
     amqp_consumer, rabbit, exchange_name
 ):
     """The record insert is the transaction's first statement (sent with its BEGIN)."""
-    import psycopg
-
     from reliable_events.exceptions import DatabaseUnavailable
 
     consumer = amqp_consumer()
     connection.ensure_connection()
     pid = connection.connection.info.backend_pid
-    settings_dict = connection.settings_dict
-    with psycopg.connect(
-        host=settings_dict["HOST"],
-        port=settings_dict["PORT"],
-        user=settings_dict["USER"],
-        dbname=settings_dict["NAME"],
-        autocommit=True,
-    ) as killer:
-        killer.execute("SELECT pg_terminate_backend(%s)", [pid])
+    killer = connections.create_connection(connection.alias)  # either driver
+    try:
+        with killer.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    finally:
+        killer.close()
     time.sleep(0.2)
     event = Event(id="m-1", topic="orders.created", key=None, payload={})
     with pytest.raises(DatabaseUnavailable):

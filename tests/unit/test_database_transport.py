@@ -7,6 +7,7 @@ guarantee (SIGKILL at any moment) is the ledger in ``tests/integration``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from io import StringIO
@@ -35,6 +36,7 @@ from reliable_events.relay import relay_once
 from reliable_events.routing import binding_matches
 from reliable_events.topology import events_topology
 from tests.support.consumer_support import applied, make_consumer
+from tests.support.producer_support import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -535,4 +537,41 @@ def test_a_lost_listen_connection_falls_back_to_polling_and_listens_again(
             )
             assert cursor.fetchone() == (1,)
     finally:
+        transport.close()
+
+
+@pytest.mark.postgres
+def test_a_consumer_that_cannot_listen_warns_once_and_polls(clean_registry, re_settings, caplog):
+    """The listener's own connection is refused (a port nobody listens on) while the
+    consumer's connection works: new rows are still found, by polling, and the warning
+    comes once per streak of failures."""
+    if connection.vendor != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    re_settings(DATABASE_POLL_MAX=0.2)
+    consumer = make_consumer(clean_registry)
+    transport = DatabaseTransport(URL, [consumer], prefetch=1)
+    transport.connect()
+    connections[transport.alias].ensure_connection()  # kept: only new connections fail
+    settings_dict = connections[transport.alias].settings_dict
+    port = settings_dict["PORT"]
+    caplog.set_level(logging.DEBUG, logger="reliable_events")
+    try:
+        settings_dict["PORT"] = str(free_port())
+        assert transport.get(0.3) is None
+        transport._listen_retry_at = 0.0  # the next wait tries again (else 5 s later)
+        assert transport.get(0.3) is None
+        open_publisher().publish([message("orders.created", "m-polled")], timeout=1)
+        delivery = transport.get(5.0)
+        assert delivery is not None
+        assert delivery.message_id == "m-polled"
+        transport.ack(delivery)
+        said = [r for r in caplog.records if "cannot LISTEN" in r.getMessage()]
+        assert [r.levelno for r in said] == [logging.WARNING] + [logging.DEBUG] * (len(said) - 1)
+        assert len(said) >= 2
+        settings_dict["PORT"] = port
+        transport._listen_retry_at = 0.0
+        assert transport.get(0.3) is None  # listening again: the streak is over
+        assert transport._listener is not None
+    finally:
+        settings_dict["PORT"] = port
         transport.close()
