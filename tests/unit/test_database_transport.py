@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from io import StringIO
 from typing import Any
 
@@ -376,37 +377,44 @@ def test_queued_messages_are_listed_read_only_in_the_admin(clean_registry, admin
     assert admin_client.get("/admin/reliable_events/queuedmessage/add/").status_code == 403
 
 
-@pytest.mark.postgres
-def test_postgresql_wakes_an_idle_consumer_at_once_through_notify(clean_registry, re_settings):
-    """With polling pushed out to 10 s, only the publish's NOTIFY can wake it in time."""
+@pytest.fixture
+def pg_transport(clean_registry) -> Iterator[DatabaseTransport]:
+    """A connected ``db://`` transport of one consumer on PostgreSQL (``LISTEN``/``NOTIFY``
+    are PostgreSQL's: skipped elsewhere), closed afterwards."""
     if connection.vendor != "postgresql":
         pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
-    re_settings(DATABASE_POLL_MAX=10.0)
-    consumer = make_consumer(clean_registry)
-    transport = DatabaseTransport(URL, [consumer], prefetch=1)
+    transport = DatabaseTransport(URL, [make_consumer(clean_registry)], prefetch=1)
     transport.connect()
     try:
-        assert transport.get(3.0) is None  # idle: the listener is up, the back-off is ~2.5 s
-
-        def publish_later() -> None:
-            time.sleep(0.5)
-            try:
-                open_publisher().publish([message("orders.created", "m-notified")], timeout=1)
-            finally:
-                connections.close_all()
-
-        thread = threading.Thread(target=publish_later)
-        started = time.monotonic()
-        thread.start()
-        delivery = transport.get(8.0)
-        woke = time.monotonic() - started
-        thread.join()
-        assert delivery is not None
-        assert delivery.message_id == "m-notified"
-        assert woke < 0.5 + 1.0, woke
-        transport.ack(delivery)
+        yield transport
     finally:
         transport.close()
+
+
+@pytest.mark.postgres
+def test_postgresql_wakes_an_idle_consumer_at_once_through_notify(pg_transport, re_settings):
+    """With polling pushed out to 10 s, only the publish's NOTIFY can wake it in time."""
+    re_settings(DATABASE_POLL_MAX=10.0)
+    transport = pg_transport
+    assert transport.get(3.0) is None  # idle: the listener is up, the back-off is ~2.5 s
+
+    def publish_later() -> None:
+        time.sleep(0.5)
+        try:
+            open_publisher().publish([message("orders.created", "m-notified")], timeout=1)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=publish_later)
+    started = time.monotonic()
+    thread.start()
+    delivery = transport.get(8.0)
+    woke = time.monotonic() - started
+    thread.join()
+    assert delivery is not None
+    assert delivery.message_id == "m-notified"
+    assert woke < 0.5 + 1.0, woke
+    transport.ack(delivery)
 
 
 def test_a_database_failure_while_processing_rolls_the_claim_back(clean_registry, monkeypatch):
@@ -505,52 +513,41 @@ def test_publishing_nothing_writes_nothing_and_a_missing_table_is_named_at_decla
 
 @pytest.mark.postgres
 def test_a_lost_listen_connection_falls_back_to_polling_and_listens_again(
-    clean_registry, re_settings
+    pg_transport, re_settings
 ):
-    if connection.vendor != "postgresql":
-        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
     re_settings(DATABASE_POLL_MAX=0.2)
-    consumer = make_consumer(clean_registry)
-    transport = DatabaseTransport(URL, [consumer], prefetch=1)
-    transport.connect()
-    try:
-        assert transport.get(0.5) is None  # idle: listening
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND query = %s",
-                [f"LISTEN {CHANNEL}"],
-            )
-            assert cursor.fetchone() == (1,)
-        assert transport.get(0.5) is None  # the wait fails: it sleeps instead
-        open_publisher().publish([message("orders.created", "m-1")], timeout=1)
-        delivery = transport.get(5.0)  # found by polling
-        assert delivery is not None
-        transport.ack(delivery)
-        assert transport.get(0.5) is None  # and listening again (a new connection)
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND query = %s",
-                [f"LISTEN {CHANNEL}"],
-            )
-            assert cursor.fetchone() == (1,)
-    finally:
-        transport.close()
+    transport = pg_transport
+    assert transport.get(0.5) is None  # idle: listening
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND query = %s",
+            [f"LISTEN {CHANNEL}"],
+        )
+        assert cursor.fetchone() == (1,)
+    assert transport.get(0.5) is None  # the wait fails: it sleeps instead
+    open_publisher().publish([message("orders.created", "m-1")], timeout=1)
+    delivery = transport.get(5.0)  # found by polling
+    assert delivery is not None
+    transport.ack(delivery)
+    assert transport.get(0.5) is None  # and listening again (a new connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND query = %s",
+            [f"LISTEN {CHANNEL}"],
+        )
+        assert cursor.fetchone() == (1,)
 
 
 @pytest.mark.postgres
-def test_a_consumer_that_cannot_listen_warns_once_and_polls(clean_registry, re_settings, caplog):
+def test_a_consumer_that_cannot_listen_warns_once_and_polls(pg_transport, re_settings, caplog):
     """The listener's own connection is refused (a port nobody listens on) while the
     consumer's connection works: new rows are still found, by polling, and the warning
     comes once per streak of failures."""
-    if connection.vendor != "postgresql":
-        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
     re_settings(DATABASE_POLL_MAX=0.2)
-    consumer = make_consumer(clean_registry)
-    transport = DatabaseTransport(URL, [consumer], prefetch=1)
-    transport.connect()
+    transport = pg_transport
     connections[transport.alias].ensure_connection()  # kept: only new connections fail
     settings_dict = connections[transport.alias].settings_dict
     port = settings_dict["PORT"]
@@ -574,4 +571,3 @@ def test_a_consumer_that_cannot_listen_warns_once_and_polls(clean_registry, re_s
         assert transport._listener is not None
     finally:
         settings_dict["PORT"] = port
-        transport.close()
