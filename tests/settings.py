@@ -110,6 +110,15 @@ else:
             "TEST": {"NAME": os.environ.get("RE_TEST_PG_TEST_NAME", "test_reliable_events")},
         }
     }
+    # RE_TEST_PG_ISOLATION=serializable (or repeatable_read): the project's default
+    # transaction isolation level, as a project may set it (children inherit it).
+    if os.environ.get("RE_TEST_PG_ISOLATION"):
+        from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-untyped]
+            IsolationLevel,
+        )
+
+        level = IsolationLevel[os.environ["RE_TEST_PG_ISOLATION"].upper()]
+        DATABASES["default"]["OPTIONS"] = {"isolation_level": level}
     # RE_TEST_PG_POOLED=1: RE_TEST_PG_PORT is a PgBouncer in transaction pooling mode
     # (tests/support/pgbouncer.py); what a pooled connection needs (docs/relay.md).
     if os.environ.get("RE_TEST_PG_POOLED") == "1":

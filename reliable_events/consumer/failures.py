@@ -192,6 +192,7 @@ def _dead_letter_lock_key(consumer: str, message_id: str) -> int:
 def _save_dead_letter(
     alias: str, consumer: str, message_id: str, values: dict[str, Any]
 ) -> DeadLetter:
+    outermost = not connections[alias].in_atomic_block
     with transaction.atomic(using=alias):
         letter = None
         if message_id:
@@ -200,6 +201,12 @@ def _save_dead_letter(
                 # (at-least-once delivery) must not both find "no open letter" and
                 # insert two: serialise them on this (consumer, message id) until commit.
                 with connections[alias].cursor() as cursor:
+                    if outermost:
+                        # The lock only helps if the reads after it see what the other
+                        # writer committed: under a project-wide REPEATABLE READ or
+                        # SERIALIZABLE the snapshot would predate the lock (a second open
+                        # letter, or a serialization failure).  This transaction is ours.
+                        cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                     cursor.execute(
                         "SELECT pg_advisory_xact_lock(%s)",
                         [_dead_letter_lock_key(consumer, message_id)],

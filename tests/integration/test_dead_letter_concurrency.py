@@ -3,16 +3,20 @@
 At-least-once delivery means two consumer processes can hold two copies of one message;
 when its handler fails permanently both write its dead letter at once.  There must be
 one open dead letter per consumer and message id, not two (found by the ledger work:
-without a lock both transactions saw "no open letter" and inserted).
+without a lock both transactions saw "no open letter" and inserted) — also in a project
+whose default isolation level is REPEATABLE READ or SERIALIZABLE (where the second
+snapshot predated the lock: two open letters, or a serialization failure reported as the
+database being unavailable).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from django.db import connections
+from django.db import connection, connections
 from django.utils import timezone
 
 from reliable_events.consumer.failures import DeadLetterRecord, Failure, write_dead_letter
@@ -25,7 +29,31 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 ROUNDS = 20
 
 
-def test_concurrent_dead_letters_of_one_message_make_one_open_letter(clean_registry: Any) -> None:
+@pytest.fixture(params=["default", "REPEATABLE_READ", "SERIALIZABLE"])
+def project_isolation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The project's ``OPTIONS["isolation_level"]`` for the connections the test opens."""
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's isolation levels")
+    from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-untyped]
+        IsolationLevel,
+    )
+
+    options = connection.settings_dict.setdefault("OPTIONS", {})
+    saved = dict(options)
+    if request.param != "default":
+        options["isolation_level"] = IsolationLevel[request.param]
+    connections.close_all()
+    try:
+        yield request.param
+    finally:
+        options.clear()
+        options.update(saved)
+        connections.close_all()
+
+
+def test_concurrent_dead_letters_of_one_message_make_one_open_letter(
+    clean_registry: Any, project_isolation: str
+) -> None:
     consumer = make_consumer(clean_registry)
     errors: list[BaseException] = []
 
