@@ -301,19 +301,7 @@ def test_an_idle_consumer_backs_off_and_wakes_when_a_row_arrives(clean_registry,
         # Bounded back-off: ~0.01, 0.02, ... 0.3 s, not a busy loop (hundreds of queries).
         assert 3 <= len(queries) <= 25, len(queries)
 
-        def publish_later() -> None:
-            time.sleep(0.8)
-            try:
-                open_publisher().publish([message("orders.created", "m-late")], timeout=1)
-            finally:
-                connections.close_all()
-
-        thread = threading.Thread(target=publish_later)
-        started = time.monotonic()
-        thread.start()
-        delivery = transport.get(5.0)
-        woke = time.monotonic() - started
-        thread.join()
+        delivery, woke = get_with_a_late_publish(transport, "m-late", after=0.8, wait=5.0)
         assert delivery is not None
         assert delivery.message_id == "m-late"
         assert woke < 0.8 + 0.3 + 0.5  # within one back-off step (PostgreSQL: NOTIFY)
@@ -377,6 +365,28 @@ def test_queued_messages_are_listed_read_only_in_the_admin(clean_registry, admin
     assert admin_client.get("/admin/reliable_events/queuedmessage/add/").status_code == 403
 
 
+def get_with_a_late_publish(
+    transport: DatabaseTransport, message_id: str, *, after: float, wait: float
+) -> tuple[Any, float]:
+    """``transport.get(wait)`` while another thread publishes ``message_id`` ``after``
+    seconds in: the delivery and how long the get took."""
+
+    def publish_later() -> None:
+        time.sleep(after)
+        try:
+            open_publisher().publish([message("orders.created", message_id)], timeout=1)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=publish_later)
+    started = time.monotonic()
+    thread.start()
+    delivery = transport.get(wait)
+    woke = time.monotonic() - started
+    thread.join()
+    return delivery, woke
+
+
 @pytest.fixture
 def pg_transport(clean_registry) -> Iterator[DatabaseTransport]:
     """A connected ``db://`` transport of one consumer on PostgreSQL (``LISTEN``/``NOTIFY``
@@ -398,19 +408,7 @@ def test_postgresql_wakes_an_idle_consumer_at_once_through_notify(pg_transport, 
     transport = pg_transport
     assert transport.get(3.0) is None  # idle: the listener is up, the back-off is ~2.5 s
 
-    def publish_later() -> None:
-        time.sleep(0.5)
-        try:
-            open_publisher().publish([message("orders.created", "m-notified")], timeout=1)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=publish_later)
-    started = time.monotonic()
-    thread.start()
-    delivery = transport.get(8.0)
-    woke = time.monotonic() - started
-    thread.join()
+    delivery, woke = get_with_a_late_publish(transport, "m-notified", after=0.5, wait=8.0)
     assert delivery is not None
     assert delivery.message_id == "m-notified"
     assert woke < 0.5 + 1.0, woke
