@@ -106,9 +106,10 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
     """
     alias = outbox_alias(using)
     if dispatcher.breaker_open():
-        # The broker failed moments ago: the relay takes these rows now, not after the
-        # grace (nothing is charged to them; the relay's breaker paces the broker).
+        # The broker failed moments ago: the relay takes these rows now, woken, not at
+        # its next poll (nothing is charged to them; the relay's breaker paces the broker).
         mark_interrupted(alias, ids, "on-commit publish skipped: the broker failed moments ago")
+        wake_relays(alias)
         return RelayReport()
     timeout = float(app_settings.ON_COMMIT_CONFIRM_TIMEOUT)
     if not dispatcher.lock.acquire(timeout=timeout):

@@ -5,6 +5,7 @@ transaction on one connection, keeps key order, steps aside when busy."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from io import StringIO
 
 import pytest
@@ -12,9 +13,10 @@ from django.core.management import call_command
 from django.db import connection, transaction
 from django.db.models.functions import Now
 
-from reliable_events import publish_event
+from reliable_events import pg_listen, publish_event
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import dispatcher, publish_after_commit, relay_once
+from reliable_events.relay.claims import WAKE_CHANNEL
 from tests.support.producer_support import (
     drain_queue,
     free_port,
@@ -135,6 +137,37 @@ def test_the_hook_steps_aside_when_another_thread_is_publishing(
     OutboxMessage.objects.update(next_attempt_at=Now())
     assert relay_once().sent == 1
     assert message_ids(drain_queue(rabbit.channel, queue, expect=1)) == [row.message_id]
+
+
+@pytest.fixture
+def relay_wakes() -> Iterator[Callable[[], bool]]:
+    """Whether a relay daemon ``LISTEN``ing on its channel was woken (within 2 s) since
+    the fixture started: a connection of its own listens the way the daemon does."""
+    raw = pg_listen.connect(connection.alias)
+    try:
+        pg_listen.listen(raw, WAKE_CHANNEL)
+        yield lambda: pg_listen.wait(raw, 2.0)
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("why", ["breaker open", "publisher busy"])
+def test_rows_the_hook_leaves_wake_the_relay_daemon(broker, re_settings, relay_wakes, why):
+    """The rows are handed to the relay at once (``NOTIFY``), not left for its next poll
+    (``RELAY_IDLE_SECONDS``): a broker blip that trips one process's breaker for
+    ``ON_COMMIT_BREAKER_SECONDS`` must not make its events wait for polls meanwhile."""
+    re_settings(ON_COMMIT_CONFIRM_TIMEOUT=0.2)
+    if why == "breaker open":
+        dispatcher.trip()
+    else:
+        assert dispatcher.lock.acquire()
+    try:
+        row = publish_event("handed.over", {})
+    finally:
+        if why == "publisher busy":
+            dispatcher.lock.release()
+    assert OutboxMessage.objects.due().filter(pk=row.pk).exists()
+    assert relay_wakes()
 
 
 def test_the_hook_follows_a_configuration_change(broker, rabbit, exchange_name, re_settings):
