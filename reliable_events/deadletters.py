@@ -18,7 +18,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import transaction
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -27,7 +26,7 @@ from reliable_events.broker import open_publisher
 from reliable_events.consumer import EventConsumer, registry
 from reliable_events.consumer.holds import release, release_reason
 from reliable_events.consumer.wire import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
-from reliable_events.db import write_alias
+from reliable_events.db import own_transaction, write_alias
 from reliable_events.exceptions import ReliableEventsError, UnknownConsumer
 from reliable_events.models import DeadLetter, OutboxMessage, TriageEntry
 from reliable_events.outbox import Hold, hold, insert, insert_many, new_row
@@ -245,7 +244,7 @@ def retry(
     ids = [letter.pk for letter in letters]
     if not ids:
         return result
-    with transaction.atomic(using=alias):
+    with own_transaction(alias):
         locked = _lock(alias, ids, result)
         retried: list[DeadLetter] = []
         released: list[DeadLetter] = []
@@ -345,7 +344,7 @@ def edit_and_retry(
     """
     alias = _alias(using)
     result = TriageResult()
-    with transaction.atomic(using=alias):
+    with own_transaction(alias):
         locked = _lock(alias, [letter.pk], result)
         if not locked:
             return result
@@ -415,7 +414,7 @@ def discard(
     ids = [letter.pk for letter in letters]
     if not ids:
         return result
-    with transaction.atomic(using=alias):
+    with own_transaction(alias):
         locked = _lock(alias, ids, result)
         discarded: list[DeadLetter] = []
         for letter in locked:

@@ -14,7 +14,6 @@ from django.db import (
     DatabaseError,
     InterfaceError,
     connections,
-    transaction,
 )
 from django.utils import timezone
 
@@ -22,7 +21,7 @@ from reliable_events import signals
 from reliable_events.consumer.base import Event, HandlerResult
 from reliable_events.consumer.db import database_guard
 from reliable_events.consumer.wire import HISTORY_LIMIT, read_first_failed, read_history
-from reliable_events.db import is_postgres
+from reliable_events.db import is_postgres, own_transaction
 from reliable_events.models import (
     KEY_MAX_LENGTH,
     MESSAGE_ID_MAX_LENGTH,
@@ -192,21 +191,15 @@ def _dead_letter_lock_key(consumer: str, message_id: str) -> int:
 def _save_dead_letter(
     alias: str, consumer: str, message_id: str, values: dict[str, Any]
 ) -> DeadLetter:
-    outermost = not connections[alias].in_atomic_block
-    with transaction.atomic(using=alias):
+    with own_transaction(alias):
         letter = None
         if message_id:
             if is_postgres(alias):
                 # Two workers dead-lettering copies of one message at the same moment
                 # (at-least-once delivery) must not both find "no open letter" and
-                # insert two: serialise them on this (consumer, message id) until commit.
+                # insert two: serialise them on this (consumer, message id) until commit
+                # (READ COMMITTED: the reads after the lock see what the other committed).
                 with connections[alias].cursor() as cursor:
-                    if outermost:
-                        # The lock only helps if the reads after it see what the other
-                        # writer committed: under a project-wide REPEATABLE READ or
-                        # SERIALIZABLE the snapshot would predate the lock (a second open
-                        # letter, or a serialization failure).  This transaction is ours.
-                        cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                     cursor.execute(
                         "SELECT pg_advisory_xact_lock(%s)",
                         [_dead_letter_lock_key(consumer, message_id)],

@@ -32,6 +32,7 @@ from django.utils import timezone
 from reliable_events.consumer.base import Event, EventConsumer, Outcome
 from reliable_events.consumer.db import database_guard
 from reliable_events.consumer.failures import DeadLetterRecord, Failure, write_dead_letter
+from reliable_events.db import own_transaction
 from reliable_events.models import DeadLetter, KeyHold, ParkedEvent
 from reliable_events.sanitize import json_safe
 
@@ -55,7 +56,7 @@ def is_held(cls: type[EventConsumer], key: str) -> bool:
 def park(cls: type[EventConsumer], event: Event) -> bool:
     """Park ``event`` behind its held key; ``False`` when the key is not held (any more)."""
     alias = cls.get_database()
-    with database_guard(alias, "parking an event"), transaction.atomic(using=alias):
+    with database_guard(alias, "parking an event"), own_transaction(alias):
         hold = (
             KeyHold.objects.using(alias)
             .select_for_update()

@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 
 from django.db import (
     connections,
-    transaction,
 )
 from django.db.models import Exists, F, OuterRef, TextField
 from django.db.models.functions import Cast, Least, Now
@@ -29,7 +28,7 @@ from reliable_events.broker import (
     key_bucket,
 )
 from reliable_events.conf import app_settings
-from reliable_events.db import is_postgres, write_alias
+from reliable_events.db import is_postgres, own_transaction, write_alias
 from reliable_events.models import LaneLease, OutboxMessage
 from reliable_events.relay.leases import LANE_LOCK_NAMESPACE, Fence, lease_filter
 from reliable_events.reports import Report
@@ -225,7 +224,7 @@ def claim_due(
         params: dict[str, Any] = {"limit": limit, "lanes": list(lanes), "exclude": list(exclude)}
         if fence is not None:
             params.update(fence.params())
-        with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
+        with own_transaction(alias), connections[alias].cursor() as cursor:
             cursor.execute(_PG_CLAIM_PLAN)
             cursor.execute(sql, params)
             rows = list(map(ClaimedRow._make, cursor.fetchall()))
@@ -245,7 +244,7 @@ def claim_due(
     )
     if len(lanes) < int(app_settings.LANES):
         query = query.filter(lane__in=lanes)
-    with transaction.atomic(using=alias):
+    with own_transaction(alias):
         return _retries_go_alone(
             alias,
             list(

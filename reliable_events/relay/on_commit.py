@@ -12,7 +12,6 @@ from typing import Any
 
 from django.db import (
     OperationalError,
-    transaction,
 )
 
 from reliable_events.broker import (
@@ -21,7 +20,7 @@ from reliable_events.broker import (
     open_publisher,
 )
 from reliable_events.conf import app_settings
-from reliable_events.db import is_postgres
+from reliable_events.db import is_postgres, own_transaction
 from reliable_events.metrics import metered
 from reliable_events.relay.claims import (
     ClaimedRow,
@@ -125,7 +124,7 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
             return _publish_committed(alias, rows, timeout)
         locking = True
         try:
-            with transaction.atomic(using=alias):
+            with own_transaction(alias):
                 keys = lock_hook_lanes(alias, ids, min(HOOK_LANE_WAIT, timeout))
                 if keys is None:
                     return RelayReport()

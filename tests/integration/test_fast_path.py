@@ -196,6 +196,37 @@ def test_two_processes_on_hot_keys_stay_fast_and_ordered_through_a_connection_re
     assert fast >= 0.99, f"{figures}\n{_slow_ones(rows, committed, reset_at, relay_out)}"
 
 
+@pytest.mark.parametrize("level", ["REPEATABLE_READ", "SERIALIZABLE"])
+def test_hooks_of_two_processes_on_hot_keys_never_fail_at_a_stricter_project_isolation(
+    broker, rabbit, exchange_name, level
+):
+    """A project may run PostgreSQL above READ COMMITTED (``OPTIONS["isolation_level"]``).
+    The hook's own transaction (its lanes' locks, then its keys' chains) runs at READ
+    COMMITTED: at the project's level, a hook that had waited for another's lane read a
+    snapshot from before that hook's commit and failed with a serialization error (its
+    rows left to the next event or the relay; under SERIALIZABLE, some sent twice)."""
+    queue = rabbit.bind_queue(exchange_name, "#")
+    env = child_env(**shipped_defaults(BROKER_URL=broker["BROKER_URL"], EXCHANGE=exchange_name))
+    env["RE_TEST_PG_ISOLATION"] = level  # tests/settings.py: the project's OPTIONS
+    producers = [
+        manage("hotkey_produce", "--prefix", f"p{index}", "--keys", "4", "--seconds", "8", env=env)
+        for index in range(2)
+    ]
+    committed: dict[str, float] = {}
+    failures: list[str] = []
+    for producer in producers:
+        out, err = producer.communicate(timeout=90)
+        assert producer.returncode == 0, err
+        committed.update(json.loads(out.strip().splitlines()[-1]))
+        failures += [line for line in err.splitlines() if "on-commit publish failed" in line]
+    assert not failures, failures
+    assert not OutboxMessage.objects.pending().exists()
+    messages = drain_queue(rabbit.channel, queue, expect=len(committed), timeout=60)
+    assert sorted(message_ids(messages)) == sorted(committed)  # each once, none lost
+    rows = dict(OutboxMessage.objects.values_list("message_id", "id"))
+    assert per_key_order_holds(messages, rows)
+
+
 def test_a_delayed_event_does_not_slow_its_key_once_due(broker, rabbit, exchange_name):
     """While a delayed event is not due, later events of its key wait behind it (key
     order); once it is due, the next event of the key goes at once, taking the delayed
