@@ -41,7 +41,7 @@ from django.db import connection
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import make_consumer
-from tests.support.ledger_support import db, ledger_fleet
+from tests.support.ledger_support import db, ledger_fleet, n_of
 from tests.support.producer_support import child_env
 from tests.support.rabbit_node import RabbitCluster
 from tests.support.service_control import wait_for
@@ -365,9 +365,6 @@ def test_cluster_ledger_node_kills_and_freeze_lose_nothing_apply_nothing_twice(
     applied = Counter(message_id for message_id, _ in effects)
     dead = Counter(DeadLetter.objects.filter(consumer=name).values_list("message_id", flat=True))
     twice = DeadLetter.objects.filter(consumer=name, error_message__contains=APPLIED_TWICE)
-
-    def n_of(message_id: str) -> int:
-        return int(message_id.rsplit("-", 1)[1])
 
     permanent = {i for i in ids if designed_failure(n_of(i)) == "permanent"}
     once = {i for i in ids if designed_failure(n_of(i)) == "once"}

@@ -5,7 +5,9 @@
   restarts; the outbox rows (``queue=''``) are the ledger of committed events;
 * 2 ``relay_outbox`` and 2 ``consume_events`` processes (one consumer, two competing
   processes on its queue; ``tests/testapp/consumers.py``) run throughout;
-* every 1-3 s a random relay or consumer is SIGKILLed and restarted at once;
+* every 1-3 s a random relay or consumer is SIGKILLed and restarted at once, and twice
+  a consumer is SIGKILLed inside a handler (a "slow" event, unacknowledged), which must
+  come back as a redelivery;
 * RabbitMQ is restarted once (``rabbitmqctl stop_app`` / ``start_app``) and PostgreSQL
   once (``pg_ctlcluster ... restart``) in the middle of the run; both are running again
   (and accept connections) when the test ends, whatever happens.
@@ -52,7 +54,7 @@ from reliable_events.consuming import PERMANENT_ERROR
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import make_consumer
-from tests.support.ledger_support import chaos, db, ledger_fleet
+from tests.support.ledger_support import chaos, db, kill_in_handler, ledger_fleet, n_of
 from tests.support.otel_support import SPANS_ENV, check_ledger_traces, read_span_files
 from tests.support.producer_support import child_env
 from tests.support.service_control import (
@@ -79,6 +81,10 @@ EVENTS = int(os.environ.get("RE_LEDGER_EVENTS", "10000"))
 PGBOUNCER_EVENTS = int(os.environ.get("RE_LEDGER_PGBOUNCER_EVENTS", "3000"))
 #: Random kills at least (the chaos goes on after the producers until there were this many).
 MIN_KILLS = 10
+#: Kills aimed inside a handler (at "slow" events, their message unacknowledged), besides
+#: the random ones: each must come back as a redelivery.  A short run's random kills may
+#: all land on consumers that had nothing in flight.
+HANDLER_KILLS = 2
 #: Events of the producer that dies between its commit and its on-commit publish.
 CRASH_EVENTS = 5
 #: Dead letters re-driven (edit and retry, the payload fixed) after the chaos.
@@ -270,6 +276,12 @@ def ledger(
     stop_chaos = threading.Event()
     chaos_errors: list[BaseException] = []
     chaos_thread = threading.Thread(target=chaos, args=(fleet, stop_chaos, chaos_errors))
+    aimed: list[str] = []
+    aim_thread = threading.Thread(
+        target=kill_in_handler,
+        args=(fleet, stop_chaos, chaos_errors, aimed),
+        kwargs={"kills": HANDLER_KILLS},
+    )
     restarts: list[str] = []
     marks: dict[str, float] = {}
 
@@ -292,6 +304,7 @@ def ledger(
                 fleet.start("producer", i)
             crasher = fleet.start("crasher", 0)
         chaos_thread.start()
+        aim_thread.start()
 
         if restarts_too:
             # RabbitMQ restart at ~30 % of the events, PostgreSQL restart at ~60 %.
@@ -315,10 +328,12 @@ def ledger(
         codes = [c.proc.poll() for c in fleet.producers()]
         # A short run keeps the chaos going while the backlog drains, up to MIN_KILLS.
         wait_for(
-            lambda: fleet.kills >= MIN_KILLS, timeout=max(0.0, deadline - time.monotonic() - 90)
+            lambda: fleet.kills >= MIN_KILLS and len(aimed) >= HANDLER_KILLS,
+            timeout=max(0.0, deadline - time.monotonic() - 90),
         )
         stop_chaos.set()
         chaos_thread.join(60)
+        aim_thread.join(60)
 
         # Converge: nothing pending in the outbox, every id applied or dead-lettered,
         # and the queues empty twice in a row.
@@ -372,8 +387,9 @@ def ledger(
         leftover = queues.counts()
     finally:
         stop_chaos.set()
-        if chaos_thread.is_alive():
-            chaos_thread.join(60)
+        for thread in (chaos_thread, aim_thread):
+            if thread.is_alive():
+                thread.join(60)
         fleet.kill_all()
         queues.close()
         (tmp_path / "timeline.log").write_text("\n".join(fleet.timeline) + "\n")
@@ -418,9 +434,6 @@ def ledger(
     )
     dead = Counter(letter[0] for letter in letters)
 
-    def n_of(message_id: str) -> int:
-        return int(message_id.rsplit("-", 1)[1])
-
     permanent = {i for i in ids if designed_failure(n_of(i)) == "permanent"}
     once = {i for i in ids if designed_failure(n_of(i)) == "once"}
     attempts = {message_id: payload["attempt"] for message_id, payload in effects}
@@ -438,7 +451,8 @@ def ledger(
         f"\nledger: events={len(ids)} (expected {expected}) applied={len(applied)} "
         f"dead_letters={len(letters)} (designed {len(permanent)}) "
         f"failed_once_then_applied={sum(1 for i in once if attempts.get(i, 0) >= 2)}"
-        f"\n  kills={fleet.kills} restarts={len(restarts)} ({'; '.join(restarts)}) "
+        f"\n  kills={fleet.kills} ({len(aimed)} aimed inside a handler) restarts={len(restarts)} "
+        f"({'; '.join(restarts)}) "
         f"unexpected_exits={len(fleet.unexpected_exits)}"
         f"\n  broker_faults_felt={broker_faults} database_faults_felt={database_faults} "
         f"redeliveries_seen={redeliveries} duplicates_absorbed={duplicates} "
@@ -482,6 +496,8 @@ def ledger(
     assert not retried, f"{len(retried)} undesigned retries, e.g. {retried[:5]}"
     assert leftover == dict.fromkeys(queues.names, 0), leftover
     assert fleet.kills >= MIN_KILLS, "the chaos did not happen"
+    assert len(aimed) == HANDLER_KILLS, "the aimed kills did not happen"
+    assert set(aimed) <= set(applied), "a slow event killed in its handler was lost"
     if restarts_too:
         assert broker_faults > 0, "nobody noticed the RabbitMQ restart"
         assert database_faults > 0, "nobody noticed the PostgreSQL restart"

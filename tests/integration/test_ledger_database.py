@@ -49,7 +49,7 @@ from django.db import connection
 
 from reliable_events.conf import AppSettings
 from reliable_events.consuming import PERMANENT_ERROR
-from tests.support.ledger_support import Fleet, chaos, ledger_fleet
+from tests.support.ledger_support import chaos, kill_in_handler, ledger_fleet, n_of
 from tests.support.otel_support import SPANS_ENV, check_ledger_traces, read_span_files
 from tests.support.producer_support import ROOT, child_env
 from tests.support.service_control import wait_for
@@ -97,43 +97,6 @@ def shipped_settings(exchange: str) -> dict[str, Any]:
     defaults = {name: getattr(AppSettings, name) for name in AppSettings.names()}
     defaults.update(BROKER_URL="db://", EXCHANGE=exchange, CELERY_CONSUMERS=None)
     return defaults
-
-
-def n_of(message_id: str) -> int:
-    return int(message_id.rsplit("-", 1)[1])
-
-
-def kill_in_handler(
-    fleet: Fleet, stop: threading.Event, errors: list[BaseException], record: list[str]
-) -> None:
-    """SIGKILL the consumer that just printed it is applying a ``"slow"`` event: it is
-    inside the handler, its transaction open (the random kills may or may not land
-    there).  Each slow event once, at most ``HANDLER_KILLS`` times."""
-    offsets: dict[Path, int] = {}
-    seen: set[str] = set()
-    try:
-        while len(record) < HANDLER_KILLS and not stop.wait(0.05):
-            for key in [k for k in fleet.targets() if k[0] == "consumer"]:
-                log = fleet.children[key].log
-                with log.open("rb") as handle:
-                    handle.seek(offsets.get(log, 0))
-                    chunk = handle.read()
-                complete = chunk[: chunk.rfind(b"\n") + 1]
-                offsets[log] = offsets.get(log, 0) + len(complete)
-                slow = [
-                    line.split()[-1]
-                    for line in complete.decode(errors="replace").splitlines()
-                    if line.startswith(APPLYING)
-                    and designed_failure(n_of(line.split()[-1])) == "slow"
-                    and line.split()[-1] not in seen
-                ]
-                if slow:
-                    seen.update(slow)
-                    fleet.kill_and_restart(key)
-                    fleet.note(f"killed {key[0]}-{key[1]} inside the handler of {slow[-1]}")
-                    record.append(slow[-1])
-    except BaseException as exc:  # reported by the test
-        errors.append(exc)
 
 
 def redrive(env: dict[str, str], consumer: str) -> dict[str, str]:
@@ -196,7 +159,9 @@ def run_ledger(
     chaos_thread = threading.Thread(target=chaos, args=(fleet, stop_chaos, chaos_errors))
     aimed: list[str] = []
     aim_thread = threading.Thread(
-        target=kill_in_handler, args=(fleet, stop_chaos, chaos_errors, aimed)
+        target=kill_in_handler,
+        args=(fleet, stop_chaos, chaos_errors, aimed),
+        kwargs={"kills": HANDLER_KILLS},
     )
 
     def count(sql: str) -> int:

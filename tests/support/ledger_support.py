@@ -1,6 +1,6 @@
 """Pieces of the ledger tests (``tests/integration/test_ledger*.py``): the relay, consumer
-and producer child processes, the chaos thread that SIGKILLs them, and database reads
-that survive a PostgreSQL restart."""
+and producer child processes, the chaos threads that SIGKILL them (at random, and aimed
+inside a handler), and database reads that survive a PostgreSQL restart."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from typing import IO, Any, TypeVar
 from django.db import DatabaseError, InterfaceError, connection
 
 from tests.support.producer_support import ROOT
-from tests.testapp.consumers import LEDGER_CONSUMER_ENV
+from tests.testapp.consumers import APPLYING, LEDGER_CONSUMER_ENV
+from tests.testapp.management.commands.ledger_produce import designed_failure
 
 T = TypeVar("T")
 
@@ -219,6 +220,50 @@ def chaos(fleet: Fleet, stop: threading.Event, errors: list[BaseException]) -> N
             if running:
                 fleet.kill_and_restart(rng.choice(running))
             fleet.revive()
+    except BaseException as exc:  # reported by the test
+        errors.append(exc)
+
+
+def n_of(message_id: str) -> int:
+    """The producer's sequence number in a ledger message id (``<run>-<producer>-<n>``)."""
+    return int(message_id.rsplit("-", 1)[1])
+
+
+def kill_in_handler(
+    fleet: Fleet,
+    stop: threading.Event,
+    errors: list[BaseException],
+    record: list[str],
+    *,
+    kills: int,
+) -> None:
+    """SIGKILL the consumer that just printed it is applying a ``"slow"`` event: it is
+    inside the handler, its transaction open and the message unacknowledged (the random
+    kills may or may not land there).  Each slow event once, at most ``kills`` times;
+    the ids go to ``record``."""
+    offsets: dict[Path, int] = {}
+    seen: set[str] = set()
+    try:
+        while len(record) < kills and not stop.wait(0.05):
+            for key in [k for k in fleet.targets() if k[0] == "consumer"]:
+                log = fleet.children[key].log
+                with log.open("rb") as handle:
+                    handle.seek(offsets.get(log, 0))
+                    chunk = handle.read()
+                complete = chunk[: chunk.rfind(b"\n") + 1]
+                offsets[log] = offsets.get(log, 0) + len(complete)
+                slow = [
+                    line.split()[-1]
+                    for line in complete.decode(errors="replace").splitlines()
+                    if line.startswith(APPLYING)
+                    and designed_failure(n_of(line.split()[-1])) == "slow"
+                    and line.split()[-1] not in seen
+                ]
+                if slow:
+                    seen.update(slow)
+                    fleet.kill_and_restart(key)
+                    fleet.note(f"killed {key[0]}-{key[1]} inside the handler of {slow[-1]}")
+                    record.append(slow[-1])
     except BaseException as exc:  # reported by the test
         errors.append(exc)
 
