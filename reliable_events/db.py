@@ -61,9 +61,8 @@ def _stricter_isolation(alias: str) -> bool:
     cached = getattr(wrapper, "_reliable_events_stricter", None)
     if cached is not None and cached[0] is raw:
         return bool(cached[1])
-    configured = getattr(wrapper.isolation_level, "name", "")
     if "isolation_level" in wrapper.settings_dict.get("OPTIONS", {}):
-        stricter = configured in _STRICTER
+        stricter = wrapper.isolation_level.name in _STRICTER
     else:
         with wrapper.cursor() as cursor:
             cursor.execute("SHOW default_transaction_isolation")
