@@ -191,6 +191,36 @@ def re_settings(settings: Any) -> Any:
     return configure
 
 
+@pytest.fixture
+def project_isolation() -> Iterator[Any]:
+    """A setter of the project's ``OPTIONS["isolation_level"]`` (a name such as
+    ``"SERIALIZABLE"``, or ``None`` for none), applied to the connections opened after
+    it; restored, and this thread's connections closed, at the end (PostgreSQL only)."""
+    from django.db import connection, connections
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL's isolation levels")
+    from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-untyped]
+        IsolationLevel,
+    )
+
+    options = connection.settings_dict.setdefault("OPTIONS", {})
+    saved = dict(options)
+
+    def apply(name: str | None) -> None:
+        options.pop("isolation_level", None)
+        if name is not None:
+            options["isolation_level"] = IsolationLevel[name]
+        connections.close_all()
+
+    try:
+        yield apply
+    finally:
+        options.clear()
+        options.update(saved)
+        connections.close_all()
+
+
 @pytest.fixture(params=[True, False], ids=["aware", "naive"])
 def use_tz(request: Any, settings: Any) -> bool:
     """The test runs twice: under ``USE_TZ = True`` (Django's default) and ``False`` (a

@@ -12,11 +12,10 @@ database being unavailable).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from django.db import connection, connections
+from django.db import connections
 from django.utils import timezone
 
 from reliable_events.consumer.failures import DeadLetterRecord, Failure, write_dead_letter
@@ -29,31 +28,11 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 ROUNDS = 20
 
 
-@pytest.fixture(params=["default", "REPEATABLE_READ", "SERIALIZABLE"])
-def project_isolation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The project's ``OPTIONS["isolation_level"]`` for the connections the test opens."""
-    if connection.vendor != "postgresql":
-        pytest.skip("PostgreSQL's isolation levels")
-    from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-untyped]
-        IsolationLevel,
-    )
-
-    options = connection.settings_dict.setdefault("OPTIONS", {})
-    saved = dict(options)
-    if request.param != "default":
-        options["isolation_level"] = IsolationLevel[request.param]
-    connections.close_all()
-    try:
-        yield request.param
-    finally:
-        options.clear()
-        options.update(saved)
-        connections.close_all()
-
-
+@pytest.mark.parametrize("level", ["default", "REPEATABLE_READ", "SERIALIZABLE"])
 def test_concurrent_dead_letters_of_one_message_make_one_open_letter(
-    clean_registry: Any, project_isolation: str
+    clean_registry: Any, project_isolation: Any, level: str
 ) -> None:
+    project_isolation(None if level == "default" else level)
     consumer = make_consumer(clean_registry)
     errors: list[BaseException] = []
 

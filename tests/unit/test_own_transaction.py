@@ -4,14 +4,8 @@ session), costs no statement at the default, and leaves a caller's transaction a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 from django.db import connection, transaction
-from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-untyped]
-    IsolationLevel,
-)
 from django.test.utils import CaptureQueriesContext
 
 from reliable_events.db import own_transaction
@@ -33,30 +27,9 @@ def level() -> str:
         return value
 
 
-@pytest.fixture
-def project_level() -> Iterator[Any]:
-    """Set the project's ``OPTIONS["isolation_level"]`` (Django applies it when it
-    connects), restored afterwards; each change starts a new connection."""
-    if connection.vendor != "postgresql":
-        pytest.skip("PostgreSQL's isolation levels")
-    options = connection.settings_dict.setdefault("OPTIONS", {})
-    before = dict(options)
-
-    def apply(name: str | None) -> None:
-        options.pop("isolation_level", None)
-        if name is not None:
-            options["isolation_level"] = IsolationLevel[name]
-        connection.close()
-
-    yield apply
-    options.clear()
-    options.update(before)
-    connection.close()
-
-
 @pytest.mark.parametrize("name", ["REPEATABLE_READ", "SERIALIZABLE"])
-def test_a_stricter_project_level_is_lowered_for_the_apps_transactions(project_level, name):
-    project_level(name)
+def test_a_stricter_project_level_is_lowered_for_the_apps_transactions(project_isolation, name):
+    project_isolation(name)
     with transaction.atomic():
         assert level() == name.lower().replace("_", " ")  # the project's own transactions
     with own_transaction(connection.alias):
@@ -65,9 +38,9 @@ def test_a_stricter_project_level_is_lowered_for_the_apps_transactions(project_l
         assert level() == name.lower().replace("_", " ")  # one transaction only
 
 
-def test_a_stricter_server_default_is_lowered_too(project_level):
+def test_a_stricter_server_default_is_lowered_too(project_isolation):
     """No ``OPTIONS``: the database's or role's default counts, asked once per session."""
-    project_level(None)
+    project_isolation(None)
     with connection.cursor() as cursor:  # as ALTER DATABASE ... SET would, for this session
         cursor.execute("SET default_transaction_isolation = 'serializable'")
     with transaction.atomic():
@@ -79,21 +52,21 @@ def test_a_stricter_server_default_is_lowered_too(project_level):
     assert statements(queries) == [SET]  # the default was asked only once
 
 
-def test_at_read_committed_it_adds_no_statement(project_level):
-    project_level(None)
+def test_at_read_committed_it_adds_no_statement(project_isolation):
+    project_isolation(None)
     with own_transaction(connection.alias):  # the first one asks the session's default
         pass
     with CaptureQueriesContext(connection) as queries, own_transaction(connection.alias):
         assert level() == "read committed"
     assert statements(queries) == ["SHOW transaction_isolation"]
-    project_level("READ_COMMITTED")
+    project_isolation("READ_COMMITTED")
     with CaptureQueriesContext(connection) as queries, own_transaction(connection.alias):
         pass
     assert not statements(queries)  # set in OPTIONS: nothing to ask
 
 
-def test_inside_a_callers_transaction_the_callers_level_stays(project_level):
-    project_level("REPEATABLE_READ")
+def test_inside_a_callers_transaction_the_callers_level_stays(project_isolation):
+    project_isolation("REPEATABLE_READ")
     with transaction.atomic():
         with CaptureQueriesContext(connection) as queries, own_transaction(connection.alias):
             assert level() == "repeatable read"
