@@ -236,6 +236,10 @@ def carried_context(headers: Mapping[str, Any]) -> Any:
 
 
 def _process_attributes(delivery: Delivery, system: str) -> dict[str, Any]:
+    """The attributes of a delivery's ``process`` span.  All are known before it starts:
+    they are given to ``start_span``, where a sampler sees them (the messaging
+    conventions' "SHOULD be provided at span creation time"); only the outcome is set
+    later."""
     return {
         "messaging.system": system,
         "messaging.operation.type": "process",
@@ -244,6 +248,18 @@ def _process_attributes(delivery: Delivery, system: str) -> dict[str, Any]:
         "messaging.destination.subscription.name": delivery.consumer,
         "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
         "messaging.message.id": delivery.message_id,
+    }
+
+
+def _event_attributes(consumer: str, event: Event, system: str) -> dict[str, Any]:
+    """What an event alone tells of its ``process`` span (no delivery: a batch given to
+    ``process_batch`` by other code than the worker)."""
+    return {
+        "messaging.system": system,
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.subscription.name": consumer,
+        "messaging.message.id": event.id,
     }
 
 
@@ -284,21 +300,33 @@ def traced_process(method: Method) -> Method:
 
 class HandlerSpans:
     """The ``process`` spans of the handlers of one batch transaction: :meth:`enter`
-    starts one, child of the event's carried context, and makes it current while
-    ``handle`` runs; :meth:`leave` makes the previous context current again and leaves
-    the span open: :func:`batch_processed` (or :func:`traced_failure`) ends it with the
-    outcome once the batch committed."""
+    starts one, child of the event's carried context, with its attributes, and makes it
+    current while ``handle`` runs; :meth:`leave` makes the previous context current
+    again and leaves the span open: :func:`batch_processed` (or :func:`traced_failure`)
+    ends it with the outcome once the batch committed."""
 
-    __slots__ = ("name", "tracer")
+    __slots__ = ("consumer", "deliveries", "name", "system", "tracer")
 
-    def __init__(self, consumer: str) -> None:
+    def __init__(self, consumer: str, deliveries: Mapping[str, Delivery]) -> None:
         self.tracer = tracer()
+        self.consumer = consumer
         self.name = f"process {consumer}"
+        #: The batch's deliveries by event id, whose attributes the spans start with.
+        self.deliveries = deliveries
+        self.system = messaging_system(str(app_settings.BROKER_URL))
 
     def enter(self, event: Event) -> tuple[Any, Any]:
         """The span and the token of the context it is current in."""
+        delivery = self.deliveries.get(event.id)
         span = self.tracer.start_span(
-            self.name, context=carried_context(event.headers), kind=SpanKind.CONSUMER
+            self.name,
+            context=carried_context(event.headers),
+            kind=SpanKind.CONSUMER,
+            attributes=(
+                _event_attributes(self.consumer, event, self.system)
+                if delivery is None
+                else _process_attributes(delivery, self.system)
+            ),
         )
         return span, otel_context.attach(trace.set_span_in_context(span))
 
@@ -312,9 +340,14 @@ class HandlerSpans:
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
-def handler_spans(consumer: str) -> HandlerSpans | None:
-    """The handler spans of one batch of ``consumer``, or ``None`` when tracing is off."""
-    return HandlerSpans(consumer) if enabled() else None
+def handler_spans(
+    consumer: str, batch: Sequence[tuple[Delivery, Event]] = ()
+) -> HandlerSpans | None:
+    """The handler spans of one batch of ``consumer`` (``batch``: its deliveries, whose
+    attributes the spans start with), or ``None`` when tracing is off."""
+    if not enabled():
+        return None
+    return HandlerSpans(consumer, {event.id: delivery for delivery, event in batch})
 
 
 def batch_processed(
@@ -335,15 +368,14 @@ def batch_processed(
                 f"process {delivery.consumer}",
                 context=carried_context(delivery.headers),
                 kind=SpanKind.CONSUMER,
+                attributes=_process_attributes(delivery, system),
                 start_time=now - int(result.seconds * 1e9),
             )
             end_time: int | None = now
         else:
             end_time = None
         if span.is_recording():
-            attributes = _process_attributes(delivery, system)
-            attributes[OUTCOME] = result.outcome.value
-            span.set_attributes(attributes)
+            span.set_attribute(OUTCOME, result.outcome.value)
             if result.error is not None:
                 span.record_exception(result.error)
                 span.set_status(Status(StatusCode.ERROR, type(result.error).__name__))
@@ -361,14 +393,15 @@ def traced_failure(delivery: Delivery, work: Work, span: Any = None) -> Work:
         return work
 
     def settle() -> tuple[Outcome, HandlerResult | None]:
-        attributes = _process_attributes(delivery, messaging_system(str(app_settings.BROKER_URL)))
         current = span or tracer().start_span(
             f"process {delivery.consumer}",
             context=carried_context(delivery.headers),
             kind=SpanKind.CONSUMER,
+            attributes=_process_attributes(
+                delivery, messaging_system(str(app_settings.BROKER_URL))
+            ),
         )
         with trace.use_span(current, end_on_exit=True):
-            current.set_attributes(attributes)
             outcome, result = work()
             _settle_span(current, outcome, result)
             return outcome, result

@@ -219,6 +219,7 @@ class EventConsumer:
         *,
         max_seconds: float | None = None,
         stop: Callable[[], bool] | None = None,
+        spans: tracing.HandlerSpans | None = None,
     ) -> list[HandlerResult] | None:
         """Apply several events in one transaction, each ``handle`` in its own savepoint.
 
@@ -236,7 +237,9 @@ class EventConsumer:
         :class:`~reliable_events.exceptions.DatabaseUnavailable` like :meth:`process`
         (then nothing of the batch was committed).  ``None``: the database refused the
         commit itself (e.g. a deferred constraint); nothing was applied and the caller
-        must process the events one by one.
+        must process the events one by one.  ``spans``: the handlers' ``process`` spans,
+        made by the caller from its deliveries (``tracing.handler_spans``); by default
+        from the events alone.
         """
         alias = self._alias()
         stage = "record"
@@ -247,7 +250,8 @@ class EventConsumer:
             connection = connections[alias]
             connection.ensure_connection()
             raw = connection.connection
-            spans = tracing.handler_spans(self.name)
+            if spans is None:
+                spans = tracing.handler_spans(self.name)
             with transaction.atomic(using=alias):
                 fresh = insert_records(
                     connection, self.name, [(event.id, event.topic) for event in events]

@@ -363,12 +363,14 @@ class Worker:
         """One transaction over (a prefix of) ``batch``; how many it settled, or ``None``
         when the rest must not be processed now (stopping, or handed back)."""
         outages = 0
+        spans = tracing.handler_spans(consumer.name, batch)
         while True:
             try:
                 results = consumer.process_batch(
                     [event for _, event in batch],
                     max_seconds=BATCH_MAX_SECONDS,
                     stop=self.stop.is_set,
+                    spans=spans,
                 )
             except DatabaseUnavailable as exc:
                 outages += 1

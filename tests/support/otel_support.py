@@ -24,6 +24,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Sampler
 
 SPANS_ENV = "RE_TEST_OTEL_SPANS"
 
@@ -59,12 +60,13 @@ _switch = SwitchableTracerProvider()
 
 
 @contextmanager
-def recording() -> Iterator[InMemorySpanExporter]:
-    """Spans made meanwhile in this process, in the SDK's in-memory exporter."""
+def recording(sampler: Sampler | None = None) -> Iterator[InMemorySpanExporter]:
+    """Spans made meanwhile in this process, in the SDK's in-memory exporter (``sampler``:
+    the provider's, else the SDK's default)."""
     if trace.get_tracer_provider() is not _switch:
         trace.set_tracer_provider(_switch)
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     _switch.active = provider
     try:

@@ -13,9 +13,12 @@ from typing import Any
 import pytest
 from django.db import transaction
 from opentelemetry import baggage, context, trace
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
 
 from reliable_events import deadletters, publish_event, tracing
+from reliable_events.broker.base import Delivery
 from reliable_events.consumer import Event, EventConsumer
+from reliable_events.consumer.base import HandlerResult, Outcome
 from reliable_events.consuming import Worker
 from reliable_events.exceptions import PermanentError
 from reliable_events.models import DeadLetter, OutboxMessage
@@ -198,6 +201,80 @@ def test_a_batch_transaction_makes_one_process_span_per_event(clean_registry, ur
         [process] = spans.of("process", f"m-{i}")
         assert process.attributes["reliable_events.outcome"] == "processed"
         assert spans.leads_back(process, origin)
+
+
+#: The messaging conventions' attributes "important for making sampling decisions", which
+#: "SHOULD be provided at span creation time" (those this library knows of a delivery).
+SAMPLING_ATTRIBUTES = {
+    "messaging.system",
+    "messaging.operation.type",
+    "messaging.operation.name",
+    "messaging.destination.name",
+    "messaging.destination.subscription.name",
+}
+
+
+class SeenBySampler(Sampler):
+    """The SDK's default sampler, noting the name and attributes of each span it decides."""
+
+    def __init__(self) -> None:
+        self.inner = ParentBased(ALWAYS_ON)
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def should_sample(
+        self, parent_context: Any, trace_id: int, name: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        attributes = kwargs.get("attributes", args[1] if len(args) > 1 else None)
+        self.seen.append((name, dict(attributes or {})))
+        return self.inner.should_sample(parent_context, trace_id, name, *args, **kwargs)
+
+    def get_description(self) -> str:
+        return "SeenBySampler"
+
+
+def test_a_process_span_starts_with_the_attributes_a_sampler_decides_on(clean_registry, url):
+    def fails_once(consumer: EventConsumer, event: Event) -> None:
+        if event.id == "m-1" and event.attempt == 1:
+            raise RuntimeError("transient")
+
+    consumer = make_consumer(clean_registry, retry_delays=[0], behaviour=fails_once)
+    consumer.batch_size = 10
+    started(consumer, url)
+    sampler = SeenBySampler()
+    with recording(sampler) as exporter:
+        for i in range(3):
+            publish_in_request(f"request-{i}", message_id=f"m-{i}")
+        run_worker(consumer, url, idle=1.0)
+        finished = [s for s in exporter.get_finished_spans() if s.name.startswith("process ")]
+    decided = [attributes for name, attributes in sampler.seen if name.startswith("process ")]
+    outcomes = sorted(str((s.attributes or {})[tracing.OUTCOME]) for s in finished)
+    assert outcomes == ["processed", "processed", "processed", "retried"]
+    assert len(decided) == len(finished)
+    for attributes in decided:
+        assert set(attributes) >= SAMPLING_ATTRIBUTES, attributes
+        assert attributes["messaging.destination.subscription.name"] == consumer.name
+        assert attributes["messaging.operation.type"] == "process"
+
+
+def test_a_duplicates_span_starts_with_the_attributes_a_sampler_decides_on():
+    delivery = Delivery(
+        consumer="c",
+        body=b"{}",
+        properties={"message_id": "m-1"},
+        headers={},
+        exchange="events",
+        routing_key="orders.created",
+    )
+    event = Event(id="m-1", topic="orders.created", key=None, payload={})
+    sampler = SeenBySampler()
+    with recording(sampler) as exporter:
+        tracing.batch_processed([(delivery, event)], [HandlerResult(Outcome.DUPLICATE, 0.001)])
+        [span] = exporter.get_finished_spans()
+    [(name, attributes)] = sampler.seen
+    assert name == "process c"
+    assert attributes["messaging.destination.name"] == "events"
+    assert set(attributes) >= SAMPLING_ATTRIBUTES
+    assert (span.attributes or {})[tracing.OUTCOME] == "duplicate"
 
 
 def test_without_opentelemetry_the_hooks_hand_back_their_input(monkeypatch):
