@@ -11,7 +11,10 @@
   connected to, restarted once publishing and consuming resumed; (b) SIGKILL of the VM
   of the node leading the consumer's quorum queue (declared through node 1, so another
   node than (a)'s at first), restarted likewise; (c) the node relay 0 is then connected
-  to frozen with SIGSTOP for 30 s, then SIGCONT.
+  to frozen with SIGSTOP for 30 s, then SIGCONT.  A killed node's recovery longer than
+  ``HOLD_AFTER`` holds the producers until it ends (``Fleet.held``; their pace shifts by
+  the pause), so that a slow restart on a loaded machine does not outlast their stream
+  before the next fault.
 
 Shipped defaults throughout (``TIME_SCALE`` from the tests' settings only): a frozen node
 is left by a publisher after ``CONFIRM_TIMEOUT`` (30 s), by a consumer after two missed
@@ -73,6 +76,8 @@ MAX_RETRIES = 3
 RETRY_DELAYS = [0.5]
 #: The whole test stays within this (hangs included; a loaded machine is slow).
 BUDGET_SECONDS = 560.0
+#: A node's recovery longer than this holds the producers (``Fleet.held``) until it ends.
+HOLD_AFTER = 10.0
 #: A fault's effect is looked for this long at most.
 RESUME_TIMEOUT = 90.0
 SAMPLE_SECONDS = 0.1
@@ -212,6 +217,7 @@ def test_cluster_ledger_node_kills_and_freeze_lose_nothing_apply_nothing_twice(
             "batch_size": BATCH_SIZE,
         },
         rate=RATE,
+        hold_file=tmp_path / "hold",
     )
     progress = Progress(run, name)
     sampler = threading.Thread(target=progress.sample_forever)
@@ -249,10 +255,11 @@ def test_cluster_ledger_node_kills_and_freeze_lose_nothing_apply_nothing_twice(
 
     def fault(label: str, act: Callable[[], None], *, while_producing: bool = True) -> float:
         at = time.monotonic()
+        when = f"at {at - started:.1f}s, after {faults or 'no fault'}"
         if while_producing:
-            assert producing(), f"the producers were done before {label}: not mid-stream"
+            assert producing(), f"the producers were done before {label} ({when}): not mid-stream"
         else:
-            assert outstanding(), f"nothing was left to publish or consume at {label}"
+            assert outstanding(), f"nothing was left to publish or consume at {label} ({when})"
         act()
         fleet.note(label)
         faults.append(f"{label} at {at - started:.1f}s, {committed()} committed")
@@ -272,24 +279,30 @@ def test_cluster_ledger_node_kills_and_freeze_lose_nothing_apply_nothing_twice(
         victim = relay_node()
         at = fault(f"SIGKILL node {victim} (relay 0's)", lambda: cluster.kill(victim))
         resumed[f"kill node {victim} (relay's)"] = progress.wait_resumed(at, RESUME_TIMEOUT)
-        cluster.restart(victim)
-        fleet.note(f"node {victim} restarted")
+        # The producers wait while the node comes back, past HOLD_AFTER (on a loaded
+        # machine that can outlast their stream): the next fault still finds them producing.
+        with fleet.held(after=HOLD_AFTER):
+            cluster.restart(victim)
+            fleet.note(f"node {victim} restarted")
+            cluster.wait_until_clustered()
+            # one node's fault, not the quorum's
+            cluster.wait_until_quorum_safe(cluster.leader(name))
 
         # (b) the node leading the consumer's quorum queue
-        cluster.wait_until_clustered()
         time.sleep(BETWEEN_FAULTS)
         leader = cluster.leader(name)
-        cluster.wait_until_quorum_safe(leader)  # one node's fault, not the quorum's
         at = fault(f"SIGKILL node {leader} (queue leader)", lambda: cluster.kill(leader))
         resumed[f"kill node {leader} (leader)"] = progress.wait_resumed(at, RESUME_TIMEOUT)
-        cluster.restart(leader)
-        fleet.note(f"node {leader} restarted")
+        with fleet.held(after=HOLD_AFTER):
+            cluster.restart(leader)
+            fleet.note(f"node {leader} restarted")
+            cluster.wait_until_clustered()
 
         # (c) freeze the node relay 0 now publishes through
-        cluster.wait_until_clustered()
         time.sleep(BETWEEN_FAULTS)
         frozen = relay_node()
-        cluster.wait_until_quorum_safe(frozen)
+        with fleet.held(after=HOLD_AFTER):
+            cluster.wait_until_quorum_safe(frozen)
         at = fault(
             f"SIGSTOP node {frozen} (relay 0's)",
             lambda: cluster.freeze(frozen),

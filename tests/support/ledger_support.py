@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -78,6 +78,8 @@ class Fleet:
     #: Events of the "crasher" producer (SIGKILLs itself after its commit, before the
     #: on-commit publish: the relay's sweep sends them).
     crash_events: int = 0
+    #: While this file exists the producers begin no transaction (:meth:`held`).
+    hold_file: Path | None = None
     children: dict[tuple[str, int], Child] = field(default_factory=dict)
     retired: list[Child] = field(default_factory=list)
     kills: int = 0
@@ -118,7 +120,31 @@ class Fleet:
             f"--per-transaction={self.per_transaction}",
             f"--max-seconds={self.max_seconds:.0f}",
             f"--rate={self.rate / self.producer_count:.3f}",
+            *([f"--hold-file={self.hold_file}"] if self.hold_file else []),
         ]
+
+    @contextlib.contextmanager
+    def held(self, after: float = 0.0) -> Iterator[None]:
+        """The producers paused once the block has run ``after`` s, until it ends (their
+        pace shifts by the pause): a slow recovery between two faults does not use up
+        the stream the next fault needs; a quick one costs no time."""
+        assert self.hold_file is not None, "a fleet without hold_file cannot hold"
+        hold = self.hold_file
+
+        def begin() -> None:
+            hold.touch()
+            self.note("producers held")
+
+        timer = threading.Timer(after, begin)
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            timer.join()
+            if hold.exists():
+                hold.unlink()
+                self.note("producers released")
 
     def start(self, kind: str, index: int) -> Child:
         previous = self.children.get((kind, index))

@@ -14,7 +14,9 @@ Each ``publish_event`` runs inside a ``ledger.produce`` span (attribute
 ``ledger.message_id``): the span every trace of the event must lead back to.
 ``--crash-after-commit``: the process SIGKILLs itself right after its last transaction
 commits, before the on-commit publish (a web process dying there): the relay's sweep
-must send those events.
+must send those events.  ``--hold-file``: no transaction begins while that file exists
+(the pace resumes after it, shifted by the pause), so that a test's next fault still
+finds the stream going however long a node took to come back.
 
 Exit codes: 0 every event committed; 2 ``--max-seconds`` passed first.
 """
@@ -25,6 +27,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -36,6 +39,14 @@ from tests.testapp.models import Order
 
 TOPIC = "ledger.created"
 EXIT_TOO_SLOW = 2
+
+
+def held(hold: Path, deadline: float) -> float:
+    """Seconds spent waiting for ``hold`` to disappear (not past ``deadline``)."""
+    started = time.monotonic()
+    while hold.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return time.monotonic() - started
 
 
 def designed_failure(n: int) -> str | None:
@@ -63,6 +74,9 @@ class Command(BaseCommand):
             "--rate", type=float, default=0.0, help="At most this many events/s (0: no limit)."
         )
         parser.add_argument(
+            "--hold-file", default="", help="Pause while this file exists (the pace shifts)."
+        )
+        parser.add_argument(
             "--crash-after-commit",
             action="store_true",
             help="SIGKILL this process right after the last commit, before its on-commit publish.",
@@ -76,7 +90,10 @@ class Command(BaseCommand):
         retries = 0
         rate = float(options["rate"])
         began = time.monotonic()
+        hold = Path(options["hold_file"]) if options["hold_file"] else None
         for first in range(0, count, step):
+            if hold is not None:
+                began += held(hold, deadline)
             if rate > 0:  # paced: event ``first`` not before first / rate seconds
                 time.sleep(max(0.0, began + first / rate - time.monotonic()))
             numbers = range(first, min(count, first + step))
