@@ -57,7 +57,7 @@ def test_a_failing_event_holds_back_its_key_but_not_the_others(
     """a1 keeps failing: a2, a3 (same key) wait; b and c (other keys) are delivered;
     once a1 succeeds, a1, a2, a3 arrive in order."""
     queue = rabbit.bind_queue(exchange_name, "#")
-    re_settings(PUBLISH_ON_COMMIT=False)
+    re_settings(PUBLISH_ON_COMMIT=False, TIME_SCALE=60)  # the backoff lasts (slow clock)
     a1 = publish_event("orders.created", {"seq": 1}, key="A")
     failing = FailingPublisher(open_publisher(), fail_ids={a1.message_id})
     # a1's first attempt fails (its key's later events do not exist yet)
@@ -427,7 +427,9 @@ def test_a_retried_event_that_fails_again_late_is_not_overtaken_by_its_key(
     from tests.support.producer_support import LateNackPublisher
 
     queue = rabbit.bind_queue(exchange_name, "#")
-    re_settings(PUBLISH_ON_COMMIT=False, RELAY_BATCH_SIZE=batch_size)
+    # The backoff lasts (slow clock): on the tests' fast clock a drain slower than the
+    # backoff (a loaded machine) took `first` a third time and counted two failures.
+    re_settings(PUBLISH_ON_COMMIT=False, RELAY_BATCH_SIZE=batch_size, TIME_SCALE=60)
     first = publish_event("k.one", {}, key="K")
     late = LateNackPublisher(open_publisher(), fail_ids={first.message_id})
     assert _relay(late).failed == 1  # the first failure, alone
