@@ -240,26 +240,21 @@ def _process_attributes(delivery: Delivery, system: str) -> dict[str, Any]:
     they are given to ``start_span``, where a sampler sees them (the messaging
     conventions' "SHOULD be provided at span creation time"); only the outcome is set
     later."""
-    return {
-        "messaging.system": system,
-        "messaging.operation.type": "process",
-        "messaging.operation.name": "process",
-        "messaging.destination.name": delivery.exchange or delivery.routing_key,
-        "messaging.destination.subscription.name": delivery.consumer,
-        "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
-        "messaging.message.id": delivery.message_id,
-    }
+    attributes = _known_attributes(delivery.consumer, delivery.message_id, system)
+    attributes["messaging.destination.name"] = delivery.exchange or delivery.routing_key
+    attributes["messaging.rabbitmq.destination.routing_key"] = delivery.routing_key
+    return attributes
 
 
-def _event_attributes(consumer: str, event: Event, system: str) -> dict[str, Any]:
-    """What an event alone tells of its ``process`` span (no delivery: a batch given to
-    ``process_batch`` by other code than the worker)."""
+def _known_attributes(consumer: str, message_id: str, system: str) -> dict[str, Any]:
+    """What a ``process`` span's attributes are without the delivery: all an event tells
+    (a batch given to ``process_batch`` by other code than the worker)."""
     return {
         "messaging.system": system,
         "messaging.operation.type": "process",
         "messaging.operation.name": "process",
         "messaging.destination.subscription.name": consumer,
-        "messaging.message.id": event.id,
+        "messaging.message.id": message_id,
     }
 
 
@@ -323,7 +318,7 @@ class HandlerSpans:
             context=carried_context(event.headers),
             kind=SpanKind.CONSUMER,
             attributes=(
-                _event_attributes(self.consumer, event, self.system)
+                _known_attributes(self.consumer, event.id, self.system)
                 if delivery is None
                 else _process_attributes(delivery, self.system)
             ),
