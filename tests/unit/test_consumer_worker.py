@@ -634,6 +634,7 @@ def test_consumer_service_runs_in_a_thread_and_stops(clean_registry, settings):
     service = step.create(parent=None)
     assert isinstance(service, ConsumerService)
     assert step.include_if(parent=None)
+    started(consumer)  # its queue exists before the service's thread declares it
     service.start()
     try:
         send(message_id="m-1")
@@ -656,6 +657,7 @@ def test_consumer_service_keeps_the_error_that_ended_its_thread(clean_registry, 
         raise KeyboardInterrupt("interrupted in the handler")
 
     consumer = make_consumer(clean_registry, behaviour=interrupt)
+    started(consumer)  # its queue exists before the service's thread declares it
     service = ConsumerService([consumer.name])
     service.stop()  # never started: nothing to stop
     service.start()
@@ -675,20 +677,21 @@ def test_consumer_service_keeps_the_error_that_ended_its_thread(clean_registry, 
 
 def test_consumer_service_says_when_its_thread_outlives_the_stop_timeout(clean_registry, caplog):
     gate = threading.Event()
-    started = threading.Event()
+    entered = threading.Event()
 
     def hold(consumer: EventConsumer, event: Event) -> None:
-        started.set()
+        entered.set()
         assert gate.wait(30)
 
     consumer = make_consumer(clean_registry, behaviour=hold)
+    started(consumer)  # its queue exists before the service's thread declares it
     service = ConsumerService([consumer.name])
     service.start()
     thread = service.thread
     assert thread is not None
     try:
         send(message_id="m-1")
-        assert started.wait(60)
+        assert entered.wait(60)
         service.stop(timeout=0.1)
         assert "consumer thread still busy after 0s" in caplog.text
         assert thread.is_alive()
