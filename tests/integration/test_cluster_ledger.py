@@ -11,9 +11,10 @@
   connected to, restarted once publishing and consuming resumed; (b) SIGKILL of the VM
   of the node leading the consumer's quorum queue (declared through node 1, so another
   node than (a)'s at first), restarted likewise; (c) the node relay 0 is then connected
-  to frozen with SIGSTOP for 30 s, then SIGCONT.  A killed node's recovery longer than
+  to frozen with SIGSTOP for 30 s, then SIGCONT.  A kill whose aftermath (publishing and
+  consuming resumed, the node restarted and back in the cluster) lasts longer than
   ``HOLD_AFTER`` holds the producers until it ends (``Fleet.held``; their pace shifts by
-  the pause), so that a slow restart on a loaded machine does not outlast their stream
+  the pause), so that a slow recovery on a loaded machine does not outlast their stream
   before the next fault.
 
 Shipped defaults throughout (``TIME_SCALE`` from the tests' settings only): a frozen node
@@ -76,7 +77,7 @@ MAX_RETRIES = 3
 RETRY_DELAYS = [0.5]
 #: The whole test stays within this (hangs included; a loaded machine is slow).
 BUDGET_SECONDS = 560.0
-#: A node's recovery longer than this holds the producers (``Fleet.held``) until it ends.
+#: A fault's aftermath longer than this holds the producers (``Fleet.held``) until it ends.
 HOLD_AFTER = 10.0
 #: A fault's effect is looked for this long at most.
 RESUME_TIMEOUT = 90.0
@@ -278,10 +279,11 @@ def test_cluster_ledger_node_kills_and_freeze_lose_nothing_apply_nothing_twice(
         assert wait_for(lambda: committed() >= 500, timeout=120)
         victim = relay_node()
         at = fault(f"SIGKILL node {victim} (relay 0's)", lambda: cluster.kill(victim))
-        resumed[f"kill node {victim} (relay's)"] = progress.wait_resumed(at, RESUME_TIMEOUT)
-        # The producers wait while the node comes back, past HOLD_AFTER (on a loaded
-        # machine that can outlast their stream): the next fault still finds them producing.
+        # The producers wait while the system resumes and the node comes back, past
+        # HOLD_AFTER from the fault (on a loaded machine that can outlast their stream):
+        # the next fault still finds them producing.
         with fleet.held(after=HOLD_AFTER):
+            resumed[f"kill node {victim} (relay's)"] = progress.wait_resumed(at, RESUME_TIMEOUT)
             cluster.restart(victim)
             fleet.note(f"node {victim} restarted")
             cluster.wait_until_clustered()
@@ -292,8 +294,8 @@ def test_cluster_ledger_node_kills_and_freeze_lose_nothing_apply_nothing_twice(
         time.sleep(BETWEEN_FAULTS)
         leader = cluster.leader(name)
         at = fault(f"SIGKILL node {leader} (queue leader)", lambda: cluster.kill(leader))
-        resumed[f"kill node {leader} (leader)"] = progress.wait_resumed(at, RESUME_TIMEOUT)
         with fleet.held(after=HOLD_AFTER):
+            resumed[f"kill node {leader} (leader)"] = progress.wait_resumed(at, RESUME_TIMEOUT)
             cluster.restart(leader)
             fleet.note(f"node {leader} restarted")
             cluster.wait_until_clustered()
