@@ -10,9 +10,12 @@ from typing import Any
 import amqp
 import pytest
 from django.conf import settings as django_settings
+from django.db import connection, connections
+from pytest_django.plugin import blocking_manager_key
 
 from reliable_events.consumer import registry
 from reliable_events.relay import dispatcher
+from tests.support.db_sessions import end_lingering_sessions
 
 
 class RabbitClient:
@@ -111,6 +114,30 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(text.strip("\n"))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: Any, nextitem: Any) -> Iterator[None]:
+    """Before the last test's teardown drops the test database (PostgreSQL), the other
+    sessions still on it are waited for, then ended and named in a warning: a process
+    that leaked a connection shows, and the database does not stay behind."""
+    if nextitem is None:
+        _end_lingering_sessions(item)
+    return (yield)
+
+
+def _end_lingering_sessions(item: Any) -> None:
+    database = connection.settings_dict
+    if connection.vendor != "postgresql" or database["NAME"] != database["TEST"].get("NAME"):
+        return  # not PostgreSQL, or its test database was not set up in this run
+    with item.config.stash[blocking_manager_key].unblock(), connection.cursor() as cursor:
+        ended = end_lingering_sessions(cursor)
+    if ended:
+        item.warn(
+            pytest.PytestWarning(
+                "sessions left on the test database, ended before its teardown: " + "; ".join(ended)
+            )
+        )
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     """Tests that stop or restart the shared services run only when asked to.
 
@@ -196,8 +223,6 @@ def project_isolation() -> Iterator[Any]:
     """A setter of the project's ``OPTIONS["isolation_level"]`` (a name such as
     ``"SERIALIZABLE"``, or ``None`` for none), applied to the connections opened after
     it; restored, and this thread's connections closed, at the end (PostgreSQL only)."""
-    from django.db import connection, connections
-
     if connection.vendor != "postgresql":
         pytest.skip("PostgreSQL's isolation levels")
     from django.db.backends.postgresql.psycopg_any import (  # type: ignore[import-untyped]

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.support.db_sessions import wait_until_alone
 from tests.support.producer_support import free_port
 
 _CONFIG = """[databases]
@@ -167,13 +168,5 @@ def wait_for_server_connections_closed(alias: str = "default", timeout: float = 
     connections end a moment after it), so that the test database can be dropped."""
     from django.db import connections
 
-    deadline = time.monotonic() + timeout
     with connections[alias].cursor() as cursor:
-        while time.monotonic() < deadline:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            if cursor.fetchone()[0] == 0:
-                return
-            time.sleep(0.05)
+        wait_until_alone(cursor, timeout)
