@@ -123,6 +123,13 @@ class RabbitNode:
             "vm_memory_high_watermark.relative = 0.6\n"
         )
         (self.base_dir / "enabled_plugins").write_text("[].\n")
+        # docs/cluster.md, "Broker settings": a retry whose hop from its delay queue meets a
+        # failing queue leader is sent again after 10 s, not the broker's 180 s (older
+        # RabbitMQ versions read the key without "_ms", newer ones with it).
+        (self.base_dir / "advanced.config").write_text(
+            "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 10000},\n"
+            "           {dead_letter_worker_publisher_confirm_timeout_ms, 10000}]}].\n"
+        )
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
