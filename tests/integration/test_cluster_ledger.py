@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import threading
 import time
 import uuid
@@ -46,6 +45,7 @@ from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import make_consumer
 from tests.support.ledger_support import db, ledger_fleet, n_of
+from tests.support.procfs import socket_inodes, tcp_sockets
 from tests.support.producer_support import child_env
 from tests.support.rabbit_node import RabbitCluster
 from tests.support.service_control import wait_for
@@ -148,22 +148,11 @@ class Progress:
 def connected_node(cluster: RabbitCluster, pid: int) -> int | None:
     """The cluster node process ``pid`` has an established AMQP connection to (read
     from ``/proc``: the process's socket inodes, then their peers in ``/proc/net/tcp``)."""
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
+    inodes = socket_inodes(pid)
     ports = {node.port: i for i, node in enumerate(cluster.nodes)}
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                fields = line.split()
-                established = fields[3] == "01"
-                port = int(fields[2].rsplit(":", 1)[1], 16)
-                if established and fields[9] in inodes and port in ports:
-                    return ports[port]
+    for sock in tcp_sockets(pid):
+        if sock.established and sock.inode in inodes and sock.remote_port in ports:
+            return ports[sock.remote_port]
     return None
 
 

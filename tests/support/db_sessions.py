@@ -11,11 +11,10 @@ session it was.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from pathlib import Path
 from typing import Any
+
+from tests.support.procfs import command_line, holder_of, tcp_sockets
 
 _OTHERS = (
     "SELECT pid, application_name, client_port, state, backend_start, left(query, 80)"
@@ -43,24 +42,10 @@ def client_process(port: int | None) -> str:
     ``port`` (``/proc``), or why it is not known."""
     if port is None or port < 0:
         return "a Unix-socket client"
-    inodes = set()
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-                fields = line.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(f"socket:[{fields[9]}]")
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-                        command = " ".join(
-                            raw.replace(b"\0", b" ").decode(errors="replace").split()
-                        )
-                        return f"pid {pid}: {command[:200]}"
-    return f"no process here holds port {port} (gone, or outside this machine's view)"
+    pid = holder_of({s.inode for s in tcp_sockets() if s.local_port == port})
+    if pid is None:
+        return f"no process here holds port {port} (gone, or outside this machine's view)"
+    return f"pid {pid}: {command_line(pid)[:200]}"
 
 
 def end_lingering_sessions(cursor: Any, timeout: float = 15.0) -> list[str]:
