@@ -6,8 +6,9 @@ updated at most every ``HEARTBEAT_SECONDS`` (one ``UPDATE``), marked ``stopped``
 clean exit.  This module is the table's only writer.
 
 :func:`liveness` reads them back (one bounded query) together with the depth of each
-consumer's queue (a passive declare per queue on AMQP, one ``GROUP BY`` on ``db://``;
-cached ``METRICS_CACHE_SECONDS``).  A consumer is *down* when no live process runs it,
+consumer's queue and of what waits in it for a later attempt (a passive declare per queue
+on AMQP, its delay queues included; one ``GROUP BY`` on ``db://``, due now and due
+later; cached ``METRICS_CACHE_SECONDS``).  A consumer is *down* when no live process runs it,
 or when its queue holds messages and the broker counts no consumer on it.  The admin
 overview, ``outbox_status --json``, the health command and endpoint and the metrics
 all use it.  Heartbeat times are the application hosts' clocks (keep them in sync).
@@ -27,14 +28,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.db import DatabaseError
-from django.db.models import Count
 from django.utils import timezone
 
+from reliable_events.broker import queue_rows
 from reliable_events.broker_url import is_amqp_url
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import EventConsumer, registry
 from reliable_events.db import queue_alias, write_alias
-from reliable_events.models import Heartbeat, QueuedMessage
+from reliable_events.exceptions import ConfigurationError
+from reliable_events.models import Heartbeat
 from reliable_events.reports import Report
 from reliable_events.sanitize import describe_error
 from reliable_events.unrouted import broker_channel
@@ -130,6 +132,8 @@ class QueueDepth:
     messages: int | None = None
     consumers: int | None = None
     error: str = ""
+    #: ``db://``: rows due later (retries waiting for their delay).
+    delayed: int | None = None
 
 
 _depth_lock = threading.Lock()
@@ -185,17 +189,14 @@ def _amqp_depths(url: str, queues: list[str]) -> dict[str, QueueDepth]:
 def _table_depths(url: str, queues: list[str]) -> dict[str, QueueDepth]:
     alias = queue_alias(url)
     try:
-        rows = (
-            QueuedMessage.objects.using(alias)
-            .filter(queue__in=queues)
-            .order_by()
-            .values_list("queue")
-            .annotate(n=Count("id"))
-        )
-        counts = dict(rows)
-    except DatabaseError as exc:
+        counts = queue_rows.depths(alias, queue_rows.dialect_for(alias), queues)
+    except (DatabaseError, ConfigurationError) as exc:
         return {queue: QueueDepth(error=describe_error(exc)[:200]) for queue in queues}
-    return {queue: QueueDepth(messages=counts.get(queue, 0)) for queue in queues}
+    depths = {}
+    for queue in queues:
+        ready, later = counts.get(queue, (0, 0))
+        depths[queue] = QueueDepth(messages=ready, delayed=later)
+    return depths
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -227,6 +228,10 @@ class ConsumerLiveness:
     messages: int | None = None
     queue_consumers: int | None = None
     queue_error: str = ""
+    #: Messages waiting for a later attempt: in its delay queues (RabbitMQ) or due later
+    #: in its queue (``db://``); ``None``: not known here (an ordered consumer retries in
+    #: place; on ``memory://`` a retry is an outbox row).
+    retrying: int | None = None
     #: Empty when all is well, else why this consumer shows red.
     problem: str = ""
 
@@ -320,16 +325,41 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
                 state.last_seen = process.last_seen
                 state.age_seconds = process.age_seconds
     if with_queues and consumers:
-        depths = queue_depths([state.queue for state in consumers.values()])
+        amqp = is_amqp_url(str(app_settings.BROKER_URL))
+        delay_queues = {name: _delay_queues(known.get(name)) if amqp else [] for name in consumers}
+        depths = queue_depths(
+            [state.queue for state in consumers.values()]
+            + [queue for queues in delay_queues.values() for queue in queues]
+        )
         for state in consumers.values():
             depth = depths.get(state.queue, QueueDepth())
             state.messages, state.queue_consumers = depth.messages, depth.consumers
-            state.queue_error = depth.error
+            delayed = [depths.get(queue, QueueDepth()) for queue in delay_queues[state.name]]
+            state.retrying = _retrying(depth, delayed)
+            state.queue_error = depth.error or next((d.error for d in delayed if d.error), "")
     for state in consumers.values():
         state.problem = _problem(state)
     return Liveness(
         processes=processes, consumers=list(consumers.values()), timeout_seconds=timeout
     )
+
+
+def _delay_queues(cls: type[EventConsumer] | None) -> list[str]:
+    """The delay queues of a registered consumer (an ordered one retries in place)."""
+    if cls is None or cls.ordered:
+        return []
+    return [cls.retry_queue_name(retry) for retry in range(1, cls.retry_queue_count() + 1)]
+
+
+def _retrying(depth: QueueDepth, delay_queues: list[QueueDepth]) -> int | None:
+    """What waits for a later attempt: the ``db://`` queue's delayed rows, else the sum
+    of the delay queues (``None`` when one of them could not be counted)."""
+    if depth.delayed is not None:
+        return depth.delayed
+    counts = [queue.messages for queue in delay_queues]
+    if not counts or None in counts:
+        return None
+    return sum(count for count in counts if count is not None)
 
 
 def _problem(state: ConsumerLiveness) -> str:

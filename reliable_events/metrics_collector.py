@@ -197,6 +197,12 @@ def _liveness_families(state: Liveness, gauge: Any) -> Iterator[Any]:
         "Messages ready in the consumer's queue (broker or db:// table).",
         labels=["consumer"],
     )
+    retrying = gauge(
+        "reliable_events_consumer_retrying",
+        "Messages of the consumer waiting for a later attempt (its delay queues, or due "
+        "later in its db:// queue).",
+        labels=["consumer"],
+    )
     for consumer in state.consumers[: metrics.MAX_CONSUMER_LABELS]:
         alive.add_metric([consumer.name], 0 if consumer.problem else 1)
         processes.add_metric([consumer.name], consumer.processes)
@@ -204,7 +210,9 @@ def _liveness_families(state: Liveness, gauge: Any) -> Iterator[Any]:
             seen.add_metric([consumer.name], consumer.age_seconds)
         if consumer.messages is not None:
             depth.add_metric([consumer.name], consumer.messages)
-    yield from (alive, processes, seen, depth)
+        if consumer.retrying is not None:
+            retrying.add_metric([consumer.name], consumer.retrying)
+    yield from (alive, processes, seen, depth, retrying)
 
 
 # -- exposition ----------------------------------------------------------------------------

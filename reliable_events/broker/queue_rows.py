@@ -3,8 +3,9 @@ supported databases (PostgreSQL and SQLite).
 
 :class:`Dialect` holds what differs between the two; :func:`insert_rows` stores rows
 (the publish and the retries), :func:`claim_rows` deletes (claims) the oldest due rows of
-a queue and :func:`due_in` says when each queue's next row is due.  The transport that
-drives them is :mod:`reliable_events.broker.database`.
+a queue, :func:`due_in` says when each queue's next row is due and :func:`depths` how
+many rows each queue holds now and later.  The transport that drives them is
+:mod:`reliable_events.broker.database`.
 """
 
 from __future__ import annotations
@@ -187,3 +188,21 @@ def load_headers(text: Any) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def depths(alias: str, dialect: Dialect, queues: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """The rows of each queue of ``queues``, as (due now, due later: retries waiting for
+    their delay), in one query over the ``(queue, available_at)`` index; a queue without
+    rows is left out."""
+    if not queues:
+        return {}
+    table = table_name(alias)
+    marks = ", ".join(["%s"] * len(queues))
+    sql = (
+        f"SELECT queue, COUNT(*), SUM(CASE WHEN available_at > {dialect.now} THEN 1 ELSE 0 END) "  # noqa: S608
+        f"FROM {table} WHERE queue IN ({marks}) GROUP BY queue"
+    )
+    with connections[alias].cursor() as cursor:
+        cursor.execute(sql, list(queues))
+        rows = cursor.fetchall()
+    return {queue: (int(total) - int(later or 0), int(later or 0)) for queue, total, later in rows}

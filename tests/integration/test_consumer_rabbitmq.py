@@ -33,6 +33,7 @@ from reliable_events.consuming import (
     Worker,
 )
 from reliable_events.exceptions import PermanentError
+from reliable_events.liveness import liveness
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import applied, make_consumer, queue_names, run_worker_thread
@@ -82,6 +83,41 @@ def send(
 
 def always_fail(consumer: EventConsumer, event: Event) -> None:
     raise RuntimeError(f"boom {event.attempt}")
+
+
+# -- retries waiting, as liveness counts them ------------------------------------------------
+def test_retries_waiting_in_the_delay_queues_are_counted_beside_the_queue(
+    amqp_consumer, rabbit, exchange_name, re_settings
+):
+    re_settings(METRICS_CACHE_SECONDS=0)
+    consumer = amqp_consumer(max_retries=3, retry_delays=[60, 120], behaviour=always_fail)
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert (state.messages, state.retrying) == (0, 0)
+    for n in range(4):
+        send(rabbit, exchange_name, message_id=f"m-{n}")
+    rabbit.channel.basic_publish(
+        amqp.Message(b'{"n": 9}', message_id="m-9", content_type="application/json"),
+        exchange="",
+        routing_key=consumer.retry_queue_name(2),
+    )
+
+    stats = Worker([consumer]).run(until_idle=1.0, max_messages=4)
+
+    assert stats.retried == 4
+    assert (
+        rabbit.count(consumer.retry_queue_name(1)),
+        rabbit.count(consumer.retry_queue_name(2)),
+    ) == (4, 1)
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert (state.messages, state.retrying, state.queue_error) == (0, 5, "")
+
+    rabbit.channel.queue_delete(consumer.retry_queue_name(2))
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert (state.messages, state.retrying) == (0, None)
+    assert "NOT_FOUND" in state.queue_error or "404" in state.queue_error, state.queue_error
 
 
 # -- idempotency -------------------------------------------------------------------------

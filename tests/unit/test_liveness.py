@@ -155,6 +155,15 @@ def test_outbox_status_json_includes_liveness(clean_registry: Any) -> None:
     consumer = make_consumer(clean_registry, name="status.c")
     HeartbeatWriter("consumer", [consumer.name]).tick({"processed": 7})
     QueuedMessage.objects.create(queue=consumer.queue_name(), message_id="m1", body=b"{}")
+    for n in (2, 3):  # retries waiting for their delay
+        QueuedMessage.objects.create(
+            queue=consumer.queue_name(),
+            message_id=f"m{n}",
+            body=b"{}",
+            attempt=2,
+            available_at=timezone.now() + timedelta(hours=1),
+        )
+    QueuedMessage.objects.create(queue="another.queue", message_id="m4", body=b"{}")
     out = StringIO()
     call_command("outbox_status", "--json", stdout=out)
     data = json.loads(out.getvalue())["liveness"]
@@ -162,12 +171,15 @@ def test_outbox_status_json_includes_liveness(clean_registry: Any) -> None:
     (state,) = data["consumers"]
     assert state["name"] == consumer.name
     assert state["alive"] is True
-    assert state["messages"] == 1
+    assert (state["messages"], state["retrying"]) == (1, 2)
     assert state["problem"] == ""
     assert data["processes"][0]["counters"] == {"processed": 7}
     text = StringIO()
+    call_command("outbox_status", stdout=text)
+    assert f"consumer {consumer.name}: alive (2 retrying)" in text.getvalue()
+    text = StringIO()
     call_command("outbox_status", "--skip-broker", stdout=text)
-    assert f"consumer {consumer.name}: alive" in text.getvalue()
+    assert f"consumer {consumer.name}: alive\n" in text.getvalue()
 
 
 def test_admin_overview_turns_red_for_a_consumer_not_seen(
@@ -185,6 +197,8 @@ def test_admin_overview_turns_red_for_a_consumer_not_seen(
     assert "never seen" in by_name[missing.name]
     assert "re-bad" not in by_name[seen.name]
     assert "alive" in by_name[seen.name]
+    assert '<td class="re-count">0</td>' in by_name[seen.name]  # retrying (db://)
+    assert ">Retrying</th>" in page
     assert 'id="re-liveness-note"' in page
     assert "0 relay daemons alive" in page
 

@@ -88,7 +88,8 @@ class Command(BaseCommand):
             if state.processes or state.consumers:
                 self.stdout.write(f"relays alive: {state.relays_alive}")
             for live in state.consumers:
-                self.stdout.write(f"consumer {live.name}: {live.problem or 'alive'}")
+                retrying = "" if live.retrying is None else f" ({live.retrying} retrying)"
+                self.stdout.write(f"consumer {live.name}: {live.problem or 'alive'}{retrying}")
         if options["fail_on_dead"] and (status.dead or status.open_dead_letters):
             raise CommandError(
                 f"{status.dead} dead outbox row(s), {status.open_dead_letters} open dead letter(s)",
