@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,6 @@ import amqp
 import pytest
 from django.conf import settings as django_settings
 from django.db import connection, connections
-from pytest_django.plugin import blocking_manager_key
 
 from reliable_events.consumer import registry
 from reliable_events.relay import dispatcher
@@ -114,27 +114,24 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(text.strip("\n"))
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: Any, nextitem: Any) -> Iterator[None]:
-    """Before the last test's teardown drops the test database (PostgreSQL), the other
-    sessions still on it are waited for, then ended and named in a warning: a process
-    that leaked a connection shows, and the database does not stay behind."""
-    if nextitem is None:
-        _end_lingering_sessions(item)
-    return (yield)
-
-
-def _end_lingering_sessions(item: Any) -> None:
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's test databases; before they are dropped (PostgreSQL), once every
+    test and fixture that used them is torn down, the other sessions still on them are
+    waited for, then ended and named in a warning: a process or thread that leaked a
+    connection shows, and the database does not stay behind."""
+    yield
     database = connection.settings_dict
     if connection.vendor != "postgresql" or database["NAME"] != database["TEST"].get("NAME"):
         return  # not PostgreSQL, or its test database was not set up in this run
-    with item.config.stash[blocking_manager_key].unblock(), connection.cursor() as cursor:
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
         ended = end_lingering_sessions(cursor)
     if ended:
-        item.warn(
+        warnings.warn(
             pytest.PytestWarning(
                 "sessions left on the test database, ended before its teardown: " + "; ".join(ended)
-            )
+            ),
+            stacklevel=1,
         )
 
 
