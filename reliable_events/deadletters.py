@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,10 @@ class TriageResult:
     outbox_ids: list[int] = field(default_factory=list)
     #: Edit and retry: the new message id of each published copy (by dead-letter id).
     copies: dict[int, str] = field(default_factory=dict)
+    #: Retries skipped because their consumer is not registered here (see ``force``).
+    unregistered: list[int] = field(default_factory=list)
+    #: What went wrong on the side (the consumers' queues could not be declared).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -122,29 +126,35 @@ def retry_block_reason(letter: DeadLetter) -> str | None:
     return None
 
 
-def prepare_queues(letters: Iterable[DeadLetter]) -> tuple[dict[int, str], list[str]]:
-    """Make sure the queues retries of ``letters`` go to exist on the broker.
+def prepare_queues(
+    consumers_by_id: Mapping[int, str], *, declare: bool = True
+) -> tuple[dict[int, str], list[str]]:
+    """Make sure the queues retries of the dead letters ``consumers_by_id`` (each one's
+    consumer, by id) go to exist on the broker.
 
     A retry is published through the default exchange straight to the consumer's queue
     (mandatory: the broker returns it when that queue does not exist, and the outbox row
-    then fails with backoff until it is dead).  So: letters whose consumer is not
-    registered in this process are returned as ``{id: reason}`` (the caller should not
-    retry them without checking), and the topology of the registered ones is declared
-    (idempotent).  The second value lists warnings (the broker could not be reached: the
+    then fails with backoff until it is dead, holding back its key's later events
+    meanwhile).  So: letters whose consumer is not registered in this process are
+    returned as ``{id: reason}`` (not to be retried without ``force``), and the topology
+    of the registered ones is declared (idempotent; not when ``declare`` is false: a
+    dry run).  The second value lists warnings (the broker could not be reached: the
     relay will publish later, once the queues exist if their consumers have started).
     """
     unknown: dict[int, str] = {}
     consumers = {}
-    for letter in letters:
+    for pk, name in consumers_by_id.items():
+        if not name:
+            continue  # no consumer to check: nothing to retry it to (``retry_block_reason``)
         try:
-            consumers[letter.consumer] = registry.get(letter.consumer)
+            consumers[name] = registry.get(name)
         except UnknownConsumer:
-            unknown[letter.pk] = (
-                f"no consumer named {letter.consumer!r} is registered here, so its queue "
-                "may not exist (the broker would drop the re-delivery)"
+            unknown[pk] = (
+                f"no consumer named {name!r} is registered here, so its queue may not exist "
+                "(the broker would return the re-delivery)"
             )
     warnings: list[str] = []
-    if consumers:
+    if consumers and declare:
         specs = [spec for cls in consumers.values() for spec in cls.queue_specs()]
         exchanges = [spec for cls in consumers.values() for spec in cls.exchange_specs()]
         publisher = open_publisher()
@@ -233,17 +243,21 @@ def retry(
     source: str = "",
     using: str | None = None,
     dry_run: bool = False,
+    force: bool = False,
 ) -> TriageResult:
     """Re-deliver each open dead letter to its consumer's queue and mark it retried.
 
-    Each retry leaves a :class:`TriageEntry` (who, when, from where, the note, the
-    outbox row) in the same transaction.
+    First the queues of the consumers involved are declared (:func:`prepare_queues`);
+    dead letters of a consumer not registered in this process are skipped unless
+    ``force``.  Each retry leaves a :class:`TriageEntry` (who, when, from where, the
+    note, the outbox row) in the same transaction.
     """
     alias = _alias(using)
     result = TriageResult()
     ids = [letter.pk for letter in letters]
     if not ids:
         return result
+    result.unregistered, ids = _check_consumers(alias, ids, result, dry_run=dry_run, force=force)
     with own_transaction(alias):
         locked = _lock(alias, ids, result)
         retried: list[DeadLetter] = []
@@ -294,6 +308,22 @@ def retry(
     return result
 
 
+def _check_consumers(
+    alias: str, ids: list[int], result: TriageResult, *, dry_run: bool, force: bool
+) -> tuple[list[int], list[int]]:
+    """:func:`prepare_queues` for the dead letters ``ids`` (their consumers read in one
+    query): the ids of unregistered consumers, and the ids to go on with (those skipped
+    with their reason unless ``force``)."""
+    consumers = dict(
+        DeadLetter.objects.using(alias).filter(pk__in=ids).values_list("pk", "consumer")
+    )
+    unknown, result.warnings = prepare_queues(consumers, declare=not dry_run)
+    if force or not unknown:
+        return [], ids
+    result.skipped.update(unknown)
+    return sorted(unknown), [pk for pk in ids if pk not in unknown]
+
+
 def _release(
     alias: str, letters: list[DeadLetter], *, retry: bool, user: str, source: str, note: str
 ) -> None:
@@ -333,6 +363,7 @@ def edit_and_retry(
     note: str = "",
     source: str = "",
     using: str | None = None,
+    force: bool = False,
 ) -> TriageResult:
     """Publish an edited copy of ``letter`` under a **new** message id and mark it retried.
 
@@ -341,11 +372,18 @@ def edit_and_retry(
     could be swallowed as a duplicate.  The copy goes to this consumer's queue only; the
     :class:`TriageEntry` links the original id to the copy's and keeps both payloads.
     Letters that had no message id or were not JSON may be edited too: that is the fix.
+    A letter of a consumer not registered here is skipped unless ``force`` (as by
+    :func:`retry`).
     """
     alias = _alias(using)
     result = TriageResult()
+    result.unregistered, ids = _check_consumers(
+        alias, [letter.pk], result, dry_run=False, force=force
+    )
+    if not ids:
+        return result
     with own_transaction(alias):
-        locked = _lock(alias, [letter.pk], result)
+        locked = _lock(alias, ids, result)
         if not locked:
             return result
         current = locked[0]

@@ -15,6 +15,7 @@ from django.db import connection, connections
 
 from reliable_events.consumer import registry
 from reliable_events.relay import dispatcher
+from tests.support.consumer_support import make_consumer
 from tests.support.db_sessions import end_lingering_sessions
 
 
@@ -200,6 +201,20 @@ def clean_registry() -> Iterator[Any]:
     registry._consumers.clear()
     registry._consumers.update(saved)
     registry._discovered = discovered
+
+
+#: The consumers ``tests.support.deadletter_factory`` and the triage tests name.
+TRIAGED_CONSUMERS = ("billing.charge", "mail.send", "a", "b")
+
+
+@pytest.fixture
+def triage_consumers(clean_registry: Any) -> Any:
+    """The consumers the triage tests' dead letters belong to, registered as the web
+    process of an application registers its own: their retries are not skipped as
+    "not registered here"."""
+    for name in TRIAGED_CONSUMERS:
+        make_consumer(clean_registry, name=name, topics=["orders.*", "users.*"])
+    return clean_registry
 
 
 @pytest.fixture

@@ -135,6 +135,8 @@ def report(modeladmin: _ModelAdmin, request: HttpRequest, result: TriageResult, 
     else:
         level = messages.ERROR
     modeladmin.message_user(request, text, level)
+    for warning in result.warnings:
+        modeladmin.message_user(request, f"Warning: {warning}.", messages.WARNING)
 
 
 class PayloadFilter(admin.SimpleListFilter):

@@ -57,9 +57,11 @@ class DeadLetterDetailSerializer(DeadLetterListSerializer):
 
 
 class NoteSerializer(serializers.Serializer[Any]):
-    """Body of a single retry (note optional)."""
+    """Body of a single retry (note optional; ``force``: also for a consumer not
+    registered in the web process)."""
 
     note = serializers.CharField(required=False, allow_blank=True, max_length=MAX_NOTE, default="")
+    force = serializers.BooleanField(required=False, default=False)
 
 
 class DiscardNoteSerializer(serializers.Serializer[Any]):
@@ -73,6 +75,7 @@ class EditRetrySerializer(serializers.Serializer[Any]):
 
     payload = serializers.JSONField()
     note = serializers.CharField(max_length=MAX_NOTE, allow_blank=False, trim_whitespace=True)
+    force = serializers.BooleanField(required=False, default=False)
 
     def validate_payload(self, value: Any) -> Any:
         limit = int(app_settings.MAX_PAYLOAD_BYTES)
@@ -121,6 +124,13 @@ class SelectionSerializer(serializers.Serializer[Any]):
         return attrs
 
 
+class RetrySelectionSerializer(SelectionSerializer):
+    """A bulk retry's selection; ``force``: also letters of consumers not registered in
+    the web process."""
+
+    force = serializers.BooleanField(required=False, default=False)
+
+
 class DiscardSelectionSerializer(SelectionSerializer):
     note_required = True
 
@@ -153,6 +163,7 @@ def triage_outcome(action: str, result: TriageResult, *, dry_run: bool = False) 
         "skipped": {str(pk): why for pk, why in result.skipped.items()},
         # The outbox rows carrying the re-deliveries (retry only): follow them there.
         "outbox_ids": list(getattr(result, "outbox_ids", [])),
+        "warnings": list(result.warnings),
         "detail": ("would have " if dry_run else "") + result.summary(verb),
     }
     if action == "edit-retry":  # the new message id of the copy, by dead-letter id

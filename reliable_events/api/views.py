@@ -32,7 +32,7 @@ from reliable_events.api.serializers import (
     EditRetrySerializer,
     NoteSerializer,
     OutboxRetrySerializer,
-    SelectionSerializer,
+    RetrySelectionSerializer,
     triage_outcome,
 )
 from reliable_events.models import MESSAGE_ID_MAX_LENGTH, DeadLetter
@@ -142,7 +142,11 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
         body = NoteSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         result = deadletters.retry(
-            [letter], user=_user(request), note=body.validated_data["note"], source=SOURCE
+            [letter],
+            user=_user(request),
+            note=body.validated_data["note"],
+            source=SOURCE,
+            force=body.validated_data["force"],
         )
         return self._single_outcome("retry", result)
 
@@ -168,6 +172,7 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
             user=_user(request),
             note=body.validated_data["note"],
             source=SOURCE,
+            force=body.validated_data["force"],
         )
         return self._single_outcome("edit-retry", result)
 
@@ -181,7 +186,7 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
     @action(detail=False, methods=["post"], url_path="retry")
     def bulk_retry(self, request: Request) -> Response:
         """Retry by ``ids``, by ``consumer``/``fingerprint``, or ``all``; ``dry_run`` to preview."""
-        body = SelectionSerializer(data=request.data)
+        body = RetrySelectionSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
         result = deadletters.retry(
@@ -190,6 +195,7 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
             note=data["note"],
             source=SOURCE,
             dry_run=data["dry_run"],
+            force=data["force"],
         )
         return Response(triage_outcome("retry", result, dry_run=data["dry_run"]))
 

@@ -446,6 +446,18 @@ def mark_failed(alias: str, failed: dict[Hashable, str]) -> int:
     OutboxMessage.objects.using(alias).bulk_update(
         rows, ["attempts", "last_error", "next_attempt_at", "status"], batch_size=500
     )
+    if len(rows) > dead:
+        first = next(row for row in rows if row.status != OutboxMessage.Status.DEAD)
+        logger.warning(
+            "reliable_events: the broker did not take %d outbox message(s) (e.g. #%s, "
+            "attempt %d: %s); each is tried again after its backoff (its key's later "
+            "events wait), dead after %d attempts",
+            len(rows) - dead,
+            first.pk,
+            first.attempts,
+            first.last_error[:300],
+            max_attempts,
+        )
     if dead:
         logger.error(
             "reliable_events: %d outbox message(s) are dead after %d attempts", dead, max_attempts

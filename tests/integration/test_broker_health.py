@@ -97,7 +97,7 @@ def test_a_refused_connection_charges_nothing_and_the_relay_retries_within_a_sec
 
 
 def test_a_nack_and_a_return_are_the_messages_own_failures_and_count(
-    broker, rabbit, exchange_name, re_settings
+    broker, rabbit, exchange_name, re_settings, caplog
 ):
     """A real basic.nack (a queue that rejects publishes) and a real basic.return (a row
     addressed to a missing queue) in the same run as good rows: those two get an attempt
@@ -130,6 +130,15 @@ def test_a_nack_and_a_return_are_the_messages_own_failures_and_count(
     assert "nack" in n.last_error
     assert (r.status, r.attempts, r.last_error) == ("pending", 1, UNROUTABLE_QUEUE)
     assert n.next_attempt_at > n.created_at  # its own backoff
+    # Not silent until dead: each failed attempt is a warning naming one of them.
+    (line,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "did not take" in r.getMessage()
+    ]
+    assert line.startswith("reliable_events: the broker did not take 2 outbox message(s)")
+    assert f"#{n.pk}" in line or f"#{r.pk}" in line
+    assert "dead after 10 attempts" in line
     delivered = message_ids(drain_queue(rabbit.channel, ok_queue, expect=5))
     assert sorted(delivered) == sorted(g.message_id for g in good)
 

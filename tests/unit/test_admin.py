@@ -22,7 +22,7 @@ from tests.support.deadletter_factory import (
     staff_user,
 )
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("triage_consumers")]
 
 CHANGELIST = "admin:reliable_events_deadletter_changelist"
 ACTION_CHECKBOX = "_selected_action"
@@ -156,14 +156,20 @@ def test_retry_action_calls_the_service_and_reports() -> None:
     client = admin_client(user)
     first, second = dead_letter(), dead_letter(consumer="mail.send", queue="mail.send")
     done = dead_letter(status=DeadLetter.Status.DISCARDED)
+    gone = dead_letter(consumer="gone.consumer", queue="gone.consumer")
     response = client.post(
         changelist_url() + "?status=all",
-        {"action": "retry_selected", ACTION_CHECKBOX: [first.pk, second.pk, done.pk]},
+        {"action": "retry_selected", ACTION_CHECKBOX: [first.pk, second.pk, done.pk, gone.pk]},
     )
     texts = follow_messages(client, response)
     assert any(
-        "Retried 2 dead letter(s)" in t and f"#{done.pk}: it is discarded" in t for t in texts
+        "Retried 2 dead letter(s)" in t
+        and f"#{done.pk}: it is discarded" in t
+        and f"#{gone.pk}: no consumer named 'gone.consumer' is registered here" in t
+        for t in texts
     )
+    gone.refresh_from_db()
+    assert gone.status == DeadLetter.Status.OPEN
     for letter in (first, second):
         letter.refresh_from_db()
         assert letter.status == DeadLetter.Status.RETRIED

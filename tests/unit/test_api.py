@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 from reliable_events.models import DeadLetter, OutboxMessage
 from tests.support.deadletter_factory import dead_letter, many_dead_letters, outbox_row, staff_user
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("triage_consumers")]
 
 BASE = "/api/events/"
 LIST = BASE + "dead-letters/"
@@ -220,6 +220,7 @@ def test_retry_one_changes_state_and_reports(oncall: APIClient) -> None:
         "done": [letter.pk],
         "skipped": {},
         "outbox_ids": [row.pk],
+        "warnings": [],
         "detail": "retried 1 dead letter(s)",
     }
     letter.refresh_from_db()
@@ -256,6 +257,39 @@ def test_an_unretryable_letter_is_a_conflict_with_the_reason(oncall: APIClient) 
     response = post(oncall, f"{LIST}{letter.pk}/retry/")
     assert response.status_code == 409
     assert response.json()["skipped"] == {str(letter.pk): "the body was not valid JSON"}
+
+
+def test_a_letter_of_a_consumer_not_registered_here_is_retried_only_with_force(
+    oncall: APIClient,
+) -> None:
+    """Its queue may not exist: the broker would return the re-delivery, whose row would
+    then hold its key back for every consumer until it is dead (the command's rule)."""
+    reason = (
+        "no consumer named 'gone.consumer' is registered here, so its queue may not exist "
+        "(the broker would return the re-delivery)"
+    )
+    one, two, three = (dead_letter(consumer="gone.consumer", queue="gone.consumer") for _ in "123")
+    known = dead_letter()
+    editor = api(staff_user("editor", *ALL_PERMS, "edit_deadletter"))
+    response = post(oncall, f"{LIST}{one.pk}/retry/")
+    assert response.status_code == 409
+    assert response.json()["skipped"] == {str(one.pk): reason}
+    edit = post(editor, f"{LIST}{one.pk}/edit-retry/", {"payload": {"n": 1}, "note": "fix"})
+    assert (edit.status_code, edit.json()["skipped"]) == (409, {str(one.pk): reason})
+    for dry_run in (True, False):
+        body = post(oncall, LIST + "retry/", {"ids": [two.pk, known.pk], "dry_run": dry_run})
+        assert (body.json()["done"], body.json()["skipped"]) == ([known.pk], {str(two.pk): reason})
+    assert list(OutboxMessage.objects.values_list("queue", flat=True)) == ["billing.charge"]
+    assert DeadLetter.objects.filter(consumer="gone.consumer", status="open").count() == 3
+
+    assert post(oncall, f"{LIST}{one.pk}/retry/", {"force": True}).status_code == 200
+    forced = post(oncall, LIST + "retry/", {"ids": [two.pk], "force": True}).json()
+    assert (forced["done"], forced["skipped"]) == ([two.pk], {})
+    edited = post(
+        editor, f"{LIST}{three.pk}/edit-retry/", {"payload": {"n": 3}, "note": "fix", "force": True}
+    )
+    assert edited.status_code == 200
+    assert OutboxMessage.objects.filter(queue="gone.consumer").count() == 3
 
 
 # -- bulk -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from rest_framework.test import APIClient
 from reliable_events.models import DeadLetter, OutboxMessage
 from tests.support.deadletter_factory import EVERY_PERMISSION, api_client, dead_letter, staff_user
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("triage_consumers")]
 
 BASE = "/api/events/"
 LIST = BASE + "dead-letters/"

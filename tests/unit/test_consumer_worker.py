@@ -587,11 +587,17 @@ def test_retry_dead_letters_refuses_consumers_it_does_not_know(clean_registry):
         first_failed_at=now,
         last_failed_at=now,
     )
-    err = StringIO()
-    with pytest.raises(CommandError) as info:
-        call_command("retry_dead_letters", "--all", stdout=StringIO(), stderr=err)
-    assert info.value.returncode == 3
-    assert "no consumer named 'gone.consumer' is registered" in err.getvalue()
+    for dry_run in (["--dry-run"], []):  # a dry run skips what the real run skips
+        out, err = StringIO(), StringIO()
+        with pytest.raises(CommandError) as info:
+            call_command("retry_dead_letters", "--all", *dry_run, stdout=out, stderr=err)
+        assert info.value.returncode == 3
+        assert (
+            f"skipped #{letter.pk}: no consumer named 'gone.consumer' is registered here"
+            in err.getvalue()
+        )
+        assert "--force to retry anyway" in err.getvalue()
+        assert f"retry #{letter.pk}" not in out.getvalue()
     letter.refresh_from_db()
     assert letter.status == DeadLetter.Status.OPEN
     assert not OutboxMessage.objects.exists()

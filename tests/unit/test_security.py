@@ -47,7 +47,7 @@ from tests.support.security_support import (
     run_command,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("triage_consumers")]
 
 LIBRARY = Path(reliable_events.__file__).resolve().parent
 MEMORY = "memory://"

@@ -23,7 +23,7 @@ from tests.support.deadletter_factory import (
     staff_user,
 )
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("triage_consumers")]
 
 ONCALL = ("view_deadletter", "retry_deadletter", "discard_deadletter")
 TIMELINE = "/api/events/dead-letters/timeline/"

@@ -12,6 +12,7 @@ from django.urls import reverse
 from rest_framework.test import APIClient
 
 from reliable_events.models import DeadLetter, OutboxMessage, TriageEntry
+from tests.support.consumer_support import make_consumer
 from tests.support.deadletter_factory import (
     admin_client,
     dead_letter,
@@ -20,7 +21,7 @@ from tests.support.deadletter_factory import (
     staff_user,
 )
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("triage_consumers")]
 
 ONCALL = ("view_deadletter", "retry_deadletter", "discard_deadletter")
 GROUPS = "admin:reliable_events_deadletter_groups"
@@ -219,7 +220,11 @@ def test_no_retry_button_on_a_letter_that_cannot_be_retried(
 
 
 # -- audit trail ---------------------------------------------------------------------------
-def test_every_triage_action_leaves_an_audit_entry_shown_on_the_history_page() -> None:
+def test_every_triage_action_leaves_an_audit_entry_shown_on_the_history_page(
+    triage_consumers: Any,
+) -> None:
+    for n in range(5):
+        make_consumer(triage_consumers, name=f"c{n}")
     user = staff_user("alice", *ONCALL)
     client = admin_client(user)
     by_detail, by_action, by_group, by_api, by_command = (

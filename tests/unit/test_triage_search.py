@@ -14,7 +14,7 @@ from reliable_events import deadletters, payload_search
 from reliable_events.models import DeadLetter
 from tests.support.deadletter_factory import dead_letter, staff_user
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("triage_consumers")]
 
 LIST = "/api/events/dead-letters/"
 

@@ -71,14 +71,6 @@ class Command(BaseCommand):
         else:
             missing = []
         dry_run = options["dry_run"]
-        unknown: dict[int, str] = {}
-        if not dry_run:
-            unknown, warnings = deadletters.prepare_queues(selected)
-            for warning in warnings:
-                self.stderr.write(f"warning: {warning}")
-            if options["force"]:
-                unknown = {}
-            selected = [letter for letter in selected if letter.pk not in unknown]
         result = deadletters.retry(
             selected,
             user=options["user"] or "retry_dead_letters",
@@ -86,7 +78,10 @@ class Command(BaseCommand):
             source="command",
             using=using,
             dry_run=dry_run,
+            force=options["force"],
         )
+        for warning in result.warnings:
+            self.stderr.write(f"warning: {warning}")
         by_id = {letter.pk: letter for letter in selected}
         verb = "would retry" if dry_run else "retried"
         for pk in result.done:
@@ -95,10 +90,9 @@ class Command(BaseCommand):
                 f"{verb} #{pk} {letter.consumer} {letter.message_id} ({letter.reason}) "
                 f"-> queue {letter.queue or letter.consumer}"
             )
-        skipped = {
-            **result.skipped,
-            **{pk: f"{why}; --force to retry anyway" for pk, why in unknown.items()},
-        }
+        skipped = dict(result.skipped)
+        for pk in result.unregistered:
+            skipped[pk] += "; --force to retry anyway"
         for pk in missing:
             skipped.setdefault(pk, "no open dead letter with this id")
         for pk, reason in sorted(skipped.items()):
