@@ -32,6 +32,7 @@ from django.views.decorators.http import require_safe
 from reliable_events import metrics
 from reliable_events.conf import app_settings
 from reliable_events.db import read_alias
+from reliable_events.exceptions import ConfigurationError
 from reliable_events.liveness import Liveness, liveness
 from reliable_events.models import OutboxMessage
 from reliable_events.sanitize import describe_error
@@ -313,7 +314,11 @@ def serve_metrics(port: int | None, *, address: str = "") -> WSGIServer | None:
     client = prometheus_client
     assert client is not None
     app = client.make_wsgi_app(shared_registry(database=False))
-    server = make_server(address, int(port), app, handler_class=_QuietHandler)
+    try:
+        server = make_server(address, int(port), app, handler_class=_QuietHandler)
+    except (OSError, OverflowError) as exc:  # in use, not allowed, out of range
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigurationError(f"cannot serve metrics on port {port}: {reason}") from exc
     thread = threading.Thread(
         target=server.serve_forever, name="reliable-events-metrics", daemon=True
     )

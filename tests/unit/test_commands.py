@@ -6,8 +6,13 @@ DB-agnostic (memory:// transport, or a closed TCP port for a broker that is down
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from datetime import timedelta
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +28,8 @@ from tests.support.optional import needs_beat
 from tests.support.producer_support import free_port
 
 pytestmark = pytest.mark.django_db
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, **options: Any) -> tuple[str, str]:
@@ -354,3 +361,52 @@ def test_declare_topology_reports_an_unreachable_broker():
         run("declare_topology", "--url", f"amqp://guest:secret-pw@127.0.0.1:{free_port()}//")
     assert "secret-pw" not in str(info.value)
     assert info.value.returncode == 1
+
+
+# -- arguments ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("command", "args", "text"),
+    [
+        ("outbox_status", ["--max-pending-age", "nan"], "'nan' is not a finite number"),
+        ("consume_events", ["--until-idle", "inf"], "'inf' is not a finite number"),
+        ("consume_events", ["--metrics-port", "99999"], "is not a port number (1 to 65535)"),
+        ("relay_outbox", ["--metrics-port", "0"], "is not a port number (1 to 65535)"),
+        ("retry_dead_letters", ["--id", str(2**63)], "is not an id (1 to 9223372036854775807)"),
+        ("retry_dead_letters", ["--id", "0"], "is not an id"),
+        ("purge_outbox", ["--older-than", "99999999d"], "is longer than 100 years"),
+    ],
+)
+def test_values_that_would_misbehave_are_refused_with_a_message(
+    command: str, args: list[str], text: str
+) -> None:
+    with pytest.raises(CommandError) as info:
+        call_command(command, *args, stdout=StringIO(), stderr=StringIO())
+    assert text in str(info.value)
+
+
+def test_a_metrics_port_in_use_is_a_clear_error(re_settings: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(CommandError, match=f"cannot serve metrics on port {port}: "):
+            call_command("relay_outbox", "--metrics-port", str(port), stdout=StringIO())
+
+
+def test_arguments_the_parser_refuses_exit_1_not_argparse_2() -> None:
+    """2 is ``reliable_events_health``'s "database does not answer": a probe with a typo
+    must not read as that."""
+    for args in (
+        ["reliable_events_health", "--bogus"],
+        ["outbox_status", "--max-pending-age", "x"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 1, result.stderr
+        assert "error:" in result.stderr

@@ -20,20 +20,21 @@ from reliable_events.broker import safe_url
 from reliable_events.consumer import registry
 from reliable_events.consumer.worker import Worker
 from reliable_events.exceptions import ReliableEventsError
+from reliable_events.management.arguments import BadArgumentsExit1, finite_float, port_number
 from reliable_events.metrics_collector import serve_metrics
 from reliable_events.runner import StopFlag, stop_on_signals
 
 EXIT_BROKER_UNREACHABLE = 3
 
 
-class Command(BaseCommand):
+class Command(BadArgumentsExit1, BaseCommand):
     help = "Consume events: run the named consumers (default: every registered one)."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("names", nargs="*", metavar="NAME", help="Consumer names.")
         parser.add_argument(
             "--until-idle",
-            type=float,
+            type=finite_float,
             default=None,
             metavar="SECONDS",
             help="Exit (code 0) after this many seconds without a message.",
@@ -46,7 +47,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--metrics-port",
-            type=int,
+            type=port_number,
             default=None,
             help="Serve Prometheus metrics on this port (METRICS_PORT).",
         )
@@ -84,7 +85,11 @@ class Command(BaseCommand):
             "(SIGTERM or Ctrl-C stops after the current message)"
         )
         self.stdout.flush()
-        serve_metrics(options["metrics_port"])
+        try:
+            serve_metrics(options["metrics_port"])
+        except ReliableEventsError as exc:
+            worker.close()
+            raise CommandError(str(exc)) from exc
         with stop_on_signals(stop):
             try:
                 stats = worker.run(

@@ -10,10 +10,11 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.exceptions import ReliableEventsError
+from reliable_events.management.arguments import BadArgumentsExit1
 from reliable_events.topology_service import declare_all
 
 
-class Command(BaseCommand):
+class Command(BadArgumentsExit1, BaseCommand):
     help = "Declare the durable exchange, unrouted queue and consumer queues on the broker."
 
     def add_arguments(self, parser: CommandParser) -> None:

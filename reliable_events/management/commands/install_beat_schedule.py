@@ -10,10 +10,11 @@ from typing import Any
 from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from reliable_events.management.arguments import BadArgumentsExit1
 from reliable_events.schedule import install_beat_schedule
 
 
-class Command(BaseCommand):
+class Command(BadArgumentsExit1, BaseCommand):
     help = "Create or update the periodic relay and purge tasks for the DatabaseScheduler."
 
     def add_arguments(self, parser: CommandParser) -> None:

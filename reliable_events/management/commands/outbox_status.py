@@ -16,6 +16,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.liveness import liveness
+from reliable_events.management.arguments import BadArgumentsExit1, finite_float
 from reliable_events.status import outbox_status
 from reliable_events.unrouted import UnroutedCount, count_unrouted
 
@@ -24,7 +25,7 @@ EXIT_STALE = 4
 EXIT_UNROUTED = 5
 
 
-class Command(BaseCommand):
+class Command(BadArgumentsExit1, BaseCommand):
     help = (
         "Show the outbox's health: counts by status, oldest pending age, dead letters, "
         "events in the unrouted queue."
@@ -39,7 +40,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--max-pending-age",
-            type=float,
+            type=finite_float,
             default=None,
             help="Exit 4 when the oldest overdue pending row is older than this many seconds "
             "(a delay= event counts from when it became due).",

@@ -10,10 +10,11 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.maintenance import purge
+from reliable_events.management.arguments import BadArgumentsExit1
 from reliable_events.utils import parse_duration
 
 
-class Command(BaseCommand):
+class Command(BadArgumentsExit1, BaseCommand):
     help = "Delete sent outbox rows and processed-message records older than their retention."
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -21,6 +21,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import ReliableEventsError
 from reliable_events.liveness import HeartbeatWriter
+from reliable_events.management.arguments import BadArgumentsExit1, port_number
 from reliable_events.metrics_collector import serve_metrics
 from reliable_events.relay import Relay, RelayReport
 from reliable_events.runner import StopFlag, run_loop, stop_on_signals
@@ -28,7 +29,7 @@ from reliable_events.runner import StopFlag, run_loop, stop_on_signals
 EXIT_SOME_FAILED = 3
 
 
-class Command(BaseCommand):
+class Command(BadArgumentsExit1, BaseCommand):
     help = "Publish pending outbox events to the broker with publisher confirms."
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -41,7 +42,7 @@ class Command(BaseCommand):
         parser.add_argument("--database", default=None, help="Database alias to relay from.")
         parser.add_argument(
             "--metrics-port",
-            type=int,
+            type=port_number,
             default=None,
             help="Serve Prometheus metrics on this port (METRICS_PORT).",
         )

@@ -17,9 +17,10 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.exceptions import UnknownConsumer
 from reliable_events.health import check_health
+from reliable_events.management.arguments import BadArgumentsExit1
 
 
-class Command(BaseCommand):
+class Command(BadArgumentsExit1, BaseCommand):
     help = "Check that the relay and consumers are alive (exit codes for probes)."
 
     def add_arguments(self, parser: CommandParser) -> None:

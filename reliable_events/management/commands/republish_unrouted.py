@@ -20,6 +20,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.exceptions import ReliableEventsError
+from reliable_events.management.arguments import BadArgumentsExit1
 from reliable_events.topology import unrouted_name
 from reliable_events.topology_service import declare_all
 from reliable_events.unrouted import describe_topics, republish_unrouted
@@ -27,7 +28,7 @@ from reliable_events.unrouted import describe_topics, republish_unrouted
 EXIT_LEFT = 5
 
 
-class Command(BaseCommand):
+class Command(BadArgumentsExit1, BaseCommand):
     help = "Re-publish the events the broker kept in <EXCHANGE>.unrouted (with confirms)."
 
     def add_arguments(self, parser: CommandParser) -> None:

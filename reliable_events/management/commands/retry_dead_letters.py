@@ -24,17 +24,18 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events import deadletters
 from reliable_events.db import write_alias
+from reliable_events.management.arguments import BadArgumentsExit1, row_id
 from reliable_events.models import OutboxMessage
 
 EXIT_SOME_SKIPPED = 3
 
 
-class Command(BaseCommand):
+class Command(BadArgumentsExit1, BaseCommand):
     help = "Re-deliver open dead letters to their consumer's queue and mark them retried."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--id", dest="ids", type=int, nargs="+", action="extend", default=None, metavar="ID"
+            "--id", dest="ids", type=row_id, nargs="+", action="extend", default=None, metavar="ID"
         )
         parser.add_argument("--consumer", default=None, metavar="NAME", help="One consumer's.")
         parser.add_argument("--fingerprint", default=None, help="One failure group's.")

@@ -1,0 +1,70 @@
+"""Which command-line values do the commands accept?  ``argparse`` types that refuse what
+would otherwise pass and misbehave (``nan``, an id beyond the database's integers, a port
+beyond 65535) with a message that says what is wrong."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any, NoReturn
+
+from django.core.management.base import CommandParser
+
+#: The largest id a database integer column holds (PostgreSQL ``bigint``, SQLite).
+MAX_ID = 2**63 - 1
+
+
+def finite_float(text: str) -> float:
+    """A number, not ``nan`` or ``inf`` (``float()`` takes both)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return value
+
+
+def row_id(text: str) -> int:
+    """A row id: a whole number from 1 to :data:`MAX_ID`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an id") from None
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an id (1 to {MAX_ID})")
+    return value
+
+
+class BadArgumentsExit1:
+    """Command mixin: arguments the parser refuses exit 1, the code the commands document
+    for bad arguments (``argparse`` exits 2, which ``reliable_events_health`` uses for a
+    database that does not answer)."""
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        parser: CommandParser = super().create_parser(  # type: ignore[misc]  # mixin of BaseCommand
+            prog_name, subcommand, **kwargs
+        )
+        refuse = parser.error
+
+        def error(message: str) -> NoReturn:
+            if parser.called_from_command_line:
+                parser.print_usage(sys.stderr)
+                parser.exit(1, f"{parser.prog}: error: {message}\n")
+            refuse(message)  # raises CommandError (call_command)
+            raise AssertionError("unreachable")
+
+        parser.error = error  # type: ignore[method-assign]  # argparse has no exit-code hook
+        return parser
