@@ -1,10 +1,17 @@
-"""Declare the whole topology (events exchange and every registered consumer)."""
+"""The topology as a whole: declare it (events exchange and every registered consumer),
+and send again what it kept as unrouted once the consumers are bound."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from reliable_events.broker import open_publisher
+from reliable_events.broker.database import republish_unrouted_rows
+from reliable_events.broker_url import is_database_url
+from reliable_events.conf import app_settings
 from reliable_events.consumer import registry
 from reliable_events.topology import Topology, full_topology
+from reliable_events.unrouted import RepublishReport, republish_unrouted
 
 
 def declare_all(*, url: str | None = None) -> Topology:
@@ -16,3 +23,20 @@ def declare_all(*, url: str | None = None) -> Topology:
     finally:
         publisher.close()
     return topology
+
+
+def republish(
+    url: str | None = None,
+    *,
+    dry_run: bool = False,
+    limit: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> RepublishReport:
+    """Send the events kept in ``<EXCHANGE>.unrouted`` to the queues bound for them now:
+    through the exchange again on RabbitMQ (:func:`~reliable_events.unrouted.
+    republish_unrouted`), moved to the bound queues' rows on ``db://``
+    (:func:`~reliable_events.broker.database.republish_unrouted_rows`)."""
+    url = str(url or app_settings.BROKER_URL)
+    if is_database_url(url):
+        return republish_unrouted_rows(url, dry_run=dry_run, limit=limit, progress=progress)
+    return republish_unrouted(url, dry_run=dry_run, limit=limit, progress=progress)

@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from django.db import DatabaseError, InterfaceError, connections
@@ -72,11 +72,13 @@ from reliable_events.consumer.failures import Failure
 from reliable_events.consumer.retries import RetryScheduler, retry_headers
 from reliable_events.db import queue_alias
 from reliable_events.exceptions import ConfigurationError, DatabaseUnavailable
+from reliable_events.models import QueuedMessage
 from reliable_events.routing import Routes
 from reliable_events.runner import StopFlag
 from reliable_events.sanitize import describe_error
 from reliable_events.times import as_instant, from_column
 from reliable_events.topology import UNROUTED_SUFFIX, Topology
+from reliable_events.unrouted import RepublishReport
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +182,70 @@ class DatabasePublisher(Publisher):
                 ", ".join(f"{topic} x{count}" for topic, count in sorted(unrouted.items())),
             )
         return result
+
+
+#: Unrouted rows moved per transaction by :func:`republish_unrouted_rows`.
+REPUBLISH_CHUNK = 500
+
+
+def republish_unrouted_rows(
+    url: str,
+    *,
+    dry_run: bool = False,
+    limit: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> RepublishReport:
+    """Send the rows of ``<EXCHANGE>.unrouted`` to the queues bound to their topic now.
+
+    A chunk per transaction: each row whose topic a registered consumer's queue is bound
+    to is inserted there (one row per queue, same message id, headers and body) and
+    deleted from the unrouted queue, in one commit (a crash moves all of a chunk or none
+    of it).  Rows still without a queue stay, in order.  Bounded by the queue's depth at
+    the start (and ``limit``); ``dry_run`` only counts.
+    """
+    alias = alias_for(url)
+    routes = Routes.current()
+    queue = f"{routes.exchange}{UNROUTED_SUFFIX}"
+    rows = QueuedMessage.objects.using(alias).filter(queue=queue)
+    report = RepublishReport(queue=queue, dry_run=dry_run, at_start=rows.count())
+    budget = report.at_start if limit is None else min(limit, report.at_start)
+    seen, after = 0, 0
+    while not dry_run and seen < budget:
+        with db_transaction.atomic(using=alias):
+            chunk = list(
+                rows.select_for_update(skip_locked=True)
+                .filter(id__gt=after)
+                .order_by("id")[: min(REPUBLISH_CHUNK, budget - seen)]
+            )
+            if not chunk:
+                break
+            seen, after = seen + len(chunk), chunk[-1].pk
+            moved = [row for row in chunk if routes.for_topic(row.topic)]
+            if not moved:
+                continue
+            insert_rows(
+                alias,
+                [
+                    queue_row(
+                        target,
+                        message_id=row.message_id,
+                        topic=row.topic,
+                        headers=row.headers,
+                        body=row.body,
+                        published_at=row.published_at,
+                    )
+                    for row in moved
+                    for target in routes.for_topic(row.topic)
+                ],
+            )
+            QueuedMessage.objects.using(alias).filter(pk__in=[row.pk for row in moved]).delete()
+        for row in moved:
+            report.republished += 1
+            report.topics[row.topic] += 1
+            if progress is not None:
+                progress(report.republished, budget, row.topic)
+    report.at_end = rows.count()
+    return report
 
 
 # -- consuming ------------------------------------------------------------------------

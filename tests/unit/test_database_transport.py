@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import DatabaseError, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
@@ -123,6 +124,56 @@ def test_publish_inserts_one_row_per_bound_queue_and_keeps_unrouted_events(clean
         ]
     )
     assert "1 event(s) matched no consumer queue and were kept in events.unrouted" in caplog.text
+
+
+def test_republish_unrouted_moves_the_rows_whose_topic_is_bound_now_and_keeps_the_rest(
+    clean_registry, monkeypatch
+):
+    """What the unrouted probe (``outbox_status --fail-on-unrouted``) points to works on
+    ``db://`` too: each row goes to every queue bound for its topic now, a chunk per
+    transaction, the others stay; the key and headers travel with it."""
+    monkeypatch.setattr("reliable_events.broker.database.REPUBLISH_CHUNK", 2)
+    open_publisher().publish(
+        [message("orders.created", f"m-{n}", **{KEY_HEADER: f"k{n}", "t": "a"}) for n in range(3)]
+        + [message("shipping.sent", "m-ship")],
+        timeout=1,
+    )
+    assert rows() == [("events.unrouted", m) for m in ("m-0", "m-1", "m-2", "m-ship")]
+    out = StringIO()
+    call_command("republish_unrouted", "--dry-run", stdout=out)
+    assert "4 event(s) in 'events.unrouted' (dry run: nothing moved)" in out.getvalue()
+    one = make_consumer(clean_registry, topics=["orders.*"])
+    two = make_consumer(clean_registry, topics=["orders.#"])
+
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError) as info:
+        call_command("republish_unrouted", stdout=out, stderr=err)
+    assert info.value.returncode == 5  # m-ship: still no queue for its topic
+    assert "republish_unrouted: 3 of 4 event(s) re-published from 'events.unrouted'" in (
+        out.getvalue()
+    )
+    assert "declared" not in out.getvalue()  # nothing to declare on db://
+    assert rows() == sorted(
+        [(one.name, f"m-{n}") for n in range(3)]
+        + [(two.name, f"m-{n}") for n in range(3)]
+        + [("events.unrouted", "m-ship")]
+    )
+    moved = QueuedMessage.objects.get(queue=one.name, message_id="m-1")
+    assert (moved.key, moved.headers["t"], bytes(moved.body)) == ("k1", "a", b'{"n": 1}')
+
+    stats = Worker([one, two]).run(until_idle=0.3)
+    assert stats.processed == 6
+    assert applied(one) == applied(two) == 3
+
+
+def test_declare_topology_on_db_says_there_is_nothing_to_declare(clean_registry):
+    make_consumer(clean_registry)
+    out = StringIO()
+    call_command("declare_topology", stdout=out)
+    assert out.getvalue().strip() == (
+        "declare_topology: nothing to declare on db:// (its queues are rows of a table, "
+        "routed by the registered consumers' topics); the table exists"
+    )
 
 
 def test_a_message_addressed_to_a_queue_goes_there_only_and_an_unknown_queue_fails(

@@ -1,6 +1,7 @@
 """``declare_topology``: declare the exchange, the unrouted queue and every consumer's queues.
 
-Idempotent. Exit codes: 0 declared; 1 broker unreachable or topology conflict.
+Idempotent; on ``db://`` it only checks that the queue table exists.  Exit codes: 0
+declared; 1 broker unreachable, topology conflict or (``db://``) no table.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from reliable_events.broker_url import is_database_url
+from reliable_events.conf import app_settings
 from reliable_events.exceptions import ReliableEventsError
 from reliable_events.management.arguments import BadArgumentsExit1
 from reliable_events.topology_service import declare_all
@@ -25,6 +28,12 @@ class Command(BadArgumentsExit1, BaseCommand):
             topology = declare_all(url=options["url"])
         except ReliableEventsError as exc:
             raise CommandError(str(exc)) from exc
+        if is_database_url(str(options["url"] or app_settings.BROKER_URL)):
+            self.stdout.write(
+                "declare_topology: nothing to declare on db:// (its queues are rows of a table, "
+                "routed by the registered consumers' topics); the table exists"
+            )
+            return
         for exchange in topology.exchanges:
             self.stdout.write(f"exchange {exchange.name} ({exchange.type})")
         for queue in topology.queues:

@@ -1,5 +1,6 @@
 """``republish_unrouted``: send the events in ``<EXCHANGE>.unrouted`` to the events
-exchange again, once their consumers' bindings are back.
+exchange again, once their consumers' bindings are back (on ``db://``: move them to the
+rows of the queues now bound to their topic, a chunk per transaction).
 
 First the whole topology is declared (``declare_topology``: the exchange and every
 registered consumer's queue and bindings) unless ``--no-declare``.  Then each message is
@@ -9,7 +10,8 @@ leaves a duplicate, which consumers absorb, never a loss).  A message that is st
 unroutable goes back to the unrouted queue through the alternate exchange; the command
 stops after as many messages as the queue held when it started (or ``--limit``).
 
-Exit codes: 0 done (also when nothing was there); 1 broker unreachable or not AMQP;
+Exit codes: 0 done (also when nothing was there); 1 broker unreachable or neither AMQP
+nor ``db://``;
 5 events are still in the unrouted queue afterwards (no binding for their topic).
 """
 
@@ -19,11 +21,13 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from reliable_events.broker_url import is_database_url
+from reliable_events.conf import app_settings
 from reliable_events.exceptions import ReliableEventsError
 from reliable_events.management.arguments import BadArgumentsExit1
 from reliable_events.topology import unrouted_name
-from reliable_events.topology_service import declare_all
-from reliable_events.unrouted import describe_topics, republish_unrouted
+from reliable_events.topology_service import declare_all, republish
+from reliable_events.unrouted import describe_topics
 
 EXIT_LEFT = 5
 
@@ -58,13 +62,12 @@ class Command(BadArgumentsExit1, BaseCommand):
         try:
             if not (dry_run or options["no_declare"]):
                 topology = declare_all(url=options["url"])
-                self.stdout.write(
-                    f"declared {len(topology.exchanges)} exchange(s), "
-                    f"{len(topology.queues)} queue(s)"
-                )
-            report = republish_unrouted(
-                options["url"], dry_run=dry_run, limit=limit, progress=progress
-            )
+                if not is_database_url(str(options["url"] or app_settings.BROKER_URL)):
+                    self.stdout.write(
+                        f"declared {len(topology.exchanges)} exchange(s), "
+                        f"{len(topology.queues)} queue(s)"
+                    )
+            report = republish(options["url"], dry_run=dry_run, limit=limit, progress=progress)
         except ReliableEventsError as exc:
             raise CommandError(str(exc)) from exc
         if dry_run:
