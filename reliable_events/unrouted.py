@@ -335,8 +335,8 @@ def republish_unrouted(
     url = str(url or app_settings.BROKER_URL)
     if not is_amqp_url(url):
         raise BrokerError(
-            "republish_unrouted needs an AMQP broker (RabbitMQ); on the embedded transports "
-            "an unrouted event is a message in the folder/queue "
+            "republish_unrouted needs an AMQP broker (RabbitMQ) or db://; on the in-process "
+            "and folder transports an unrouted event is a message in the folder/queue "
             f"{unrouted_name()!r} and can be re-published with publish_event"
         )
     queue = unrouted_name()

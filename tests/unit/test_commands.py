@@ -348,7 +348,7 @@ def test_install_beat_schedule_needs_django_celery_beat(settings):
 
 # -- declare_topology (embedded transport; the RabbitMQ side is an integration test) -------
 def test_declare_topology_lists_what_it_declared(re_settings, clean_registry):
-    re_settings(EXCHANGE="unit-topology")
+    re_settings(EXCHANGE="unit-topology", BROKER_URL="memory://")
     out, _ = run("declare_topology")
     assert "exchange unit-topology.unrouted (fanout)" in out
     assert "exchange unit-topology (topic)" in out

@@ -213,8 +213,9 @@ def test_the_dead_flag_keeps_its_exit_code_when_unrouted_events_exist_too() -> N
     assert info.value.returncode == 3
 
 
-def test_republish_needs_an_amqp_broker() -> None:
-    with pytest.raises(CommandError, match="needs an AMQP broker"):
+def test_republish_needs_an_amqp_broker_or_the_database_transport(re_settings: Any) -> None:
+    re_settings(BROKER_URL="memory://")
+    with pytest.raises(CommandError, match=r"needs an AMQP broker \(RabbitMQ\) or db://"):
         run("republish_unrouted", "--no-declare")
 
 
