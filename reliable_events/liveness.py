@@ -326,7 +326,10 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
                 state.age_seconds = process.age_seconds
     if with_queues and consumers:
         amqp = is_amqp_url(str(app_settings.BROKER_URL))
-        delay_queues = {name: _delay_queues(known.get(name)) if amqp else [] for name in consumers}
+        delay_queues = {
+            name: known[name].retry_queue_names() if amqp and name in known else []
+            for name in consumers
+        }
         depths = queue_depths(
             [state.queue for state in consumers.values()]
             + [queue for queues in delay_queues.values() for queue in queues]
@@ -342,13 +345,6 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
     return Liveness(
         processes=processes, consumers=list(consumers.values()), timeout_seconds=timeout
     )
-
-
-def _delay_queues(cls: type[EventConsumer] | None) -> list[str]:
-    """The delay queues of a registered consumer (an ordered one retries in place)."""
-    if cls is None or cls.ordered:
-        return []
-    return [cls.retry_queue_name(retry) for retry in range(1, cls.retry_queue_count() + 1)]
 
 
 def _retrying(depth: QueueDepth, delay_queues: list[QueueDepth]) -> int | None:

@@ -383,6 +383,14 @@ class EventConsumer:
         return f"{cls.name}.retry.{retry}"
 
     @classmethod
+    def retry_queue_names(cls) -> list[str]:
+        """Its delay queues, in retry order (none for an ordered consumer: it retries in
+        place)."""
+        if cls.ordered:
+            return []
+        return [cls.retry_queue_name(retry) for retry in range(1, cls.retry_queue_count() + 1)]
+
+    @classmethod
     def retry_queue_count(cls) -> int:
         """Distinct delay queues: one per distinct retry number up to the delays given."""
         return max(1, min(cls.get_max_retries(), len(cls.get_retry_delays())))
