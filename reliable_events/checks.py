@@ -19,9 +19,11 @@ from reliable_events import cloudevents
 from reliable_events.broker.queue_rows import dialect_for
 from reliable_events.broker_url import OWN_TRANSPORTS, node_list_problems
 from reliable_events.conf import app_settings
+from reliable_events.consumer.base import QUORUM_DELIVERY_LIMIT
 from reliable_events.db import queue_alias, write_alias
 from reliable_events.debug import mask_urls
 from reliable_events.exceptions import ConfigurationError
+from reliable_events.topology import KEY_BUCKETS
 
 DOCS = "See docs/settings.md."
 
@@ -34,7 +36,6 @@ _POSITIVE_INTS = (
     "PREFETCH_COUNT",
     "CONSUMER_BATCH_SIZE",
     "CONSUMER_LOG_EVERY",
-    "MAX_DELIVERIES",
     "ON_COMMIT_CHAIN_LIMIT",
     "METRICS_MAX_TOPICS",
 )
@@ -66,6 +67,14 @@ _NON_NEGATIVE_NUMBERS = (
     "CONSUMER_BATCH_LINGER",
     "METRICS_CACHE_SECONDS",
 )
+#: Integers with bounds of their own, ``(lowest, highest, None allowed)``.
+_BOUNDED_INTS = {
+    # A partition per key bucket at most (the relay's buckets).
+    "ORDERED_PARTITIONS": (1, KEY_BUCKETS, False),
+    # Below the queues' x-delivery-limit, or the broker drops before the app dead-letters.
+    "MAX_DELIVERIES": (1, QUORUM_DELIVERY_LIMIT - 1, False),
+    "METRICS_PORT": (1, 65535, True),
+}
 _MAX_LANES = 32767
 
 
@@ -87,6 +96,31 @@ def _setting_errors() -> list[CheckMessage]:
                     id="reliable_events.E003",
                 )
             )
+    for name, (lowest, highest, optional) in _BOUNDED_INTS.items():
+        value = getattr(app_settings, name)
+        if optional and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not lowest <= value <= highest:
+            errors.append(
+                Error(
+                    f"RELIABLE_EVENTS[{name!r}] must be an integer from {lowest} to {highest}"
+                    f"{' or None' if optional else ''}, got {value!r}.",
+                    hint=DOCS,
+                    id="reliable_events.E003",
+                )
+            )
+    names = app_settings.CELERY_CONSUMERS
+    if names is not None and (
+        not isinstance(names, list | tuple) or not all(isinstance(n, str) and n for n in names)
+    ):
+        errors.append(
+            Error(
+                f"RELIABLE_EVENTS['CELERY_CONSUMERS'] must be None or a list of consumer names, "
+                f"got {names!r}.",
+                hint="A single name still goes in a list: ['billing.charge']. " + DOCS,
+                id="reliable_events.E003",
+            )
+        )
     for name in _POSITIVE_NUMBERS:
         value = getattr(app_settings, name)
         if not _is_number(value) or value <= 0:

@@ -114,10 +114,21 @@ def _only_this_host(state: Liveness) -> None:
             consumer.problem = "no live process on this host"
 
 
+#: The query parameters of :func:`health_view`.
+HEALTH_PARAMETERS = frozenset({"relay", "consumers"})
+
+
 @require_safe
 def health_view(request: HttpRequest) -> HttpResponse:
     """``GET ?relay=1&consumers=a,b`` (``consumers=all``: every registered one):
-    JSON, 200 when healthy, 503 when not, 400 for a bad query."""
+    JSON, 200 when healthy, 503 when not, 400 for a bad query (an unknown parameter
+    too: a probe's typo must not pass as healthy)."""
+    unknown = sorted(set(request.GET) - HEALTH_PARAMETERS)
+    if unknown:
+        names = ", ".join(repr(name[:40]) for name in unknown[:5])
+        return JsonResponse(
+            {"error": f"unknown parameter(s) {names}: use relay and consumers"}, status=400
+        )
     relay = request.GET.get("relay", "0")
     if relay not in ("0", "1", "true", "false"):
         return JsonResponse({"error": "relay must be 0 or 1"}, status=400)

@@ -7,11 +7,12 @@ clean exit.  This module is the table's only writer.
 
 :func:`liveness` reads them back (one bounded query) together with the depth of each
 consumer's queue and of what waits in it for a later attempt (a passive declare per queue
-on AMQP, its delay queues included; one ``GROUP BY`` on ``db://``, due now and due
-later; cached ``METRICS_CACHE_SECONDS``).  A consumer is *down* when no live process runs it,
-or when its queue holds messages and the broker counts no consumer on it.  The admin
-overview, ``outbox_status --json``, the health command and endpoint and the metrics
-all use it.  Heartbeat times are the application hosts' clocks (keep them in sync).
+on AMQP, its delay queues included, an ordered consumer's partitions summed; one
+``GROUP BY`` on ``db://``, due now and due later; cached ``METRICS_CACHE_SECONDS``).
+A consumer is *down* when no live process runs it, or when its queue holds messages and
+the broker counts no consumer on it.  The admin overview, ``outbox_status --json``, the
+health command and endpoint and the metrics all use it.  Heartbeat times are the
+application hosts' clocks (keep them in sync).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from reliable_events.broker import queue_rows
 from reliable_events.broker_url import is_amqp_url
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import EventConsumer, registry
+from reliable_events.consumer.partitions import partition_queues
 from reliable_events.db import queue_alias, write_alias
 from reliable_events.exceptions import ConfigurationError
 from reliable_events.models import Heartbeat
@@ -279,9 +281,25 @@ class Liveness:
         }
 
 
-def _queue_of(name: str, known: Mapping[str, type[EventConsumer]]) -> str:
-    cls = known.get(name)
-    return cls.queue_name() if cls is not None else name
+def _queues_of(cls: type[EventConsumer] | None, name: str, amqp: bool) -> list[str]:
+    """The queues a consumer's messages wait in: its partitions (an ordered consumer on
+    RabbitMQ), else its queue."""
+    if cls is None:
+        return [name]
+    if cls.ordered and amqp:
+        return partition_queues(cls)
+    return [cls.queue_name()]
+
+
+def _shown_queue(queues: list[str]) -> str:
+    """How a consumer's queues are named on one line (``<name>.p0 … p7``)."""
+    return queues[0] if len(queues) == 1 else f"{queues[0]} … {queues[-1].rsplit('.', 1)[-1]}"
+
+
+def _total(values: Iterable[int | None]) -> int | None:
+    """The sum, ``None`` when one is not known."""
+    found = list(values)
+    return None if None in found else sum(value for value in found if value is not None)
 
 
 def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
@@ -311,7 +329,9 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
     for process in processes:
         names.extend(n for n in process.consumers if n not in known and n not in names)
     names = names[:MAX_CONSUMERS]
-    consumers = {name: ConsumerLiveness(name=name, queue=_queue_of(name, known)) for name in names}
+    amqp = is_amqp_url(str(app_settings.BROKER_URL))
+    queues = {name: _queues_of(known.get(name), name, amqp) for name in names}
+    consumers = {name: ConsumerLiveness(name, _shown_queue(queues[name])) for name in names}
     for process in processes:
         if process.kind != Heartbeat.Kind.CONSUMER:
             continue
@@ -325,21 +345,21 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
                 state.last_seen = process.last_seen
                 state.age_seconds = process.age_seconds
     if with_queues and consumers:
-        amqp = is_amqp_url(str(app_settings.BROKER_URL))
         delay_queues = {
             name: known[name].retry_queue_names() if amqp and name in known else []
             for name in consumers
         }
         depths = queue_depths(
-            [state.queue for state in consumers.values()]
-            + [queue for queues in delay_queues.values() for queue in queues]
+            [queue for name in consumers for queue in queues[name]]
+            + [queue for name in consumers for queue in delay_queues[name]]
         )
         for state in consumers.values():
-            depth = depths.get(state.queue, QueueDepth())
-            state.messages, state.queue_consumers = depth.messages, depth.consumers
+            found = [depths.get(queue, QueueDepth()) for queue in queues[state.name]]
             delayed = [depths.get(queue, QueueDepth()) for queue in delay_queues[state.name]]
-            state.retrying = _retrying(depth, delayed)
-            state.queue_error = depth.error or next((d.error for d in delayed if d.error), "")
+            state.messages = _total(depth.messages for depth in found)
+            state.queue_consumers = _total(depth.consumers for depth in found)
+            state.retrying = _retrying(found[0], delayed)
+            state.queue_error = next((d.error for d in (*found, *delayed) if d.error), "")
     for state in consumers.values():
         state.problem = _problem(state)
     return Liveness(

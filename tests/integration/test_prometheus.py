@@ -74,6 +74,35 @@ def test_a_queue_with_messages_and_no_consumer_is_down_though_its_process_beats(
     )
 
 
+def test_an_ordered_consumers_backlog_is_its_partitions_summed(
+    broker: dict[str, Any], rabbit: Any, exchange_name: str, clean_registry: Any, re_settings: Any
+) -> None:
+    """An ordered consumer has no ``<name>`` queue: its messages wait in its partitions."""
+    re_settings(METRICS_CACHE_SECONDS=0)
+    consumer = make_consumer(clean_registry, name=unique_name("prom.ordered"))
+    consumer.ordered = True
+    rabbit.queues.extend(queue_names(consumer))
+    rabbit.exchanges.append(f"{consumer.name}.hash")
+    declare_on_amqp_channel(
+        rabbit.channel, full_topology(consumer.queue_specs(), consumer.exchange_specs())
+    )
+    HeartbeatWriter("consumer", [consumer.name]).tick()
+    with transaction.atomic():
+        for n in range(12):
+            publish_event("orders.created", {"n": n}, key=f"k{n}")
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    first, last = queue_names(consumer)[0], queue_names(consumer)[-1]
+    assert state.queue == f"{first} … {last.rsplit('.', 1)[-1]}"
+    assert (state.messages, state.queue_consumers, state.retrying, state.queue_error) == (
+        12,
+        0,
+        None,
+        "",
+    )
+    assert state.problem == f"12 message(s) waiting in {state.queue} and nobody consuming it"
+
+
 def _until(server: PrometheusServer, expr: str, expected: float, what: str) -> None:
     server.wait_for(lambda: server.value(expr) == expected, 30, f"{what}: {expr} == {expected}")
 

@@ -188,6 +188,30 @@ def test_filesystem_transport_is_refused_pointing_to_the_database_transport(re_s
     assert "db://" in str(messages[0].hint)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "text"),
+    [
+        ({"ORDERED_PARTITIONS": 0}, "'ORDERED_PARTITIONS'] must be an integer from 1 to 64"),
+        ({"ORDERED_PARTITIONS": 100}, "'ORDERED_PARTITIONS'] must be an integer from 1 to 64"),
+        ({"MAX_DELIVERIES": 5000}, "'MAX_DELIVERIES'] must be an integer from 1 to 999"),
+        ({"METRICS_PORT": "abc"}, "'METRICS_PORT'] must be an integer from 1 to 65535 or None"),
+        ({"METRICS_PORT": 70000}, "'METRICS_PORT'] must be an integer from 1 to 65535 or None"),
+        ({"CELERY_CONSUMERS": "billing"}, "'CELERY_CONSUMERS'] must be None or a list"),
+        ({"CELERY_CONSUMERS": [""]}, "'CELERY_CONSUMERS'] must be None or a list"),
+    ],
+)
+def test_settings_that_broke_at_run_time_are_reported(re_settings, overrides, text):
+    messages = _only(re_settings, **overrides)
+    assert _ids(messages) == ["reliable_events.E003"]
+    assert text in messages[0].msg
+
+
+def test_bounded_settings_accept_their_range(re_settings):
+    fine = {"ORDERED_PARTITIONS": 64, "MAX_DELIVERIES": 999, "METRICS_PORT": None}
+    assert _only(re_settings, **fine, CELERY_CONSUMERS=["a.b"]) == []
+    assert _only(re_settings, METRICS_PORT=9100, CELERY_CONSUMERS=None) == []
+
+
 def test_several_problems_are_all_reported(re_settings):
     ids = _ids(_only(re_settings, QUEUE_TYPE="x", EXCHANGE="", LANES=0, MAX_ATTEMPTS=0))
     assert sorted(ids) == [

@@ -135,6 +135,10 @@ def test_the_health_endpoint_answers_400_or_503_never_500(
 ) -> None:
     assert client.get("/health/").status_code == 200
     assert client.get("/health/?relay=banana").status_code == 400
+    typo = client.get("/health/?consumer=mail.send")  # a probe's typo is not "healthy"
+    assert typo.status_code == 400
+    assert typo.json() == {"error": "unknown parameter(s) 'consumer': use relay and consumers"}
+    assert client.get("/health/?Relay=1").status_code == 400
     unknown = client.get("/health/?consumers=" + "nobody," * 300)
     assert unknown.status_code == 400
     assert client.get("/health/?consumers=%00%ff").status_code == 400
