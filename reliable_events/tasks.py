@@ -8,22 +8,41 @@ A relay task fired while the previous run is still going does no harm: on Postgr
 each ordering lane is held by one relay at a time (lease rows; relays share the
 lanes fairly), and every run is bounded by ``max_seconds``.  The task runs the same
 pipelined relay as ``relay_outbox`` (:meth:`reliable_events.relay.Relay.drain`).
+
+Each worker process that runs the relay task keeps a relay heartbeat, as the daemon does
+(liveness counts it as a relay while its last run is younger than
+``HEARTBEAT_TIMEOUT_SECONDS``: schedule the task more often than that).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import shared_task
 
+from reliable_events.liveness import HeartbeatWriter
 from reliable_events.maintenance import purge
 from reliable_events.relay import relay_once
+
+#: This worker process's relay heartbeat (by pid: a forked child keeps its own).
+_heartbeats: dict[int, HeartbeatWriter] = {}
+
+
+def relay_heartbeat() -> HeartbeatWriter:
+    """The relay heartbeat of the current process."""
+    pid = os.getpid()
+    writer = _heartbeats.get(pid)
+    if writer is None:
+        writer = _heartbeats[pid] = HeartbeatWriter("relay")
+    return writer
 
 
 @shared_task(ignore_result=True)
 def relay_outbox(max_seconds: float = 50.0) -> dict[str, Any]:
     """Publish every due outbox row (for at most ``max_seconds``)."""
     report = relay_once(max_seconds=max_seconds)
+    relay_heartbeat().tick(report)
     return {
         "claimed": report.claimed,
         "sent": report.sent,

@@ -18,6 +18,7 @@ from django.core.management import call_command
 from django.db import DatabaseError, InterfaceError
 
 from reliable_events import publish_event
+from reliable_events.liveness import liveness
 from reliable_events.models import OutboxMessage
 from reliable_events.runner import StopFlag, run_loop, stop_on_signals
 from reliable_events.schedule import DEFAULT_SCHEDULE, install_beat_schedule
@@ -168,6 +169,11 @@ def test_relay_task_publishes_due_rows(celery_app, re_settings):
     }
     assert OutboxMessage.objects.pending().count() == 0
     assert relay_outbox.delay().get()["claimed"] == 0
+    # A beat-run relay counts as a live relay (the overview, the probes, the metrics).
+    state = liveness(with_queues=False)
+    assert state.relays_alive == 1
+    (beat,) = state.processes
+    assert (beat.kind, beat.pid, beat.counters["sent"]) == ("relay", os.getpid(), 3)
 
 
 @pytest.mark.django_db
