@@ -221,8 +221,13 @@ def test_a_dead_lettered_head_holds_its_key_until_retried_then_all_follow_in_ord
     assert "held keys (ordered consumers): 1, parked events: 2" in out.getvalue()
 
     state["fixed"] = True
-    result = deadletters.retry([letter], user="ops", source="test")
-    assert result.done == [letter.pk]
+    out = StringIO()
+    call_command("retry_dead_letters", "--id", str(letter.pk), stdout=out)
+    assert (
+        f"retried #{letter.pk} {consumer.name} a-1 (permanent-error) -> its key released "
+        "(the ordered consumer applies it in order)"
+    ) in out.getvalue()
+    assert "confirmed by the broker" not in out.getvalue()  # no outbox row: nothing to confirm
     consume(consumer)
 
     assert applied_ids(consumer) == ["b-1", "b-2", "a-1", "a-2", "a-3"]

@@ -87,9 +87,13 @@ class Command(BadArgumentsExit1, BaseCommand):
         verb = "would retry" if dry_run else "retried"
         for pk in result.done:
             letter = by_id[pk]
+            where = (
+                f"queue {letter.queue or letter.consumer}"
+                if deadletters.ordered_consumer(letter) is None
+                else "its key released (the ordered consumer applies it in order)"
+            )
             self.stdout.write(
-                f"{verb} #{pk} {letter.consumer} {letter.message_id} ({letter.reason}) "
-                f"-> queue {letter.queue or letter.consumer}"
+                f"{verb} #{pk} {letter.consumer} {letter.message_id} ({letter.reason}) -> {where}"
             )
         skipped = dict(result.skipped)
         for pk in result.unregistered:
