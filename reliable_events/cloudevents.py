@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -147,13 +147,36 @@ def normalize(delivery: Delivery) -> Delivery:
     return delivery
 
 
-def _from_binary(delivery: Delivery, prefix: str) -> Delivery:
+def identified(delivery: Delivery) -> Delivery:
+    """``delivery`` with its CloudEvent's ``id`` and ``type`` as ``message_id`` and
+    ``type`` where its properties lack them, its body as it is: a CloudEvent that is
+    poison (say, binary ``data_base64``) becomes a dead letter found by its event id."""
+    content_type = delivery.properties.get("content_type")
+    if isinstance(content_type, str) and content_type.lower().startswith(STRUCTURED_CONTENT_TYPE):
+        try:
+            envelope = json.loads(delivery.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return delivery
+        return _with_ids(delivery, envelope if isinstance(envelope, dict) else {}, "")
+    for prefix in PREFIXES:
+        if prefix + "specversion" in delivery.headers:
+            return _from_binary(delivery, prefix)
+    return delivery
+
+
+def _with_ids(delivery: Delivery, attributes: Mapping[str, Any], prefix: str) -> Delivery:
+    """``message_id`` and ``type`` from the CloudEvent's ``id`` and ``type`` attributes
+    where the properties lack them."""
     props = dict(delivery.properties)
     for prop, name in (("message_id", "id"), ("type", "type")):
-        value = delivery.headers.get(prefix + name)
+        value = attributes.get(prefix + name)
         if not props.get(prop) and isinstance(value, str):
             props[prop] = value
     return dataclasses.replace(delivery, properties=props)
+
+
+def _from_binary(delivery: Delivery, prefix: str) -> Delivery:
+    return _with_ids(delivery, delivery.headers, prefix)
 
 
 def _from_structured(delivery: Delivery) -> Delivery:

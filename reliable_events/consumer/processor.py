@@ -8,7 +8,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from reliable_events import tracing
+from reliable_events import cloudevents, tracing
 from reliable_events.broker.base import KEY_HEADER, Delivery
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import Event, EventConsumer, HandlerResult, Outcome
@@ -173,6 +173,7 @@ class Processor:
             hold_key(alias, cls, key, write_dead_letter(alias, record))
 
     def _poison(self, cls: type[EventConsumer], delivery: Delivery, poison: Poison) -> None:
+        delivery = cloudevents.identified(delivery)
         now = timezone.now()
         try:
             attempt = parse_attempt(delivery.headers.get(ATTEMPT_HEADER))

@@ -21,6 +21,7 @@ from django.db import transaction
 from reliable_events import publish_event
 from reliable_events.consumer import Event, EventConsumer
 from reliable_events.consuming import Worker
+from reliable_events.models import DeadLetter
 from reliable_events.relay import relay_once
 from tests.support.consumer_support import make_consumer
 
@@ -100,10 +101,15 @@ def test_the_consumer_reads_binary_structured_sdk_made_and_legacy_events(
             publish_event("orders.created", {"mode": mode}, message_id=f"ours-{mode}")
             publish_event("orders.created", {"mode": mode}, message_id=f"retry-{mode}")
         send_what_the_hook_left()
-    for name, encode in (("sdk-binary", to_binary), ("sdk-structured", to_structured)):
+    sdk_made = (
+        ("sdk-binary", to_binary, {"from": "sdk-binary"}),
+        ("sdk-structured", to_structured, {"from": "sdk-structured"}),
+        ("sdk-base64", to_structured, b"\x00\x01"),  # data_base64: not JSON, poison
+    )
+    for name, encode, data in sdk_made:
         made = CloudEvent(
             {"id": name, "source": "/elsewhere", "type": "orders.created", "specversion": "1.0"},
-            {"from": name},
+            data,
         )
         amqp_message = encode(made, JSONFormat())
         rabbit.channel.basic_publish(
@@ -119,6 +125,14 @@ def test_the_consumer_reads_binary_structured_sdk_made_and_legacy_events(
     assert seen["sdk-binary"].payload == {"from": "sdk-binary"}
     assert seen["sdk-structured"].payload == {"from": "sdk-structured"}
     assert seen["sdk-structured"].topic == "orders.created"
+    # Its dead letter is found by the CloudEvent's id (the AMQP message had none).
+    letter = DeadLetter.objects.get()
+    assert (letter.message_id, letter.reason, letter.topic) == (
+        "sdk-base64",
+        "undecodable",
+        "orders.created",
+    )
+    assert "the CloudEvent's data is not JSON" in letter.error_message
 
 
 def _py_amqp(message: AMQPMessage) -> Any:
