@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from django.core.management.base import CommandParser
@@ -26,26 +27,26 @@ def finite_float(text: str) -> float:
     return value
 
 
-def port_number(text: str) -> int:
-    """A TCP port, 1 to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
-    return value
+def whole_number(what: str, lowest: int, highest: int) -> Callable[[str], int]:
+    """An ``argparse`` type: a whole number from ``lowest`` to ``highest`` (``what`` names
+    it in the message)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not lowest <= value <= highest:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} ({lowest} to {highest})")
+        return value
+
+    return parse
 
 
-def row_id(text: str) -> int:
-    """A row id: a whole number from 1 to :data:`MAX_ID`."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an id") from None
-    if not 1 <= value <= MAX_ID:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an id (1 to {MAX_ID})")
-    return value
+#: A TCP port.
+port_number = whole_number("a port number", 1, 65535)
+#: A row id (the database's integers).
+row_id = whole_number("an id", 1, MAX_ID)
 
 
 class BadArgumentsExit1:
