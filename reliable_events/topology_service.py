@@ -14,6 +14,12 @@ from reliable_events.topology import Topology, full_topology
 from reliable_events.unrouted import RepublishReport, republish_unrouted
 
 
+def has_topology(url: str | None = None) -> bool:
+    """Whether the broker at ``url`` (default ``BROKER_URL``) has a topology to declare:
+    not ``db://``, whose queues are rows routed by the registered consumers."""
+    return not is_database_url(str(url or app_settings.BROKER_URL))
+
+
 def declare_all(*, url: str | None = None) -> Topology:
     """Declare the exchange, unrouted queue and all consumer queues; return what was declared."""
     topology = full_topology(registry.queue_specs(), registry.exchange_specs())
@@ -37,6 +43,6 @@ def republish(
     republish_unrouted`), moved to the bound queues' rows on ``db://``
     (:func:`~reliable_events.broker.database.republish_unrouted_rows`)."""
     url = str(url or app_settings.BROKER_URL)
-    if is_database_url(url):
+    if not has_topology(url):
         return republish_unrouted_rows(url, dry_run=dry_run, limit=limit, progress=progress)
     return republish_unrouted(url, dry_run=dry_run, limit=limit, progress=progress)

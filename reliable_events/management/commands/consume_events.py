@@ -64,7 +64,7 @@ class Command(BadArgumentsExit1, BaseCommand):
                     f"retry_delays={cls.get_retry_delays()}"
                 )
             return
-        for name in ("until_idle", "max_messages", "prefetch", "metrics_port"):
+        for name in ("until_idle", "max_messages", "prefetch"):  # --metrics-port: its type
             value = options[name]
             if value is not None and value <= 0:
                 raise CommandError(f"--{name.replace('_', '-')} must be positive")

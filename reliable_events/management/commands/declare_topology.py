@@ -10,11 +10,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from reliable_events.broker_url import is_database_url
-from reliable_events.conf import app_settings
 from reliable_events.exceptions import ReliableEventsError
 from reliable_events.management.arguments import BadArgumentsExit1
-from reliable_events.topology_service import declare_all
+from reliable_events.topology_service import declare_all, has_topology
 
 
 class Command(BadArgumentsExit1, BaseCommand):
@@ -28,7 +26,7 @@ class Command(BadArgumentsExit1, BaseCommand):
             topology = declare_all(url=options["url"])
         except ReliableEventsError as exc:
             raise CommandError(str(exc)) from exc
-        if is_database_url(str(options["url"] or app_settings.BROKER_URL)):
+        if not has_topology(options["url"]):
             self.stdout.write(
                 "declare_topology: nothing to declare on db:// (its queues are rows of a table, "
                 "routed by the registered consumers' topics); the table exists"

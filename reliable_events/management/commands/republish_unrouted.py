@@ -21,12 +21,10 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from reliable_events.broker_url import is_database_url
-from reliable_events.conf import app_settings
 from reliable_events.exceptions import ReliableEventsError
 from reliable_events.management.arguments import BadArgumentsExit1
 from reliable_events.topology import unrouted_name
-from reliable_events.topology_service import declare_all, republish
+from reliable_events.topology_service import declare_all, has_topology, republish
 from reliable_events.unrouted import describe_topics
 
 EXIT_LEFT = 5
@@ -62,7 +60,7 @@ class Command(BadArgumentsExit1, BaseCommand):
         try:
             if not (dry_run or options["no_declare"]):
                 topology = declare_all(url=options["url"])
-                if not is_database_url(str(options["url"] or app_settings.BROKER_URL)):
+                if has_topology(options["url"]):
                     self.stdout.write(
                         f"declared {len(topology.exchanges)} exchange(s), "
                         f"{len(topology.queues)} queue(s)"
