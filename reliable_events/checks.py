@@ -57,6 +57,8 @@ _POSITIVE_NUMBERS = (
     "HEARTBEAT_SECONDS",
     "HEARTBEAT_TIMEOUT_SECONDS",
     "HEARTBEAT_RETENTION_DAYS",
+    "ORDERED_HEARTBEAT_SECONDS",
+    "ORDERED_MEMBER_TTL",
 )
 _NON_NEGATIVE_NUMBERS = (
     "RELAY_IDLE_SECONDS",
@@ -333,6 +335,51 @@ def check_on_commit_grace() -> list[CheckMessage]:
     return []
 
 
+#: Heartbeats and how old one may be before its process counts as gone:
+#: ``(interval, timeout, what the timeout decides)``.
+_HEARTBEAT_WINDOWS = (
+    (
+        "ORDERED_HEARTBEAT_SECONDS",
+        "ORDERED_MEMBER_TTL",
+        "the other processes of an ordered consumer take its partitions",
+    ),
+    ("HEARTBEAT_SECONDS", "HEARTBEAT_TIMEOUT_SECONDS", "liveness reports it absent"),
+)
+
+
+def check_heartbeat_windows() -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    for interval_name, timeout_name, effect in _HEARTBEAT_WINDOWS:
+        interval = getattr(app_settings, interval_name)
+        timeout = getattr(app_settings, timeout_name)
+        if not (_is_number(interval) and _is_number(timeout)) or min(interval, timeout) <= 0:
+            continue  # reported by E003
+        text = (
+            f"RELIABLE_EVENTS[{timeout_name!r}] ({timeout:g} s) is {{}} "
+            f"{interval_name} ({interval:g} s): {{}}, {effect}."
+        )
+        hint = f"Keep it a few times {interval_name}, e.g. {5 * interval:g}."
+        if timeout <= interval:
+            messages.append(
+                Error(
+                    text.format("not above", "a process that beats on time counts as gone"),
+                    hint=hint,
+                    id="reliable_events.E014",
+                )
+            )
+        elif timeout < 2 * interval:
+            messages.append(
+                Warning(
+                    text.format(
+                        "under twice", "one late heartbeat and a live process counts as gone"
+                    ),
+                    hint=hint,
+                    id="reliable_events.W005",
+                )
+            )
+    return messages
+
+
 def check_retry_policy() -> list[CheckMessage]:
     delays = app_settings.RETRY_DELAYS
     retries = app_settings.MAX_RETRIES
@@ -475,6 +522,7 @@ CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
     check_exchange,
     check_lanes,
     check_on_commit_grace,
+    check_heartbeat_windows,
     check_retry_policy,
     check_debug_filter,
     check_pooled_databases,

@@ -276,3 +276,35 @@ def test_e013_naive_times_off_utc_on_sqlite(settings, re_settings):
             assert "USE_TZ = True" in str(messages[0].hint)
     settings.USE_TZ = True
     assert "reliable_events.E013" not in _ids(_only(re_settings))
+
+
+@pytest.mark.parametrize(
+    ("interval", "timeout"),
+    [
+        ("ORDERED_HEARTBEAT_SECONDS", "ORDERED_MEMBER_TTL"),
+        ("HEARTBEAT_SECONDS", "HEARTBEAT_TIMEOUT_SECONDS"),
+    ],
+)
+def test_e014_w005_a_heartbeat_timeout_must_leave_room_for_late_beats(
+    re_settings, interval, timeout
+):
+    messages = _only(re_settings, **{interval: 2.0, timeout: 2.0})
+    assert _ids(messages) == ["reliable_events.E014"]
+    assert isinstance(messages[0], Error)
+    assert f"RELIABLE_EVENTS['{timeout}'] (2 s) is not above {interval} (2 s)" in messages[0].msg
+    assert messages[0].hint == f"Keep it a few times {interval}, e.g. 10."
+
+    messages = _only(re_settings, **{interval: 2.0, timeout: 3.0})
+    assert _ids(messages) == ["reliable_events.W005"]
+    assert isinstance(messages[0], Warning)
+    assert "under twice" in messages[0].msg
+
+    assert _only(re_settings, **{interval: 2.0, timeout: 4.0}) == []
+
+
+@pytest.mark.parametrize("name", ["ORDERED_HEARTBEAT_SECONDS", "ORDERED_MEMBER_TTL"])
+@pytest.mark.parametrize("value", [0, -1, "5", None])
+def test_the_ordered_heartbeat_settings_are_positive_numbers(re_settings, name, value):
+    messages = _only(re_settings, **{name: value})
+    assert _ids(messages) == ["reliable_events.E003"]  # not also E014
+    assert name in messages[0].msg
