@@ -10,6 +10,7 @@ from django.http import (
     HttpRequest,
     HttpResponse,
 )
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -27,6 +28,7 @@ from reliable_events.admin.base import (
 )
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import retry_dead
+from reliable_events.relay.claims import held_behind
 from reliable_events.status import outbox_status
 
 
@@ -64,6 +66,7 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
         "attempts",
         "created_at",
         "next_attempt_at",
+        "held_behind",
         "sent_at",
         "last_error",
         "payload_display",
@@ -72,6 +75,10 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
 
     class Media:
         css = CSS
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[OutboxMessage]:
+        query = super().get_queryset(request)
+        return query.annotate(held_behind_id=held_behind(query.db))
 
     @admin.display(description=_("status"), ordering="status")
     def status_badge(self, obj: OutboxMessage) -> SafeString:
@@ -91,11 +98,28 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
         )
 
     @admin.display(description=_("next attempt"), ordering="next_attempt_at")
-    def next_attempt(self, obj: OutboxMessage) -> str:
+    def next_attempt(self, obj: OutboxMessage) -> SafeString | str:
         if obj.status != OutboxMessage.Status.PENDING:
             return "-"
         wait = (obj.next_attempt_at - timezone.now()).total_seconds()
-        return "due" if wait <= 0 else f"in {age_text(wait)}"
+        text = "due" if wait <= 0 else f"in {age_text(wait)}"
+        behind = self.held_behind(obj)
+        return format_html("{}, {}", text, behind) if behind else text
+
+    @admin.display(description=_("held behind"))
+    def held_behind(self, obj: OutboxMessage) -> SafeString | str:
+        """The earlier row of its key that is not due yet: the relay sends this one only
+        after it (per-key order)."""
+        row = getattr(obj, "held_behind_id", None)
+        if obj.status != OutboxMessage.Status.PENDING or row is None:
+            return ""
+        return format_html(
+            '<span class="re-held" title="{}">held behind <a href="{}">#{}</a></span>',
+            "An earlier event of this key waits for its next attempt; "
+            "the relay sends this one after it.",
+            reverse(f"admin:{self.opts.app_label}_{self.opts.model_name}_change", args=[row]),
+            row,
+        )
 
     @admin.display(description=_("last error"))
     def short_error(self, obj: OutboxMessage) -> SafeString | str:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from django.db import (
     connections,
 )
-from django.db.models import Exists, F, OuterRef, TextField
+from django.db.models import Exists, F, OuterRef, QuerySet, Subquery, TextField
 from django.db.models.functions import Cast, Least, Now
 from django.utils import timezone
 
@@ -195,6 +195,24 @@ def _lease_table(alias: str) -> str:
     return connections[alias].ops.quote_name(LaneLease._meta.db_table)
 
 
+def holding_back(alias: str) -> QuerySet[OutboxMessage]:
+    """The rows that hold back an outer row (``OuterRef``) of the claim: the earlier
+    pending rows of its key that are not due (a retry's backoff, a delayed event).  The
+    claims leave the outer row alone until they are sent."""
+    return OutboxMessage.objects.using(alias).filter(
+        next_attempt_at__gt=Now(),
+        status=OutboxMessage.Status.PENDING,
+        key=OuterRef("key"),
+        id__lt=OuterRef("id"),
+    )
+
+
+def held_behind(alias: str) -> Subquery:
+    """The id of the first row holding back an outer row (:func:`holding_back`), or
+    ``None``: an annotation for the pages that list rows."""
+    return Subquery(holding_back(alias).order_by("id").values("id")[:1])
+
+
 def claim_due(
     alias: str,
     lanes: Sequence[int],
@@ -229,17 +247,11 @@ def claim_due(
             cursor.execute(sql, params)
             rows = list(map(ClaimedRow._make, cursor.fetchall()))
             return _retries_go_alone(alias, rows)
-    held_back = OutboxMessage.objects.using(alias).filter(
-        next_attempt_at__gt=Now(),
-        status=OutboxMessage.Status.PENDING,
-        key=OuterRef("key"),
-        id__lt=OuterRef("id"),
-    )
     query = (
         _rows_query(alias)
         .filter(status=OutboxMessage.Status.PENDING, next_attempt_at__lte=Now())
         .exclude(id__in=list(exclude))
-        .filter(~Exists(held_back))
+        .filter(~Exists(holding_back(alias)))
         .order_by("id")
     )
     if len(lanes) < int(app_settings.LANES):

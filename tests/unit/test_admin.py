@@ -493,6 +493,33 @@ def test_outbox_detail_is_read_only(admin_client: Client) -> None:
     assert admin_client.get(reverse("admin:reliable_events_outboxmessage_add")).status_code == 403
 
 
+def test_outbox_rows_held_behind_a_failing_row_of_their_key_say_so(admin_client: Client) -> None:
+    from reliable_events.relay.claims import claim_due
+
+    later = timezone.now() + timedelta(minutes=3)
+    failing = outbox_row(key="k", attempts=2, last_error="nack", next_attempt_at=later)
+    held = outbox_row(key="k")
+    other_key = outbox_row(key="other")
+    keyless = outbox_row()
+    outbox_row(key="k", status="sent")
+    # What the relay's claim leaves alone is what the page calls held.
+    claimed = {row.id for row in claim_due("default", list(range(1024)), 100)}
+    assert claimed == {other_key.pk, keyless.pk}
+
+    response = admin_client.get(reverse("admin:reliable_events_outboxmessage_changelist"))
+    rows = {row.pk: row for row in response.context["cl"].result_list}
+    assert rows[held.pk].held_behind_id == failing.pk
+    assert {rows[pk].held_behind_id for pk in (failing.pk, other_key.pk, keyless.pk)} == {None}
+    html = response.content.decode()
+    link = reverse("admin:reliable_events_outboxmessage_change", args=[failing.pk])
+    assert html.count("held behind <a") == 1
+    assert 'due, <span class="re-held"' in html
+    assert f'<a href="{link}">#{failing.pk}</a>' in html
+
+    detail = admin_client.get(reverse("admin:reliable_events_outboxmessage_change", args=[held.pk]))
+    assert f'<a href="{link}">#{failing.pk}</a>' in detail.content.decode()
+
+
 def test_processed_messages_searchable_and_read_only(admin_client: Client) -> None:
     ProcessedMessage.objects.create(
         consumer="billing.charge", message_id="m-1", topic="orders.created"
