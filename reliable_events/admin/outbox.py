@@ -77,7 +77,7 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
         css = CSS
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[OutboxMessage]:
-        query = super().get_queryset(request)
+        query: QuerySet[OutboxMessage] = super().get_queryset(request)
         return query.annotate(held_behind_id=held_behind(query.db))
 
     @admin.display(description=_("status"), ordering="status")
