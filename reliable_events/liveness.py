@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 MAX_ROWS = 500
 #: Most consumer names reported (registered ones first).
 MAX_CONSUMERS = 200
+#: A process whose heartbeat stopped without a clean stop counts as *silent* for this
+#: many ``HEARTBEAT_TIMEOUT_SECONDS`` (then it is only history).
+SILENT_TIMEOUTS = 10
 
 
 def _alias(using: str | None) -> str:
@@ -236,6 +239,11 @@ class ConsumerLiveness:
     retrying: int | None = None
     #: Empty when all is well, else why this consumer shows red.
     problem: str = ""
+    #: Processes that ran it and stopped beating without a clean stop, lately
+    #: (``SILENT_TIMEOUTS``): killed, or frozen with its connection still open.
+    silent: int = 0
+    #: Empty, or what an on-call engineer should look at although it is not down.
+    warning: str = ""
 
     @property
     def alive(self) -> bool:
@@ -332,15 +340,24 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
     amqp = is_amqp_url(str(app_settings.BROKER_URL))
     queues = {name: _queues_of(known.get(name), name, amqp) for name in names}
     consumers = {name: ConsumerLiveness(name, _shown_queue(queues[name])) for name in names}
+    silent_after = timeout * SILENT_TIMEOUTS
+    silent_for: dict[str, float] = {}
     for process in processes:
         if process.kind != Heartbeat.Kind.CONSUMER:
             continue
+        silent = not process.alive and not process.stopped
+        silent = silent and process.age_seconds <= silent_after
         for name in process.consumers:
             state = consumers.get(name)
             if state is None:
                 continue
             if process.alive:
                 state.processes += 1
+            elif silent:
+                state.silent += 1
+                silent_for[name] = min(
+                    silent_for.get(name, process.age_seconds), process.age_seconds
+                )
             if state.last_seen is None or process.last_seen > state.last_seen:
                 state.last_seen = process.last_seen
                 state.age_seconds = process.age_seconds
@@ -362,6 +379,10 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
             state.queue_error = next((d.error for d in (*found, *delayed) if d.error), "")
     for state in consumers.values():
         state.problem = _problem(state)
+        if state.silent:
+            state.warning = _silent_warning(
+                state, silent_for[state.name], known.get(state.name), amqp
+            )
     return Liveness(
         processes=processes, consumers=list(consumers.values()), timeout_seconds=timeout
     )
@@ -386,3 +407,20 @@ def _problem(state: ConsumerLiveness) -> str:
             return "never seen"
         return f"not seen for {state.age_seconds:.0f}s"
     return ""
+
+
+def _silent_warning(
+    state: ConsumerLiveness, age: float, cls: type[EventConsumer] | None, amqp: bool
+) -> str:
+    held = "its unacked messages"
+    if cls is not None and cls.ordered:
+        held += ", and its partitions," if amqp else ", and the whole queue,"
+    until = (
+        "the broker drops its connection: up to twice CONSUMER_HEARTBEAT"
+        if amqp
+        else "it resumes or is killed: its open transaction holds them"
+    )
+    return (
+        f"{state.silent} process(es) stopped beating {age:.0f}s ago without a clean stop: "
+        f"killed, or frozen (a frozen one keeps {held} until {until})"
+    )

@@ -204,7 +204,14 @@ def _liveness_families(state: Liveness, gauge: Any) -> Iterator[Any]:
         "later in its db:// queue).",
         labels=["consumer"],
     )
+    silent = gauge(
+        "reliable_events_consumer_processes_silent",
+        "Processes that ran the consumer and stopped beating without a clean stop "
+        "lately: killed, or frozen and still holding their unacked messages.",
+        labels=["consumer"],
+    )
     for consumer in state.consumers[: metrics.MAX_CONSUMER_LABELS]:
+        silent.add_metric([consumer.name], consumer.silent)
         alive.add_metric([consumer.name], 0 if consumer.problem else 1)
         processes.add_metric([consumer.name], consumer.processes)
         if consumer.age_seconds is not None:
@@ -213,7 +220,7 @@ def _liveness_families(state: Liveness, gauge: Any) -> Iterator[Any]:
             depth.add_metric([consumer.name], consumer.messages)
         if consumer.retrying is not None:
             retrying.add_metric([consumer.name], consumer.retrying)
-    yield from (alive, processes, seen, depth, retrying)
+    yield from (alive, processes, seen, depth, retrying, silent)
 
 
 # -- exposition ----------------------------------------------------------------------------

@@ -210,6 +210,48 @@ def test_admin_overview_turns_red_for_a_consumer_not_seen(
     assert "1 relay daemon alive" in page
 
 
+def test_a_process_that_stopped_beating_without_stopping_is_a_warning(
+    admin_client: Client, clean_registry: Any
+) -> None:
+    consumer = make_consumer(clean_registry, name="silent.c")
+    consumer.ordered = True
+    now = timezone.now()
+    timeout = liveness().timeout_seconds  # HEARTBEAT_TIMEOUT_SECONDS on the tests' clock
+    for n, (age, stopped) in enumerate(((0, 0), (2, 0), (4, 0), (2, 1), (20, 0))):
+        writer = HeartbeatWriter("consumer", [consumer.name])
+        writer.pid += n
+        writer.tick()
+        Heartbeat.objects.filter(pk=writer.row_id).update(
+            last_seen=now - timedelta(seconds=age * timeout), stopped=bool(stopped)
+        )
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    # The killed or frozen ones of the last 10 timeouts: not the clean stop, not older.
+    assert (state.processes, state.silent, state.problem) == (1, 2, "")
+    ago = f"stopped beating {2 * timeout:.0f}s ago"
+    assert state.warning.startswith(f"2 process(es) {ago} without a clean stop")
+    assert "and the whole queue, until it resumes or is killed" in state.warning  # db://
+
+    text = StringIO()
+    call_command("outbox_status", stdout=text)
+    assert f"consumer {consumer.name}: alive (0 retrying); 2 process(es) stopped" in text.getvalue()
+    out = StringIO()
+    call_command("outbox_status", "--json", stdout=out)
+    (shown,) = json.loads(out.getvalue())["liveness"]["consumers"]
+    assert (shown["silent"], shown["warning"]) == (2, state.warning)
+    page = admin_client.get(reverse("admin:reliable_events_overview")).content.decode()
+    row = page.split('<table id="re-consumers">')[1].split("</table>")[0]
+    assert 'class="re-warn"' in row
+    assert f'<span class="re-silent">2 process(es) {ago}' in row
+    metrics = admin_client.get(reverse("reliable_events_metrics")).content.decode()
+    assert f'reliable_events_consumer_processes_silent{{consumer="{consumer.name}"}} 2.0' in metrics
+
+    Heartbeat.objects.exclude(last_seen__gte=now).update(stopped=True)
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert (state.silent, state.warning) == (0, "")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_the_consume_loop_beats_and_stops_cleanly(clean_registry: Any, re_settings: Any) -> None:
     re_settings(BROKER_URL="memory://")

@@ -90,7 +90,10 @@ class Command(BadArgumentsExit1, BaseCommand):
                 self.stdout.write(f"relays alive: {state.relays_alive}")
             for live in state.consumers:
                 retrying = "" if live.retrying is None else f" ({live.retrying} retrying)"
-                self.stdout.write(f"consumer {live.name}: {live.problem or 'alive'}{retrying}")
+                warning = f"; {live.warning}" if live.warning else ""
+                self.stdout.write(
+                    f"consumer {live.name}: {live.problem or 'alive'}{retrying}{warning}"
+                )
         if options["fail_on_dead"] and (status.dead or status.open_dead_letters):
             raise CommandError(
                 f"{status.dead} dead outbox row(s), {status.open_dead_letters} open dead letter(s)",
