@@ -24,7 +24,9 @@ import amqp
 import pytest
 from django.db import connection
 
-from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
+from reliable_events.liveness import clear_cache as liveness_cache_clear
+from reliable_events.liveness import liveness
+from reliable_events.models import DeadLetter, Heartbeat, OutboxMessage, ProcessedMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import applied, make_consumer, queue_names, unique_name
 from tests.support.tcp_proxy import TcpProxy
@@ -250,6 +252,37 @@ def test_the_loop_survives_its_database_going_away_mid_handler(harness):
     assert "waiting for the database" in output
     assert "database_outages=1" in output
     assert harness.ready_count() == 0
+
+
+def test_a_frozen_consumer_process_holds_its_message_and_shows_as_silent(harness):
+    child = harness.start()
+    harness.send("m-1", {})
+    wait_for(lambda: applied(harness.name, "m-1") == 1, 30, "m-1 processed")
+    wait_for(lambda: Heartbeat.objects.filter(pid=child.proc.pid).exists(), 10, "a heartbeat")
+    child.proc.send_signal(signal.SIGSTOP)
+    try:
+        harness.send("m-2", {})
+        # Its connection is open: the broker hands m-2 to it, where it waits unacked.
+        wait_for(lambda: harness.ready_count() == 0, 10, "m-2 delivered to the frozen process")
+
+        def silent() -> Any:
+            liveness_cache_clear()
+            return liveness().consumer(harness.name)
+
+        wait_for(lambda: silent().silent == 1, 30, "the frozen process counted as silent")
+        state = silent()
+        assert "stopped beating" in state.warning
+        assert "without a clean stop: killed, or frozen" in state.warning
+        assert "up to twice CONSUMER_HEARTBEAT" in state.warning  # RabbitMQ
+        assert applied(harness.name, "m-2") == 0
+    finally:
+        child.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: applied(harness.name, "m-2") == 1, 30, "m-2 processed once thawed")
+    wait_for(lambda: silent().silent == 0, 30, "its heartbeat back")
+    child.proc.send_signal(signal.SIGTERM)
+    assert child.wait(30) == 0, child.output()
+    assert (silent().silent, silent().warning) == (0, "")  # a clean stop is not silent
+    assert applied(harness.name, "m-1") == applied(harness.name, "m-2") == 1
 
 
 def test_celery_worker_hosts_the_consumers(harness):
