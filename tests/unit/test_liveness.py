@@ -220,7 +220,8 @@ def test_a_process_that_stopped_beating_without_stopping_is_a_warning(
     for n, (age, stopped) in enumerate(((0, 0), (2, 0), (4, 0), (2, 1), (20, 0))):
         writer = HeartbeatWriter("consumer", [consumer.name])
         writer.pid += n
-        writer.tick()
+        assert writer.tick()
+        assert writer.row_id is not None
         Heartbeat.objects.filter(pk=writer.row_id).update(
             last_seen=now - timedelta(seconds=age * timeout), stopped=bool(stopped)
         )
