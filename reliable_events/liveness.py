@@ -20,28 +20,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from django.db import DatabaseError
 from django.utils import timezone
 
-from reliable_events.broker import queue_rows
 from reliable_events.broker_url import is_amqp_url
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import EventConsumer, registry
 from reliable_events.consumer.partitions import partition_queues
-from reliable_events.db import queue_alias, write_alias
-from reliable_events.exceptions import ConfigurationError
+from reliable_events.db import write_alias
 from reliable_events.models import Heartbeat
+from reliable_events.queue_depths import QueueDepth, gone, queue_depths
 from reliable_events.reports import Report
 from reliable_events.sanitize import describe_error
-from reliable_events.unrouted import broker_channel
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +72,18 @@ class HeartbeatWriter:
     """
 
     def __init__(
-        self, kind: str, consumers: Iterable[str] = (), *, using: str | None = None
+        self,
+        kind: str,
+        consumers: Iterable[str] = (),
+        *,
+        using: str | None = None,
+        topology: Mapping[str, Mapping[str, list[str]]] | None = None,
     ) -> None:
         self.kind = kind
         self.consumers = sorted(consumers)
+        #: What each consumer has on the broker (:func:`topology_of`): kept with the
+        #: heartbeat, it says what a consumer later removed from the code left there.
+        self.topology = {name: dict(value) for name, value in (topology or {}).items()}
         self.alias = _alias(using)
         self.host = socket.gethostname()[:255]
         self.pid = os.getpid()
@@ -107,6 +111,7 @@ class HeartbeatWriter:
             "counters": counters,
             "stopped": stopped,
             "consumers": self.consumers,
+            "topology": self.topology,
         }
         rows = Heartbeat.objects.using(self.alias)
         try:
@@ -121,87 +126,106 @@ class HeartbeatWriter:
         return True
 
 
+def left_behind(name: str, *, using: str | None = None) -> dict[str, list[str]] | None:
+    """What consumer ``name`` has on the broker as its newest heartbeat recorded it
+    (:func:`topology_of`), ``{}`` when its heartbeats predate that record, ``None`` when no
+    heartbeat names it."""
+    rows = Heartbeat.objects.using(_alias(using)).filter(kind=Heartbeat.Kind.CONSUMER)
+    seen = False
+    for row in rows.order_by("-last_seen").only("consumers", "topology")[:MAX_PURGE_SCAN]:
+        if name not in (row.consumers or []):
+            continue
+        seen = True
+        topology = row.topology.get(name) if isinstance(row.topology, dict) else None
+        if isinstance(topology, dict) and topology.get("queues"):
+            return {
+                key: [str(v) for v in topology.get(key) or []] for key in ("queues", "exchanges")
+            }
+    return {} if seen else None
+
+
+def forget_heartbeats(name: str, *, using: str | None = None) -> int:
+    """Take consumer ``name`` out of every heartbeat (a row that ran it alone is
+    deleted); how many rows named it."""
+    rows = Heartbeat.objects.using(_alias(using))
+    found = [
+        row for row in rows.only("id", "consumers", "topology") if name in (row.consumers or [])
+    ]
+    for row in found:
+        if row.consumers == [name]:
+            rows.filter(pk=row.pk).delete()
+            continue
+        topology = dict(row.topology) if isinstance(row.topology, dict) else {}
+        topology.pop(name, None)
+        rows.filter(pk=row.pk).update(
+            consumers=[other for other in row.consumers if other != name], topology=topology
+        )
+    return len(found)
+
+
+def topology_of(cls: type[EventConsumer]) -> dict[str, list[str]]:
+    """A consumer's queues and its own exchanges, by name."""
+    return {
+        "queues": [spec.name for spec in cls.queue_specs()],
+        "exchanges": [spec.name for spec in cls.exchange_specs()],
+    }
+
+
+#: Most old heartbeat rows read to find what removed consumers left behind.
+MAX_PURGE_SCAN = 10_000
+
+
 def purge_heartbeats(*, using: str | None = None) -> int:
-    """Delete heartbeats not renewed for ``HEARTBEAT_RETENTION_DAYS`` (``purge_outbox``)."""
+    """Delete heartbeats not renewed for ``HEARTBEAT_RETENTION_DAYS`` (``purge_outbox``),
+    but the last one of a consumer removed from the code while its queues are still there:
+    liveness goes on showing them (a warning is logged)."""
+    alias = _alias(using)
     cutoff = timezone.now() - timedelta(days=float(app_settings.HEARTBEAT_RETENTION_DAYS))
-    deleted, _ = Heartbeat.objects.using(_alias(using)).filter(last_seen__lt=cutoff).delete()
+    rows = Heartbeat.objects.using(alias)
+    kept = _kept_for_leftovers(alias, cutoff)
+    deleted, _ = rows.filter(last_seen__lt=cutoff).exclude(pk__in=kept).delete()
     return int(deleted)
 
 
-# -- queue depths --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class QueueDepth:
-    """A consumer queue's ready messages and the consumers the broker counts on it
-    (``None``: not known on this transport, or the broker did not answer)."""
-
-    messages: int | None = None
-    consumers: int | None = None
-    error: str = ""
-    #: ``db://``: rows due later (retries waiting for their delay).
-    delayed: int | None = None
-
-
-_depth_lock = threading.Lock()
-_depth_cache: dict[tuple[str, tuple[str, ...]], tuple[float, dict[str, QueueDepth]]] = {}
-
-
-def queue_depths(queues: list[str], *, url: str | None = None) -> dict[str, QueueDepth]:
-    """Depth of each queue, from the broker (AMQP) or the queue table (``db://``);
-    cached ``METRICS_CACHE_SECONDS``.  Never raises."""
-    url = str(url or app_settings.BROKER_URL)
-    key = (url, tuple(queues))
-    ttl = float(app_settings.METRICS_CACHE_SECONDS)
-    with _depth_lock:
-        hit = _depth_cache.get(key)
-    if hit is not None and time.monotonic() - hit[0] < ttl:
-        return hit[1]
-    if is_amqp_url(url):
-        depths = _amqp_depths(url, queues)
-    elif urlsplit(url).scheme.lower() == "db":
-        depths = _table_depths(url, queues)
-    else:
-        depths = {queue: QueueDepth() for queue in queues}
-    with _depth_lock:
-        _depth_cache[key] = (time.monotonic(), depths)
-    return depths
-
-
-def clear_cache() -> None:
-    with _depth_lock:
-        _depth_cache.clear()
-
-
-def _amqp_depths(url: str, queues: list[str]) -> dict[str, QueueDepth]:
-    timeout = min(2.0, float(app_settings.CONNECT_TIMEOUT))
-    depths: dict[str, QueueDepth] = {}
-    try:
-        with broker_channel(url, timeout) as channel:
-            for queue in queues:
-                if channel.is_closing or not channel.is_open:
-                    channel = channel.connection.channel()  # a 404 closed the last one
-                try:
-                    ok = channel.queue_declare(queue, passive=True)
-                except Exception as exc:
-                    depths[queue] = QueueDepth(error=describe_error(exc, url)[:200])
-                    continue
-                depths[queue] = QueueDepth(int(ok.message_count), int(ok.consumer_count))
-    except Exception as exc:
-        error = describe_error(exc, url)[:200]
-        return {queue: depths.get(queue, QueueDepth(error=error)) for queue in queues}
-    return depths
-
-
-def _table_depths(url: str, queues: list[str]) -> dict[str, QueueDepth]:
-    alias = queue_alias(url)
-    try:
-        counts = queue_rows.depths(alias, queue_rows.dialect_for(alias), queues)
-    except (DatabaseError, ConfigurationError) as exc:
-        return {queue: QueueDepth(error=describe_error(exc)[:200]) for queue in queues}
-    depths = {}
-    for queue in queues:
-        ready, later = counts.get(queue, (0, 0))
-        depths[queue] = QueueDepth(messages=ready, delayed=later)
-    return depths
+def _kept_for_leftovers(alias: str, cutoff: datetime) -> list[int]:
+    """The newest row older than ``cutoff`` of each consumer no longer in the code (and
+    in no newer row) whose queues still exist or hold messages."""
+    rows = Heartbeat.objects.using(alias).filter(kind=Heartbeat.Kind.CONSUMER)
+    recent: set[str] = set()
+    newer = rows.filter(last_seen__gte=cutoff).values_list("consumers", flat=True)
+    for names in newer[:MAX_PURGE_SCAN]:
+        recent.update(names or [])
+    registered = set(registry.names())
+    newest: dict[str, Heartbeat] = {}
+    scan = rows.filter(last_seen__lt=cutoff).order_by("-last_seen")
+    for row in scan.only("id", "consumers", "topology")[:MAX_PURGE_SCAN]:
+        for name in row.consumers or []:
+            if name not in registered and name not in recent and name not in newest:
+                newest[name] = row
+    left = {
+        name: queues
+        for name, row in newest.items()
+        for queues in [_left_behind([row], [name]).get(name)]
+        if queues
+    }
+    if not left:
+        return []
+    depths = queue_depths([queue for queues in left.values() for queue in queues])
+    kept = []
+    for name, queues in left.items():
+        found = [depths.get(queue, QueueDepth()) for queue in queues]
+        if not gone(found):
+            kept.append(newest[name].pk)
+            logger.warning(
+                "reliable_events: consumer %s is not in the code any more, but its queues "
+                "(%s) are still there with %d message(s): its heartbeat is kept so that "
+                "liveness shows them; `manage.py forget_consumer %s` deletes them",
+                name,
+                _listed(queues),
+                sum(depth.messages or 0 for depth in found),
+                name,
+            )
+    return kept
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -237,6 +261,9 @@ class ConsumerLiveness:
     #: in its queue (``db://``); ``None``: not known here (an ordered consumer retries in
     #: place; on ``memory://`` a retry is an outbox row).
     retrying: int | None = None
+    #: Not registered in this code (known from heartbeats) and run by no live process:
+    #: removed or renamed.
+    retired: bool = False
     #: Empty when all is well, else why this consumer shows red.
     problem: str = ""
     #: Processes that ran it and stopped beating without a clean stop, lately
@@ -299,6 +326,24 @@ def _queues_of(cls: type[EventConsumer] | None, name: str, amqp: bool) -> list[s
     return [cls.queue_name()]
 
 
+def _listed(queues: list[str]) -> str:
+    return queues[0] if len(queues) == 1 else f"{queues[0]} (+{len(queues) - 1} more)"
+
+
+def _left_behind(rows: list[Heartbeat], names: list[str]) -> dict[str, list[str]]:
+    """The queues of consumers no longer in the code (``names``), as their newest
+    heartbeat recorded them (``rows``: newest first); a name recorded without them (an
+    older heartbeat) is left out."""
+    found: dict[str, list[str]] = {}
+    for row in rows:
+        topology = row.topology if isinstance(row.topology, dict) else {}
+        for name in names:
+            queues = (topology.get(name) or {}).get("queues")
+            if name not in found and isinstance(queues, list) and queues:
+                found[name] = [str(queue) for queue in queues]
+    return found
+
+
 def _shown_queue(queues: list[str]) -> str:
     """How a consumer's queues are named on one line (``<name>.p0 … p7``)."""
     return queues[0] if len(queues) == 1 else f"{queues[0]} … {queues[-1].rsplit('.', 1)[-1]}"
@@ -337,9 +382,20 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
     for process in processes:
         names.extend(n for n in process.consumers if n not in known and n not in names)
     names = names[:MAX_CONSUMERS]
-    amqp = is_amqp_url(str(app_settings.BROKER_URL))
-    queues = {name: _queues_of(known.get(name), name, amqp) for name in names}
-    consumers = {name: ConsumerLiveness(name, _shown_queue(queues[name])) for name in names}
+    left = _left_behind(rows, [name for name in names if name not in known])
+    on_amqp = is_amqp_url(str(app_settings.BROKER_URL))
+    queues = {
+        name: left[name] if name in left else _queues_of(known.get(name), name, on_amqp)
+        for name in names
+    }
+    consumers = {
+        name: ConsumerLiveness(
+            name,
+            _shown_queue(queues[name]) if name not in left else _listed(queues[name]),
+            retired=name not in known,
+        )
+        for name in names
+    }
     silent_after = timeout * SILENT_TIMEOUTS
     silent_for: dict[str, float] = {}
     for process in processes:
@@ -361,27 +417,33 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
             if state.last_seen is None or process.last_seen > state.last_seen:
                 state.last_seen = process.last_seen
                 state.age_seconds = process.age_seconds
+    for state in consumers.values():
+        state.retired = state.retired and not state.processes  # else other code runs it
     if with_queues and consumers:
         delay_queues = {
-            name: known[name].retry_queue_names() if amqp and name in known else []
+            name: known[name].retry_queue_names() if on_amqp and name in known else []
             for name in consumers
         }
         depths = queue_depths(
             [queue for name in consumers for queue in queues[name]]
             + [queue for name in consumers for queue in delay_queues[name]]
         )
-        for state in consumers.values():
+        for state in list(consumers.values()):
             found = [depths.get(queue, QueueDepth()) for queue in queues[state.name]]
             delayed = [depths.get(queue, QueueDepth()) for queue in delay_queues[state.name]]
             state.messages = _total(depth.messages for depth in found)
+            if state.retired:  # what is left of it (a queue may be deleted already)
+                state.messages = sum(depth.messages or 0 for depth in found)
             state.queue_consumers = _total(depth.consumers for depth in found)
             state.retrying = _retrying(found[0], delayed)
             state.queue_error = next((d.error for d in (*found, *delayed) if d.error), "")
+            if state.retired and gone(found):
+                del consumers[state.name]  # removed with its queues: history only
     for state in consumers.values():
-        state.problem = _problem(state)
+        state.problem = _problem(state, on_amqp)
         if state.silent:
             state.warning = _silent_warning(
-                state, silent_for[state.name], known.get(state.name), amqp
+                state, silent_for[state.name], known.get(state.name), on_amqp
             )
     return Liveness(
         processes=processes, consumers=list(consumers.values()), timeout_seconds=timeout
@@ -399,7 +461,19 @@ def _retrying(depth: QueueDepth, delay_queues: list[QueueDepth]) -> int | None:
     return sum(count for count in counts if count is not None)
 
 
-def _problem(state: ConsumerLiveness) -> str:
+def _problem(state: ConsumerLiveness, on_amqp: bool) -> str:
+    if state.retired and state.messages is not None:
+        if on_amqp:
+            return (
+                f"not in the code any more, but its queues are still bound and fill up "
+                f"({state.messages} message(s) in {state.queue}): "
+                f"`manage.py forget_consumer {state.name}` deletes them"
+            )
+        waiting = state.messages + (state.retrying or 0)
+        return (
+            f"not in the code any more; {waiting} message(s) left in {state.queue}: "
+            f"`manage.py forget_consumer {state.name}` deletes them"
+        )
     if state.messages and state.queue_consumers == 0:
         return f"{state.messages} message(s) waiting in {state.queue} and nobody consuming it"
     if not state.alive:

@@ -468,6 +468,11 @@ class Heartbeat(models.Model):
     counters = models.JSONField(
         default=dict, blank=True, help_text=_("Its counters at the last heartbeat.")
     )
+    topology = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text=_("The queues and exchanges of each consumer it runs, by consumer name."),
+    )
 
     class Meta:
         verbose_name = _("heartbeat")

@@ -3,8 +3,9 @@ supported databases (PostgreSQL and SQLite).
 
 :class:`Dialect` holds what differs between the two; :func:`insert_rows` stores rows
 (the publish and the retries), :func:`claim_rows` deletes (claims) the oldest due rows of
-a queue, :func:`due_in` says when each queue's next row is due and :func:`depths` how
-many rows each queue holds now and later.  The transport that drives them is
+a queue, :func:`due_in` says when each queue's next row is due, :func:`depths` how many
+rows each queue holds now and later, and :func:`delete_queues` empties the queues of a
+consumer removed from the code.  The transport that drives them is
 :mod:`reliable_events.broker.database`.
 """
 
@@ -177,6 +178,12 @@ def due_in(alias: str, dialect: Dialect, queues: Sequence[str]) -> dict[str, flo
         cursor.execute(sql, list(queues))
         rows = cursor.fetchall()
     return {queues[index]: float(seconds) for index, seconds in rows if seconds is not None}
+
+
+def delete_queues(alias: str, queues: Sequence[str]) -> int:
+    """Delete every row of ``queues`` (a consumer removed from the code); how many."""
+    deleted, _ = QueuedMessage.objects.using(alias).filter(queue__in=list(queues)).delete()
+    return int(deleted)
 
 
 def load_headers(text: Any) -> dict[str, Any]:

@@ -78,7 +78,7 @@ from reliable_events.exceptions import (
     DatabaseUnavailable,
     ReliableEventsError,
 )
-from reliable_events.liveness import HeartbeatWriter
+from reliable_events.liveness import HeartbeatWriter, topology_of
 from reliable_events.relay.engine import Relay
 from reliable_events.reports import Report
 from reliable_events.runner import StopFlag
@@ -224,7 +224,9 @@ class Worker:
         self._failures = 0
         self._last_activity = time.monotonic()
         self._max_messages: int | None = None
-        self.heartbeat = HeartbeatWriter("consumer", self.consumers)
+        self.heartbeat = HeartbeatWriter(
+            "consumer", self.consumers, topology={cls.name: topology_of(cls) for cls in classes}
+        )
 
     # -- the loop --------------------------------------------------------------------------------
     def run(

@@ -24,9 +24,9 @@ import amqp
 import pytest
 from django.db import connection
 
-from reliable_events.liveness import clear_cache as liveness_cache_clear
 from reliable_events.liveness import liveness
 from reliable_events.models import DeadLetter, Heartbeat, OutboxMessage, ProcessedMessage
+from reliable_events.queue_depths import clear_cache as liveness_cache_clear
 from reliable_events.topology import declare_on_amqp_channel, full_topology
 from tests.support.consumer_support import applied, make_consumer, queue_names, unique_name
 from tests.support.tcp_proxy import TcpProxy

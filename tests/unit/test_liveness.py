@@ -21,9 +21,10 @@ from django.urls import reverse
 from django.utils import timezone
 
 from reliable_events.consumer.worker import Worker
-from reliable_events.liveness import HeartbeatWriter, clear_cache, liveness
+from reliable_events.liveness import HeartbeatWriter, liveness
 from reliable_events.maintenance import purge
 from reliable_events.models import Heartbeat, QueuedMessage
+from reliable_events.queue_depths import clear_cache
 from reliable_events.relay.claims import RelayReport
 from tests.support.consumer_support import make_consumer
 from tests.support.producer_support import database_not_answering
@@ -64,7 +65,8 @@ def test_a_heartbeat_is_written_at_most_every_interval_and_marked_stopped() -> N
     assert liveness().relays_alive == 0
 
 
-def test_a_stale_heartbeat_is_not_alive_and_is_purged(re_settings: Any) -> None:
+def test_a_stale_heartbeat_is_not_alive_and_is_purged(clean_registry: Any) -> None:
+    make_consumer(clean_registry, name="billing")
     HeartbeatWriter("consumer", ["billing"]).tick()
     old = timezone.now() - timedelta(days=2)
     Heartbeat.objects.update(last_seen=old)
@@ -275,3 +277,62 @@ def test_a_heartbeat_the_database_does_not_take_is_skipped_without_raising() -> 
         assert writer.tick(RelayReport(sent=1)) is False
     assert not Heartbeat.objects.exists()
     assert HeartbeatWriter("relay").tick(RelayReport(sent=2))  # the database is back
+
+
+def test_a_consumer_removed_from_the_code_shows_its_leftover_rows_until_forgotten(
+    clean_registry: Any,
+) -> None:
+    consumer = make_consumer(clean_registry, name="removed.c")
+    worker = Worker([consumer])
+    worker.heartbeat.tick()
+    worker.heartbeat.stop()
+    assert Heartbeat.objects.get().topology == {
+        consumer.name: {"queues": [consumer.queue_name(), "removed.c.retry.1"], "exchanges": []}
+    }
+    QueuedMessage.objects.create(queue=consumer.queue_name(), message_id="m1", body=b"{}")
+    clean_registry.unregister(consumer.name)
+
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert (state.retired, state.messages) == (True, 1)
+    assert state.problem == (
+        "not in the code any more; 1 message(s) left in removed.c (+1 more): "
+        "`manage.py forget_consumer removed.c` deletes them"
+    )
+    with pytest.raises(CommandError, match=r"hold 1 message\(s\) that no consumer will apply"):
+        call_command("forget_consumer", consumer.name)
+    out = StringIO()
+    call_command("forget_consumer", consumer.name, "--force", stdout=out)
+    assert out.getvalue().splitlines() == [
+        "  deleted queue removed.c: 1 message(s)",
+        "  deleted queue removed.c.retry.1: 0 message(s)",
+        "forget_consumer removed.c: 2 queue(s) with 1 message(s) and 0 exchange(s) deleted; "
+        "taken out of 1 heartbeat(s)",
+    ]
+    assert not QueuedMessage.objects.exists()
+    assert not Heartbeat.objects.exists()
+    assert liveness().consumer(consumer.name) is None
+
+
+def test_a_removed_consumer_that_left_nothing_is_history_and_its_heartbeat_is_purged(
+    clean_registry: Any,
+) -> None:
+    consumer = make_consumer(clean_registry, name="gone.c")
+    other = make_consumer(clean_registry, name="still.c")
+    heartbeat = Worker([consumer, other]).heartbeat
+    heartbeat.tick()
+    clean_registry.unregister(consumer.name)
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert (state.retired, state.problem) == (False, "")  # other code runs it
+    heartbeat.stop()
+    assert liveness().consumer(consumer.name) is None  # no row left in its queue
+    assert forget_heartbeats_of(consumer.name) == (["still.c"], ["still.c"])
+
+
+def forget_heartbeats_of(name: str) -> tuple[list[str], list[str]]:
+    from reliable_events.liveness import forget_heartbeats
+
+    assert forget_heartbeats(name) == 1
+    row = Heartbeat.objects.get()
+    return row.consumers, sorted(row.topology)
