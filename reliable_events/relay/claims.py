@@ -207,10 +207,19 @@ def holding_back(alias: str) -> QuerySet[OutboxMessage]:
     )
 
 
-def held_behind(alias: str) -> Subquery:
-    """The id of the first row holding back an outer row (:func:`holding_back`), or
-    ``None``: an annotation for the pages that list rows."""
-    return Subquery(holding_back(alias).order_by("id").values("id")[:1])
+def held_behind(alias: str, ids: Sequence[int]) -> dict[int, int]:
+    """For the pending rows among ``ids`` that are held back (:func:`holding_back`), the
+    id of the first row holding each: one query, a look-up per row through the pending
+    key index (for the rows a page shows, never a whole table)."""
+    first = Subquery(holding_back(alias).order_by("id").values("id")[:1])
+    rows = OutboxMessage.objects.using(alias).filter(
+        pk__in=list(ids), status=OutboxMessage.Status.PENDING, key__isnull=False
+    )
+    return {
+        pk: behind
+        for pk, behind in rows.annotate(behind=first).values_list("pk", "behind")
+        if behind is not None
+    }
 
 
 def claim_due(
