@@ -119,6 +119,8 @@ def retry_block_reason(letter: DeadLetter) -> str | None:
     if not letter.message_id:
         return "the message had no id"
     # An empty body has no raw text either: the reason tells it from a JSON ``null``.
+    if letter.payload is None and letter.reason == TOO_LARGE:
+        return "its body was over MAX_PAYLOAD_BYTES and was not kept whole"
     if letter.payload is None and (letter.raw_body or letter.reason in _UNREADABLE_BODY):
         return "the body was not valid JSON"
     if not (letter.queue or letter.consumer):

@@ -173,9 +173,11 @@ def test_bodies_over_the_size_cap_are_dead_lettered_with_a_bounded_raw_body(
     limit = 64 * 1024
     re_settings(MAX_PAYLOAD_BYTES=limit)
 
-    def sized(size: int) -> bytes:
-        body = json.dumps({"pad": "x" * size}).encode()
-        return json.dumps({"pad": "x" * (size - (len(body) - size))}).encode()
+    def sized(size: int) -> bytes:  # compact JSON: the payload's size as publish_event counts
+        body = json.dumps({"pad": "x" * size}, separators=(",", ":")).encode()
+        return json.dumps(
+            {"pad": "x" * (size - (len(body) - size))}, separators=(",", ":")
+        ).encode()
 
     at_limit, over, huge = sized(limit), sized(limit + 1), b"[" + b"1," * 2_000_000 + b"1]"
     assert (len(at_limit), len(over)) == (limit, limit + 1)

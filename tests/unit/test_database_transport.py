@@ -7,6 +7,7 @@ guarantee (SIGKILL at any moment) is the ledger in ``tests/integration``.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -25,14 +26,14 @@ from reliable_events.broker import KEY_HEADER, UNROUTABLE_QUEUE, OutgoingMessage
 from reliable_events.broker.queue_rows import CHANNEL, table_name
 from reliable_events.checks import reliable_events_checks
 from reliable_events.consumer import Event, EventConsumer
-from reliable_events.consuming import ATTEMPT_HEADER, NOT_JSON, Worker
+from reliable_events.consuming import ATTEMPT_HEADER, NOT_JSON, TOO_LARGE, Worker
 from reliable_events.database_transport import (
     DatabasePublisher,
     DatabaseTransport,
     insert_rows,
     queue_row,
 )
-from reliable_events.exceptions import ConfigurationError, PermanentError
+from reliable_events.exceptions import ConfigurationError, InvalidEvent, PermanentError
 from reliable_events.models import DeadLetter, ProcessedMessage, QueuedMessage
 from reliable_events.relay import relay_once
 from reliable_events.routing import binding_matches
@@ -309,6 +310,37 @@ def test_a_body_that_cannot_be_decoded_is_dead_lettered_and_the_loop_goes_on(cle
     assert letter.error_message.startswith("body is not")
     assert applied(consumer, "good") == 1
     assert not QueuedMessage.objects.exists()
+
+
+def test_a_payload_publish_event_accepts_is_applied_however_its_stored_text_is_spaced(
+    clean_registry, re_settings
+):
+    re_settings(MAX_PAYLOAD_BYTES=2000, PUBLISH_ON_COMMIT=False)
+    consumer = make_consumer(clean_registry)
+    at_limit = {"n": 10, "items": [0] * 991}
+    assert len(json.dumps(at_limit, separators=(",", ":"))) == 2000
+    publish_event("orders.created", at_limit, message_id="at-limit")
+    with pytest.raises(InvalidEvent, match="payload is 2002 bytes"):
+        publish_event("orders.created", {**at_limit, "items": [0] * 992}, message_id="over")
+    relay_once()
+    (body,) = QueuedMessage.objects.values_list("body", flat=True)
+    assert len(bytes(body)) > 2000  # the stored text's spaces (", ", ": ") went with it
+
+    stats = Worker([consumer]).run(until_idle=0.3)
+    assert (stats.processed, stats.poison) == (1, 0)
+    assert applied(consumer, "at-limit") == 1
+    assert not DeadLetter.objects.exists()
+
+    over = json.dumps({"items": [0] * 995}).encode()  # 2,001 bytes as compact JSON
+    put(consumer.name, over, "too-large")
+    put(consumer.name, b"x" * 2001, "too-large-text")
+    Worker([consumer]).run(until_idle=0.3)
+    letters = dict(DeadLetter.objects.values_list("message_id", "error_message"))
+    assert letters == {
+        "too-large": f"payload is 2001 bytes (body {len(over)}), over MAX_PAYLOAD_BYTES (2000)",
+        "too-large-text": "payload is 2001 bytes (body 2001), over MAX_PAYLOAD_BYTES (2000)",
+    }
+    assert set(DeadLetter.objects.values_list("reason", flat=True)) == {TOO_LARGE}
 
 
 def test_batches_share_one_transaction_and_a_failure_is_retried_alone(clean_registry):
