@@ -66,6 +66,8 @@ class ParkedEventAdmin(ReadOnlyAdmin):
 
     list_display = ("id", "consumer", "key", "message_id", "topic", "parked_at")
     list_filter = ("consumer",)
+    #: The held keys' links: ``?consumer=…&key=…``.
+    url_lookups = frozenset({"consumer", "key"})
     search_fields = ("=key", "=message_id")
     search_help_text = _("Exact key or message id.")
     ordering = ("id",)
@@ -76,10 +78,3 @@ class ParkedEventAdmin(ReadOnlyAdmin):
     class Media:
         css = CSS
 
-    def get_queryset(self, request: HttpRequest) -> QuerySet[ParkedEvent]:
-        query = super().get_queryset(request)
-        key = request.GET.get("key")
-        return query.filter(key=key) if key else query
-
-    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
-        return lookup in ("consumer", "key") or super().lookup_allowed(lookup, value, request)

@@ -555,3 +555,19 @@ def test_processed_messages_searchable_and_read_only(admin_client: Client) -> No
         admin_client.get(reverse("admin:reliable_events_processedmessage_add")).status_code == 403
     )
     assert "delete_selected" not in admin_client.get(url).content.decode()
+
+
+def test_parked_events_filter_by_consumer_and_key_and_refuse_a_nul(admin_client: Client) -> None:
+    from reliable_events.models import ParkedEvent
+
+    for consumer, key in (("c1", "a"), ("c1", "b"), ("c2", "a")):
+        ParkedEvent.objects.create(
+            consumer=consumer, key=key, message_id=f"{consumer}-{key}", topic="t", payload={}
+        )
+    url = reverse("admin:reliable_events_parkedevent_changelist")
+    response = admin_client.get(url, {"consumer": "c1", "key": "a"})
+    assert [p.message_id for p in response.context["cl"].result_list] == ["c1-a"]
+    response = admin_client.get(url, {"key": "a"})
+    assert sorted(p.message_id for p in response.context["cl"].result_list) == ["c1-a", "c2-a"]
+    for bad in ({"key": "\x00"}, {"consumer": "\x00"}, {"message_id": "c1-a"}):
+        assert admin_client.get(url, bad).status_code == 400, bad
