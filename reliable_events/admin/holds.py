@@ -77,4 +77,3 @@ class ParkedEventAdmin(ReadOnlyAdmin):
 
     class Media:
         css = CSS
-

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from django.conf import settings
 from django.core.management.base import CommandParser
 
 #: The largest id a database integer column holds (PostgreSQL ``bigint``, SQLite).
@@ -47,6 +48,22 @@ def whole_number(what: str, lowest: int, highest: int) -> Callable[[str], int]:
 port_number = whole_number("a port number", 1, 65535)
 #: A row id (the database's integers).
 row_id = whole_number("an id", 1, MAX_ID)
+#: How many (messages, events, ...): the database's integers bound it.
+count = whole_number("a positive count", 1, MAX_ID)
+#: Rows per batch: one claim or delete loads them all.
+batch_size = whole_number("a batch size", 1, 1_000_000)
+#: AMQP ``basic.qos`` prefetch count (a 16-bit field).
+prefetch_count = whole_number("a prefetch count", 1, 65535)
+#: Seconds of a schedule (django-celery-beat stores a 32-bit integer).
+schedule_seconds = whole_number("a number of seconds", 1, 2**31 - 1)
+
+
+def database_alias(text: str) -> str:
+    """An alias of ``DATABASES``."""
+    if text not in settings.DATABASES:
+        known = ", ".join(sorted(settings.DATABASES))
+        raise argparse.ArgumentTypeError(f"{text!r} is not a database alias (DATABASES: {known})")
+    return text
 
 
 class BadArgumentsExit1:

@@ -161,6 +161,7 @@ class RelayReport(Report):
         self.dead += other.dead
         self.interrupted += other.interrupted
         self.batches += other.batches
+        self.seconds += other.seconds
         self.errors.extend(other.errors[:5])
         self.broker_error = other.broker_error or self.broker_error
         self.lanes = max(self.lanes, other.lanes)

@@ -222,7 +222,7 @@ def test_relay_once_in_a_process_exit_codes(broker, rabbit, exchange_name, re_se
     bad = manage("relay_outbox", "--once", "--batch-size", "0", env=child_env())
     _, err = bad.communicate(timeout=60)
     assert bad.returncode == 1
-    assert "--batch-size must be at least 1" in err
+    assert "'0' is not a batch size (1 to 1000000)" in err
 
 
 # -- declare_topology and conflicts -------------------------------------------------------

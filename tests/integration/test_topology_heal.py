@@ -291,7 +291,7 @@ def test_republish_exits_5_when_the_events_still_have_no_queue(broker, rabbit, r
     unrouted = unrouted_name()
     rabbit.queues.append(unrouted)
     assert wait_until(lambda: rabbit.count(unrouted) == 3, timeout=10)
-    with pytest.raises(CommandError, match="--limit must be a positive number") as info:
+    with pytest.raises(CommandError, match="'0' is not a positive count") as info:
         call_command("republish_unrouted", "--limit", "0", stdout=StringIO())
     assert info.value.returncode == 1
     with pytest.raises(CommandError) as info:

@@ -43,3 +43,11 @@ def test_worker_stats_print_counters_then_the_computed_mean_and_rate():
         "reconnects=7 database_outages=8 handler_mean_ms=2.50 rate=7/s"
     )
     assert str(WorkerStats()).endswith("handler_mean_ms=0.00 rate=0/s")
+
+
+def test_relay_reports_add_up_every_counter_seconds_included():
+    total = RelayReport()
+    for seconds in (0.25, 0.5):
+        total.add(RelayReport(claimed=2, sent=2, batches=1, seconds=seconds, lanes=3))
+    assert str(total) == "claimed=4 sent=4 failed=0 dead=0 interrupted=0 batches=2 seconds=0.750"
+    assert total.lanes == 3

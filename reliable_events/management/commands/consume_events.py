@@ -20,7 +20,13 @@ from reliable_events.broker import safe_url
 from reliable_events.consumer import registry
 from reliable_events.consumer.worker import Worker
 from reliable_events.exceptions import ReliableEventsError
-from reliable_events.management.arguments import BadArgumentsExit1, finite_float, port_number
+from reliable_events.management.arguments import (
+    BadArgumentsExit1,
+    count,
+    finite_float,
+    port_number,
+    prefetch_count,
+)
 from reliable_events.metrics_collector import serve_metrics
 from reliable_events.runner import StopFlag, stop_on_signals
 
@@ -40,10 +46,13 @@ class Command(BadArgumentsExit1, BaseCommand):
             help="Exit (code 0) after this many seconds without a message.",
         )
         parser.add_argument(
-            "--max-messages", type=int, default=None, help="Exit after this many messages."
+            "--max-messages", type=count, default=None, help="Exit after this many messages."
         )
         parser.add_argument(
-            "--prefetch", type=int, default=None, help="Unacked messages held (PREFETCH_COUNT)."
+            "--prefetch",
+            type=prefetch_count,
+            default=None,
+            help="Unacked messages held (PREFETCH_COUNT).",
         )
         parser.add_argument(
             "--metrics-port",

@@ -10,7 +10,7 @@ from typing import Any
 from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from reliable_events.management.arguments import BadArgumentsExit1
+from reliable_events.management.arguments import BadArgumentsExit1, schedule_seconds
 from reliable_events.schedule import install_beat_schedule
 
 
@@ -18,8 +18,12 @@ class Command(BadArgumentsExit1, BaseCommand):
     help = "Create or update the periodic relay and purge tasks for the DatabaseScheduler."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--relay-every", type=int, default=10, help="Seconds between relays.")
-        parser.add_argument("--purge-every", type=int, default=3600, help="Seconds between purges.")
+        parser.add_argument(
+            "--relay-every", type=schedule_seconds, default=10, help="Seconds between relays."
+        )
+        parser.add_argument(
+            "--purge-every", type=schedule_seconds, default=3600, help="Seconds between purges."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not apps.is_installed("django_celery_beat"):
@@ -27,8 +31,6 @@ class Command(BadArgumentsExit1, BaseCommand):
                 "install django-celery-beat (pip install 'reliable-events[beat]') "
                 "and add 'django_celery_beat' to INSTALLED_APPS first"
             )
-        if options["relay_every"] < 1 or options["purge_every"] < 1:
-            raise CommandError("intervals must be at least 1 second")
         for name, created in install_beat_schedule(
             relay_every=options["relay_every"], purge_every=options["purge_every"]
         ):

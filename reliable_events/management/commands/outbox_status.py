@@ -16,7 +16,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.liveness import liveness
-from reliable_events.management.arguments import BadArgumentsExit1, finite_float
+from reliable_events.management.arguments import BadArgumentsExit1, database_alias, finite_float
 from reliable_events.status import outbox_status
 from reliable_events.unrouted import UnroutedCount, count_unrouted
 
@@ -55,7 +55,7 @@ class Command(BadArgumentsExit1, BaseCommand):
             action="store_true",
             help="Do not ask the broker for the unrouted count (database figures only).",
         )
-        parser.add_argument("--database", default=None, help="Database alias.")
+        parser.add_argument("--database", type=database_alias, default=None, help="Database alias.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["skip_broker"] and options["fail_on_unrouted"]:

@@ -10,7 +10,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.maintenance import purge
-from reliable_events.management.arguments import BadArgumentsExit1
+from reliable_events.management.arguments import BadArgumentsExit1, batch_size, database_alias
 from reliable_events.utils import parse_duration
 
 
@@ -28,8 +28,10 @@ class Command(BadArgumentsExit1, BaseCommand):
             default=None,
             help="Age of processed records to delete (default PROCESSED_RETENTION_DAYS).",
         )
-        parser.add_argument("--batch-size", type=int, default=None, help="Rows per statement.")
-        parser.add_argument("--database", default=None, help="Database alias.")
+        parser.add_argument(
+            "--batch-size", type=batch_size, default=None, help="Rows per statement."
+        )
+        parser.add_argument("--database", type=database_alias, default=None, help="Database alias.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:

@@ -21,7 +21,12 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import ReliableEventsError
 from reliable_events.liveness import HeartbeatWriter
-from reliable_events.management.arguments import BadArgumentsExit1, port_number
+from reliable_events.management.arguments import (
+    BadArgumentsExit1,
+    batch_size,
+    database_alias,
+    port_number,
+)
 from reliable_events.metrics_collector import serve_metrics
 from reliable_events.relay import Relay, RelayReport
 from reliable_events.runner import StopFlag, run_loop, stop_on_signals
@@ -37,9 +42,14 @@ class Command(BadArgumentsExit1, BaseCommand):
             "--once", action="store_true", help="Publish everything due now, then exit."
         )
         parser.add_argument(
-            "--batch-size", type=int, default=None, help="Rows per batch (RELAY_BATCH_SIZE)."
+            "--batch-size",
+            type=batch_size,
+            default=None,
+            help="Rows per batch (RELAY_BATCH_SIZE).",
         )
-        parser.add_argument("--database", default=None, help="Database alias to relay from.")
+        parser.add_argument(
+            "--database", type=database_alias, default=None, help="Database alias to relay from."
+        )
         parser.add_argument(
             "--metrics-port",
             type=port_number,
@@ -48,11 +58,8 @@ class Command(BadArgumentsExit1, BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        batch_size = options["batch_size"]
-        if batch_size is not None and batch_size < 1:
-            raise CommandError("--batch-size must be at least 1")
         try:
-            relay = Relay(using=options["database"], batch_size=batch_size)
+            relay = Relay(using=options["database"], batch_size=options["batch_size"])
         except ReliableEventsError as exc:
             raise CommandError(str(exc)) from exc
         try:

@@ -22,7 +22,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.exceptions import ReliableEventsError
-from reliable_events.management.arguments import BadArgumentsExit1
+from reliable_events.management.arguments import BadArgumentsExit1, count
 from reliable_events.topology import unrouted_name
 from reliable_events.topology_service import declare_all, has_topology, republish
 from reliable_events.unrouted import describe_topics
@@ -35,21 +35,21 @@ class Command(BadArgumentsExit1, BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--dry-run", action="store_true", help="Only count them.")
-        parser.add_argument("--limit", type=int, default=None, help="Re-publish at most this many.")
+        parser.add_argument(
+            "--limit", type=count, default=None, help="Re-publish at most this many."
+        )
         parser.add_argument(
             "--no-declare",
             action="store_true",
             help="Do not declare the topology (exchange, consumer queues, bindings) first.",
         )
         parser.add_argument(
-            "--progress-every", type=int, default=1000, help="A progress line every N events."
+            "--progress-every", type=count, default=1000, help="A progress line every N events."
         )
         parser.add_argument("--url", default=None, help="Broker URL (default BROKER_URL).")
 
     def handle(self, *args: Any, **options: Any) -> None:
         limit = options["limit"]
-        if limit is not None and limit < 1:
-            raise CommandError("--limit must be a positive number")
         every = max(1, int(options["progress_every"]))
         dry_run = options["dry_run"]
 

@@ -24,7 +24,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events import deadletters
 from reliable_events.db import write_alias
-from reliable_events.management.arguments import BadArgumentsExit1, row_id
+from reliable_events.management.arguments import BadArgumentsExit1, database_alias, row_id
 from reliable_events.models import OutboxMessage
 
 EXIT_SOME_SKIPPED = 3
@@ -43,7 +43,7 @@ class Command(BadArgumentsExit1, BaseCommand):
         parser.add_argument("--dry-run", action="store_true", help="Only list what would go.")
         parser.add_argument("--note", default="", help="Why (stored on each dead letter).")
         parser.add_argument("--user", default="", help="Who (stored on each dead letter).")
-        parser.add_argument("--database", default=None, help="Database alias.")
+        parser.add_argument("--database", type=database_alias, default=None, help="Database alias.")
         parser.add_argument(
             "--force",
             action="store_true",
