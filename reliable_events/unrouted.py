@@ -18,8 +18,9 @@ the database nothing looks wrong, so this module looks at the broker:
   lands in the unrouted queue again (the alternate exchange): the loop stops after the
   number of messages the queue held at the start, so it cannot spin.
 
-Messages are moved, never peeked at with a requeue: a requeue counts as a delivery on
-quorum queues, whose default delivery limit would end by dropping the message.
+``republish_unrouted`` moves messages, never re-queues them: a requeue counts as a
+delivery on quorum queues, whose default delivery limit would end by dropping the
+message.  The sample re-queues on classic queues only (it keeps their order there).
 """
 
 from __future__ import annotations
@@ -312,11 +313,37 @@ def _move(
 
 
 def sample_topics(channel: Any, limit: int = SAMPLE_SIZE) -> Counter[str]:
-    """Topics of up to ``limit`` unrouted messages, each read once by moving it from the
-    head of the queue to its tail (confirmed, then acked); ``channel`` must be a fresh one."""
+    """Topics of up to ``limit`` messages at the head of the unrouted queue; ``channel``
+    must be a fresh one.
+
+    On a classic queue they are read and put back (a requeue keeps their place, so
+    ``republish_unrouted`` still sends them in the order they came).  A quorum queue
+    counts a requeue as a delivery, and its delivery limit would end by dropping the
+    message: there each is moved from the head to the tail instead (confirmed, then
+    acked), which changes the order in the queue.
+    """
     timeout, queue = float(app_settings.CONFIRM_TIMEOUT), unrouted_name()
     budget = min(limit, queue_depth(channel))  # past the depth: the moved ones again
+    if app_settings.QUEUE_TYPE != "quorum":
+        return _peek(channel, queue, budget)
     return _move(channel, budget, "", lambda _message: queue, confirm_timeout=timeout)
+
+
+def _peek(channel: Any, queue: str, budget: int) -> Counter[str]:
+    """Read up to ``budget`` messages of ``queue`` and requeue them all, in place."""
+    topics: Counter[str] = Counter()
+    tags = []
+    try:
+        for _ in range(budget):
+            message = channel.basic_get(queue, no_ack=False)
+            if message is None:
+                break
+            topics[_topic_of(message)] += 1
+            tags.append(message.delivery_tag)
+    finally:
+        for tag in reversed(tags):  # py-amqp has no basic.nack: one reject each
+            channel.basic_reject(tag, requeue=True)
+    return topics
 
 
 def republish_unrouted(

@@ -36,7 +36,7 @@ from reliable_events.topology import (
     unrouted_name,
 )
 from reliable_events.topology_check import TopologyCheck
-from reliable_events.unrouted import clear_cache, count_unrouted
+from reliable_events.unrouted import clear_cache, count_unrouted, sample_topics
 from tests.support.consumer_support import applied, make_consumer, queue_names, running
 from tests.support.producer_support import wait_until
 
@@ -299,6 +299,35 @@ def test_republish_exits_5_when_the_events_still_have_no_queue(broker, rabbit, r
     assert info.value.returncode == 5
     assert f"3 event(s) are still in {unrouted!r}: no queue is bound" in str(info.value)
     assert rabbit.count(unrouted) == 3
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_sampling_the_unrouted_queue_keeps_its_order_on_a_classic_queue(
+    broker, rabbit, re_settings, queue_type
+):
+    """The check's sample puts a classic queue's messages back in place, so
+    ``republish_unrouted`` sends them in the order they came; on a quorum queue (where a
+    requeue counts as a delivery) it moves them to the tail."""
+    re_settings(PUBLISH_ON_COMMIT=False, QUEUE_TYPE=queue_type)
+    unrouted = unrouted_name()
+    rabbit.queues.append(unrouted)
+    declare_on_amqp_channel(rabbit.channel, events_topology())
+    for n in range(50):
+        publish_event("nobody.listens", {"n": n})
+    relay = Relay()
+    try:
+        assert relay.drain().sent == 50
+    finally:
+        relay.close()
+    for _ in range(3):
+        channel = rabbit.connection.channel()
+        assert sample_topics(channel, limit=20) == {"nobody.listens": 20}
+        channel.close()
+    order = [json.loads(message.body)["n"] for message in rabbit.get_all(unrouted, expect=50)]
+    if queue_type == "classic":
+        assert order == list(range(50))
+    else:  # three samples of 20 moved to the tail: rotated by 60 mod 50
+        assert order == list(range(10, 50)) + list(range(10))
 
 
 def test_a_check_binds_an_idle_ordered_consumer_never_creates_a_queue_and_samples_once(
