@@ -54,6 +54,8 @@ class PartitionShare:
             cls.name: partition_queues(cls) for cls in self.consumers
         }
         self._next = 0.0
+        #: The live members each consumer had at the last beat.
+        self._members: dict[str, set[str]] = {}
 
     def queues(self, cls: type[EventConsumer]) -> list[str]:
         return self.shares.get(cls.name, partition_queues(cls))
@@ -78,6 +80,7 @@ class PartitionShare:
                     len(self.queues(cls)),
                 )
                 continue
+            self._warn_of_silent(cls, members)
             share = assign(partition_queues(cls), members, self.member)
             before = self.queues(cls)
             if share != before:
@@ -91,6 +94,26 @@ class PartitionShare:
                 lost = lost or bool(set(before) - set(share))
                 gained[cls.name] = [queue for queue in share if queue not in before]
         return lost, gained
+
+    def _warn_of_silent(self, cls: type[EventConsumer], members: list[str]) -> None:
+        """A process that was live at the last beat and is gone now without leaving
+        (its row is there, stale): killed, or frozen with its connection still open."""
+        before = self._members.get(cls.name, set())
+        self._members[cls.name] = set(members)
+        vanished = before - set(members)
+        if not vanished:
+            return
+        rows = ConsumerMember.objects.using(cls.get_database())
+        for member in sorted(
+            rows.filter(consumer=cls.name, member__in=vanished).values_list("member", flat=True)
+        ):
+            logger.warning(
+                "reliable_events: %s: process %s stopped beating without leaving (killed, "
+                "or frozen): its partitions go to the others, but a frozen one keeps them "
+                "until the broker drops its connection (up to twice CONSUMER_HEARTBEAT)",
+                cls.name,
+                member,
+            )
 
     def _beat(self, cls: type[EventConsumer]) -> list[str]:
         alias = cls.get_database()

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from reliable_events.consumer.membership import assign
+import logging
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from reliable_events.consumer.membership import PartitionShare, assign
+from reliable_events.models import ConsumerMember
+from tests.support.consumer_support import make_consumer
 
 QUEUES = [f"c.p{i}" for i in range(8)]
 
@@ -28,3 +37,31 @@ def test_a_member_leaving_moves_only_some_partitions() -> None:
     after = shares(["a", "b", "c"])
     kept = sum(len(set(before[m]) & set(after[m])) for m in ("a", "b", "c"))
     assert kept >= 4  # the six partitions of a, b and c mostly stay where they were
+
+
+@pytest.mark.django_db
+def test_a_process_that_stops_beating_without_leaving_is_a_warning(
+    clean_registry: Any, caplog: Any
+) -> None:
+    consumer = make_consumer(clean_registry, name="ordered.c")
+    consumer.ordered = True
+    one, two, three = (PartitionShare([consumer]) for _ in range(3))
+    for share in (one, two, three):
+        share.heartbeat()
+    one.heartbeat()  # sees all three
+    assert len(one.queues(consumer)) == 3
+    two.leave()  # a clean stop: no warning
+    stale = timezone.now() - timedelta(seconds=20)  # past ORDERED_MEMBER_TTL (5 s)
+    ConsumerMember.objects.filter(member=three.member).update(heartbeat_at=stale)
+    with caplog.at_level(logging.WARNING, logger="reliable_events.consumer.membership"):
+        one.heartbeat()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"reliable_events: ordered.c: process {three.member} stopped beating without leaving "
+        "(killed, or frozen): its partitions go to the others, but a frozen one keeps them "
+        "until the broker drops its connection (up to twice CONSUMER_HEARTBEAT)"
+    ]
+    assert len(one.queues(consumer)) == 8
+    caplog.clear()
+    one.heartbeat()  # said once
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
