@@ -37,6 +37,7 @@ from reliable_events.liveness import Liveness, liveness
 from reliable_events.models import OutboxMessage
 from reliable_events.sanitize import describe_error
 from reliable_events.status import OutboxStatus, outbox_status
+from reliable_events.unrouted import UnroutedCount, cached_unrouted_count
 
 try:  # the optional extra; only used once ``metrics.enabled()`` said it is there
     import prometheus_client
@@ -80,6 +81,7 @@ class Snapshot:
     pending_by_topic: dict[str, int] = field(default_factory=dict)
     dead_by_topic: dict[str, int] = field(default_factory=dict)
     liveness: Liveness | None = None
+    unrouted: UnroutedCount | None = None
 
 
 def take_snapshot(*, using: str | None = None) -> Snapshot:
@@ -92,6 +94,7 @@ def take_snapshot(*, using: str | None = None) -> Snapshot:
             pending_by_topic=_by_topic(outbox.pending(), limit),
             dead_by_topic=_by_topic(outbox.dead(), limit),
             liveness=liveness(using=using),
+            unrouted=cached_unrouted_count(),
         )
     except DatabaseError as exc:
         # This thread's connection may be broken: the next scrape opens a new one.
@@ -152,6 +155,23 @@ class DatabaseCollector:
             "Pending rows published with delay= that are not due yet.",
             value=status.scheduled,
         )
+        yield gauge(
+            "reliable_events_held_keys",
+            "Keys an ordered consumer holds behind a dead letter.",
+            value=status.held_keys,
+        )
+        yield gauge(
+            "reliable_events_parked_events",
+            "Events parked behind a held key (ordered consumers).",
+            value=status.parked_events,
+        )
+        if snap.unrouted is not None and snap.unrouted.count is not None:
+            yield gauge(
+                "reliable_events_unrouted_messages",
+                "Events the broker confirmed but routed to no queue: they wait in "
+                "<EXCHANGE>.unrouted for republish_unrouted.",
+                value=snap.unrouted.count,
+            )
         letters = gauge(
             "reliable_events_dead_letters_open",
             "Open dead letters by consumer.",

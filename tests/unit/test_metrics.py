@@ -23,8 +23,10 @@ from reliable_events.broker.base import UNROUTABLE_QUEUE, OutgoingMessage, Publi
 from reliable_events.consumer.base import HandlerResult, Outcome
 from reliable_events.liveness import HeartbeatWriter
 from reliable_events.metrics_collector import build_registry, capped
+from reliable_events.models import KeyHold, ParkedEvent, QueuedMessage
 from reliable_events.relay.claims import RelayReport
-from reliable_events.topology import Topology, events_topology
+from reliable_events.topology import Topology, events_topology, unrouted_name
+from reliable_events.unrouted import clear_cache
 from tests.support.consumer_support import make_consumer
 from tests.support.deadletter_factory import dead_letter, outbox_row
 from tests.support.producer_support import database_not_answering
@@ -82,6 +84,28 @@ def test_outbox_gauges_have_at_most_max_topics_labels(client: Client, re_setting
     assert pending[(("topic", "t.11"),)] == 12
     assert samples(text, "reliable_events_outbox_dead") == {(("topic", "t.dead"),): 1}
     assert samples(text, "reliable_events_database_up") == {(): 1}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_held_keys_parked_events_and_unrouted_events_are_gauges(
+    client: Client, re_settings: Any
+) -> None:
+    re_settings(BROKER_URL="db://", METRICS_CACHE_SECONDS=0)
+    clear_cache()
+    text = client.get("/metrics/").content.decode()
+    for name in ("held_keys", "parked_events", "unrouted_messages"):
+        assert samples(text, f"reliable_events_{name}") == {(): 0}, name
+
+    KeyHold.objects.create(consumer="c", key="k", dead_letter_id=1)
+    for n in range(3):
+        ParkedEvent.objects.create(consumer="c", key="k", message_id=f"m{n}", topic="t")
+    for n in range(2):
+        QueuedMessage.objects.create(queue=unrouted_name(), message_id=f"u{n}", body=b"{}")
+    clear_cache()
+    text = client.get("/metrics/").content.decode()
+    assert samples(text, "reliable_events_held_keys") == {(): 1}
+    assert samples(text, "reliable_events_parked_events") == {(): 3}
+    assert samples(text, "reliable_events_unrouted_messages") == {(): 2}
 
 
 def test_consumer_labels_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
