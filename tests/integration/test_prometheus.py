@@ -27,7 +27,7 @@ from django.db import connection, transaction
 from reliable_events import publish_event
 from reliable_events.liveness import HeartbeatWriter, liveness
 from reliable_events.models import DeadLetter
-from reliable_events.topology import declare_on_amqp_channel, full_topology
+from reliable_events.topology import declare_on_amqp_channel, full_topology, unrouted_name
 from tests.support.consumer_support import applied, make_consumer, queue_names, unique_name
 from tests.support.prometheus_server import ALERT_RULES, PrometheusServer, binary, free_port
 
@@ -130,7 +130,7 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
     re_settings: Any,
     tmp_path: Path,
 ) -> None:
-    re_settings(METRICS_CACHE_SECONDS=0.2)
+    re_settings(METRICS_CACHE_SECONDS=0.2, UNROUTED_CACHE_SECONDS=0.2)
     name = unique_name("prom.consumer")
     spec = {"name": name, "topics": ["orders.*"], "max_retries": 2, "retry_delays": [0.2]}
     twin = make_consumer(
@@ -218,6 +218,17 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
         _until(server, 'sum(reliable_events_publish_confirms_total{job="relay"})', 3, "relay")
         assert server.value('sum(reliable_events_relay_batch_seconds_count{job="relay"})')
         assert server.value(confirms) == before + 5
+
+        # An event no queue is bound for: the broker keeps it in the unrouted queue.
+        rabbit.queues.append(unrouted_name())
+        with transaction.atomic():
+            publish_event("nobody.listens", {"number": 1})
+        _until(server, 'reliable_events_unrouted_messages{job="web"}', 1, "the unrouted count")
+        server.wait_for(
+            lambda: server.alert_state("ReliableEventsUnroutedEvents") in ("pending", "firing"),
+            30,
+            "alert ReliableEventsUnroutedEvents",
+        )
 
         # A poison message: dead-lettered at once; the open dead letters grow.
         rabbit.channel.basic_publish(
