@@ -163,12 +163,18 @@ class TopologyCheck:
         if result.missing:
             # On a worker's first connect, a missing queue is usually a first deployment.
             level = logging.INFO if first else logging.WARNING
+            lost = any(item.startswith("queue ") for item in result.missing) and not first
             logger.log(
                 level,
                 "reliable_events: topology check: %s %s missing (an exchange takes its "
-                "bindings with it); declared and bound again",
+                "bindings with it); declared and bound again%s",
                 ", ".join(result.missing),
                 "was" if len(result.missing) == 1 else "were",
+                ". A deleted queue lost the messages it held and the retries that came "
+                "back to it meanwhile: `manage.py replay_events <consumer> --since <when it "
+                "was deleted>` re-delivers them (what was applied is skipped)"
+                if lost
+                else "",
             )
         if not result.unrouted:
             return

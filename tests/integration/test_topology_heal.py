@@ -231,7 +231,9 @@ def test_a_running_consumer_names_what_was_missing_and_declares_it_again(
         def warned() -> bool:
             texts = [r.getMessage() for r in list(caplog.records) if "topology check" in r.msg]
             return any(
-                f"exchange {exchange_name!r}" in t and repr(consumer.retry_queue_name(1)) in t
+                f"exchange {exchange_name!r}" in t
+                and repr(consumer.retry_queue_name(1)) in t
+                and "`manage.py replay_events <consumer> --since <when it was deleted>`" in t
                 for t in texts
             )
 

@@ -43,8 +43,6 @@ class Command(BadArgumentsExit1, BaseCommand):
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
-        if options["batch_size"] is not None and options["batch_size"] < 1:
-            raise CommandError("--batch-size must be at least 1")
         verbosity = options["verbosity"]
 
         def progress(deleted: int) -> None:
