@@ -129,6 +129,11 @@ def health_view(request: HttpRequest) -> HttpResponse:
         return JsonResponse(
             {"error": f"unknown parameter(s) {names}: use relay and consumers"}, status=400
         )
+    repeated = sorted(name for name in HEALTH_PARAMETERS if len(request.GET.getlist(name)) > 1)
+    if repeated:
+        return JsonResponse(
+            {"error": f"{repeated[0]} given more than once: which one is meant?"}, status=400
+        )
     relay = request.GET.get("relay", "0")
     if relay not in ("0", "1", "true", "false"):
         return JsonResponse({"error": "relay must be 0 or 1"}, status=400)

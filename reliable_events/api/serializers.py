@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from rest_framework import serializers
+from rest_framework.settings import api_settings
 
 from reliable_events.api.filters import MAX_ID
 from reliable_events.conf import app_settings
@@ -56,7 +58,26 @@ class DeadLetterDetailSerializer(DeadLetterListSerializer):
         read_only_fields = fields
 
 
-class NoteSerializer(serializers.Serializer[Any]):
+class StrictSerializer(serializers.Serializer[Any]):
+    """A request body: a key it does not know is a 400 naming it (a typo such as
+    ``"dryrun": true`` must not run the real thing)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            unknown = sorted(str(key)[:40] for key in data if key not in self.fields)
+            if unknown:
+                raise serializers.ValidationError(
+                    {
+                        api_settings.NON_FIELD_ERRORS_KEY: [
+                            f"unknown field(s): {', '.join(unknown[:5])}; "
+                            f"allowed: {', '.join(self.fields)}."
+                        ]
+                    }
+                )
+        return super().to_internal_value(data)
+
+
+class NoteSerializer(StrictSerializer):
     """Body of a single retry (note optional; ``force``: also for a consumer not
     registered in the web process)."""
 
@@ -64,13 +85,13 @@ class NoteSerializer(serializers.Serializer[Any]):
     force = serializers.BooleanField(required=False, default=False)
 
 
-class DiscardNoteSerializer(serializers.Serializer[Any]):
+class DiscardNoteSerializer(StrictSerializer):
     """Body of a single discard: say why."""
 
     note = serializers.CharField(max_length=MAX_NOTE, allow_blank=False, trim_whitespace=True)
 
 
-class EditRetrySerializer(serializers.Serializer[Any]):
+class EditRetrySerializer(StrictSerializer):
     """Body of an edit and retry: the corrected ``payload`` (any JSON) and a ``note``."""
 
     payload = serializers.JSONField()
@@ -84,7 +105,7 @@ class EditRetrySerializer(serializers.Serializer[Any]):
         return value
 
 
-class SelectionSerializer(serializers.Serializer[Any]):
+class SelectionSerializer(StrictSerializer):
     """Which open dead letters a bulk call acts on.
 
     Either ``ids``; or ``consumer`` and/or ``fingerprint``; or ``all: true``.
@@ -135,7 +156,7 @@ class DiscardSelectionSerializer(SelectionSerializer):
     note_required = True
 
 
-class OutboxRetrySerializer(serializers.Serializer[Any]):
+class OutboxRetrySerializer(StrictSerializer):
     """Which dead outbox rows to make pending again: ``ids`` or ``all: true``."""
 
     ids = serializers.ListField(

@@ -128,6 +128,8 @@ class DeadLetterViewSet(GenericViewSet[DeadLetter]):
             raise ValidationError(
                 {"detail": [f"unknown parameter(s): {', '.join(unknown)}; allowed: message_id."]}
             )
+        if len(params.getlist("message_id")) > 1:
+            raise ValidationError({"message_id": ["give one message id."]})
         message_id = params.get("message_id", "").strip()
         if not message_id or len(message_id) > MESSAGE_ID_MAX_LENGTH:
             raise ValidationError(

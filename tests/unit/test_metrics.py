@@ -163,6 +163,9 @@ def test_the_health_endpoint_answers_400_or_503_never_500(
     assert typo.status_code == 400
     assert typo.json() == {"error": "unknown parameter(s) 'consumer': use relay and consumers"}
     assert client.get("/health/?Relay=1").status_code == 400
+    twice = client.get("/health/?relay=1&relay=0")  # the last one used to win: "ok"
+    assert twice.status_code == 400
+    assert twice.json() == {"error": "relay given more than once: which one is meant?"}
     unknown = client.get("/health/?consumers=" + "nobody," * 300)
     assert unknown.status_code == 400
     assert client.get("/health/?consumers=%00%ff").status_code == 400

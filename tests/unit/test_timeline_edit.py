@@ -119,6 +119,9 @@ def test_api_timeline() -> None:
     assert {e["kind"] for e in body["events"]} == {"outbox", "processed", "dead-letter"}
     assert client.get(TIMELINE).status_code == 400
     assert client.get(TIMELINE, {"message_id": "x", "extra": "1"}).status_code == 400
+    twice = client.get(TIMELINE, {"message_id": ["a", "b"]})  # not silently the last one
+    assert twice.status_code == 400
+    assert twice.json() == {"message_id": ["give one message id."]}
     assert api_client(staff_user("other")).get(TIMELINE, {"message_id": "x"}).status_code == 403
 
 
