@@ -169,6 +169,16 @@ def prepare_queues(
     return unknown, warnings
 
 
+def edit_block_reason(letter: DeadLetter) -> str | None:
+    """Why ``letter`` cannot be edited and retried as a copy, or ``None``."""
+    if ordered_consumer(letter) is not None:
+        return (
+            "an ordered consumer's dead letter is retried as it is (or discarded), "
+            "in order; edit-and-retry would re-deliver it out of order"
+        )
+    return None
+
+
 def ordered_consumer(letter: DeadLetter) -> type[EventConsumer] | None:
     """The registered ordered consumer of ``letter``, if it is one."""
     try:
@@ -395,11 +405,9 @@ def edit_and_retry(
         if not (current.queue or current.consumer):
             result.skipped[current.pk] = "the consumer queue is unknown"
             return result
-        if ordered_consumer(current) is not None:
-            result.skipped[current.pk] = (
-                "an ordered consumer's dead letter is retried as it is (or discarded), "
-                "in order; edit-and-retry would re-deliver it out of order"
-            )
+        blocked = edit_block_reason(current)
+        if blocked is not None:
+            result.skipped[current.pk] = blocked
             return result
         when = hold(alias)
         copy_id = str(uuid.uuid4())

@@ -68,6 +68,7 @@ from reliable_events.admin.triage import (
     timeline_url,
     timeline_view,
 )
+from reliable_events.consumer.holds import held_by
 from reliable_events.models import DeadLetter, OutboxMessage
 from reliable_events.overview import build_chart, failure_groups, overview
 
@@ -369,6 +370,9 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             "can_edit": has_edit_permission(request),
             # Why "Retry now" would fail (not JSON, no id...): shown instead of the button.
             "retry_blocked": deadletters.retry_block_reason(letter) if letter else None,
+            "edit_blocked": deadletters.edit_block_reason(letter) if letter else None,
+            "key_hold": held_by(letter._state.db or "default", letter) if letter else None,
+            "parked_url": reverse(f"{name}:reliable_events_parkedevent_changelist"),
             "retry_count": getattr(letter, "retry_count", 0),
             "triage_url": reverse(f"{name}:reliable_events_deadletter_triage", args=[object_id]),
             "edit_url": reverse(f"{name}:reliable_events_deadletter_edit", args=[object_id]),

@@ -108,6 +108,23 @@ def hold_key(alias: str, cls: type[EventConsumer], key: str | None, letter: Dead
     )
 
 
+def held_by(alias: str, letter: DeadLetter) -> tuple[KeyHold, int] | None:
+    """The key ``letter`` holds (an ordered consumer's, state held) and how many events
+    are parked behind it, or ``None``."""
+    if not letter.key:
+        return None
+    hold = (
+        KeyHold.objects.using(alias)
+        .filter(consumer=letter.consumer, key=letter.key, dead_letter_id=letter.pk)
+        .filter(state=KeyHold.State.HELD)
+        .first()
+    )
+    if hold is None:
+        return None
+    parked = ParkedEvent.objects.using(alias).filter(consumer=hold.consumer, key=hold.key)
+    return hold, parked.count()
+
+
 # -- release (the dead-letter service) ----------------------------------------------------
 def release_reason(alias: str, cls: type[EventConsumer], letter: DeadLetter) -> str | None:
     """Why retrying or discarding ``letter`` cannot release its key, or ``None``."""

@@ -212,6 +212,14 @@ def test_a_dead_lettered_head_holds_its_key_until_retried_then_all_follow_in_ord
     ).content.decode()
     assert "a-2" in parked
     assert "a-3" in parked
+    detail = admin_client.get(
+        reverse("admin:reliable_events_deadletter_change", args=[letter.pk])
+    ).content.decode()
+    assert "This dead letter holds key <strong>a</strong> of the ordered consumer" in detail
+    assert "2 events are parked behind it</a>" in detail
+    assert f"?consumer={consumer.name}&amp;key=a" in detail
+    assert 'id="re-edit-blocked"' in detail  # not offered, then refused on submit
+    assert 'id="re-edit"' not in detail
     status = outbox_status()
     assert (status.held_keys, status.parked_events) == (1, 2)
     overview_page = admin_client.get(reverse("admin:reliable_events_overview")).content.decode()
