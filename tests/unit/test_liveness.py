@@ -178,7 +178,7 @@ def test_outbox_status_json_includes_liveness(clean_registry: Any) -> None:
     assert data["processes"][0]["counters"] == {"processed": 7}
     text = StringIO()
     call_command("outbox_status", stdout=text)
-    assert f"consumer {consumer.name}: alive (2 retrying)" in text.getvalue()
+    assert f"consumer {consumer.name}: alive (1 waiting in status.c, 2 retrying)" in text.getvalue()
     text = StringIO()
     call_command("outbox_status", "--skip-broker", stdout=text)
     assert f"consumer {consumer.name}: alive\n" in text.getvalue()
@@ -237,7 +237,10 @@ def test_a_process_that_stopped_beating_without_stopping_is_a_warning(
 
     text = StringIO()
     call_command("outbox_status", stdout=text)
-    assert f"consumer {consumer.name}: alive (0 retrying); 2 process(es) stopped" in text.getvalue()
+    assert (
+        f"consumer {consumer.name}: alive (0 waiting in silent.c, 0 retrying); "
+        "2 process(es) stopped" in text.getvalue()
+    )
     out = StringIO()
     call_command("outbox_status", "--json", stdout=out)
     (shown,) = json.loads(out.getvalue())["liveness"]["consumers"]

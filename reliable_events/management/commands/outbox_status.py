@@ -89,10 +89,16 @@ class Command(BadArgumentsExit1, BaseCommand):
             if state.processes or state.consumers:
                 self.stdout.write(f"relays alive: {state.relays_alive}")
             for live in state.consumers:
-                retrying = "" if live.retrying is None else f" ({live.retrying} retrying)"
+                depth = [
+                    f"{live.messages} waiting in {live.queue}" if live.messages is not None else "",
+                    f"{live.retrying} retrying" if live.retrying is not None else "",
+                ]
+                shown = ", ".join(part for part in depth if part)
                 warning = f"; {live.warning}" if live.warning else ""
                 self.stdout.write(
-                    f"consumer {live.name}: {live.problem or 'alive'}{retrying}{warning}"
+                    f"consumer {live.name}: {live.problem or 'alive'}"
+                    + (f" ({shown})" if shown else "")
+                    + warning
                 )
         if options["fail_on_dead"] and (status.dead or status.open_dead_letters):
             raise CommandError(
