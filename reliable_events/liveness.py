@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 MAX_ROWS = 500
 #: Most consumer names reported (registered ones first).
 MAX_CONSUMERS = 200
+#: Most heartbeat rows read to find what consumers removed from the code left behind.
+MAX_PURGE_SCAN = 10_000
 #: A process whose heartbeat stopped without a clean stop counts as *silent* for this
 #: many ``HEARTBEAT_TIMEOUT_SECONDS`` (then it is only history).
 SILENT_TIMEOUTS = 10
@@ -131,17 +133,14 @@ def left_behind(name: str, *, using: str | None = None) -> dict[str, list[str]] 
     (:func:`topology_of`), ``{}`` when its heartbeats predate that record, ``None`` when no
     heartbeat names it."""
     rows = Heartbeat.objects.using(_alias(using)).filter(kind=Heartbeat.Kind.CONSUMER)
-    seen = False
-    for row in rows.order_by("-last_seen").only("consumers", "topology")[:MAX_PURGE_SCAN]:
-        if name not in (row.consumers or []):
-            continue
-        seen = True
-        topology = row.topology.get(name) if isinstance(row.topology, dict) else None
-        if isinstance(topology, dict) and topology.get("queues"):
-            return {
-                key: [str(v) for v in topology.get(key) or []] for key in ("queues", "exchanges")
-            }
-    return {} if seen else None
+    naming = [
+        row
+        for row in rows.order_by("-last_seen").only("consumers", "topology")[:MAX_PURGE_SCAN]
+        if name in (row.consumers or [])
+    ]
+    if not naming:
+        return None
+    return _recorded(naming, [name]).get(name, {})
 
 
 def forget_heartbeats(name: str, *, using: str | None = None) -> int:
@@ -169,10 +168,6 @@ def topology_of(cls: type[EventConsumer]) -> dict[str, list[str]]:
         "queues": [spec.name for spec in cls.queue_specs()],
         "exchanges": [spec.name for spec in cls.exchange_specs()],
     }
-
-
-#: Most old heartbeat rows read to find what removed consumers left behind.
-MAX_PURGE_SCAN = 10_000
 
 
 def purge_heartbeats(*, using: str | None = None) -> int:
@@ -203,10 +198,10 @@ def _kept_for_leftovers(alias: str, cutoff: datetime) -> list[int]:
             if name not in registered and name not in recent and name not in newest:
                 newest[name] = row
     left = {
-        name: queues
+        name: topology["queues"]
         for name, row in newest.items()
-        for queues in [_left_behind([row], [name]).get(name)]
-        if queues
+        for topology in [_recorded([row], [name]).get(name)]
+        if topology
     }
     if not left:
         return []
@@ -330,17 +325,21 @@ def _listed(queues: list[str]) -> str:
     return queues[0] if len(queues) == 1 else f"{queues[0]} (+{len(queues) - 1} more)"
 
 
-def _left_behind(rows: list[Heartbeat], names: list[str]) -> dict[str, list[str]]:
-    """The queues of consumers no longer in the code (``names``), as their newest
-    heartbeat recorded them (``rows``: newest first); a name recorded without them (an
-    older heartbeat) is left out."""
-    found: dict[str, list[str]] = {}
+def _recorded(rows: list[Heartbeat], names: list[str]) -> dict[str, dict[str, list[str]]]:
+    """The queues and exchanges of the consumers ``names`` as their newest heartbeat that
+    recorded them says (``rows``: newest first); a name no row recorded them for (older
+    heartbeats) is left out."""
+    found: dict[str, dict[str, list[str]]] = {}
     for row in rows:
         topology = row.topology if isinstance(row.topology, dict) else {}
         for name in names:
-            queues = (topology.get(name) or {}).get("queues")
-            if name not in found and isinstance(queues, list) and queues:
-                found[name] = [str(queue) for queue in queues]
+            entry = topology.get(name)
+            if name in found or not isinstance(entry, dict) or not entry.get("queues"):
+                continue
+            found[name] = {
+                key: [str(value) for value in entry.get(key) or []]
+                for key in ("queues", "exchanges")
+            }
     return found
 
 
@@ -382,7 +381,10 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
     for process in processes:
         names.extend(n for n in process.consumers if n not in known and n not in names)
     names = names[:MAX_CONSUMERS]
-    left = _left_behind(rows, [name for name in names if name not in known])
+    left = {
+        name: topology["queues"]
+        for name, topology in _recorded(rows, [n for n in names if n not in known]).items()
+    }
     on_amqp = is_amqp_url(str(app_settings.BROKER_URL))
     queues = {
         name: left[name] if name in left else _queues_of(known.get(name), name, on_amqp)
