@@ -8,6 +8,7 @@ from typing import Any
 
 from rest_framework import serializers
 from rest_framework.settings import api_settings
+from rest_framework.utils import html
 
 from reliable_events.api.filters import MAX_ID
 from reliable_events.conf import app_settings
@@ -77,12 +78,33 @@ class StrictSerializer(serializers.Serializer[Any]):
         return super().to_internal_value(data)
 
 
+class Flag(serializers.BooleanField):
+    """A yes/no field of a request body: a JSON body gives ``true`` or ``false``, a form
+    ``true``/``false``, ``on``/``off`` or ``1``/``0`` (DRF's ``BooleanField`` also
+    reads ``"yes"``, ``"y"`` or ``"N"``, and in a JSON body a string is a client's bug:
+    ``"all": "no"`` must not be guessed)."""
+
+    FORM_VALUES = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
+    default_error_messages = {
+        "invalid": "Must be true or false.",
+    }
+
+    def to_internal_value(self, data: Any) -> bool:
+        if isinstance(data, bool):
+            return data
+        if isinstance(data, str) and html.is_html_input(self.root.initial_data):
+            value = self.FORM_VALUES.get(data.strip().lower())
+            if value is not None:
+                return value
+        self.fail("invalid")
+
+
 class NoteSerializer(StrictSerializer):
     """Body of a single retry (note optional; ``force``: also for a consumer not
     registered in the web process)."""
 
     note = serializers.CharField(required=False, allow_blank=True, max_length=MAX_NOTE, default="")
-    force = serializers.BooleanField(required=False, default=False)
+    force = Flag(required=False, default=False)
 
 
 class DiscardNoteSerializer(StrictSerializer):
@@ -96,7 +118,7 @@ class EditRetrySerializer(StrictSerializer):
 
     payload = serializers.JSONField()
     note = serializers.CharField(max_length=MAX_NOTE, allow_blank=False, trim_whitespace=True)
-    force = serializers.BooleanField(required=False, default=False)
+    force = Flag(required=False, default=False)
 
     def validate_payload(self, value: Any) -> Any:
         limit = int(app_settings.MAX_PAYLOAD_BYTES)
@@ -119,10 +141,10 @@ class SelectionSerializer(StrictSerializer):
     )
     consumer = serializers.CharField(required=False, allow_blank=False, max_length=200)
     fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=64)
-    all = serializers.BooleanField(required=False, default=False)
+    all = Flag(required=False, default=False)
     #: Only letters with ids up to this one: what the caller saw (a group's ``last_id``).
     upto = serializers.IntegerField(required=False, min_value=1, max_value=MAX_ID)
-    dry_run = serializers.BooleanField(required=False, default=False)
+    dry_run = Flag(required=False, default=False)
     note = serializers.CharField(required=False, allow_blank=True, max_length=MAX_NOTE, default="")
 
     note_required = False
@@ -149,7 +171,7 @@ class RetrySelectionSerializer(SelectionSerializer):
     """A bulk retry's selection; ``force``: also letters of consumers not registered in
     the web process."""
 
-    force = serializers.BooleanField(required=False, default=False)
+    force = Flag(required=False, default=False)
 
 
 class DiscardSelectionSerializer(SelectionSerializer):
@@ -165,7 +187,7 @@ class OutboxRetrySerializer(StrictSerializer):
         allow_empty=False,
         max_length=MAX_BULK_IDS,
     )
-    all = serializers.BooleanField(required=False, default=False)
+    all = Flag(required=False, default=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if ("ids" in attrs) == bool(attrs.get("all")):

@@ -134,3 +134,27 @@ def test_a_body_with_a_key_it_does_not_know_is_a_400_and_does_nothing(
     assert f"unknown field(s): {unknown};" in str(response.json())
     assert DeadLetter.objects.get(pk=letter.pk).status == "open"
     assert not OutboxMessage.objects.exists()
+
+
+@pytest.mark.parametrize("value", ["yes", "no", "true", "N", 1, 0, 1.0, [True]])
+def test_a_yes_no_field_in_a_json_body_takes_true_or_false_only(
+    oncall: APIClient, value: Any
+) -> None:
+    letter = dead_letter()
+    response = oncall.post(LIST + "retry/", {"all": value, "dry_run": False}, format="json")
+    assert response.status_code == 400, response.content[:300]
+    assert response.json() == {"all": ["Must be true or false."]}
+    assert DeadLetter.objects.get(pk=letter.pk).status == "open"
+
+
+@pytest.mark.parametrize(("value", "retried"), [("true", True), ("on", True), ("0", False)])
+def test_a_form_gives_a_yes_no_field_by_its_usual_spellings(
+    oncall: APIClient, value: str, retried: bool
+) -> None:
+    letter = dead_letter()
+    response = oncall.post(LIST + "retry/", {"ids": [letter.pk], "dry_run": value})
+    assert response.status_code == 200, response.content[:300]
+    assert DeadLetter.objects.get(pk=letter.pk).status == ("open" if retried else "retried")
+    assert oncall.post(LIST + "retry/", {"all": "yes"}).json() == {
+        "all": ["Must be true or false."]
+    }
