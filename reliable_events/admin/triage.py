@@ -327,13 +327,25 @@ def overview_options(request: HttpRequest) -> tuple[int, dict[str, Any]]:
     """Hours to chart and the range / auto-refresh links of the overview page.
 
     Auto-refresh is a ``<meta http-equiv="refresh">`` chosen by a link: no script, so it
-    works under a strict Content-Security-Policy.  Unknown values fall back to 24 h, off.
+    works under a strict Content-Security-Policy.  An unknown value falls back to 24 h (or
+    off) with a warning on the page that names it.
     """
     chosen = request.GET.get("range", "24h")
     if chosen not in OVERVIEW_RANGES:
+        messages.warning(
+            request,
+            f"Unknown range {chosen[:40]!r} (one of {', '.join(OVERVIEW_RANGES)}): "
+            "showing 24h.",
+        )
         chosen = "24h"
-    refresh = int_or_none(request.GET.get("refresh")) or 0
-    if refresh not in REFRESH_CHOICES:
+    given = request.GET.get("refresh", "")
+    refresh = int_or_none(given) or 0
+    if refresh not in REFRESH_CHOICES or (not refresh and given.strip() not in ("", "0")):
+        messages.warning(
+            request,
+            f"Unknown refresh {given[:40]!r} (seconds: one of "
+            f"{', '.join(map(str, REFRESH_CHOICES))}): auto-refresh is off.",
+        )
         refresh = 0
 
     def link(**changes: Any) -> str:

@@ -8,6 +8,7 @@ import pytest
 from django.db import connection
 from django.test import Client
 from django.urls import reverse
+from django.utils.html import escape
 from rest_framework.test import APIClient
 
 from reliable_events import deadletters, payload_search
@@ -145,11 +146,18 @@ def test_overview_auto_refresh_without_scripts(admin_client: Client) -> None:
     assert [label for label, _, selected in links if selected] == ["30 s"]
     body = html.split("<body", 1)[1]
     assert "<script>" not in body.replace('<script src="', "")  # nothing inline added
-    for junk in ({"range": "2y"}, {"refresh": "1"}, {"refresh": "²"}):
+    for junk, warning in (
+        ({"range": "2y"}, "Unknown range '2y' (one of 1h, 24h, 7d): showing 24h."),
+        ({"refresh": "1"}, "Unknown refresh '1' (seconds: one of 0, 10, 30, 60)"),
+        ({"refresh": "²"}, "Unknown refresh '²'"),
+        ({"range": "<b>x</b>"}, "Unknown range '<b>x</b>'"),  # escaped, as any message
+    ):
         page = admin_client.get(url, junk)
         assert page.status_code == 200
         assert 'http-equiv="refresh"' not in page.content.decode()
         assert len(page.context["data"].hours) == 24
+        assert escape(warning) in page.content.decode()
+    assert "Unknown" not in admin_client.get(url, {"range": "7d"}).content.decode()
 
 
 def test_api_stats_time_range(use_tz: bool) -> None:
