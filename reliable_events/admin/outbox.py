@@ -67,7 +67,7 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
     list_filter = ("status", PendingAgeFilter)
     url_lookups = frozenset({"status"})
     search_fields = ("=message_id", "=key", "^topic")
-    search_help_text = _("Exact message id or key, or the start of a topic.")
+    search_help_text = _("Exact message id or key, or the start of a topic (case-sensitive).")
     ordering = ("-id",)
     list_per_page = 50
     show_full_result_count = False

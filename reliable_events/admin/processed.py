@@ -14,7 +14,9 @@ from reliable_events.models import ProcessedMessage
 class ProcessedMessageAdmin(ReadOnlyAdmin):
     list_display = ("id", "consumer", "message_id", "topic", "processed_at", "timeline")
     search_fields = ("=message_id", "=consumer", "^topic")
-    search_help_text = _("Exact message id or consumer name, or the start of a topic.")
+    search_help_text = _(
+        "Exact message id or consumer name, or the start of a topic (case-sensitive)."
+    )
     ordering = ("-id",)
     list_per_page = 100
     show_full_result_count = False

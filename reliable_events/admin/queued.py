@@ -18,7 +18,9 @@ class QueuedMessageAdmin(ReadOnlyAdmin):
     list_display = ("id", "queue", "message_id", "topic", "key", "attempt", "available_at")
     list_filter = ("queue",)
     search_fields = ("=message_id", "=queue", "^topic")
-    search_help_text = _("Exact message id or queue name, or the start of a topic.")
+    search_help_text = _(
+        "Exact message id or queue name, or the start of a topic (case-sensitive)."
+    )
     ordering = ("id",)
     list_per_page = 100
     show_full_result_count = False

@@ -334,8 +334,7 @@ def overview_options(request: HttpRequest) -> tuple[int, dict[str, Any]]:
     if chosen not in OVERVIEW_RANGES:
         messages.warning(
             request,
-            f"Unknown range {chosen[:40]!r} (one of {', '.join(OVERVIEW_RANGES)}): "
-            "showing 24h.",
+            f"Unknown range {chosen[:40]!r} (one of {', '.join(OVERVIEW_RANGES)}): showing 24h.",
         )
         chosen = "24h"
     given = request.GET.get("refresh", "")

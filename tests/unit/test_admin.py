@@ -542,6 +542,43 @@ def test_outbox_rows_held_behind_a_failing_row_of_their_key_say_so(admin_client:
     assert f'<a href="{link}">#{failing.pk}</a>' in detail.content.decode()
 
 
+def test_outbox_search_is_exact_and_compares_the_columns_themselves(admin_client: Client) -> None:
+    by_key = outbox_row(key="Order 7", topic="orders.paid", status="sent")
+    by_id = outbox_row(message_id="Msg-1", topic="billing.charged", status="sent")
+    by_topic = outbox_row(key="order 7", topic="orders.created.eu", status="sent")
+    url = reverse("admin:reliable_events_outboxmessage_changelist")
+
+    def found(term: str) -> set[int]:
+        response = admin_client.get(url, {"q": term})
+        assert response.status_code == 200
+        return {row.pk for row in response.context["cl"].result_list}
+
+    assert found("Order 7") == {by_key.pk}  # the whole term: not the words "Order" and "7"
+    assert found("order 7") == {by_topic.pk}  # case-sensitive, as keys are
+    assert found("Msg-1") == {by_id.pk}
+    assert found("orders.") == {by_key.pk, by_topic.pk}  # the start of a topic
+    assert found("orders.created") == {by_topic.pk}
+    assert found("  Msg-1 ") == {by_id.pk}
+    assert found("%") == set()  # LIKE's wildcard is a character here
+    with CaptureQueriesContext(connection) as queries:
+        found("Msg-1")
+    searches = [q["sql"] for q in queries.captured_queries if "Msg-1" in q["sql"]]
+    assert searches, "the search's query"
+    assert not any("UPPER(" in sql for sql in searches)  # no index answers UPPER(column)
+
+
+def test_dead_letter_search_keeps_words_for_the_error_message(admin_client: Client) -> None:
+    both = dead_letter(error_message="Gateway went down at noon", key="k-1")
+    dead_letter(error_message="gateway timeout", key="k-2")
+    url = changelist_url()
+    response = admin_client.get(url, {"q": "down gateway", "status": "all"})
+    assert [o.pk for o in response.context["cl"].result_list] == [both.pk]
+    response = admin_client.get(url, {"q": '"went down"', "status": "all"})
+    assert [o.pk for o in response.context["cl"].result_list] == [both.pk]
+    response = admin_client.get(url, {"q": "k-1", "status": "all"})
+    assert [o.pk for o in response.context["cl"].result_list] == [both.pk]
+
+
 def test_processed_messages_searchable_and_read_only(admin_client: Client) -> None:
     ProcessedMessage.objects.create(
         consumer="billing.charge", message_id="m-1", topic="orders.created"
