@@ -92,11 +92,12 @@ class Flag(serializers.BooleanField):
     def to_internal_value(self, data: Any) -> bool:
         if isinstance(data, bool):
             return data
+        value = None
         if isinstance(data, str) and html.is_html_input(self.root.initial_data):
             value = self.FORM_VALUES.get(data.strip().lower())
-            if value is not None:
-                return value
-        self.fail("invalid")
+        if value is None:
+            self.fail("invalid")
+        return value
 
 
 class NoteSerializer(StrictSerializer):
