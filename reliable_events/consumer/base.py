@@ -27,7 +27,7 @@ import re
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
@@ -377,6 +377,12 @@ class EventConsumer:
     @classmethod
     def queue_name(cls) -> str:
         return cls.name
+
+    @classmethod
+    def queue_of(cls, headers: Mapping[str, Any]) -> str:
+        """The queue an event with these headers was delivered from: the consumer's
+        queue, or an ordered consumer's partition (what a dead letter records)."""
+        return partitions.partition_of(cls, headers) if cls.ordered else cls.queue_name()
 
     @classmethod
     def retry_queue_name(cls, retry: int) -> str:

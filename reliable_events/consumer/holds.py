@@ -218,7 +218,7 @@ def _apply(consumer: EventConsumer, alias: str, hold: KeyHold, event: Event) -> 
         alias,
         DeadLetterRecord(
             consumer=cls.name,
-            queue=cls.queue_name(),
+            queue=cls.queue_of(event.headers),
             message_id=event.id,
             body=json.dumps(event.payload).encode(),
             headers=event.headers,

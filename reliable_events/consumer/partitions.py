@@ -26,6 +26,7 @@ How the processes share the partitions: :mod:`reliable_events.consumer.membershi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from reliable_events.conf import app_settings
@@ -59,6 +60,16 @@ def partition_queues(cls: type[EventConsumer]) -> list[str]:
     count = partition_count(cls)
     width = len(str(count - 1))
     return [f"{cls.name}.p{i:0{width}d}" for i in range(count)]
+
+
+def partition_of(cls: type[EventConsumer], headers: Mapping[str, Any]) -> str:
+    """The partition queue an event with these headers reaches (by the bucket the relay
+    stamped), or the consumer's name when it carries none."""
+    queues = partition_queues(cls)
+    bucket = str(headers.get(BUCKET_HEADER, ""))
+    if not (bucket.isascii() and bucket.isdigit() and int(bucket) < KEY_BUCKETS):
+        return cls.name
+    return queues[int(bucket) % len(queues)]
 
 
 def exchange_specs(cls: type[EventConsumer]) -> list[ExchangeSpec]:

@@ -255,7 +255,7 @@ def _record(
     """The dead letter of ``delivery`` for consumer ``cls`` (the delivery's own values)."""
     return DeadLetterRecord(
         consumer=cls.name,
-        queue=cls.queue_name(),
+        queue=cls.queue_of(delivery.headers),
         message_id=delivery.message_id,
         body=delivery.body,
         headers=delivery.headers,

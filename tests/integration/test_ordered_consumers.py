@@ -28,7 +28,7 @@ from reliable_events.publishing import publish_event
 from reliable_events.relay import relay_once
 from reliable_events.status import outbox_status
 from reliable_events.testing import deliver_events
-from reliable_events.topology import declare_on_amqp_channel, full_topology
+from reliable_events.topology import declare_on_amqp_channel, full_topology, key_bucket
 from tests.support.consumer_support import make_consumer
 from tests.testapp.models import Order
 
@@ -369,6 +369,9 @@ def test_database_transport_retries_in_place_and_holds_keys_in_order(ordered_db)
     assert applied_ids(consumer) == ["a-1", "a-2"]
     assert [c for c in handled(consumer) if c[0] == "a-1"] == [("a-1", 1), ("a-1", 2)]
     assert list(ParkedEvent.objects.values_list("message_id", flat=True)) == ["b-2", "b-3"]
+    queues = partition_queues(consumer)
+    # the partition it came from, not the consumer's name (no queue has that name)
+    assert DeadLetter.objects.get().queue == queues[int(key_bucket("b")) % len(queues)]
     deadletters.discard([DeadLetter.objects.get()], note="bad", user="ops")
     consume(consumer)
     assert applied_ids(consumer) == ["a-1", "a-2", "b-2", "b-3"]

@@ -12,6 +12,7 @@ from django.utils import timezone
 from reliable_events.consumer.membership import PartitionShare, assign
 from reliable_events.consumer.partitions import partition_queues
 from reliable_events.models import ConsumerMember
+from reliable_events.topology import BUCKET_HEADER
 from tests.support.consumer_support import make_consumer
 
 QUEUES = [f"c.p{i}" for i in range(8)]
@@ -68,3 +69,19 @@ def test_a_process_that_stops_beating_without_leaving_is_a_warning(
     caplog.clear()
     one.heartbeat()  # said once
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_an_event_is_from_the_partition_of_its_bucket(clean_registry: Any) -> None:
+    consumer = make_consumer(clean_registry, name="ordered.q")
+    consumer.ordered = True
+    consumer.partitions = 8
+    queues = partition_queues(consumer)
+    assert [consumer.queue_of({BUCKET_HEADER: str(b)}) for b in (0, 9, 63)] == [
+        queues[0],
+        queues[1],
+        queues[7],
+    ]
+    for headers in ({}, {BUCKET_HEADER: "64"}, {BUCKET_HEADER: "x"}, {BUCKET_HEADER: "٣"}):
+        assert consumer.queue_of(headers) == "ordered.q"  # none known: the consumer's name
+    consumer.ordered = False
+    assert consumer.queue_of({BUCKET_HEADER: "9"}) == consumer.queue_name()
