@@ -353,6 +353,10 @@ class Worker:
             if done is None:
                 return
             batch = batch[done:]
+            # A batch commits every BATCH_MAX_SECONDS: beat between its parts, or slow
+            # handlers would look like a dead process (100 events of 0.6 s each pass the
+            # 60 s HEARTBEAT_TIMEOUT_SECONDS).
+            self.heartbeat.tick(self.stats)
             if batch and self.stop.is_set():
                 for delivery, _ in batch:  # not started: back to the queue
                     self.transport.requeue(delivery)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -15,15 +16,17 @@ from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection
+from django.db import connection, transaction
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
+from reliable_events.conf import app_settings
 from reliable_events.consumer.worker import Worker
 from reliable_events.liveness import HeartbeatWriter, liveness
 from reliable_events.maintenance import purge
 from reliable_events.models import Heartbeat, QueuedMessage
+from reliable_events.publishing import publish_event
 from reliable_events.queue_depths import clear_cache
 from reliable_events.relay.claims import RelayReport
 from tests.support.consumer_support import make_consumer
@@ -339,3 +342,27 @@ def forget_heartbeats_of(name: str) -> tuple[list[str], list[str]]:
     assert forget_heartbeats(name) == 1
     row = Heartbeat.objects.get()
     return row.consumers, sorted(row.topology)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_long_batch_of_slow_handlers_keeps_beating(clean_registry: Any, re_settings: Any) -> None:
+    """A batch of 100 events longer than HEARTBEAT_TIMEOUT_SECONDS (a trial: handlers of
+    0.4 s, 150 events: /health/ answered 503 for 25 s while the consumer worked)."""
+    timeout = app_settings.seconds("HEARTBEAT_TIMEOUT_SECONDS")
+    seen: list[bool] = []
+
+    def slow(consumer: Any, event: Any) -> None:
+        time.sleep(timeout / 20)
+        state = liveness().consumer(consumer.name)
+        seen.append(state is not None and state.alive > 0)
+
+    consumer = make_consumer(clean_registry, name="slow.c", behaviour=slow)
+    consumer.batch_size = 100  # as on RabbitMQ (CONSUMER_BATCH_SIZE); db:// takes one
+    worker = Worker([consumer], url="db://")
+    worker.heartbeat.tick(worker.stats)  # as the loop's first step does
+    with transaction.atomic():
+        for n in range(40):  # one batch, twice the timeout
+            publish_event("orders.created", {"n": n}, message_id=f"slow-{n}")
+    worker.run(until_idle=0.5, max_messages=40)
+    assert len(seen) == 40
+    assert all(seen), f"not alive while handling events {[n for n, a in enumerate(seen) if not a]}"
