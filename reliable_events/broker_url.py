@@ -87,13 +87,39 @@ def own_transport(url: str) -> tuple[str, str] | None:
     return OWN_TRANSPORTS.get(urlsplit(url).scheme.lower())
 
 
+def userinfo_password(url: str) -> str:
+    """The password in ``url`` as written, also when a character of it that should be
+    percent-encoded (``/``, ``?``, ``#``, ``@``) keeps ``urlsplit`` from finding it: the
+    user information runs from ``://`` to the last ``@``."""
+    _, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return ""
+    _, colon, password = rest[:at].partition(":")
+    return password if colon else ""
+
+
+def _masked(url: str, mask: str = "**") -> str:
+    """``url`` with everything between the user name and the last ``@`` masked."""
+    scheme, _, rest = url.partition("://")
+    at = rest.rfind("@")
+    user = rest[:at].partition(":")[0]
+    return f"{scheme}://{user}:{mask}@{rest[at + 1 :]}" if userinfo_password(url) else url
+
+
 def safe_url(url: str) -> str:
     """``url`` (every node of it) without its password, for logs and errors."""
     from kombu.utils.url import maybe_sanitize_url
 
     if own_transport(url) is not None:
         return url  # db://[alias] carries no credentials (kombu would print "db:///")
-    nodes = node_urls(url)
-    if len(nodes) > 1:
-        return NODE_SEPARATOR.join(str(maybe_sanitize_url(node)) for node in nodes)
-    return str(maybe_sanitize_url(url))
+
+    def one(node: str) -> str:
+        try:
+            if (urlsplit(node).password or "") == userinfo_password(node):
+                return str(maybe_sanitize_url(node))
+        except ValueError:  # a port that is not a number: a password with a raw "/" in it
+            pass
+        return _masked(node)  # a password the URL parser would cut (a raw "/", "#", "@")
+
+    return NODE_SEPARATOR.join(one(node) for node in node_urls(url) or [url])

@@ -17,7 +17,12 @@ from django.utils.module_loading import import_string
 
 from reliable_events import cloudevents
 from reliable_events.broker.queue_rows import dialect_for
-from reliable_events.broker_url import OWN_TRANSPORTS, node_list_problems
+from reliable_events.broker_url import (
+    OWN_TRANSPORTS,
+    node_list_problems,
+    node_urls,
+    userinfo_password,
+)
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import QUORUM_DELIVERY_LIMIT
 from reliable_events.db import queue_alias, write_alias
@@ -191,6 +196,16 @@ def check_broker_url() -> list[CheckMessage]:
             Error(
                 "RELIABLE_EVENTS['BROKER_URL'] is not a URL (bad port or host).",
                 hint="e.g. 'amqp://user:password@host:5672//'. " + DOCS,
+                id="reliable_events.E002",
+            )
+        ]
+    if any((urlsplit(node).password or "") != userinfo_password(node) for node in node_urls(url)):
+        return [
+            Error(
+                "RELIABLE_EVENTS['BROKER_URL'] has a password with a character a URL "
+                "reserves (/ ? # @ [ ]): the URL parser cuts it there.",
+                hint="Percent-encode it (urllib.parse.quote(password, safe='')): "
+                "'amqp://user:pa%2Fss@host:5672//'. " + DOCS,
                 id="reliable_events.E002",
             )
         ]

@@ -12,6 +12,7 @@ names, counts and ages only: no broker URL, no payload.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from reliable_events.liveness import Liveness, liveness
 from reliable_events.models import Heartbeat
 from reliable_events.sanitize import describe_error
 
+logger = logging.getLogger(__name__)
+
 #: Exit codes of ``reliable_events_health`` (1 is a usage error, as for every command).
 EXIT_DATABASE = 2
 EXIT_RELAY = 3
@@ -39,7 +42,10 @@ class HealthReport:
     relays_alive: int = 0
     #: name -> "" (alive) or why not.
     consumers: dict[str, str] = field(default_factory=dict)
+    #: Why the database did not answer (redacted; it may name hosts and roles).
     error: str = ""
+    #: The class of that error (what the unauthenticated endpoint shows).
+    error_type: str = ""
 
     @property
     def relay_ok(self) -> bool:
@@ -63,16 +69,26 @@ class HealthReport:
             return EXIT_CONSUMERS
         return 0
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, *, public: bool = False) -> dict[str, Any]:
+        """The report as JSON; ``public``: the database's error by its class only (its
+        message names hosts, ports and roles), for the unauthenticated endpoint.  With
+        the database down, what it holds is unknown: ``alive`` is ``null``."""
+        known = self.database
+        error = self.error
+        if public and error:
+            error = f"the database does not answer ({self.error_type}); the details are logged"
         return {
             "status": "ok" if self.healthy else "fail",
             "database": self.database,
-            "relay": {"required": self.relay_required, "alive": self.relays_alive},
+            "relay": {
+                "required": self.relay_required,
+                "alive": self.relays_alive if known else None,
+            },
             "consumers": {
-                name: {"alive": not problem, "problem": problem}
+                name: {"alive": not problem if known else None, "problem": problem}
                 for name, problem in self.consumers.items()
             },
-            "error": self.error,
+            "error": error,
         }
 
 
@@ -90,6 +106,8 @@ def check_health(
     except DatabaseError as exc:
         report.database = False
         report.error = describe_error(exc)[:300]
+        report.error_type = type(exc).__name__
+        report.consumers = dict.fromkeys(names, "unknown: the database does not answer")
         return report
     if this_host:
         _only_this_host(state)
@@ -141,12 +159,19 @@ def health_view(request: HttpRequest) -> HttpResponse:
     consumers: list[str] | None = None
     if wanted is not None:
         consumers = [] if wanted == "all" else [n for n in wanted.split(",") if n][:200]
+        if not consumers and wanted != "all":
+            return JsonResponse(
+                {"error": "consumers is empty: name them (consumers=a,b) or consumers=all"},
+                status=400,
+            )
     try:
         report = check_health(relay=relay in ("1", "true"), consumers=consumers)
     except UnknownConsumer as exc:
         return JsonResponse({"error": str(exc)[:300]}, status=400)
+    if report.error:
+        logger.warning("reliable_events: health check: %s", report.error)
     return HttpResponse(
-        json.dumps(report.as_dict(), sort_keys=True),
+        json.dumps(report.as_dict(public=True), sort_keys=True),
         status=200 if report.healthy else 503,
         content_type="application/json",
     )

@@ -4,11 +4,12 @@ JSON-safe."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote
 
-from reliable_events.broker_url import node_urls
+from reliable_events.broker_url import node_urls, userinfo_password
 from reliable_events.conf import app_settings
 
 #: Characters of an undecodable body kept in ``DeadLetter.raw_body``.
@@ -57,17 +58,31 @@ def raw_text(body: bytes) -> str:
     return clean_text(body[:RAW_BODY_LIMIT].decode("utf-8", "backslashreplace"), RAW_BODY_LIMIT)
 
 
+#: Shortest piece of a password masked on its own (see :func:`secrets_of`).
+_MIN_PIECE = 3
+
+
+def secrets_of(url: str) -> list[str]:
+    """What of ``url``'s passwords (every node) must not be shown, longest first: each as
+    written and percent-decoded, and the pieces between the characters that split a URL
+    (a password with a raw ``/`` is cut there by the URL parser, whose error quotes the
+    piece before it: "Port could not be cast to integer value as 'S3cr'")."""
+    found: set[str] = set()
+    for node in node_urls(url) or [url]:
+        password = userinfo_password(node)
+        for form in (password, unquote(password)):
+            if form:
+                found.add(form)
+                found.update(p for p in re.split(r"[/?#@:\[\]]", form) if len(p) >= _MIN_PIECE)
+    return sorted(found, key=len, reverse=True)
+
+
 def redact(text: str, url: str | None = None) -> str:
     """``text`` with the passwords of ``url`` (every node of it; default: the configured
     broker) masked."""
     url = url if url is not None else str(app_settings.BROKER_URL)
-    for node in node_urls(url) or [url]:
-        try:
-            password = urlsplit(node).password
-        except ValueError:
-            password = None
-        if password:
-            text = text.replace(password, "***")
+    for secret in secrets_of(url):
+        text = text.replace(secret, "***")
     return text
 
 

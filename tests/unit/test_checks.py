@@ -52,6 +52,8 @@ def test_e001_settings_not_a_dict(settings):
         ("nosuch://x:9092", "'nosuch'"),
         ("amqp://u:s3cret@[rabbit//", "not a URL"),  # an unclosed "[": urlsplit refuses it
         ("amqp://u:s3cret@rabbit:56720000//", "not a URL"),  # a port out of range
+        ("amqp://u:s3cret#1@rabbit:5672//", "not a URL"),  # cut at "#": port "s3cret"
+        ("amqp://u:p@s3cret#1@rabbit:5672//", "reserves"),  # cut at "#": host "s3cret"
     ],
 )
 def test_e002_broker_url(settings, re_settings, url, words):

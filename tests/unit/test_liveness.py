@@ -5,6 +5,7 @@ consume loop's own heartbeat."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -366,3 +367,28 @@ def test_a_long_batch_of_slow_handlers_keeps_beating(clean_registry: Any, re_set
     worker.run(until_idle=0.5, max_messages=40)
     assert len(seen) == 40
     assert all(seen), f"not alive while handling events {[n for n, a in enumerate(seen) if not a]}"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_health_endpoint_names_no_host_or_role_when_the_database_is_down(
+    client: Client, clean_registry: Any, caplog: Any
+) -> None:
+    """Unauthenticated: the database's error message (host, port, role) is logged, and
+    what it holds is unknown (``null``), not "0 relays alive"."""
+    consumer = make_consumer(clean_registry, name="down.c")
+    with database_not_answering(), caplog.at_level(logging.WARNING, "reliable_events.health"):
+        response = client.get(f"/health/?relay=1&consumers={consumer.name}")
+        code, text = health("--consumers", consumer.name, "--json")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["error"] == (
+        "the database does not answer (OperationalError); the details are logged"
+    )
+    assert (body["database"], body["relay"]["alive"]) == (False, None)
+    assert body["consumers"] == {
+        consumer.name: {"alive": None, "problem": "unknown: the database does not answer"}
+    }
+    logged = [r.getMessage() for r in caplog.records if "health check" in r.getMessage()]
+    assert logged and "OperationalError" in logged[0]
+    assert code == 2
+    assert json.loads(text.split("\n")[0])["error"].startswith("OperationalError")  # the CLI's

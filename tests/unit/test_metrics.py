@@ -170,6 +170,12 @@ def test_the_health_endpoint_answers_400_or_503_never_500(
     assert unknown.status_code == 400
     assert client.get("/health/?consumers=%00%ff").status_code == 400
     assert client.get("/health/?consumers=all").status_code == 200
+    for empty in ("", ",,"):  # it meant "every registered consumer", unsaid
+        response = client.get("/health/?consumers=" + empty)
+        assert response.status_code == 400
+        assert response.json() == {
+            "error": "consumers is empty: name them (consumers=a,b) or consumers=all"
+        }
     relay = client.get("/health/?relay=1")
     assert relay.status_code == 503
     assert relay.json()["relay"] == {"required": True, "alive": 0}

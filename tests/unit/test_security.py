@@ -438,3 +438,34 @@ def test_admin_retry_and_discard_permissions(
     else:
         assert response.status_code == 403
     _expect_state([letter], allowed, op)
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("amqp://ops:S3cr/etI9@127.0.0.1:5672//", "S3cr/etI9"),  # base64 has "/"
+        ("amqp://ops:p@ss#wo?rd@127.0.0.1:5672/vh", "p@ss#wo?rd"),
+        ("amqp://ops:ok-pass@h1:5672//;amqp://ops:Z9/x+y7q@h2:5672//", "Z9/x+y7q"),
+        ("amqp://ops:pa%2Fss-word@127.0.0.1//", "pa/ss-word"),  # encoded: kombu decodes it
+    ],
+)
+def test_a_password_with_a_character_the_url_parser_cuts_at_stays_out(
+    url: str, secret: str
+) -> None:
+    """A raw ``/`` in a password made ``urlsplit`` find none, so nothing was masked, and
+    kombu's error quoted the piece before it ("Port could not be cast to integer value as
+    'S3cr'") on the overview, the stats API and ``outbox_status --json``."""
+    from reliable_events.broker_url import safe_url
+    from reliable_events.sanitize import describe_error, redact
+
+    shown = safe_url(url)
+    try:
+        Connection(url.split(";")[-1], connect_timeout=0.1).connect()
+    except Exception as exc:  # whatever kombu raises for it: refused, unparsable
+        error = describe_error(exc, url)
+    else:  # pragma: no cover - nothing listens there
+        raise AssertionError("connected")
+    for text in (shown, error, redact(f"{url} / {secret} / {url.replace(secret, 'x')}", url)):
+        for piece in (secret, *(p for p in secret.replace("#", "/").split("/") if len(p) >= 3)):
+            assert piece not in text, (piece, text)
+    assert shown.count("ops:**@") == url.count("ops:")  # each node, its user name kept

@@ -30,7 +30,7 @@ class Command(BadArgumentsExit1, BaseCommand):
             nargs="*",
             default=None,
             metavar="NAME",
-            help="Require these consumers alive (no names: every registered one).",
+            help="Require these consumers alive (no names: every registered one; 'a b' or 'a,b').",
         )
         parser.add_argument(
             "--this-host", action="store_true", help="Count only this host's processes."
@@ -38,10 +38,13 @@ class Command(BadArgumentsExit1, BaseCommand):
         parser.add_argument("--json", action="store_true", help="Print one JSON object.")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        consumers = options["consumers"]
+        if consumers is not None:  # "a b" or "a,b", as the endpoint's consumers=a,b
+            consumers = [name for given in consumers for name in given.split(",") if name]
         try:
             report = check_health(
                 relay=options["relay"],
-                consumers=options["consumers"],
+                consumers=consumers,
                 this_host=options["this_host"],
             )
         except UnknownConsumer as exc:
