@@ -40,6 +40,9 @@ class HealthReport:
     database: bool = True
     relay_required: bool = False
     relays_alive: int = 0
+    #: Of those, relays that cannot reach the broker, and why.
+    relays_failing: int = 0
+    relay_broker_error: str = ""
     #: name -> "" (alive) or why not.
     consumers: dict[str, str] = field(default_factory=dict)
     #: Why the database did not answer (redacted; it may name hosts and roles).
@@ -49,7 +52,7 @@ class HealthReport:
 
     @property
     def relay_ok(self) -> bool:
-        return not self.relay_required or self.relays_alive > 0
+        return not self.relay_required or self.relays_alive > self.relays_failing
 
     @property
     def consumers_ok(self) -> bool:
@@ -83,6 +86,8 @@ class HealthReport:
             "relay": {
                 "required": self.relay_required,
                 "alive": self.relays_alive if known else None,
+                "failing": self.relays_failing if known else None,
+                "broker_error": self.relay_broker_error,
             },
             "consumers": {
                 name: {"alive": not problem if known else None, "problem": problem}
@@ -112,6 +117,8 @@ def check_health(
     if this_host:
         _only_this_host(state)
     report.relays_alive = state.relays_alive
+    report.relays_failing = state.relays_failing
+    report.relay_broker_error = state.relay_broker_error
     for name in names:
         consumer = state.consumer(name)
         report.consumers[name] = consumer.problem if consumer is not None else "never seen"

@@ -37,7 +37,7 @@ from reliable_events.db import write_alias
 from reliable_events.models import Heartbeat
 from reliable_events.queue_depths import QueueDepth, gone, queue_depths
 from reliable_events.reports import Report
-from reliable_events.sanitize import describe_error
+from reliable_events.sanitize import describe_error, redact
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ class HeartbeatWriter:
         self.started_at = timezone.now()
         self.row_id: int | None = None
         self._next = 0.0
+        #: Why this process cannot reach the broker now ("" when it can), kept with its
+        #: counters: a process that retries a broker it cannot reach is alive, not working.
+        self.broker_error = ""
+        self._counters: dict[str, Any] = {}
 
     def tick(self, report: Report | Mapping[str, Any] | None = None) -> bool:
         """Write the heartbeat if ``HEARTBEAT_SECONDS`` passed; whether it wrote."""
@@ -100,7 +104,17 @@ class HeartbeatWriter:
         if now < self._next:
             return False
         self._next = now + self.interval
-        return self._write(counters_of(report), stopped=False)
+        self._counters = counters_of(report)
+        return self._write(self._counters, stopped=False)
+
+    def broker_state(self, error: str) -> None:
+        """Record whether the broker answers (``error``: why not, redacted; ``""``: it
+        does), written at once when that changed."""
+        error = redact(error)[:300]
+        if error != self.broker_error:
+            self.broker_error = error
+            self._next = time.monotonic() + self.interval
+            self._write(self._counters, stopped=False)
 
     def stop(self, report: Report | Mapping[str, Any] | None = None) -> None:
         """Record a clean stop (the process is no longer counted as alive)."""
@@ -108,6 +122,8 @@ class HeartbeatWriter:
             self._write(counters_of(report), stopped=True)
 
     def _write(self, counters: dict[str, Any], *, stopped: bool) -> bool:
+        if self.broker_error:
+            counters = {**counters, "broker_error": self.broker_error}
         values = {
             "last_seen": timezone.now(),
             "counters": counters,
@@ -266,6 +282,10 @@ class ConsumerLiveness:
     silent: int = 0
     #: Empty, or what an on-call engineer should look at although it is not down.
     warning: str = ""
+    #: Live processes running it that cannot reach the broker (not in ``processes``).
+    cut_off: int = 0
+    #: Why (the newest such process's error, redacted).
+    broker_error: str = ""
 
     @property
     def alive(self) -> bool:
@@ -282,6 +302,32 @@ class Liveness:
     @property
     def relays_alive(self) -> int:
         return sum(1 for p in self.processes if p.kind == Heartbeat.Kind.RELAY and p.alive)
+
+    def _failing_relays(self) -> list[ProcessBeat]:
+        return sorted(
+            (
+                p
+                for p in self.processes
+                if p.kind == Heartbeat.Kind.RELAY and p.alive and p.counters.get("broker_error")
+            ),
+            key=lambda p: p.last_seen,
+            reverse=True,
+        )
+
+    @property
+    def relays_failing(self) -> int:
+        """Live relays that cannot reach the broker (alive, publishing nothing)."""
+        return len(self._failing_relays())
+
+    @property
+    def relays_working(self) -> int:
+        return self.relays_alive - self.relays_failing
+
+    @property
+    def relay_broker_error(self) -> str:
+        """Why the newest failing relay cannot reach the broker ("" when none fails)."""
+        failing = self._failing_relays()
+        return str(failing[0].counters["broker_error"]) if failing else ""
 
     @property
     def relay_last_seen(self) -> datetime | None:
@@ -301,6 +347,8 @@ class Liveness:
 
         return {
             "relays_alive": self.relays_alive,
+            "relays_failing": self.relays_failing,
+            "relay_broker_error": self.relay_broker_error,
             "relay_last_seen": plain(self.relay_last_seen),
             "timeout_seconds": self.timeout_seconds,
             "consumers": [
@@ -409,7 +457,11 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
             state = consumers.get(name)
             if state is None:
                 continue
-            if process.alive:
+            if process.alive and process.counters.get("broker_error"):
+                state.cut_off += 1
+                if not state.broker_error:  # newest first
+                    state.broker_error = str(process.counters["broker_error"])
+            elif process.alive:
                 state.processes += 1
             elif silent:
                 state.silent += 1
@@ -479,6 +531,11 @@ def _problem(state: ConsumerLiveness, on_amqp: bool) -> str:
     if state.messages and state.queue_consumers == 0:
         return f"{state.messages} message(s) waiting in {state.queue} and nobody consuming it"
     if not state.alive:
+        if state.cut_off:
+            return (
+                f"{state.cut_off} process(es) running, but none reaches the broker: "
+                f"{state.broker_error}"
+            )
         if state.last_seen is None:
             return "never seen"
         return f"not seen for {state.age_seconds:.0f}s"
@@ -498,5 +555,6 @@ def _silent_warning(
     )
     return (
         f"{state.silent} process(es) stopped beating {age:.0f}s ago without a clean stop: "
-        f"killed, or frozen (a frozen one keeps {held} until {until})"
+        f"killed, frozen, or cut off from the database (a frozen one keeps {held} until "
+        f"{until})"
     )

@@ -165,6 +165,12 @@ class DatabaseCollector:
             "Events parked behind a held key (ordered consumers).",
             value=status.parked_events,
         )
+        if snap.unrouted is not None:
+            yield gauge(
+                "reliable_events_broker_up",
+                "1 when the last scrape could ask the broker (the unrouted queue's depth).",
+                value=1 if snap.unrouted.count is not None else 0,
+            )
         if snap.unrouted is not None and snap.unrouted.count is not None:
             yield gauge(
                 "reliable_events_unrouted_messages",
@@ -197,6 +203,11 @@ def _liveness_families(state: Liveness, gauge: Any) -> Iterator[Any]:
         "reliable_events_relays_alive",
         "Relay daemons whose heartbeat is fresh.",
         value=state.relays_alive,
+    )
+    yield gauge(
+        "reliable_events_relays_failing",
+        "Relay daemons alive but unable to reach the broker (publishing nothing).",
+        value=state.relays_failing,
     )
     alive = gauge(
         "reliable_events_consumer_alive",

@@ -42,7 +42,9 @@ def relay_heartbeat() -> HeartbeatWriter:
 def relay_outbox(max_seconds: float = 50.0) -> dict[str, Any]:
     """Publish every due outbox row (for at most ``max_seconds``)."""
     report = relay_once(max_seconds=max_seconds)
-    relay_heartbeat().tick(report)
+    heartbeat = relay_heartbeat()
+    heartbeat.broker_state(report.broker_error)
+    heartbeat.tick(report)
     return {
         "claimed": report.claimed,
         "sent": report.sent,

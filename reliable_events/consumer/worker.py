@@ -261,6 +261,7 @@ class Worker:
         self.ordered.tick()
         self.transport.connect()
         self.transport.check_topology()
+        self.heartbeat.broker_state("")
         self.heartbeat.tick(self.stats)
         self._failures = 0
         self.stats.disconnected = False
@@ -298,11 +299,15 @@ class Worker:
             float(app_settings.CONSUMER_RECONNECT_MAX), 0.25 * 2 ** min(self._failures, 10)
         )
         pause = ceiling * (0.5 + random.random() / 2)
+        error = describe_error(exc, self.url)
         logger.warning(
             "reliable_events: broker connection lost or refused (%s); reconnecting in %.1fs",
-            describe_error(exc, self.url),
+            error,
             pause,
         )
+        # Alive, but consuming nothing: liveness says why instead of "not seen".
+        self.heartbeat.broker_state(error)
+        self.heartbeat.tick(self.stats)
         self.stop.wait(pause)
 
     def close(self) -> None:

@@ -23,10 +23,11 @@ from typing import Any
 import amqp
 import pytest
 from django.db import connection, transaction
+from django.utils import timezone
 
 from reliable_events import publish_event
 from reliable_events.liveness import HeartbeatWriter, liveness
-from reliable_events.models import DeadLetter
+from reliable_events.models import DeadLetter, OutboxMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology, unrouted_name
 from tests.support.consumer_support import applied, make_consumer, queue_names, unique_name
 from tests.support.prometheus_server import ALERT_RULES, PrometheusServer, binary, free_port
@@ -50,7 +51,7 @@ def test_the_shipped_alert_rules_pass_promtool() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_a_queue_with_messages_and_no_consumer_is_down_though_its_process_beats(
@@ -210,6 +211,12 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
         )
         server.wait_for(lambda: server.targets_up().get("relay"), 30, "the relay target up")
         _until(server, "reliable_events_relays_alive", 1, "the relay daemon's heartbeat")
+        server.wait_for(  # pending while no relay ran; not any more
+            lambda: server.alert_state("ReliableEventsRelayDown") is None,
+            30,
+            "the relay-down alert to clear",
+        )
+        assert server.value('max(reliable_events_broker_up{job="web"})') == 1
         re_settings(PUBLISH_ON_COMMIT=False)
         for number in range(3):
             with transaction.atomic():
@@ -255,6 +262,33 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
         assert failed.value.code == 503
         body = json.loads(failed.value.read())
         assert body["consumers"][name]["alive"] is False
+
+        # The relay daemon stops too: no relay publishes.
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(30) == 0
+        _until(server, "max(reliable_events_relays_alive)", 0, "the stopped relay")
+        server.wait_for(
+            lambda: server.alert_state("ReliableEventsRelayDown") in ("pending", "firing"),
+            30,
+            "alert ReliableEventsRelayDown",
+        )
+
+        # An outbox row the relay gave up on: it reaches no consumer until retried.
+        OutboxMessage.objects.create(
+            message_id=unique_name("dead"),
+            topic="orders.dead",
+            payload={},
+            status="dead",
+            attempts=10,
+            next_attempt_at=timezone.now(),
+            last_error="returned: NO_ROUTE",
+        )
+        _until(server, 'max(reliable_events_outbox_dead{topic="orders.dead"})', 1, "dead rows")
+        server.wait_for(
+            lambda: server.alert_state("ReliableEventsOutboxDead") in ("pending", "firing"),
+            30,
+            "alert ReliableEventsOutboxDead",
+        )
     finally:
         for process in (child, relay):
             if process is not None and process.poll() is None:

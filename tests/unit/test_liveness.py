@@ -31,7 +31,7 @@ from reliable_events.publishing import publish_event
 from reliable_events.queue_depths import clear_cache
 from reliable_events.relay.claims import RelayReport
 from tests.support.consumer_support import make_consumer
-from tests.support.producer_support import database_not_answering
+from tests.support.producer_support import database_not_answering, free_port, with_port
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.django_db
@@ -389,6 +389,53 @@ def test_the_health_endpoint_names_no_host_or_role_when_the_database_is_down(
         consumer.name: {"alive": None, "problem": "unknown: the database does not answer"}
     }
     logged = [r.getMessage() for r in caplog.records if "health check" in r.getMessage()]
-    assert logged and "OperationalError" in logged[0]
+    assert logged
+    assert "OperationalError" in logged[0]
     assert code == 2
     assert json.loads(text.split("\n")[0])["error"].startswith("OperationalError")  # the CLI's
+
+
+def test_a_relay_that_cannot_reach_the_broker_is_alive_but_not_working(
+    clean_registry: Any,
+) -> None:
+    """A trial: a relay_outbox on a refused port counted as "relays alive: 1", and
+    ``reliable_events_health --relay`` exited 0 while rows aged."""
+    failing = HeartbeatWriter("relay")
+    failing.tick(RelayReport())
+    failing.broker_state("BrokerError: cannot connect to broker amqp://u:**@h:1//: refused")
+    assert health("--relay") == (
+        3,
+        "database: ok\nrelays alive: 1 (1 cannot reach the broker: BrokerError: cannot "
+        "connect to broker amqp://u:**@h:1//: refused)\nunhealthy: no relay daemon reaches "
+        "the broker",
+    )
+    state = liveness()
+    assert (state.relays_alive, state.relays_failing, state.relays_working) == (1, 1, 0)
+    assert state.as_dict()["relay_broker_error"].endswith("refused")
+    working = HeartbeatWriter("relay")
+    working.tick(RelayReport())
+    assert health("--relay")[0] == 0  # one of two publishes
+    failing.broker_state("")  # it reaches the broker again: written at once
+    assert liveness().relays_failing == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_consumer_that_cannot_reach_the_broker_says_so(
+    clean_registry: Any, re_settings: Any
+) -> None:
+    """Its process stays alive (it beats while it reconnects), and the consumer is down
+    for that reason, not "not seen" or "killed, or frozen"."""
+    url = with_port("amqp://guest:hunter2-secret@127.0.0.1//", free_port())
+    re_settings(BROKER_URL=url)
+    consumer = make_consumer(clean_registry, name="cut.c")
+    worker = Worker([consumer], url=url)
+    worker.run(until_idle=0.3)  # one refused connect, then it stops (a clean stop)
+    row = Heartbeat.objects.get(kind="consumer")
+    assert "Connection refused" in row.counters["broker_error"]
+    assert "hunter2-secret" not in json.dumps(row.counters)
+    Heartbeat.objects.update(stopped=False)  # as if it were still retrying
+    state = liveness().consumer(consumer.name)
+    assert state is not None
+    assert (state.processes, state.cut_off) == (0, 1)
+    assert state.problem.startswith("1 process(es) running, but none reaches the broker: ")
+    assert "Connection refused" in state.problem

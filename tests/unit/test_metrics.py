@@ -178,7 +178,12 @@ def test_the_health_endpoint_answers_400_or_503_never_500(
         }
     relay = client.get("/health/?relay=1")
     assert relay.status_code == 503
-    assert relay.json()["relay"] == {"required": True, "alive": 0}
+    assert relay.json()["relay"] == {
+        "required": True,
+        "alive": 0,
+        "failing": 0,
+        "broker_error": "",
+    }
     assert client.post("/health/").status_code == 405
 
 
@@ -311,7 +316,9 @@ def test_the_dashboard_and_alert_rules_use_only_exposed_metrics(
     re_settings(BROKER_URL="db://")
     make_consumer(clean_registry, name="dash.c")
     HeartbeatWriter("consumer", ["dash.c"]).tick()
+    HeartbeatWriter("relay").tick()
     outbox_row(status="pending")
+    outbox_row(status="dead")
     metrics.consumed("dash.c", Outcome.PROCESSED, HandlerResult(Outcome.PROCESSED, seconds=0.01))
     metrics.relay_run(RelayReport(claimed=1, seconds=0.01))
     metrics.metered(FakePublisher()).publish([_message(1, "ok")], timeout=1)

@@ -87,7 +87,12 @@ class Command(BadArgumentsExit1, BaseCommand):
             if unrouted is not None:
                 self.stdout.write(_unrouted_line(unrouted))
             if state.processes or state.consumers:
-                self.stdout.write(f"relays alive: {state.relays_alive}")
+                failing = (
+                    f" ({state.relays_failing} cannot reach the broker: {state.relay_broker_error})"
+                    if state.relays_failing
+                    else ""
+                )
+                self.stdout.write(f"relays alive: {state.relays_alive}{failing}")
             for live in state.consumers:
                 depth = [
                     f"{live.messages} waiting in {live.queue}" if live.messages is not None else "",

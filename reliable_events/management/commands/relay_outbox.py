@@ -101,6 +101,7 @@ class Command(BadArgumentsExit1, BaseCommand):
             heartbeat.tick(total)
             report = relay.run()
             total.add(report)
+            heartbeat.broker_state(report.broker_error)
             if report.claimed:
                 self.stdout.write(f"relay_outbox: {report} lanes={report.lanes}")
             if report.broker_error:  # paused as a whole: wait for the breaker, not the idle

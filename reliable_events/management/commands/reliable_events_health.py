@@ -54,7 +54,7 @@ class Command(BadArgumentsExit1, BaseCommand):
         else:
             self.stdout.write(f"database: {'ok' if report.database else report.error}")
             if report.relay_required and report.database:
-                self.stdout.write(f"relays alive: {report.relays_alive}")
+                self.stdout.write(f"relays alive: {report.relays_alive}{_failing(report)}")
             for name, problem in report.consumers.items():
                 self.stdout.write(f"consumer {name}: {problem or 'alive'}")
         if report.exit_code:
@@ -68,6 +68,16 @@ def _reasons(report: Any) -> list[str]:
         return ["the database does not answer"]  # nothing else could be checked
     reasons = []
     if not report.relay_ok:
-        reasons.append("no live relay daemon")
+        reasons.append(
+            "no relay daemon reaches the broker"
+            if report.relays_failing
+            else "no live relay daemon"
+        )
     reasons.extend(f"{name}: {problem}" for name, problem in report.consumers.items() if problem)
     return reasons
+
+
+def _failing(report: Any) -> str:
+    if not report.relays_failing:
+        return ""
+    return f" ({report.relays_failing} cannot reach the broker: {report.relay_broker_error})"
