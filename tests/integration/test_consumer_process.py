@@ -272,7 +272,7 @@ def test_a_frozen_consumer_process_holds_its_message_and_shows_as_silent(harness
         wait_for(lambda: silent().silent == 1, 30, "the frozen process counted as silent")
         state = silent()
         assert "stopped beating" in state.warning
-        assert "without a clean stop: killed, or frozen" in state.warning
+        assert "without a clean stop: killed, frozen, or cut off from the database" in state.warning
         assert "up to twice CONSUMER_HEARTBEAT" in state.warning  # RabbitMQ
         assert applied(harness.name, "m-2") == 0
     finally:

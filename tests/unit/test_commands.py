@@ -191,8 +191,10 @@ def test_outbox_status_of_an_empty_outbox():
         "liveness": {
             "consumers": [],
             "processes": [],
+            "relay_broker_error": "",
             "relay_last_seen": None,
             "relays_alive": 0,
+            "relays_failing": 0,
             "timeout_seconds": 3.0,
         },
     }
