@@ -238,7 +238,8 @@ def _liveness_families(state: Liveness, gauge: Any) -> Iterator[Any]:
     silent = gauge(
         "reliable_events_consumer_processes_silent",
         "Processes that ran the consumer and stopped beating without a clean stop "
-        "lately: killed, frozen (still holding their unacked messages), or cut off from the database.",
+        "lately: killed, frozen (still holding their unacked messages), or cut off from "
+        "the database.",
         labels=["consumer"],
     )
     for consumer in state.consumers[: metrics.MAX_CONSUMER_LABELS]:
