@@ -287,6 +287,13 @@ class Transport:
         it back itself (the database transport rolls its claim back)."""
         return False
 
+    def retry_later(self, delivery: Delivery, delay: float, headers: dict[str, Any]) -> bool:
+        """An ordered consumer's in-place retry: whether the transport put ``delivery``
+        back at its place with ``headers``, due after ``delay`` seconds, and settled it
+        (the database transport: waiting would hold its claim's transaction, and on
+        SQLite the one write lock); ``False``: the worker keeps it unacked and waits."""
+        return False
+
 
 def undecodable_delivery(
     consumer: str,

@@ -20,8 +20,10 @@ directions live here, like a kombu transport module (docs/relay.md, docs/consume
 
 Ordered consumers (``EventConsumer.ordered``) keep one queue here (no partitions): one
 process at a time claims from it (a transaction-level advisory lock on PostgreSQL; SQLite
-has one writer), so a key's events are applied in order and an in-place retry holds the
-queue.
+has one writer), so a key's events are applied in order.  An in-place retry puts the
+claimed row back under its id, due later (:meth:`DatabaseTransport.retry_later`), and
+only the head of such a queue is claimed once due: the queue waits for it without a
+transaction held open.
 
 Not there: a redelivery counter and ``redelivered`` flags (a rolled-back claim leaves no
 trace, as on a classic RabbitMQ queue).
@@ -402,7 +404,7 @@ class DatabaseTransport(Transport):
         assert dialect is not None
         if queue in self._ordered and dialect.listens and not self._queue_lock(queue):
             return []  # another process is applying this ordered queue's head
-        rows = claim_rows(self.alias, dialect, queue, limit)
+        rows = claim_rows(self.alias, dialect, queue, limit, head_only=queue in self._ordered)
         self._open.update(row[0] for row in rows)
         return rows
 
@@ -417,7 +419,7 @@ class DatabaseTransport(Transport):
 
     def _due(self) -> dict[str, float]:
         assert self._dialect is not None
-        return due_in(self.alias, self._dialect, list(self.queues))
+        return due_in(self.alias, self._dialect, list(self.queues), heads=self._ordered)
 
     def _delivery(self, row: tuple[Any, ...]) -> Delivery:
         pk, queue, message_id, topic, key, headers_text, body, published_at = row
@@ -469,6 +471,25 @@ class DatabaseTransport(Transport):
     def abandon(self, delivery: Delivery) -> bool:
         """A database failure: roll back (the rows go back to their queues)."""
         self._rollback()
+        return True
+
+    def retry_later(self, delivery: Delivery, delay: float, headers: dict[str, Any]) -> bool:
+        """Put the claimed row back under its id (the head of its ordered queue, which
+        waits behind it), due after ``delay``, with the next attempt's ``headers``, and
+        commit: nothing is held while the retry waits."""
+        generation, pk = delivery.tag
+        if generation != self._generation or self._atomic is None:
+            return False
+        row = queue_row(
+            delivery.routing_key,
+            message_id=delivery.message_id,
+            topic=delivery.properties.get("type") or "",
+            headers=headers,
+            body=delivery.body,
+            published_at=delivery.properties.get("timestamp"),
+        )
+        insert_rows(self.alias, [row], delay=delay, notify=False, ids=[pk])
+        self.ack(delivery)
         return True
 
     def _rollback(self) -> None:

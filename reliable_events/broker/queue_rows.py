@@ -12,7 +12,7 @@ consumer removed from the code.  The transport that drives them is
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -91,19 +91,28 @@ _COLUMNS = "id, queue, message_id, topic, key, {headers}, body, published_at"
 
 
 def insert_rows(
-    alias: str, rows: Sequence[tuple[Any, ...]], *, delay: float = 0.0, notify: bool = True
+    alias: str,
+    rows: Sequence[tuple[Any, ...]],
+    *,
+    delay: float = 0.0,
+    notify: bool = True,
+    ids: Sequence[int] = (),
 ) -> None:
     """Insert queue rows ``(queue, message_id, topic, key, headers_json, body, attempt,
-    published_at)`` in the caller's transaction, due after ``delay`` seconds."""
+    published_at)`` in the caller's transaction, due after ``delay`` seconds; ``ids``:
+    under these ids (rows claimed in this transaction, put back at their place)."""
     dialect = dialect_for(alias)
     due = dialect.later if delay > 0 else dialect.now
     sql = (
         f"INSERT INTO {table_name(alias)} "  # noqa: S608 - identifiers from the model, values are parameters
-        "(queue, message_id, topic, key, headers, body, attempt, published_at, available_at) "
-        f"VALUES (%s, %s, %s, %s, {dialect.headers_in}, %s, %s, %s, {due})"
+        f"({'id, ' if ids else ''}queue, message_id, topic, key, headers, body, attempt, "
+        "published_at, available_at) "
+        f"VALUES ({'%s, ' if ids else ''}%s, %s, %s, %s, {dialect.headers_in}, %s, %s, %s, {due})"
     )
     adapt = connections[alias].ops.adapt_datetimefield_value
     params = [(*row[:7], adapt(row[7])) for row in rows]
+    if ids:
+        params = [(pk, *row) for pk, row in zip(ids, params, strict=True)]
     if delay > 0:
         params = [(*row, dialect.later_param(delay)) for row in params]
     with connections[alias].cursor() as cursor:
@@ -143,10 +152,13 @@ def queue_row(queue: str, message: OutgoingMessage | None = None, **values: Any)
     )
 
 
-def claim_rows(alias: str, dialect: Dialect, queue: str, limit: int) -> list[tuple[Any, ...]]:
+def claim_rows(
+    alias: str, dialect: Dialect, queue: str, limit: int, *, head_only: bool = False
+) -> list[tuple[Any, ...]]:
     """Delete (claim) up to ``limit`` due rows of ``queue``, oldest first, in the caller's
     transaction; the rows as ``(id, queue, message_id, topic, key, headers, body,
-    published_at)``.
+    published_at)``.  ``head_only`` (an ordered consumer's queue): only the first row,
+    and only once it is due (a retry put back in place holds the rows behind it).
 
     The ``(queue, id)`` index is walked, so other queues' rows (an unrouted backlog, a
     stopped consumer's queue) are never scanned.  The queue is written as a range:
@@ -154,10 +166,11 @@ def claim_rows(alias: str, dialect: Dialect, queue: str, limit: int) -> list[tup
     expecting this queue's rows to be spread evenly among the others.
     """
     table = table_name(alias)
+    due = f"available_at <= {dialect.now}"
     sql = (
         f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} "  # noqa: S608
-        f"WHERE queue >= %s AND queue <= %s AND available_at <= {dialect.now} "
-        f"ORDER BY queue, id LIMIT %s {dialect.lock}) "
+        f"WHERE queue >= %s AND queue <= %s {'' if head_only else 'AND ' + due} "
+        f"ORDER BY queue, id LIMIT %s {dialect.lock}) {'AND ' + due if head_only else ''} "
         f"RETURNING {_COLUMNS.format(headers=dialect.headers_out)}"
     )
     with connections[alias].cursor() as cursor:
@@ -165,14 +178,21 @@ def claim_rows(alias: str, dialect: Dialect, queue: str, limit: int) -> list[tup
         return sorted(cursor.fetchall())
 
 
-def due_in(alias: str, dialect: Dialect, queues: Sequence[str]) -> dict[str, float]:
+def due_in(
+    alias: str, dialect: Dialect, queues: Sequence[str], heads: Collection[str] = ()
+) -> dict[str, float]:
     """Seconds until the next row of each non-empty queue of ``queues`` is due (one query;
-    each ``MIN`` is read from the ``(queue, available_at)`` index)."""
+    each ``MIN`` is read from the ``(queue, available_at)`` index); for the queues in
+    ``heads`` (ordered consumers'), until their first row is."""
     table = table_name(alias)
-    seconds_until = dialect.due_in.format(due="MIN(available_at)")
+    first = dialect.due_in.format(due="available_at")
+    soonest = dialect.due_in.format(due="MIN(available_at)")
     sql = " UNION ALL ".join(
-        f"SELECT {index}, {seconds_until} FROM {table} WHERE queue = %s"  # noqa: S608
-        for index in range(len(queues))
+        f"SELECT {index}, {first} FROM (SELECT available_at FROM {table} "  # noqa: S608
+        "WHERE queue = %s ORDER BY id LIMIT 1) AS head"
+        if queue in heads
+        else f"SELECT {index}, {soonest} FROM {table} WHERE queue = %s"  # noqa: S608
+        for index, queue in enumerate(queues)
     )
     with connections[alias].cursor() as cursor:
         cursor.execute(sql, list(queues))

@@ -469,6 +469,12 @@ class Worker:
                     return  # stopping: unacked, the broker delivers it again
                 continue
             except RetryInPlace as retry:  # an ordered consumer: keep it, wait, again
+                retrying = self.processor.in_place.current(delivery)
+                if self.transport.retry_later(delivery, retry.delay, retrying.headers):
+                    self.processor.in_place.settled(delivery)  # its headers are in the row
+                    self._count(Outcome.RETRIED, None)
+                    metrics.consumed(delivery.consumer, Outcome.RETRIED, None)
+                    return
                 self.transport.pump(retry.delay, self.stop)
                 if self.stop.is_set():
                     return  # unacked: the broker delivers it again

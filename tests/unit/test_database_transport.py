@@ -652,3 +652,52 @@ def test_a_consumer_that_cannot_listen_warns_once_and_polls(pg_transport, re_set
         assert transport._listener is not None
     finally:
         settings_dict["PORT"] = port
+
+
+# -- an ordered consumer's retry ------------------------------------------------------------
+def test_an_ordered_retry_waits_without_holding_a_transaction(clean_registry: Any) -> None:
+    """A trial on SQLite: an ordered consumer's retry kept its claim's transaction open
+    for the whole delay, so the one write lock was held: a publish and a triage request
+    failed with "database is locked" after 30 s. The row now goes back to the head of
+    its queue under its id, due later, and the rows behind it wait for it."""
+    calls: list[tuple[str, int, float]] = []
+
+    def fail_first(consumer: EventConsumer, event: Event) -> None:
+        calls.append((event.id, event.attempt, time.monotonic()))
+        if event.id == "a-1" and event.attempt == 1:
+            raise RuntimeError("once")
+
+    consumer = make_consumer(clean_registry, behaviour=fail_first, max_retries=1)
+    consumer.ordered = True
+    consumer.retry_delays = [2.0]
+    with transaction.atomic():
+        for message_id, key in (("a-1", "a"), ("b-1", "b"), ("a-2", "a")):
+            publish_event("orders.created", {}, key=key, message_id=message_id)
+    head = QueuedMessage.objects.get(message_id="a-1").pk
+    worker = Worker([consumer], url=URL)
+
+    def run() -> None:
+        try:
+            worker.run(until_idle=3.0)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # the retry waits now
+        started = time.monotonic()
+        with transaction.atomic():  # a write beside it, as a web request makes
+            publish_event("billing.other", {}, message_id="beside-1")  # no consumer
+        assert time.monotonic() - started < 1.0
+        waiting = QueuedMessage.objects.get(message_id="a-1")
+        assert (waiting.pk, waiting.attempt) == (head, 2)  # its place, its next attempt
+    finally:
+        thread.join(60)
+    assert [(c[0], c[1]) for c in calls] == [("a-1", 1), ("a-1", 2), ("b-1", 1), ("a-2", 1)]
+    assert calls[1][2] - calls[0][2] >= 2.0  # the delay was kept
+    assert [applied(consumer, m) for m in ("a-1", "b-1", "a-2")] == [1, 1, 1]
+    assert worker.stats.retried == 1
