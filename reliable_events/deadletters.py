@@ -27,9 +27,10 @@ from reliable_events.consumer import EventConsumer, registry
 from reliable_events.consumer.holds import release, release_reason
 from reliable_events.consumer.wire import NOT_JSON, TOO_LARGE, UNDECODABLE, WRONG_CONTENT_TYPE
 from reliable_events.db import own_transaction, write_alias
-from reliable_events.exceptions import ReliableEventsError, UnknownConsumer
+from reliable_events.exceptions import InvalidEvent, ReliableEventsError, UnknownConsumer
 from reliable_events.models import DeadLetter, OutboxMessage, TriageEntry
 from reliable_events.outbox import Hold, hold, insert, insert_many, new_row
+from reliable_events.publishing import checked_payload
 from reliable_events.topology import full_topology
 
 logger = logging.getLogger(__name__)
@@ -389,6 +390,11 @@ def edit_and_retry(
     """
     alias = _alias(using)
     result = TriageResult()
+    try:
+        checked_payload(payload)
+    except InvalidEvent as exc:  # publish_event's rule: the copy must be publishable
+        result.skipped[letter.pk] = str(exc)
+        return result
     result.unregistered, ids = _check_consumers(
         alias, [letter.pk], result, dry_run=False, force=force
     )

@@ -30,6 +30,7 @@ from reliable_events.outbox import (
 
 #: Kept importable from here (they moved to :mod:`reliable_events.outbox`).
 __all__ = [
+    "checked_payload",
     "encode_payload",
     "json_value",
     "lane_for",
@@ -70,6 +71,18 @@ def encode_payload(payload: Any) -> str:
     if _NUL_ESCAPE_RE.search(body):
         raise InvalidEvent("payload contains a NUL character (\\u0000), which cannot be stored")
     _require_utf8(body, "payload")
+    return body
+
+
+def checked_payload(payload: Any) -> str:
+    """The JSON text of a payload ``publish_event`` accepts, or :class:`InvalidEvent`
+    saying why not (not JSON, NUL, a lone surrogate, over ``MAX_PAYLOAD_BYTES``): the
+    one rule for every way a payload enters the outbox (an edited dead letter too)."""
+    body = encode_payload(payload)
+    limit = int(app_settings.MAX_PAYLOAD_BYTES)
+    size = len(body.encode())
+    if size > limit:
+        raise InvalidEvent(f"payload is {size} bytes, over MAX_PAYLOAD_BYTES ({limit})")
     return body
 
 
@@ -177,11 +190,7 @@ def publish_event(
     ``InvalidEvent``).
     """
     topic = validate_topic(topic)
-    body = encode_payload(payload)
-    limit = int(app_settings.MAX_PAYLOAD_BYTES)
-    size = len(body.encode())
-    if size > limit:
-        raise InvalidEvent(f"payload is {size} bytes, over MAX_PAYLOAD_BYTES ({limit})")
+    body = checked_payload(payload)
     clean_headers = validate_headers(headers)
     key = _validate_optional_id(key, "key", KEY_MAX_LENGTH)
     given_id = _validate_optional_id(

@@ -34,7 +34,9 @@ from django.utils.translation import gettext_lazy as _
 from reliable_events import deadletters, payload_search
 from reliable_events.conf import app_settings
 from reliable_events.deadletters import TriageResult
+from reliable_events.exceptions import InvalidEvent
 from reliable_events.models import DeadLetter, TriageEntry
+from reliable_events.publishing import checked_payload
 from reliable_events.timeline import timeline
 
 if TYPE_CHECKING:
@@ -254,9 +256,14 @@ class EditPayloadForm(forms.Form):
         if len(text.encode()) > limit:
             raise forms.ValidationError(f"The payload is over MAX_PAYLOAD_BYTES ({limit} bytes).")
         try:
-            return json.loads(text)
+            value = json.loads(text)
         except (ValueError, RecursionError) as exc:
             raise forms.ValidationError(f"Not valid JSON: {str(exc)[:200]}") from None
+        try:
+            checked_payload(value)
+        except InvalidEvent as exc:  # what publish_event refuses: NUL, lone surrogates
+            raise forms.ValidationError(f"Not publishable: {exc}.") from None
+        return value
 
 
 def initial_payload(letter: DeadLetter) -> str:

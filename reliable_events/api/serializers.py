@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,9 +10,10 @@ from rest_framework.settings import api_settings
 from rest_framework.utils import html
 
 from reliable_events.api.filters import MAX_ID
-from reliable_events.conf import app_settings
 from reliable_events.deadletters import TriageResult
+from reliable_events.exceptions import InvalidEvent
 from reliable_events.models import DeadLetter
+from reliable_events.publishing import checked_payload
 
 #: Largest explicit id list a bulk call accepts.
 MAX_BULK_IDS = 10_000
@@ -122,9 +122,10 @@ class EditRetrySerializer(StrictSerializer):
     force = Flag(required=False, default=False)
 
     def validate_payload(self, value: Any) -> Any:
-        limit = int(app_settings.MAX_PAYLOAD_BYTES)
-        if len(json.dumps(value).encode()) > limit:
-            raise serializers.ValidationError(f"over MAX_PAYLOAD_BYTES ({limit} bytes).")
+        try:
+            checked_payload(value)
+        except InvalidEvent as exc:  # what publish_event refuses: NUL, lone surrogates, size
+            raise serializers.ValidationError(f"{exc}.") from None
         return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.html import escape
 
 from reliable_events import deadletters
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage, TriageEntry
@@ -311,3 +313,39 @@ def test_admin_timeline_of_an_impossible_message_id_is_a_404(message_id: str) ->
     client = admin_client(staff_user("viewer", "view_deadletter"))
     url = reverse("admin:reliable_events_timeline") + f"?message_id={message_id}"
     assert client.get(url).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        ('{"x": "\\ud800"}', "payload is not valid Unicode (it has a lone surrogate)"),
+        ('"\\u0000"', "payload contains a NUL character (\\u0000), which cannot be stored"),
+    ],
+)
+def test_an_edited_payload_publish_event_would_refuse_is_refused_everywhere(
+    payload: str, why: str
+) -> None:
+    """A trial: a lone surrogate was accepted by edit-and-retry (API and admin), and then
+    the copy's dead letter, its outbox row and its admin pages answered 500
+    (UnicodeEncodeError); a NUL became a letter whose payload read ``null`` and could not
+    be retried ("not valid JSON")."""
+    letter = dead_letter()
+    value = json.loads(payload)
+    service = deadletters.edit_and_retry(letter, value, user="alice")
+    assert service.skipped == {letter.pk: why}
+    oncall = api_client(staff_user("oncall", *ONCALL, "edit_deadletter"))
+    api = oncall.post(
+        f"/api/events/dead-letters/{letter.pk}/edit-retry/",
+        '{"note": "fix", "payload": ' + payload + "}",
+        content_type="application/json",
+    )
+    assert api.status_code == 400
+    assert api.json() == {"payload": [f"{why}."]}
+    editor = admin_client(staff_user("editor", *ONCALL, "edit_deadletter"))
+    url = reverse("admin:reliable_events_deadletter_edit", args=[letter.pk])
+    page = editor.post(url, {"payload": payload, "note": "fix"})
+    assert page.status_code == 200
+    assert escape(f"Not publishable: {why}.") in page.content.decode()
+    letter.refresh_from_db()
+    assert letter.status == DeadLetter.Status.OPEN
+    assert not OutboxMessage.objects.exists()
