@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo
 
-from django.apps import apps
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
-from django.db import connections
 from django.utils.module_loading import import_string
 
 from reliable_events import cloudevents
@@ -23,14 +19,18 @@ from reliable_events.broker_url import (
     node_urls,
     userinfo_password,
 )
+from reliable_events.checks_database import (
+    DOCS,
+    check_pooled_databases,
+    check_sqlite_clock,
+    check_sqlite_writers,
+)
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import QUORUM_DELIVERY_LIMIT
-from reliable_events.db import queue_alias, write_alias
+from reliable_events.db import queue_alias
 from reliable_events.debug import mask_urls
 from reliable_events.exceptions import ConfigurationError
 from reliable_events.topology import KEY_BUCKETS
-
-DOCS = "See docs/settings.md."
 
 _POSITIVE_INTS = (
     "MAX_ATTEMPTS",
@@ -466,69 +466,6 @@ def check_debug_filter() -> list[CheckMessage]:
     ]
 
 
-def check_pooled_databases() -> list[CheckMessage]:
-    """A PostgreSQL ``DATABASES`` entry that declares a transaction-pooling pooler
-    (``DISABLE_SERVER_SIDE_CURSORS``, as Django's docs ask for PgBouncer) must not use
-    session features: psycopg's prepared statements, startup ``options``, or a relay that
-    is told to ``LISTEN`` there."""
-    messages: list[CheckMessage] = []
-    databases: dict[str, dict[str, Any]] = settings.DATABASES
-    for alias, database in databases.items():
-        if "postgresql" not in str(database.get("ENGINE", "")):
-            continue
-        if not database.get("DISABLE_SERVER_SIDE_CURSORS"):
-            continue
-        options = database.get("OPTIONS") or {}
-        problems = []
-        if options.get("prepare_threshold", 5) is not None:
-            problems.append('psycopg prepares statements: set OPTIONS["prepare_threshold"] = None')
-        if "-c" in str(options.get("options", "")):
-            problems.append('OPTIONS["options"] sets session parameters the pooler drops')
-        if app_settings.RELAY_LISTEN is True:
-            problems.append("RELIABLE_EVENTS['RELAY_LISTEN'] is True: relays would miss wake-ups")
-        if problems:
-            messages.append(
-                Warning(
-                    f"DATABASES[{alias!r}] looks pooled (DISABLE_SERVER_SIDE_CURSORS) but uses "
-                    "session state: " + "; ".join(problems) + ".",
-                    hint="See docs/relay.md, 'PostgreSQL behind PgBouncer'.",
-                    id="reliable_events.W004",
-                )
-            )
-    return messages
-
-
-def _keeps_utc(name: str | None) -> bool:
-    """Whether the time zone ``name`` (``None``: the process's) is UTC all year."""
-    zone = ZoneInfo(name) if name else None
-    year = datetime.now(UTC).year
-    return not any(
-        datetime(year, month, 1, tzinfo=UTC).astimezone(zone).utcoffset() for month in (1, 7)
-    )
-
-
-def check_sqlite_clock() -> list[CheckMessage]:
-    """SQLite's clock (``CURRENT_TIMESTAMP``, the ``now()`` the relay and the consumers
-    compare due times with) counts in UTC, while under ``USE_TZ = False`` Django stores
-    naive datetimes in ``TIME_ZONE``: every due time would be off by the zone's offset
-    (east of UTC, rows wait that many hours; west, back-off is skipped)."""
-    if settings.USE_TZ or _keeps_utc(settings.TIME_ZONE):
-        return []
-    aliases = {write_alias(model) for model in apps.get_app_config("reliable_events").get_models()}
-    found = sorted(alias for alias in aliases if connections[alias].vendor == "sqlite")
-    if not found:
-        return []
-    return [
-        Error(
-            f"USE_TZ = False with TIME_ZONE = {settings.TIME_ZONE!r} on SQLite "
-            f"(DATABASES {', '.join(map(repr, found))}): SQLite's clock is UTC, so every "
-            "due time of an outbox or queue row would be off by the time zone's offset.",
-            hint="Set USE_TZ = True (Django's default) or TIME_ZONE = 'UTC'. " + DOCS,
-            id="reliable_events.E013",
-        )
-    ]
-
-
 CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
     check_settings_type,
     check_broker_url,
@@ -542,6 +479,7 @@ CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
     check_debug_filter,
     check_pooled_databases,
     check_sqlite_clock,
+    check_sqlite_writers,
     _setting_errors,
 )
 

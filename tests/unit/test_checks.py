@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +16,9 @@ from django.core.management.base import SystemCheckError
 from django.db import connection
 
 from reliable_events.checks import reliable_events_checks
+from reliable_events.checks_database import sqlite_option_problems
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ids(messages: list[Any]) -> list[str]:
@@ -310,3 +318,49 @@ def test_the_ordered_heartbeat_settings_are_positive_numbers(re_settings, name, 
     messages = _only(re_settings, **{name: value})
     assert _ids(messages) == ["reliable_events.E003"]  # not also E014
     assert name in messages[0].msg
+
+
+@pytest.mark.parametrize(
+    ("wal", "warned"), [("", True), ("1", False)]
+)  # RE_TEST_SQLITE_WAL=1: timeout 30, IMMEDIATE, WAL, as docs/relay.md says
+def test_w006_a_shared_sqlite_file_without_the_options_for_several_writers(
+    tmp_path: Path, wal: str, warned: bool
+) -> None:
+    """A trial with startproject's settings: 851 of 1,200 concurrent publishes failed with
+    "database is locked", and ``check`` said nothing."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+        "RE_TEST_DATABASE": "sqlite",
+        "RE_TEST_SQLITE_NAME": str(tmp_path / "shared.sqlite3"),
+        "RE_TEST_SQLITE_WAL": wal,
+        "RE_TEST_RELIABLE_EVENTS": json.dumps({"BROKER_URL": "db://"}),
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert ("reliable_events.W006" in output) is warned, output
+    if warned:
+        assert 'no OPTIONS["transaction_mode"] = "IMMEDIATE"' in output
+        assert '"transaction_mode": "IMMEDIATE"' in output  # the hint: what to set
+
+
+def test_w006_options_read_from_each_sqlite_alias() -> None:
+    problems = sqlite_option_problems
+    assert problems({}) == [
+        'no OPTIONS["transaction_mode"] = "IMMEDIATE"',
+        'OPTIONS["timeout"] is 5 s',
+    ]
+    assert problems({"OPTIONS": {"timeout": 30, "transaction_mode": "immediate"}}) == []
+    assert problems({"OPTIONS": {"timeout": "x", "transaction_mode": "EXCLUSIVE"}}) == [
+        "OPTIONS[\"timeout\"] is 'x' s"
+    ]
