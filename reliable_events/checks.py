@@ -14,6 +14,7 @@ from django.utils.module_loading import import_string
 from reliable_events import cloudevents
 from reliable_events.broker.queue_rows import dialect_for
 from reliable_events.broker_url import (
+    AMQP_SCHEMES,
     OWN_TRANSPORTS,
     node_list_problems,
     node_urls,
@@ -220,6 +221,18 @@ def check_broker_url() -> list[CheckMessage]:
                 id="reliable_events.E002",
             )
         ]
+    if scheme not in SUPPORTED_KOMBU_TRANSPORTS:
+        given = "" if app_settings.given("BROKER_URL") else " (taken from CELERY_BROKER_URL)"
+        return [
+            Error(
+                f"RELIABLE_EVENTS['BROKER_URL']{given} uses kombu's {scheme!r} transport, "
+                "which this app does not support: it has no publisher confirms, alternate "
+                "exchange or delay queues, so an event could be lost unseen.",
+                hint="Set RELIABLE_EVENTS['BROKER_URL'] to an amqp:// URL (RabbitMQ) or "
+                "'db://' (queues in your database; Celery may keep its own broker). " + DOCS,
+                id="reliable_events.E002",
+            )
+        ]
     if scheme == "memory":
         return [
             Warning(
@@ -252,6 +265,8 @@ def check_broker_nodes() -> list[CheckMessage]:
     ]
 
 
+#: kombu transports the app runs on: RabbitMQ, and ``memory://`` for in-process tests.
+SUPPORTED_KOMBU_TRANSPORTS = AMQP_SCHEMES | {"librabbitmq", "memory"}
 #: kombu transports that lose messages (see docs/settings.md): refused, pointing to db://.
 UNSAFE_TRANSPORTS = frozenset({"filesystem"})
 

@@ -58,6 +58,8 @@ def test_e001_settings_not_a_dict(settings):
         (None, "non-empty"),
         (5, "non-empty"),
         ("nosuch://x:9092", "'nosuch'"),
+        ("redis://:s3cret@cache:6379/0", "kombu's 'redis' transport"),  # no confirms
+        ("sqs://", "kombu's 'sqs' transport"),
         ("amqp://u:s3cret@[rabbit//", "not a URL"),  # an unclosed "[": urlsplit refuses it
         ("amqp://u:s3cret@rabbit:56720000//", "not a URL"),  # a port out of range
         ("amqp://u:s3cret#1@rabbit:5672//", "not a URL"),  # cut at "#": port "s3cret"
@@ -364,3 +366,14 @@ def test_w006_options_read_from_each_sqlite_alias() -> None:
     assert problems({"OPTIONS": {"timeout": "x", "transaction_mode": "EXCLUSIVE"}}) == [
         "OPTIONS[\"timeout\"] is 'x' s"
     ]
+
+
+def test_e002_a_celery_broker_on_redis_is_named_as_the_source(settings, re_settings) -> None:
+    """BROKER_URL defaults to CELERY_BROKER_URL: a Celery-on-Redis project learns at
+    ``check`` time, not from the relay's ModuleNotFoundError (a trial)."""
+    settings.CELERY_BROKER_URL = "redis://cache:6379/0"
+    settings.RELIABLE_EVENTS = {}
+    messages = [m for m in reliable_events_checks() if m.id == "reliable_events.E002"]
+    assert len(messages) == 1
+    assert "(taken from CELERY_BROKER_URL) uses kombu's 'redis' transport" in messages[0].msg
+    assert "'db://'" in str(messages[0].hint)
