@@ -28,6 +28,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def seconds_ago(text: str) -> float:
+    """An age in seconds: a finite number, 0 or more."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative: an age is 0 or more seconds")
+    return value
+
+
 def whole_number(what: str, lowest: int, highest: int) -> Callable[[str], int]:
     """An ``argparse`` type: a whole number from ``lowest`` to ``highest`` (``what`` names
     it in the message)."""

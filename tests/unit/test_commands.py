@@ -370,6 +370,7 @@ def test_declare_topology_reports_an_unreachable_broker():
     ("command", "args", "text"),
     [
         ("outbox_status", ["--max-pending-age", "nan"], "'nan' is not a finite number"),
+        ("outbox_status", ["--max-pending-age", "-1"], "'-1' is negative"),  # always "old"
         ("consume_events", ["--until-idle", "inf"], "'inf' is not a finite number"),
         ("consume_events", ["--metrics-port", "99999"], "is not a port number (1 to 65535)"),
         ("relay_outbox", ["--metrics-port", "0"], "is not a port number (1 to 65535)"),
@@ -420,3 +421,16 @@ def test_arguments_the_parser_refuses_exit_1_not_argparse_2() -> None:
         )
         assert result.returncode == 1, result.stderr
         assert "error:" in result.stderr
+
+
+def test_retry_dead_letters_of_a_consumer_nobody_registered_warns_of_a_typo(
+    clean_registry: Any,
+) -> None:
+    """It exits 0 (nothing matched is not an error), but ``--consumer biling`` no longer
+    passes unsaid (a trial)."""
+    out, err = run("retry_dead_letters", "--consumer", "biling")
+    assert "retry_dead_letters: " in out
+    assert err == (
+        "warning: no consumer named 'biling' is registered and none of the open dead letters "
+        "is its: a typo? (consume_events --list names them)\n"
+    )

@@ -497,14 +497,19 @@ def test_consume_events_command_runs_until_idle(clean_registry):
 
 
 def test_consume_events_command_rejects_bad_input(clean_registry):
-    make_consumer(clean_registry)
+    plain = make_consumer(clean_registry)
+    ordered = make_consumer(clean_registry)
+    ordered.ordered = True
     with pytest.raises(CommandError, match="no consumer named"):
         call_command("consume_events", "nope", "--until-idle", "0.1")
     with pytest.raises(CommandError, match="must be positive"):
         call_command("consume_events", "--until-idle", "0")
     out = StringIO()
     call_command("consume_events", "--list", stdout=out)
-    assert "topics=orders.*" in out.getvalue()
+    listed = {line.split(":")[0]: line for line in out.getvalue().splitlines()}
+    assert "topics=orders.*" in listed[plain.name]
+    assert not listed[plain.name].endswith(" ordered")
+    assert listed[ordered.name].endswith(" ordered")
 
 
 @pytest.fixture

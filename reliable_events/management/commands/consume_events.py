@@ -70,7 +70,7 @@ class Command(BadArgumentsExit1, BaseCommand):
                 self.stdout.write(
                     f"{cls.name}: topics={', '.join(cls.topics)} "
                     f"max_retries={cls.get_max_retries()} "
-                    f"retry_delays={cls.get_retry_delays()}"
+                    f"retry_delays={cls.get_retry_delays()}" + (" ordered" if cls.ordered else "")
                 )
             return
         for name in ("until_idle", "max_messages", "prefetch"):  # --metrics-port: its type

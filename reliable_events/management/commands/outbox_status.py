@@ -16,7 +16,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.liveness import liveness
-from reliable_events.management.arguments import BadArgumentsExit1, database_alias, finite_float
+from reliable_events.management.arguments import BadArgumentsExit1, database_alias, seconds_ago
 from reliable_events.status import outbox_status
 from reliable_events.unrouted import UnroutedCount, count_unrouted
 
@@ -40,7 +40,7 @@ class Command(BadArgumentsExit1, BaseCommand):
         )
         parser.add_argument(
             "--max-pending-age",
-            type=finite_float,
+            type=seconds_ago,
             default=None,
             help="Exit 4 when the oldest overdue pending row is older than this many seconds "
             "(a delay= event counts from when it became due).",

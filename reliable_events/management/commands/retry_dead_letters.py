@@ -23,6 +23,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events import deadletters
+from reliable_events.consumer.base import registry
 from reliable_events.db import write_alias
 from reliable_events.management.arguments import BadArgumentsExit1, database_alias, row_id
 from reliable_events.models import OutboxMessage
@@ -83,6 +84,11 @@ class Command(BadArgumentsExit1, BaseCommand):
         )
         for warning in result.warnings:
             self.stderr.write(f"warning: {warning}")
+        if consumer and not selected and consumer not in registry.names():
+            self.stderr.write(
+                f"warning: no consumer named {consumer!r} is registered and none of the open "
+                "dead letters is its: a typo? (consume_events --list names them)"
+            )
         by_id = {letter.pk: letter for letter in selected}
         verb = "would retry" if dry_run else "retried"
         for pk in result.done:
