@@ -25,7 +25,7 @@ from reliable_events import publish_event
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
 from reliable_events.topology import unrouted_name
 from tests.support.optional import needs_beat
-from tests.support.producer_support import free_port
+from tests.support.producer_support import database_not_answering, free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -434,3 +434,13 @@ def test_retry_dead_letters_of_a_consumer_nobody_registered_warns_of_a_typo(
         "warning: no consumer named 'biling' is registered and none of the open dead letters "
         "is its: a typo? (consume_events --list names them)\n"
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outbox_status_with_the_database_down_is_one_line_and_exit_2() -> None:
+    """A monitoring probe read a traceback and exit 1 (the code of a usage error)."""
+    with database_not_answering(), pytest.raises(CommandError) as failed:
+        run("outbox_status", "--skip-broker")
+    assert failed.value.returncode == 2
+    assert str(failed.value).startswith("the database does not answer (OperationalError")
+    assert str(failed.value).endswith("): nothing could be counted")

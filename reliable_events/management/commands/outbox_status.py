@@ -1,7 +1,8 @@
 """``outbox_status``: counts by status, oldest pending age, dead rows, open dead letters,
 and the events the broker diverted to ``<EXCHANGE>.unrouted``.
 
-Exit codes: 0 healthy (or not asked to fail); 3 with ``--fail-on-dead`` when dead outbox
+Exit codes: 0 healthy (or not asked to fail); 2 the database does not answer (one line,
+no traceback: a monitoring probe reads it); 3 with ``--fail-on-dead`` when dead outbox
 rows or open dead letters exist; 4 with ``--max-pending-age`` when the oldest overdue
 pending row is older than that many seconds; 5 with ``--fail-on-unrouted`` when the
 unrouted queue holds events (or cannot be counted).  When several apply, the first in
@@ -14,12 +15,15 @@ import json
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
 
 from reliable_events.liveness import liveness
 from reliable_events.management.arguments import BadArgumentsExit1, database_alias, seconds_ago
+from reliable_events.sanitize import describe_error
 from reliable_events.status import outbox_status
 from reliable_events.unrouted import UnroutedCount, count_unrouted
 
+EXIT_DATABASE = 2
 EXIT_DEAD = 3
 EXIT_STALE = 4
 EXIT_UNROUTED = 5
@@ -60,9 +64,16 @@ class Command(BadArgumentsExit1, BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["skip_broker"] and options["fail_on_unrouted"]:
             raise CommandError("--fail-on-unrouted needs the broker: drop --skip-broker")
-        status = outbox_status(using=options["database"])
+        try:
+            status = outbox_status(using=options["database"])
+            state = liveness(using=options["database"], with_queues=not options["skip_broker"])
+        except DatabaseError as exc:
+            raise CommandError(
+                f"the database does not answer ({describe_error(exc)[:300]}): nothing could "
+                "be counted",
+                returncode=EXIT_DATABASE,
+            ) from exc
         unrouted = None if options["skip_broker"] else count_unrouted()
-        state = liveness(using=options["database"], with_queues=not options["skip_broker"])
         if options["json"]:
             data = status.as_dict()
             if unrouted is not None:
