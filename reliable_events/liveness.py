@@ -29,6 +29,7 @@ from typing import Any
 from django.db import DatabaseError
 from django.utils import timezone
 
+from reliable_events import queue_loss
 from reliable_events.broker_url import is_amqp_url
 from reliable_events.conf import app_settings
 from reliable_events.consumer.base import EventConsumer, registry
@@ -93,9 +94,9 @@ class HeartbeatWriter:
         self.started_at = timezone.now()
         self.row_id: int | None = None
         self._next = 0.0
-        #: Why this process cannot reach the broker now ("" when it can), kept with its
-        #: counters: a process that retries a broker it cannot reach is alive, not working.
-        self.broker_error = ""
+        #: What this process says beside its counters (``broker_error``, ``recreated``),
+        #: written with them.
+        self.notes: dict[str, Any] = {}
         self._counters: dict[str, Any] = {}
 
     def tick(self, report: Report | Mapping[str, Any] | None = None) -> bool:
@@ -109,12 +110,21 @@ class HeartbeatWriter:
 
     def broker_state(self, error: str) -> None:
         """Record whether the broker answers (``error``: why not, redacted; ``""``: it
-        does), written at once when that changed."""
-        error = redact(error)[:300]
-        if error != self.broker_error:
-            self.broker_error = error
-            self._next = time.monotonic() + self.interval
-            self._write(self._counters, stopped=False)
+        does): a process that retries a broker it cannot reach is alive, not working."""
+        if error or "broker_error" in self.notes:  # else nothing changes (every step)
+            self.note("broker_error", redact(error)[:300])
+
+    def note(self, name: str, value: Any) -> None:
+        """Keep ``value`` (JSON; empty: nothing to say) with the counters, written at
+        once when it changed."""
+        if value == self.notes.get(name, type(value)()):
+            return
+        if value:
+            self.notes[name] = value
+        else:
+            self.notes.pop(name, None)
+        self._next = time.monotonic() + self.interval
+        self._write(self._counters, stopped=False)
 
     def stop(self, report: Report | Mapping[str, Any] | None = None) -> None:
         """Record a clean stop (the process is no longer counted as alive)."""
@@ -122,8 +132,8 @@ class HeartbeatWriter:
             self._write(counters_of(report), stopped=True)
 
     def _write(self, counters: dict[str, Any], *, stopped: bool) -> bool:
-        if self.broker_error:
-            counters = {**counters, "broker_error": self.broker_error}
+        if self.notes:
+            counters = {**counters, **self.notes}
         values = {
             "last_seen": timezone.now(),
             "counters": counters,
@@ -282,6 +292,9 @@ class ConsumerLiveness:
     silent: int = 0
     #: Empty, or what an on-call engineer should look at although it is not down.
     warning: str = ""
+    #: Its queues the topology check declared again lately (deleted: what they held is
+    #: lost): name -> when (:mod:`reliable_events.queue_loss`).
+    recreated: dict[str, datetime] = field(default_factory=dict)
     #: Live processes running it that cannot reach the broker (not in ``processes``).
     cut_off: int = 0
     #: Why (the newest such process's error, redacted).
@@ -343,6 +356,8 @@ class Liveness:
 
     def as_dict(self) -> dict[str, Any]:
         def plain(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {key: plain(item) for key, item in value.items()}
             return value.isoformat() if isinstance(value, datetime) else value
 
         return {
@@ -448,6 +463,7 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
     }
     silent_after = timeout * SILENT_TIMEOUTS
     silent_for: dict[str, float] = {}
+    notes: dict[str, list[dict[str, str]]] = {}
     for process in processes:
         if process.kind != Heartbeat.Kind.CONSUMER:
             continue
@@ -457,6 +473,8 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
             state = consumers.get(name)
             if state is None:
                 continue
+            if process.counters.get("recreated"):
+                notes.setdefault(name, []).append(process.counters["recreated"])
             if process.alive and process.counters.get("broker_error"):
                 state.cut_off += 1
                 if not state.broker_error:  # newest first
@@ -495,10 +513,15 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
                 del consumers[state.name]  # removed with its queues: history only
     for state in consumers.values():
         state.problem = _problem(state, on_amqp)
+        cls = known.get(state.name)
+        own = topology_of(cls)["queues"] if cls is not None else queues[state.name]
+        state.recreated = queue_loss.recent(notes.get(state.name, []), own)
+        warnings = []
         if state.silent:
-            state.warning = _silent_warning(
-                state, silent_for[state.name], known.get(state.name), on_amqp
-            )
+            warnings.append(_silent_warning(state, silent_for[state.name], cls, on_amqp))
+        if state.recreated:
+            warnings.append(queue_loss.warning(state.name, state.recreated))
+        state.warning = "; ".join(warnings)
     return Liveness(
         processes=processes, consumers=list(consumers.values()), timeout_seconds=timeout
     )

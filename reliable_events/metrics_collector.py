@@ -242,8 +242,15 @@ def _liveness_families(state: Liveness, gauge: Any) -> Iterator[Any]:
         "the database.",
         labels=["consumer"],
     )
+    recreated = gauge(
+        "reliable_events_consumer_queues_recreated",
+        "Queues of the consumer deleted and declared again by the topology check in the "
+        "last hour: what they held is lost (replay_events re-delivers it).",
+        labels=["consumer"],
+    )
     for consumer in state.consumers[: metrics.MAX_CONSUMER_LABELS]:
         silent.add_metric([consumer.name], consumer.silent)
+        recreated.add_metric([consumer.name], len(consumer.recreated))
         alive.add_metric([consumer.name], 0 if consumer.problem else 1)
         processes.add_metric([consumer.name], consumer.processes)
         if consumer.age_seconds is not None:
@@ -252,7 +259,7 @@ def _liveness_families(state: Liveness, gauge: Any) -> Iterator[Any]:
             depth.add_metric([consumer.name], consumer.messages)
         if consumer.retrying is not None:
             retrying.add_metric([consumer.name], consumer.retrying)
-    yield from (alive, processes, seen, depth, retrying, silent)
+    yield from (alive, processes, seen, depth, retrying, silent, recreated)
 
 
 # -- exposition ----------------------------------------------------------------------------

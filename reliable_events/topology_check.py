@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from reliable_events.conf import app_settings
@@ -66,6 +67,10 @@ class TopologyCheck:
         self._sampled_at: int | None = None
         self._topics: Counter[str] = Counter()
         self._refusals: set[str] = set()
+        #: Queues found missing and declared again: name -> (when, on the first check).
+        #: On a later check a missing queue was deleted while this worker ran; on the
+        #: first it may be a first deployment (the worker asks its heartbeats).
+        self.recreated: dict[str, tuple[datetime, bool]] = {}
 
     def due(self) -> bool:
         return time.monotonic() >= self._next
@@ -91,6 +96,7 @@ class TopologyCheck:
             for queue in topology.queues:
                 if not side.exists("queue", queue.name):
                     result.missing.append(f"queue {queue.name!r}")
+                    self.recreated[queue.name] = (datetime.now(UTC), first)
             declare_on_amqp_channel(side.channel, topology)
             # The rest is extra: a user allowed only its own queues still consumes.
             optional = (amqp.exceptions.NotFound, amqp.exceptions.AccessRefused)

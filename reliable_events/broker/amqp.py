@@ -9,6 +9,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Hashable, Sequence
+from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -588,3 +589,6 @@ class AmqpTransport(Transport):
     def check_topology(self) -> None:
         if self._raw is not None and self.topology_check.due():
             self.topology_check.run(self._raw)
+
+    def recreated_queues(self) -> dict[str, tuple[datetime, bool]]:
+        return self.topology_check.recreated

@@ -282,6 +282,11 @@ class Transport:
     def check_topology(self) -> None:
         """Verify (and repair) the broker topology when ``TOPOLOGY_CHECK_SECONDS`` passed."""
 
+    def recreated_queues(self) -> dict[str, tuple[datetime, bool]]:
+        """Queues the topology check found missing and declared again: name -> (when, on
+        this worker's first check)."""
+        return {}
+
     def abandon(self, delivery: Delivery) -> bool:
         """The database failed while ``delivery`` was processed: whether the transport gave
         it back itself (the database transport rolls its claim back)."""

@@ -59,7 +59,7 @@ from django.db import (
     InterfaceError,
 )
 
-from reliable_events import metrics, tracing
+from reliable_events import metrics, queue_loss, tracing
 from reliable_events.broker.base import POLL_SECONDS, Delivery
 from reliable_events.broker.connect import open_transport
 from reliable_events.conf import app_settings
@@ -224,6 +224,7 @@ class Worker:
         self._failures = 0
         self._last_activity = time.monotonic()
         self._max_messages: int | None = None
+        self._recreated: dict[str, Any] = {}
         self.heartbeat = HeartbeatWriter(
             "consumer", self.consumers, topology={cls.name: topology_of(cls) for cls in classes}
         )
@@ -261,6 +262,7 @@ class Worker:
         self.ordered.tick()
         self.transport.connect()
         self.transport.check_topology()
+        self._note_recreated()
         self.heartbeat.broker_state("")
         self.heartbeat.tick(self.stats)
         self._failures = 0
@@ -287,6 +289,16 @@ class Worker:
             self._settle(delivery)
         self.transport.flush_acks()
         self._last_activity = time.monotonic()
+
+    def _note_recreated(self) -> None:
+        """Keep the queues the topology check had to declare again in the heartbeat
+        (:mod:`reliable_events.queue_loss`): liveness shows what a deletion lost."""
+        found = self.transport.recreated_queues()
+        if found == self._recreated:
+            return
+        self._recreated = dict(found)
+        lost = queue_loss.lost_queues(found, self.heartbeat.topology, alias=self.heartbeat.alias)
+        self.heartbeat.note("recreated", lost)
 
     def _connection_lost(self, exc: BaseException) -> None:
         """Drop the connection and wait before the next attempt (exponential, jittered)."""

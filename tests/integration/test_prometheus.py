@@ -51,7 +51,7 @@ def test_the_shipped_alert_rules_pass_promtool() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 11 rules found" in result.stdout
+    assert "SUCCESS: 12 rules found" in result.stdout
 
 
 def test_a_queue_with_messages_and_no_consumer_is_down_though_its_process_beats(

@@ -26,6 +26,7 @@ from reliable_events import publish_event
 from reliable_events.consumer import Event, EventConsumer
 from reliable_events.consumer.partitions import hash_exchange, partition_queues
 from reliable_events.consuming import Worker
+from reliable_events.liveness import liveness
 from reliable_events.models import OutboxMessage
 from reliable_events.overview import overview
 from reliable_events.relay import Relay, relay_once
@@ -239,6 +240,12 @@ def test_a_running_consumer_names_what_was_missing_and_declares_it_again(
 
         assert wait_until(warned, timeout=10 * CHECK_SECONDS + 10)
         assert _queue_exists(amqp_url, consumer.retry_queue_name(1))
+
+        def shown() -> bool:  # the retries it held are lost: liveness says so
+            state = liveness().consumer(consumer.name)
+            return state is not None and consumer.retry_queue_name(1) in state.recreated
+
+        assert wait_until(shown, timeout=10)
         ids = publish("orders.created", 5)
         assert wait_until(lambda: all(applied(consumer, i) == 1 for i in ids), timeout=30)
     assert "error" not in box, box

@@ -22,6 +22,7 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
+from reliable_events import queue_loss
 from reliable_events.conf import app_settings
 from reliable_events.consumer.worker import Worker
 from reliable_events.liveness import HeartbeatWriter, liveness
@@ -439,3 +440,19 @@ def test_a_consumer_that_cannot_reach_the_broker_says_so(
     assert (state.processes, state.cut_off) == (0, 1)
     assert state.problem.startswith("1 process(es) running, but none reaches the broker: ")
     assert "Connection refused" in state.problem
+
+
+def test_a_recreated_queue_shows_for_an_hour_by_its_newest_note() -> None:
+    now = timezone.now()
+    notes = [
+        {"c": (now - timedelta(minutes=50)).isoformat(), "other": now.isoformat()},
+        {"c": (now - timedelta(minutes=5)).isoformat(), "c.retry.1": "not a time"},
+        {"c.retry.2": (now - timedelta(minutes=61)).isoformat()},  # past the hour
+    ]
+    found = queue_loss.recent(notes, ["c", "c.retry.1", "c.retry.2"], now=now)
+    assert found == {"c": now - timedelta(minutes=5)}  # the newest; another's queue left out
+    assert queue_loss.warning("c", found, now=now) == (
+        "c was deleted and declared again 300s ago: the messages in it and the retries due "
+        "meanwhile are lost; `manage.py replay_events c --since <before it was deleted>` "
+        "re-delivers them (what was applied is skipped)"
+    )
