@@ -31,13 +31,16 @@ def test_the_events_a_deleted_queue_held_are_replayed_and_applied_once(
     lost = [publish_event("orders.created", {"n": n}).message_id for n in range(3, 8)]
     relay_once()
     assert rabbit.count(consumer.name) == 5
-    assert liveness().consumer(consumer.name).recreated == {}  # declared before: not lost
+    before = liveness().consumer(consumer.name)
+    assert before is not None
+    assert before.recreated == {}  # declared before it ran: not lost
     rabbit.channel.queue_delete(consumer.name)  # with its 5 messages
 
     Worker([consumer]).run(until_idle=0.5)  # declares the queue again: empty
     assert [applied(consumer, i) for i in first + lost] == [1] * 3 + [0] * 5
     # Its earlier heartbeat recorded the queue: shown as deleted, not as a first start.
     state = liveness().consumer(consumer.name)
+    assert state is not None
     assert list(state.recreated) == [consumer.name]
     assert f"{consumer.name} was deleted and declared again" in state.warning
     assert f"`manage.py replay_events {consumer.name} --since" in state.warning
@@ -61,4 +64,5 @@ def test_a_first_start_declares_its_queues_without_calling_them_lost(
     rabbit.queues.extend(queue_names(consumer))
     Worker([consumer]).run(until_idle=0.3)  # nothing declared before: a first deployment
     state = liveness().consumer(consumer.name)
+    assert state is not None
     assert (state.recreated, state.warning) == ({}, "")
