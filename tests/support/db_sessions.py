@@ -50,12 +50,13 @@ def client_process(port: int | None) -> str:
 
 def end_lingering_sessions(cursor: Any, timeout: float = 15.0) -> list[str]:
     """Wait up to ``timeout`` s for the other sessions on ``cursor``'s database to end,
-    then end the rest (``pg_terminate_backend``); a description of each one ended."""
+    then end the rest (``pg_terminate_backend``, waiting up to 5 s for each to exit: it
+    only signals the backend); a description of each one ended."""
     described = []
     for pid, application, port, state, started, query in wait_until_alone(cursor, timeout):
         described.append(
             f"backend {pid} ({application or 'no application_name'}, {state}, since "
             f"{started:%H:%M:%S}, last query {query!r}) of {client_process(port)}"
         )
-        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
     return described
