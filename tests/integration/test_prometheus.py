@@ -108,14 +108,16 @@ def _until(server: PrometheusServer, expr: str, expected: float, what: str) -> N
     server.wait_for(lambda: server.value(expr) == expected, 30, f"{what}: {expr} == {expected}")
 
 
-def _alert(server: PrometheusServer, name: str, consumer: str) -> str:
+def _alert(server: PrometheusServer, name: str, consumer: str | None = None) -> str:
+    """The state of alert ``name`` (of ``consumer``) once it is pending or firing."""
+    labels = {} if consumer is None else {"consumer": consumer}
     state: str = server.wait_for(
         lambda: (
-            server.alert_state(name, consumer=consumer) in ("pending", "firing")
-            and server.alert_state(name, consumer=consumer)
+            server.alert_state(name, **labels) in ("pending", "firing")
+            and server.alert_state(name, **labels)
         ),
         30,
-        f"alert {name} for {consumer}",
+        f"alert {name}" + (f" for {consumer}" if consumer else ""),
     )
     return state
 
@@ -231,11 +233,7 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
         with transaction.atomic():
             publish_event("nobody.listens", {"number": 1})
         _until(server, 'reliable_events_unrouted_messages{job="web"}', 1, "the unrouted count")
-        server.wait_for(
-            lambda: server.alert_state("ReliableEventsUnroutedEvents") in ("pending", "firing"),
-            30,
-            "alert ReliableEventsUnroutedEvents",
-        )
+        assert _alert(server, "ReliableEventsUnroutedEvents") in ("pending", "firing")
 
         # A poison message: dead-lettered at once; the open dead letters grow.
         rabbit.channel.basic_publish(
@@ -267,11 +265,7 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
         relay.send_signal(signal.SIGTERM)
         assert relay.wait(30) == 0
         _until(server, "max(reliable_events_relays_alive)", 0, "the stopped relay")
-        server.wait_for(
-            lambda: server.alert_state("ReliableEventsRelayDown") in ("pending", "firing"),
-            30,
-            "alert ReliableEventsRelayDown",
-        )
+        assert _alert(server, "ReliableEventsRelayDown") in ("pending", "firing")
 
         # An outbox row the relay gave up on: it reaches no consumer until retried.
         OutboxMessage.objects.create(
@@ -284,11 +278,7 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
             last_error="returned: NO_ROUTE",
         )
         _until(server, 'max(reliable_events_outbox_dead{topic="orders.dead"})', 1, "dead rows")
-        server.wait_for(
-            lambda: server.alert_state("ReliableEventsOutboxDead") in ("pending", "firing"),
-            30,
-            "alert ReliableEventsOutboxDead",
-        )
+        assert _alert(server, "ReliableEventsOutboxDead") in ("pending", "firing")
     finally:
         for process in (child, relay):
             if process is not None and process.poll() is None:
