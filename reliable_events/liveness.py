@@ -374,6 +374,13 @@ class Liveness:
         }
 
 
+def relays_line(alive: int, failing: int, broker_error: str) -> str:
+    """``relays alive: N``, with how many of them cannot reach the broker and why (the
+    text of ``outbox_status`` and ``reliable_events_health``)."""
+    why = f" ({failing} cannot reach the broker: {broker_error})" if failing else ""
+    return f"relays alive: {alive}{why}"
+
+
 def _queues_of(cls: type[EventConsumer] | None, name: str, amqp: bool) -> list[str]:
     """The queues a consumer's messages wait in: its partitions (an ordered consumer on
     RabbitMQ), else its queue."""

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 from django.db import connections, transaction
 
 from reliable_events import tracing
+from reliable_events.broker_url import is_amqp_url
 from reliable_events.conf import app_settings
 from reliable_events.consumer import partitions
 from reliable_events.consumer.db import database_lost
@@ -380,9 +381,12 @@ class EventConsumer:
 
     @classmethod
     def queue_of(cls, headers: Mapping[str, Any]) -> str:
-        """The queue an event with these headers was delivered from: the consumer's
-        queue, or an ordered consumer's partition (what a dead letter records)."""
-        return partitions.partition_of(cls, headers) if cls.ordered else cls.queue_name()
+        """The queue an event with these headers was delivered from (what a dead letter
+        records): the consumer's queue, or on RabbitMQ an ordered consumer's partition
+        (``db://`` keeps one queue per consumer)."""
+        if cls.ordered and is_amqp_url(str(app_settings.BROKER_URL)):
+            return partitions.partition_of(cls, headers)
+        return cls.queue_name()
 
     @classmethod
     def retry_queue_name(cls, retry: int) -> str:

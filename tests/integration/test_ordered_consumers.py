@@ -192,6 +192,9 @@ def test_a_dead_lettered_head_holds_its_key_until_retried_then_all_follow_in_ord
     assert applied_ids(consumer) == ["b-1", "b-2"]  # the other key goes on
     assert stats.parked == 2
     letter = DeadLetter.objects.get()
+    queues = partition_queues(consumer)
+    # the partition it came from, not the consumer's name (no queue has that name)
+    assert letter.queue == queues[int(key_bucket("a")) % len(queues)]
     hold = KeyHold.objects.get()
     assert (hold.consumer, hold.key, hold.dead_letter_id, hold.state) == (
         consumer.name,
@@ -369,9 +372,7 @@ def test_database_transport_retries_in_place_and_holds_keys_in_order(ordered_db)
     assert applied_ids(consumer) == ["a-1", "a-2"]
     assert [c for c in handled(consumer) if c[0] == "a-1"] == [("a-1", 1), ("a-1", 2)]
     assert list(ParkedEvent.objects.values_list("message_id", flat=True)) == ["b-2", "b-3"]
-    queues = partition_queues(consumer)
-    # the partition it came from, not the consumer's name (no queue has that name)
-    assert DeadLetter.objects.get().queue == queues[int(key_bucket("b")) % len(queues)]
+    assert DeadLetter.objects.get().queue == consumer.name  # db://: its one queue
     deadletters.discard([DeadLetter.objects.get()], note="bad", user="ops")
     consume(consumer)
     assert applied_ids(consumer) == ["a-1", "a-2", "b-2", "b-3"]

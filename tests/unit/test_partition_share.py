@@ -71,7 +71,10 @@ def test_a_process_that_stops_beating_without_leaving_is_a_warning(
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
-def test_an_event_is_from_the_partition_of_its_bucket(clean_registry: Any) -> None:
+def test_an_event_is_from_the_partition_of_its_bucket(
+    clean_registry: Any, re_settings: Any
+) -> None:
+    re_settings(BROKER_URL="amqp://guest:guest@127.0.0.1//")  # partitions: RabbitMQ's
     consumer = make_consumer(clean_registry, name="ordered.q")
     consumer.ordered = True
     consumer.partitions = 8
@@ -85,3 +88,6 @@ def test_an_event_is_from_the_partition_of_its_bucket(clean_registry: Any) -> No
         assert consumer.queue_of(headers) == "ordered.q"  # none known: the consumer's name
     consumer.ordered = False
     assert consumer.queue_of({BUCKET_HEADER: "9"}) == consumer.queue_name()
+    consumer.ordered = True
+    re_settings(BROKER_URL="db://")  # one queue per consumer there
+    assert consumer.queue_of({BUCKET_HEADER: "9"}) == "ordered.q"

@@ -17,13 +17,13 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
-from reliable_events.liveness import liveness
+from reliable_events.health import EXIT_DATABASE
+from reliable_events.liveness import liveness, relays_line
 from reliable_events.management.arguments import BadArgumentsExit1, database_alias, seconds_ago
 from reliable_events.sanitize import describe_error
 from reliable_events.status import outbox_status
 from reliable_events.unrouted import UnroutedCount, count_unrouted
 
-EXIT_DATABASE = 2
 EXIT_DEAD = 3
 EXIT_STALE = 4
 EXIT_UNROUTED = 5
@@ -98,12 +98,9 @@ class Command(BadArgumentsExit1, BaseCommand):
             if unrouted is not None:
                 self.stdout.write(_unrouted_line(unrouted))
             if state.processes or state.consumers:
-                failing = (
-                    f" ({state.relays_failing} cannot reach the broker: {state.relay_broker_error})"
-                    if state.relays_failing
-                    else ""
+                self.stdout.write(
+                    relays_line(state.relays_alive, state.relays_failing, state.relay_broker_error)
                 )
-                self.stdout.write(f"relays alive: {state.relays_alive}{failing}")
             for live in state.consumers:
                 depth = [
                     f"{live.messages} waiting in {live.queue}" if live.messages is not None else "",

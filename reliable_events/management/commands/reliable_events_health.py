@@ -17,6 +17,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.exceptions import UnknownConsumer
 from reliable_events.health import check_health
+from reliable_events.liveness import relays_line
 from reliable_events.management.arguments import BadArgumentsExit1
 
 
@@ -54,7 +55,11 @@ class Command(BadArgumentsExit1, BaseCommand):
         else:
             self.stdout.write(f"database: {'ok' if report.database else report.error}")
             if report.relay_required and report.database:
-                self.stdout.write(f"relays alive: {report.relays_alive}{_failing(report)}")
+                self.stdout.write(
+                    relays_line(
+                        report.relays_alive, report.relays_failing, report.relay_broker_error
+                    )
+                )
             for name, problem in report.consumers.items():
                 self.stdout.write(f"consumer {name}: {problem or 'alive'}")
         if report.exit_code:
@@ -75,9 +80,3 @@ def _reasons(report: Any) -> list[str]:
         )
     reasons.extend(f"{name}: {problem}" for name, problem in report.consumers.items() if problem)
     return reasons
-
-
-def _failing(report: Any) -> str:
-    if not report.relays_failing:
-        return ""
-    return f" ({report.relays_failing} cannot reach the broker: {report.relay_broker_error})"
