@@ -15,59 +15,29 @@ when an earlier heartbeat of the consumer recorded that queue (it existed, and i
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime, timedelta
 
-from django.db import DatabaseError
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from reliable_events.models import Heartbeat
-
-logger = logging.getLogger(__name__)
-
 #: How long liveness shows a re-created queue.
 RECREATED_WINDOW = timedelta(hours=1)
-#: Heartbeat rows read to learn whether a queue existed before this worker started.
-_HISTORY_ROWS = 200
 
 
 def lost_queues(
-    recreated: Mapping[str, tuple[datetime, bool]],
-    topology: Mapping[str, Mapping[str, list[str]]],
-    *,
-    alias: str,
+    recreated: Mapping[str, tuple[datetime, bool]], recorded: Callable[[], Collection[str]]
 ) -> dict[str, str]:
     """Of the queues the topology check declared again (name -> (when, on the first
     check)), those that were lost, as name -> ISO time: all found on a later check, and
-    those of the first check that an earlier heartbeat recorded (``topology``: this
-    worker's consumers' queues and exchanges, by consumer)."""
+    those of the first check that an earlier heartbeat recorded (``recorded()``, asked
+    only then)."""
     lost = {queue: when.isoformat() for queue, (when, first) in recreated.items() if not first}
     first = [queue for queue, (_, on_first) in recreated.items() if on_first]
     if first:
-        known = _recorded_queues(list(topology), alias)
+        known = recorded()
         lost.update({queue: recreated[queue][0].isoformat() for queue in first if queue in known})
     return lost
-
-
-def _recorded_queues(consumers: list[str], alias: str) -> set[str]:
-    """The queues earlier heartbeats recorded for ``consumers``."""
-    try:
-        rows = (
-            Heartbeat.objects.using(alias)
-            .filter(kind=Heartbeat.Kind.CONSUMER)
-            .order_by("-last_seen")
-            .values_list("consumers", "topology")[:_HISTORY_ROWS]
-        )
-        found: set[str] = set()
-        for names, topology in rows:
-            for name in set(names or []) & set(consumers):
-                found.update(((topology or {}).get(name) or {}).get("queues") or [])
-        return found
-    except DatabaseError as exc:  # not known: no warning rather than a false one
-        logger.debug("reliable_events: heartbeats not read: %s", type(exc).__name__)
-        return set()
 
 
 def recent(

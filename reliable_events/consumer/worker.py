@@ -78,7 +78,7 @@ from reliable_events.exceptions import (
     DatabaseUnavailable,
     ReliableEventsError,
 )
-from reliable_events.liveness import HeartbeatWriter, topology_of
+from reliable_events.liveness import HeartbeatWriter, left_behind, topology_of
 from reliable_events.relay.engine import Relay
 from reliable_events.reports import Report
 from reliable_events.runner import StopFlag
@@ -297,8 +297,20 @@ class Worker:
         if found == self._recreated:
             return
         self._recreated = dict(found)
-        lost = queue_loss.lost_queues(found, self.heartbeat.topology, alias=self.heartbeat.alias)
-        self.heartbeat.note("recreated", lost)
+        self.heartbeat.note("recreated", queue_loss.lost_queues(found, self._recorded_queues))
+
+    def _recorded_queues(self) -> set[str]:
+        """The queues of this worker's consumers their last heartbeats recorded (before
+        this process wrote its own): they existed."""
+        found: set[str] = set()
+        try:
+            for name in self.consumers:
+                found.update(
+                    (left_behind(name, using=self.heartbeat.alias) or {}).get("queues", [])
+                )
+        except DatabaseError as exc:  # not known: no warning rather than a false one
+            logger.debug("reliable_events: heartbeats not read: %s", type(exc).__name__)
+        return found
 
     def _connection_lost(self, exc: BaseException) -> None:
         """Drop the connection and wait before the next attempt (exponential, jittered)."""
