@@ -125,9 +125,11 @@ LATERAL (SELECT lane, array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL) AS 
       FROM {table} WHERE t.timeout IS NOT NULL
       AND id = ANY(%(ids)s::bigint[]) AND status = 'pending'
       GROUP BY lane ORDER BY lane) s"""
+# Pending rows only: a row published twice (a lease that expired in flight) keeps its
+# first mark, and its attempts count the tries of that one.
 _PG_MARK_SENT = """UPDATE {table} SET status = 'sent', sent_at = statement_timestamp(),
     attempts = attempts + 1, last_error = ''
-WHERE id = ANY(%(ids)s::bigint[]) {fence_filter}"""
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending' {fence_filter}"""
 # The rows among ``ids`` a fenced mark left pending (rare: the lease was lost).
 _PG_NOT_MARKED = """SELECT id FROM {table}
 WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending' ORDER BY id"""
@@ -426,10 +428,12 @@ def set_sent(alias: str, ids: Sequence[Hashable], fence: Fence | None = None) ->
         with connections[alias].cursor() as cursor:
             sql = _PG_MARK_SENT.format(table=_table(alias), fence_filter=fence_filter)
             cursor.execute(sql, params)
-            if cursor.rowcount >= len(ids):
+            marked = cursor.rowcount
+            if marked >= len(ids):
                 return []
             cursor.execute(_PG_NOT_MARKED.format(table=_table(alias)), {"ids": list(ids)})
             left = [int(row[0]) for row in cursor.fetchall()]
+        _sent_twice(len(ids) - marked - len(left))
         if left:
             logger.warning(
                 "reliable_events: %d confirmed outbox row(s) left pending: this relay lost "
@@ -437,13 +441,29 @@ def set_sent(alias: str, ids: Sequence[Hashable], fence: Fence | None = None) ->
                 len(left),
             )
         return left
-    OutboxMessage.objects.using(alias).filter(pk__in=ids).update(
-        status=OutboxMessage.Status.SENT,
-        sent_at=Now(),
-        attempts=F("attempts") + 1,
-        last_error="",
+    marked = (
+        OutboxMessage.objects.using(alias)
+        .filter(pk__in=ids, status=OutboxMessage.Status.PENDING)
+        .update(
+            status=OutboxMessage.Status.SENT,
+            sent_at=Now(),
+            attempts=F("attempts") + 1,
+            last_error="",
+        )
     )
+    _sent_twice(len(ids) - marked)
     return []
+
+
+def _sent_twice(count: int) -> None:
+    """Rows confirmed again after another publisher marked them: they keep that mark."""
+    if count > 0:
+        logger.warning(
+            "reliable_events: %d confirmed outbox row(s) had been sent already: they went "
+            "out twice (a lane's lease expired while its relay waited for the broker); "
+            "consumers skip the second copy",
+            count,
+        )
 
 
 def mark_failed(alias: str, failed: dict[Hashable, str]) -> int:

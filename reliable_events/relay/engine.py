@@ -198,14 +198,10 @@ class Relay:
         if not lanes:
             return report
         fence = self.lanes.fence()
-        rows = claim_due(self.alias, lanes, self.batch_size, fence=fence)
-        report = publish_rows(
-            self.alias,
-            rows,
-            self.publisher,
-            timeout=float(app_settings.CONFIRM_TIMEOUT),
-            fence=fence,
-        )
+        timeout = float(app_settings.CONFIRM_TIMEOUT)
+        with self.lanes.kept(timeout):
+            rows = claim_due(self.alias, lanes, self.batch_size, fence=fence)
+            report = publish_rows(self.alias, rows, self.publisher, timeout=timeout, fence=fence)
         report.lanes = len(lanes)
         self._settle_breaker(report)
         report.seconds = time.monotonic() - started
@@ -282,43 +278,46 @@ class Relay:
                 unsettled.difference_update(result.failed)
                 unsettled.difference_update(result.interrupted)
 
-        try:
-            next_claim = claim()
-            while next_claim is not None:
-                rows = next_claim.result()
-                next_claim = None
-                if not rows:
-                    break
-                report.claimed += len(rows)
-                report.batches += 1
-                unsettled.update(row.id for row in rows)
-                last = len(rows) < limit or time.monotonic() - started >= max_seconds
-                if not last:  # claim the next batch while this one goes out
-                    next_claim = claim()
-                messages = [build_message(row, exchange) for row in rows]
-                result = self.publisher.publish(messages, timeout=timeout, wait=False)
-                record(result)
-                if result.failed or result.interrupted or last:
-                    break
-            if next_claim is not None:
-                next_claim.result()  # unused after a failure: those rows stay pending
-                next_claim = None
-            record(self.publisher.flush(timeout=timeout))
-            for future, ids in marks:
-                left = future.result()
-                if left:  # the lease was lost: those rows stay pending for the new holder
-                    report.sent -= len(left)
-                    report.interrupted += len(left)
-                    gone = set(left)
-                    ids = [pk for pk in ids if pk not in gone]
-                signals.events_sent.send(sender=OutboxMessage, ids=ids, using=alias)
-        except BaseException:
-            # Outstanding messages are abandoned with the connection: their rows stay
-            # pending and go again later (at-least-once), never marked without a confirm.
-            self.publisher.close()
-            for future in [f for f, _ in marks] + ([next_claim] if next_claim else []):
-                future.exception()  # let the helper finish before the lanes change hands
-            raise
+        # While rows are in flight a thread keeps the leases (see LaneShare.kept), at most
+        # as long as the run may wait on the broker: its last publish and its flush.
+        with self.lanes.kept(max_seconds + 2 * timeout):
+            try:
+                next_claim = claim()
+                while next_claim is not None:
+                    rows = next_claim.result()
+                    next_claim = None
+                    if not rows:
+                        break
+                    report.claimed += len(rows)
+                    report.batches += 1
+                    unsettled.update(row.id for row in rows)
+                    last = len(rows) < limit or time.monotonic() - started >= max_seconds
+                    if not last:  # claim the next batch while this one goes out
+                        next_claim = claim()
+                    messages = [build_message(row, exchange) for row in rows]
+                    result = self.publisher.publish(messages, timeout=timeout, wait=False)
+                    record(result)
+                    if result.failed or result.interrupted or last:
+                        break
+                if next_claim is not None:
+                    next_claim.result()  # unused after a failure: those rows stay pending
+                    next_claim = None
+                record(self.publisher.flush(timeout=timeout))
+                for future, ids in marks:
+                    left = future.result()
+                    if left:  # the lease was lost: those rows stay pending for the new holder
+                        report.sent -= len(left)
+                        report.interrupted += len(left)
+                        gone = set(left)
+                        ids = [pk for pk in ids if pk not in gone]
+                    signals.events_sent.send(sender=OutboxMessage, ids=ids, using=alias)
+            except BaseException:
+                # Outstanding messages are abandoned with the connection: their rows stay
+                # pending and go again later (at-least-once), never marked without a confirm.
+                self.publisher.close()
+                for future in [f for f, _ in marks] + ([next_claim] if next_claim else []):
+                    future.exception()  # let the helper finish before the lanes change hands
+                raise
         self._settle_breaker(report)
         report.seconds = time.monotonic() - started
         metrics.relay_run(report)

@@ -11,13 +11,21 @@ one relay) every lane counts as held.
 
 from __future__ import annotations
 
+import logging
 import random
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from django.db import DatabaseError, connections
 
 from reliable_events.conf import app_settings
 from reliable_events.db import is_postgres
 from reliable_events.relay import leases
 from reliable_events.relay.leases import CLAIM_MARGIN, RENEW_AT, Fence
+
+logger = logging.getLogger(__name__)
 
 
 class LaneShare:
@@ -100,6 +108,33 @@ class LaneShare:
             margin=leases.lease_seconds() * CLAIM_MARGIN,
         )
 
+    @contextmanager
+    def kept(self, seconds: float) -> Iterator[None]:
+        """Keep this relay's leases while a run has rows in flight, for at most
+        ``seconds``: a thread with its own connection renews them every quarter of a
+        lease.
+
+        A run claims with half a lease left, but its confirms may take longer than that
+        (a broker that just restarted, flow control: up to ``CONFIRM_TIMEOUT``).  A lease
+        that expired meanwhile would let an on-commit hook (or another relay) publish the
+        rows in flight a second time.  A relay that stalls or dies stops renewing, and
+        ``seconds`` bounds a run that hangs.  Nothing is kept inside an atomic block (the
+        leases are not committed: the thread would wait for them).
+        """
+        if (
+            not is_postgres(self.alias)
+            or not self.tokens
+            or connections[self.alias].in_atomic_block
+        ):
+            yield
+            return
+        keeper = _LeaseKeeper(self.alias, self.owner, dict(self.tokens), seconds)
+        keeper.start()
+        try:
+            yield
+        finally:
+            keeper.stop()
+
     def keep_alive(self) -> None:
         """Renew the presence row (and leases) while idle, every quarter of a lease."""
         if not is_postgres(self.alias) or not self._announced:
@@ -132,3 +167,35 @@ class LaneShare:
             return
         self._announced = False
         leases.leave(self.alias, self.owner, lanes)
+
+
+class _LeaseKeeper(threading.Thread):
+    """Renews the leases of one run (see :meth:`LaneShare.kept`)."""
+
+    def __init__(self, alias: str, owner: str, tokens: dict[int, int], seconds: float) -> None:
+        super().__init__(name="reliable-events-leases", daemon=True)
+        self.alias, self.owner, self.tokens = alias, owner, tokens
+        self.deadline = time.monotonic() + seconds
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        every = leases.lease_seconds() / 4
+        try:
+            while not self._stopping.wait(min(every, max(0.0, self.deadline - time.monotonic()))):
+                if time.monotonic() >= self.deadline:
+                    return
+                _live, self.tokens = leases.heartbeat(
+                    self.alias, self.owner, self.tokens, total=int(app_settings.LANES), first=False
+                )
+        except DatabaseError as exc:
+            logger.warning(
+                "reliable_events: renewing the relay's leases during a run failed (%s): "
+                "rows in flight may be published again once they expire",
+                exc,
+            )
+        finally:
+            connections[self.alias].close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()

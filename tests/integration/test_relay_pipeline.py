@@ -8,6 +8,8 @@ a key that becomes due in the middle of a run still goes before the key's later 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
@@ -20,7 +22,8 @@ from django.db.models.functions import Now
 from reliable_events import publish_event
 from reliable_events.broker import OutgoingMessage, Publisher, PublishResult, open_publisher
 from reliable_events.models import OutboxMessage
-from reliable_events.relay import Relay
+from reliable_events.relay import Relay, RelayReport, publish_after_commit
+from reliable_events.relay.leases import lease_seconds
 from tests.support.producer_support import WrappingPublisher, drain_queue, message_ids
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres, pytest.mark.rabbitmq]
@@ -133,3 +136,52 @@ def test_a_failure_mid_run_marks_only_what_the_broker_confirmed(
     for key in range(5):
         of_key = [i for n, i in enumerate(ids) if n % 5 == key]
         assert sorted(of_key, key=first_seen.__getitem__) == of_key
+
+
+class _SlowConfirms(WrappingPublisher):
+    """Wraps a real publisher; the first ``flush`` waits ``delay`` seconds (confirms that
+    take longer than a lease: a broker that just restarted), then runs ``meanwhile()``
+    before it waits for the confirms."""
+
+    def __init__(self, inner: Publisher, delay: float, meanwhile: Any) -> None:
+        super().__init__(inner)
+        self.delay, self.meanwhile = delay, meanwhile
+
+    def flush(self, *, timeout: float) -> PublishResult:
+        if self.meanwhile is not None:
+            time.sleep(self.delay)
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return self.inner.flush(timeout=timeout)
+
+
+def test_a_relay_waiting_on_slow_confirms_keeps_its_lanes(
+    broker, rabbit, exchange_name, re_settings, caplog
+):
+    # Its leases would have expired twice over: the on-commit hook of a new event of one
+    # of its keys must leave the key to the relay (not publish the rows in flight again).
+    queue = rabbit.bind_queue(exchange_name, "#")
+    re_settings(PUBLISH_ON_COMMIT=False)
+    with transaction.atomic():
+        rows = [publish_event("p.x", {"n": n}, key=f"k{n % 4}") for n in range(40)]
+    hook: list[RelayReport] = []
+
+    def new_event_of_a_key_in_flight() -> None:
+        with transaction.atomic():
+            rows.append(publish_event("p.x", {"n": "late"}, key="k0"))
+        hook.append(publish_after_commit([rows[-1].pk]))
+
+    relay = Relay(
+        publisher=_SlowConfirms(open_publisher(), 2 * lease_seconds(), new_event_of_a_key_in_flight)
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="reliable_events"):
+            report = relay.drain()
+        assert hook[0].claimed == 0  # the lane was still the relay's
+        assert (report.sent, report.interrupted) == (41, 0)  # the late row in its next run
+    finally:
+        relay.close()
+    delivered = message_ids(drain_queue(rabbit.channel, queue, expect=41))
+    assert Counter(delivered) == Counter(row.message_id for row in rows)  # each exactly once
+    assert set(OutboxMessage.objects.values_list("status", "attempts")) == {("sent", 1)}
+    assert "went out twice" not in caplog.text

@@ -310,3 +310,22 @@ def test_an_ordered_consumer_is_refused_on_a_kombu_transport(clean_registry: Any
     consumer.ordered = True
     with pytest.raises(ConfigurationError, match=r"ordered consumers \(orders.ordered\) need"):
         Worker([consumer], url="memory://")
+
+
+def test_a_second_confirm_of_a_sent_row_keeps_its_first_mark(re_settings, caplog):
+    import logging
+
+    from django.db import connection
+
+    from reliable_events.relay import set_sent
+
+    re_settings(PUBLISH_ON_COMMIT=False)
+    rows = [publish_event("twice.x", {"n": n}, key="k") for n in range(3)]
+    ids = [row.pk for row in rows]
+    assert set_sent(connection.alias, ids[:2]) == []
+    first = dict(OutboxMessage.objects.filter(pk__in=ids[:2]).values_list("pk", "sent_at"))
+    with caplog.at_level(logging.WARNING, logger="reliable_events"):
+        assert set_sent(connection.alias, ids) == []  # published again (a lease expired)
+    assert "2 confirmed outbox row(s) had been sent already" in caplog.text
+    assert set(OutboxMessage.objects.values_list("status", "attempts")) == {("sent", 1)}
+    assert first == dict(OutboxMessage.objects.filter(pk__in=ids[:2]).values_list("pk", "sent_at"))
