@@ -394,8 +394,9 @@ class TriageEntry(models.Model):
 class LaneLease(models.Model):
     """Which relay holds an ordering lane, until when, with which fencing token.
 
-    Written only by :mod:`reliable_events.relay.leases` (PostgreSQL), in short
-    transactions: no session state, so it works through a transaction-pooling pooler.
+    Written only by :mod:`reliable_events.relay.leases`, in short transactions: no
+    session state, so it works through a transaction-pooling pooler.  On SQLite the row of
+    lane 0 is the one lease that lets one relay at a time publish.
     ``token`` grows each time the lane changes hands; a relay's claims and sent-marks
     check the token it got, so a relay whose lease ran out cannot claim or mark the
     lane's rows any more.

@@ -33,8 +33,8 @@ How a batch goes (PostgreSQL):
    jittered, at most
    ``RELAY_BROKER_RETRY_MAX``) and tries the broker again.
 
-On SQLite (the embedded default) there are no leases and ``FOR UPDATE`` is a
-no-op: run a single relay there (documented in ``docs/relay.md``).
+On SQLite (the embedded default) ``FOR UPDATE`` is a no-op: one relay at a time holds
+every lane, through one lease row (a second relay waits; ``docs/relay.md``).
 
 The on-commit hook publishes the rows its transaction stored.  On PostgreSQL they are
 due at once; the hook holds their lanes (transaction-level advisory locks), leaves the
@@ -368,6 +368,7 @@ class Relay:
         deadline = time.monotonic() + seconds
         if not is_postgres(self.alias):
             while not (stop and stop()) and time.monotonic() < deadline:
+                self.lanes.keep_alive()
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
             return
         connection = connections[self.alias]

@@ -6,7 +6,7 @@ order whatever the number of relays.  On PostgreSQL a lane is a lease row with a
 and a fencing token (:mod:`reliable_events.relay.leases`: no session state, so it works
 through PgBouncer in transaction pooling); relays count each other by their presence
 rows and keep ``ceil(LANES / relays)`` lanes (:class:`LaneShare`).  Elsewhere (SQLite:
-one relay) every lane counts as held.
+one relay at a time) the relay that holds the one lease holds every lane.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class LaneShare:
         """Rebalance; return the lanes held for the next run."""
         total = int(app_settings.LANES)
         if not is_postgres(self.alias):
-            self.held = list(range(total))
+            self._hold_all(time.monotonic())
             return self.held
         started = time.monotonic()
         live, self.tokens = leases.heartbeat(
@@ -137,10 +137,11 @@ class LaneShare:
 
     def keep_alive(self) -> None:
         """Renew the presence row (and leases) while idle, every quarter of a lease."""
-        if not is_postgres(self.alias) or not self._announced:
-            return
         started = time.monotonic()
-        if started - self._seen_at < leases.lease_seconds() / 4:
+        if not self._announced or started - self._seen_at < leases.lease_seconds() / 4:
+            return
+        if not is_postgres(self.alias):
+            self._hold_all(started)
             return
         live, self.tokens = leases.heartbeat(
             self.alias, self.owner, self.tokens, total=int(app_settings.LANES), first=False
@@ -149,10 +150,26 @@ class LaneShare:
         self.held = sorted(self.tokens)
         self._seen_at = started
 
+    def _hold_all(self, started: float) -> None:
+        """Without lane locks (SQLite): every lane while this relay holds the one lease,
+        none while another relay does (said once each time it starts waiting)."""
+        held = leases.hold_all(self.alias, self.owner)
+        if not held and (self.held or not self._announced):
+            logger.warning(
+                "reliable_events: another relay holds this database's outbox (one relay "
+                "publishes at a time on %s): this one waits until it stops, or until its "
+                "lease runs out (RELAY_LEASE_SECONDS) if it died",
+                connections[self.alias].vendor,
+            )
+        self._announced = True
+        self._seen_at = started
+        self.held = list(range(int(app_settings.LANES))) if held else []
+
     def rest(self) -> None:
         """Give the lanes back while the relay has nothing to do; it still counts as a
         relay.  The on-commit hook publishes only lanes no relay holds: a relay sitting
-        on idle lanes would leave every hook's rows to it."""
+        on idle lanes would leave every hook's rows to it.  (Without lane locks the hook
+        has its own reservation: the relay keeps its one lease while idle.)"""
         if not is_postgres(self.alias) or not self.tokens:
             return
         lanes = list(self.tokens)
@@ -163,10 +180,13 @@ class LaneShare:
         """Give every lane back and stop counting as a relay."""
         lanes = list(self.tokens)
         self.tokens, self.held = {}, []
-        if not is_postgres(self.alias) or not self._announced:
+        if not self._announced:
             return
         self._announced = False
-        leases.leave(self.alias, self.owner, lanes)
+        if is_postgres(self.alias):
+            leases.leave(self.alias, self.owner, lanes)
+        else:
+            leases.let_go(self.alias, self.owner)
 
 
 class _LeaseKeeper(threading.Thread):

@@ -12,6 +12,11 @@ unexpired rows are the live relays that share the lanes.  A relay that dies stop
 renewing both: its lanes are free, and it stops counting, ``RELAY_LEASE_SECONDS``
 later.
 
+Elsewhere (SQLite: no ``FOR UPDATE``, no advisory locks) one relay at a time holds every
+lane, through the lease row of lane 0 taken and renewed with the ORM (:func:`hold_all`):
+a second relay (a daemon beside the Celery task, two daemons) waits instead of
+publishing the same rows.
+
 Safety: a relay claims rows only through :func:`lease_filter` (its token, and at least
 :data:`CLAIM_MARGIN` of the lease left), and a lease is taken over only once expired,
 so every row a relay claimed went to the broker long before another relay may take the
@@ -28,9 +33,12 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from django.db import connections
+from django.db.models import Q
+from django.utils import timezone
 
 from reliable_events.conf import app_settings
 from reliable_events.models import LaneLease, RelayPresence
@@ -199,6 +207,28 @@ def release(alias: str, owner: str, lanes: list[int]) -> None:
         return
     with connections[alias].cursor() as cursor:
         cursor.execute(_PG_RELEASE.format(**_tables(alias)), {"owner": owner, "lanes": lanes})
+
+
+def hold_all(alias: str, owner: str) -> bool:
+    """Take or renew the one lease of a database without lane locks (SQLite) for
+    ``owner``; whether it holds it (``False``: another relay does, its lease unexpired).
+    Each statement is its own write (SQLite serialises them)."""
+    now = timezone.now()
+    leases = LaneLease.objects.using(alias)
+    leases.get_or_create(lane=0, defaults={"owner": "", "expires_at": now})
+    taken = (
+        leases.filter(lane=0)
+        .filter(Q(owner="") | Q(owner=owner) | Q(expires_at__lte=now))
+        .update(owner=owner, expires_at=now + timedelta(seconds=lease_seconds()))
+    )
+    return bool(taken)
+
+
+def let_go(alias: str, owner: str) -> None:
+    """Give back the lease :func:`hold_all` took."""
+    LaneLease.objects.using(alias).filter(lane=0, owner=owner).update(
+        owner="", expires_at=timezone.now()
+    )
 
 
 def leave(alias: str, owner: str, lanes: list[int]) -> None:
