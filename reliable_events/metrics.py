@@ -69,6 +69,11 @@ class Instruments:
             "reliable_events_publish_errors",
             "Outbox messages that failed otherwise, or were interrupted by a broker failure.",
         )
+        self.publish_duplicates = counter(
+            "reliable_events_publish_duplicates",
+            "Outbox messages confirmed after another publisher had marked them sent: they "
+            "went out twice (a relay's lane lease expired while it waited for the broker).",
+        )
         self.confirm_latency = histogram(
             "reliable_events_confirm_latency_seconds",
             "Seconds from publishing to the broker's confirm (the oldest message of each "
@@ -169,6 +174,13 @@ def relay_run(report: RelayReport) -> None:
     found = _active if _resolved else instruments()
     if found is not None and report.claimed:
         found.relay_batch.observe(report.seconds)
+
+
+def sent_twice(count: int) -> None:
+    """``count`` confirmed rows had been marked sent by another publisher already."""
+    found = _active if _resolved else instruments()
+    if found is not None:
+        found.publish_duplicates.inc(count)
 
 
 def metered(publisher: Publisher) -> Publisher:

@@ -18,7 +18,7 @@ from django.db.models import Exists, F, OuterRef, QuerySet, Subquery, TextField
 from django.db.models.functions import Cast, Least, Now
 from django.utils import timezone
 
-from reliable_events import signals
+from reliable_events import metrics, signals
 from reliable_events.broker import (
     BUCKET_HEADER,
     KEY_HEADER,
@@ -135,6 +135,10 @@ _PG_NOT_MARKED = """SELECT id FROM {table}
 WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending' ORDER BY id"""
 
 
+#: Errors a :class:`RelayReport` keeps.
+MAX_ERRORS = 5
+
+
 @dataclass
 class RelayReport(Report):
     """What one relay call did."""
@@ -150,6 +154,7 @@ class RelayReport(Report):
     interrupted: int = 0
     batches: int = 0
     seconds: float = 0.0
+    #: A few of the errors (the first :data:`MAX_ERRORS`: a daemon's totals add up forever).
     errors: list[str] = field(default_factory=list)
     #: Why the broker was unavailable, when it was (nothing was charged to the rows).
     broker_error: str = ""
@@ -164,7 +169,7 @@ class RelayReport(Report):
         self.interrupted += other.interrupted
         self.batches += other.batches
         self.seconds += other.seconds
-        self.errors.extend(other.errors[:5])
+        self.errors.extend(other.errors[: max(0, MAX_ERRORS - len(self.errors))])
         self.broker_error = other.broker_error or self.broker_error
         self.lanes = max(self.lanes, other.lanes)
 
@@ -458,6 +463,7 @@ def set_sent(alias: str, ids: Sequence[Hashable], fence: Fence | None = None) ->
 def _sent_twice(count: int) -> None:
     """Rows confirmed again after another publisher marked them: they keep that mark."""
     if count > 0:
+        metrics.sent_twice(count)
         logger.warning(
             "reliable_events: %d confirmed outbox row(s) had been sent already: they went "
             "out twice (a lane's lease expired while its relay waited for the broker); "

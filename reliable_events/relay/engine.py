@@ -81,6 +81,7 @@ from reliable_events.relay.claims import (
     set_sent,
 )
 from reliable_events.relay.lanes import LaneShare
+from reliable_events.relay.leases import lease_seconds
 from reliable_events.relay.pooling import listen_works
 from reliable_events.relay.traced import traced
 
@@ -89,7 +90,9 @@ logger = logging.getLogger(__name__)
 
 #: Longest one :meth:`Relay.run` streams batches before it rebalances its lanes, seconds.
 RUN_SECONDS = 1.0
-#: Longest :meth:`Relay.drain` waits for a share of the lanes when others hold them all.
+#: Longest :meth:`Relay.drain` waits for a share of the lanes when others hold them all
+#: (live relays give up their surplus between runs); at least a lease and a second,
+#: when the leases of a relay that died must run out.
 LANE_WAIT = 3.0
 #: Runs in a row :meth:`Relay.drain` retries after an empty claim that found its leases
 #: due for renewal (not an empty outbox: the claim needs half a lease left).
@@ -328,11 +331,12 @@ class Relay:
 
         Stops at once while the broker is unavailable (``broker_error`` in the report).
         A relay that finds every lane held by others waits up to ``LANE_WAIT`` seconds
-        for them to release its share.
+        (at least a lease and a second: a dead relay's leases run out) for its share.
         """
         started = time.monotonic()
         total = RelayReport()
         lapses = 0
+        lane_wait = max(LANE_WAIT, lease_seconds() + 1.0)
         while True:
             elapsed = time.monotonic() - started
             budget = RUN_SECONDS
@@ -342,7 +346,7 @@ class Relay:
             total.add(report)
             if report.broker_error:
                 break
-            if report.lanes == 0 and elapsed < LANE_WAIT and self.lanes.relays > 1:
+            if report.lanes == 0 and elapsed < lane_wait and self.lanes.relays > 1:
                 time.sleep(0.1)  # the other relays give up their surplus between runs
                 continue
             if report.claimed == 0 and self.lanes.lapsed() and lapses < MAX_LAPSES:

@@ -58,7 +58,9 @@ class LaneShare:
         """Rebalance; return the lanes held for the next run."""
         total = int(app_settings.LANES)
         if not is_postgres(self.alias):
-            self._hold_all(time.monotonic())
+            started = time.monotonic()
+            if not self.held or started - self._seen_at >= leases.lease_seconds() / 4:
+                self._hold_all(started)
             return self.held
         started = time.monotonic()
         live, self.tokens = leases.heartbeat(

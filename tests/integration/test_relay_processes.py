@@ -105,9 +105,9 @@ def test_relay_killed_mid_batch_and_restarted_loses_nothing(
     assert mid_batch, "no kill landed between a publish and its mark"
 
     restarted = manage("relay_outbox", "--once", env=env)
-    _out, err = restarted.communicate(timeout=120)
+    out, err = restarted.communicate(timeout=120)
     assert restarted.returncode == 0, err
-    assert OutboxMessage.objects.pending().count() == 0
+    assert OutboxMessage.objects.pending().count() == 0, f"{out}\n{err}"
 
     messages = drain_queue(rabbit.channel, queue, expect=len(ids), timeout=60)
     counts = Counter(message_ids(messages))

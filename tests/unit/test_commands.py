@@ -18,11 +18,13 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 
 from reliable_events import publish_event
 from reliable_events.models import DeadLetter, OutboxMessage, ProcessedMessage
+from reliable_events.relay import LaneShare
 from reliable_events.topology import unrouted_name
 from tests.support.optional import needs_beat
 from tests.support.producer_support import database_not_answering, free_port
@@ -77,6 +79,31 @@ def test_relay_once_publishes_what_is_due(re_settings):
         publish_event("a.b", {"n": n})
     out, _ = run("relay_outbox", "--once", "--batch-size", "2")
     assert "sent=3" in out
+    assert OutboxMessage.objects.pending().count() == 0
+
+
+@pytest.mark.skipif(connection.vendor == "postgresql", reason="SQLite's one lease")
+def test_relay_once_says_when_another_relay_holds_the_lease(re_settings):
+    re_settings(PUBLISH_ON_COMMIT=False)
+    publish_event("a.b", {"n": 1})
+    holder = LaneShare(connection.alias)  # the relay that publishes on this database
+    holder.refresh()
+    try:
+        out, _ = run("relay_outbox", "--once")
+    finally:
+        holder.release()
+    assert "claimed=0" in out
+    assert "other relays held every lane the whole time: this run published nothing" in out
+    assert OutboxMessage.objects.pending().count() == 1
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="lane leases")
+def test_relay_once_waits_for_the_lanes_of_a_relay_that_died(re_settings):
+    re_settings(PUBLISH_ON_COMMIT=False)
+    publish_event("a.b", {"n": 1})
+    LaneShare(connection.alias).refresh()  # took every lane, then died (never renews)
+    out, _ = run("relay_outbox", "--once")
+    assert "sent=1" in out
     assert OutboxMessage.objects.pending().count() == 0
 
 

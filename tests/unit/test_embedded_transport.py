@@ -315,6 +315,7 @@ def test_an_ordered_consumer_is_refused_on_a_kombu_transport(clean_registry: Any
 def test_a_second_confirm_of_a_sent_row_keeps_its_first_mark(re_settings, caplog):
     import logging
 
+    import prometheus_client
     from django.db import connection
 
     from reliable_events.relay import set_sent
@@ -324,8 +325,11 @@ def test_a_second_confirm_of_a_sent_row_keeps_its_first_mark(re_settings, caplog
     ids = [row.pk for row in rows]
     assert set_sent(connection.alias, ids[:2]) == []
     first = dict(OutboxMessage.objects.filter(pk__in=ids[:2]).values_list("pk", "sent_at"))
+    counted = prometheus_client.REGISTRY.get_sample_value
+    before = counted("reliable_events_publish_duplicates_total") or 0.0
     with caplog.at_level(logging.WARNING, logger="reliable_events"):
         assert set_sent(connection.alias, ids) == []  # published again (a lease expired)
     assert "2 confirmed outbox row(s) had been sent already" in caplog.text
+    assert counted("reliable_events_publish_duplicates_total") == before + 2
     assert set(OutboxMessage.objects.values_list("status", "attempts")) == {("sent", 1)}
     assert first == dict(OutboxMessage.objects.filter(pk__in=ids[:2]).values_list("pk", "sent_at"))

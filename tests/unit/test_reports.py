@@ -51,3 +51,12 @@ def test_relay_reports_add_up_every_counter_seconds_included():
         total.add(RelayReport(claimed=2, sent=2, batches=1, seconds=seconds, lanes=3))
     assert str(total) == "claimed=4 sent=4 failed=0 dead=0 interrupted=0 batches=2 seconds=0.750"
     assert total.lanes == 3
+
+
+def test_relay_totals_keep_the_first_few_errors():
+    # A daemon adds every run's report to its totals for as long as it runs.
+    total = RelayReport()
+    for run in range(1000):
+        total.add(RelayReport(interrupted=3, errors=[f"run {run}: connection refused"] * 3))
+    assert total.interrupted == 3000
+    assert total.errors == ["run 0: connection refused"] * 3 + ["run 1: connection refused"] * 2

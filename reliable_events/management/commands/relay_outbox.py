@@ -76,6 +76,11 @@ class Command(BadArgumentsExit1, BaseCommand):
     def _once(self, relay: Relay) -> None:
         report = relay.drain()
         self.stdout.write(f"relay_outbox: {report}")
+        if not report.lanes and not report.broker_error:
+            self.stdout.write(
+                "relay_outbox: other relays held every lane the whole time: this run "
+                "published nothing (they publish those events)"
+            )
         if report.broker_error and not report.interrupted:
             self.stderr.write(f"  error: {report.broker_error}")
             raise CommandError(
