@@ -118,7 +118,9 @@ def process_label() -> str:
 
 
 # Announce (or renew) this relay, renew its unexpired leases, count the live relays and
-# drop presence rows long dead; one statement.
+# drop presence rows long dead; one statement.  A relay counts while its presence row or
+# any of its leases lasts: a lane taken after the presence was renewed (a later
+# statement) outlasts it by moments, and a relay that died then must still be waited for.
 _PG_HEARTBEAT = """WITH me AS (
   INSERT INTO {presence} (owner, process, expires_at)
   VALUES (%(owner)s, %(process)s, statement_timestamp() + %(lease)s * interval '1 second')
@@ -133,8 +135,12 @@ renewed AS (
 gone AS (
   DELETE FROM {presence}
   WHERE expires_at < statement_timestamp() - interval '1 hour' AND owner <> %(owner)s)
-SELECT (SELECT count(*) FROM {presence}
-        WHERE expires_at > statement_timestamp() AND owner <> %(owner)s) + 1,
+SELECT (SELECT count(*) FROM (
+          SELECT owner FROM {presence}
+          WHERE expires_at > statement_timestamp() AND owner <> %(owner)s
+          UNION
+          SELECT owner FROM {lease}
+          WHERE expires_at > statement_timestamp() AND owner NOT IN ('', %(owner)s)) o) + 1,
   ARRAY(SELECT lane FROM renewed ORDER BY lane), ARRAY(SELECT token FROM renewed ORDER BY lane)"""
 _PG_ENSURE_LANES = """INSERT INTO {lease} (lane, owner, expires_at, token)
 SELECT g, '', statement_timestamp(), 0 FROM generate_series(0, %(total)s - 1) AS g

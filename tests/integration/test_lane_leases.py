@@ -100,6 +100,28 @@ def test_an_expired_lease_is_taken_over_with_a_new_token(re_settings):
     assert lease_seconds() == max(2.0, app_settings.seconds("RELAY_LEASE_SECONDS"))
 
 
+def test_a_relay_counts_while_a_lease_of_it_lasts(re_settings):
+    # A relay renews its presence, then takes lanes in a later statement: killed right
+    # after, its presence runs out moments before those leases.  In that moment another
+    # relay must still count it (and wait for its lanes), not find itself alone with
+    # every lane held and give up (``relay_outbox --once`` exited 0, nothing sent).
+    re_settings(PUBLISH_ON_COMMIT=False, LANES=4)
+    dead, other = LaneShare(connection.alias), LaneShare(connection.alias)
+    try:
+        assert len(dead.refresh()) == 4
+        RelayPresence.objects.filter(owner=dead.owner).update(
+            expires_at=timezone.now() - timedelta(seconds=0.1)
+        )
+        assert other.refresh() == []
+        assert other.relays == 2
+        LaneLease.objects.update(expires_at=timezone.now() - timedelta(seconds=0.1))
+        assert other.refresh() == [0, 1, 2, 3]
+        assert other.relays == 1
+    finally:
+        dead.release()
+        other.release()
+
+
 def test_the_hook_leaves_the_rows_of_a_leased_lane_to_its_relay(re_settings):
     re_settings(PUBLISH_ON_COMMIT=False)
     rows = _rows(20)
