@@ -218,16 +218,16 @@ def release(alias: str, owner: str, lanes: list[int]) -> None:
 def hold_all(alias: str, owner: str) -> bool:
     """Take or renew the one lease of a database without lane locks (SQLite) for
     ``owner``; whether it holds it (``False``: another relay does, its lease unexpired).
-    Each statement is its own write (SQLite serialises them)."""
+    One ``UPDATE`` (each its own write: SQLite serialises them); the row is created by
+    the first relay ever."""
     now = timezone.now()
     leases = LaneLease.objects.using(alias)
-    leases.get_or_create(lane=0, defaults={"owner": "", "expires_at": now})
-    taken = (
-        leases.filter(lane=0)
-        .filter(Q(owner="") | Q(owner=owner) | Q(expires_at__lte=now))
-        .update(owner=owner, expires_at=now + timedelta(seconds=lease_seconds()))
-    )
-    return bool(taken)
+    free = leases.filter(lane=0).filter(Q(owner="") | Q(owner=owner) | Q(expires_at__lte=now))
+    until = now + timedelta(seconds=lease_seconds())
+    if free.update(owner=owner, expires_at=until):
+        return True
+    _row, created = leases.get_or_create(lane=0, defaults={"owner": owner, "expires_at": until})
+    return created
 
 
 def let_go(alias: str, owner: str) -> None:
