@@ -39,7 +39,7 @@ import pytest
 from tests.support import rabbit_node
 from tests.support.optional import needs_beat
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.demo]
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_SECONDS = 45
