@@ -9,7 +9,9 @@ setting, in the same process:
   exporting to a collector pays on the hot path, minus the network), and ``TRACING``
   is on or off.  Every event carries a ``traceparent`` in both runs (as ``publish_event``
   stores it), so the relay links every message of its batches and the consumer opens a
-  ``process`` span per delivery, child of that context.
+  ``process`` span per delivery, child of that context.  ``--sdk none`` leaves the SDK
+  out (the API's non-recording spans): this app's own share of the cost, without the
+  SDK's recording of each span.
 * ``metrics``: the Prometheus metrics (``METRICS``; on by default when
   ``prometheus_client`` is installed, so "off" here is ``METRICS = False``).
 
@@ -22,7 +24,7 @@ pending rows (``Relay.drain()``), then the consumer (``Worker``, shipped default
 Target (issue #13): on / off >= 0.9 for each, the median of the per-round ratios.
 
 Usage: ``python bench/observability.py [--quick] [--rows N] [--count N] [--rounds N]
-[--features tracing ...]``
+[--features tracing ...] [--sdk batch|none]``
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ TOPIC = "bench.created"
 
 # -- features ---------------------------------------------------------------------------------
 _sdk_installed = False
+#: ``--sdk``: ``batch`` (the SDK, a ``BatchSpanProcessor``) or ``none`` (the API alone).
+sdk_mode = ["batch"]
 #: Spans the SDK exported so far (dropped), and how to flush its queue first.
 spans_exported = [0]
 _flush: list[Callable[[], Any]] = []
@@ -60,7 +64,7 @@ def exported_spans() -> int:
 def tracing(on: bool) -> dict[str, Any]:
     """OpenTelemetry: the SDK installed once (spans dropped by the exporter); ``TRACING``."""
     global _sdk_installed
-    if not _sdk_installed:
+    if not _sdk_installed and sdk_mode[0] == "batch":
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import (
@@ -222,7 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=None, help="consumer messages (3000)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5)")
     parser.add_argument("--features", nargs="+", choices=sorted(FEATURES), default=sorted(FEATURES))
+    parser.add_argument(
+        "--sdk",
+        choices=["batch", "none"],
+        default="batch",
+        help="tracing: the OpenTelemetry SDK with a BatchSpanProcessor (default), or none "
+        "(the API's non-recording spans: this app's own share)",
+    )
     args = parser.parse_args(argv)
+    sdk_mode[0] = args.sdk
     rows = args.rows or (5000 if args.quick else 20000)
     count = args.count or (1000 if args.quick else 3000)
     rounds = args.rounds or (1 if args.quick else 5)
@@ -252,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                 samples[f"relay_{state}"].append(relay_rate(broker, rows, config))
                 samples[f"consumer_{state}"].append(consumer_rate(broker, consumer, count, config))
                 made = exported_spans() - before
-                if "tracing" in features and (made >= count if on else made == 0) is False:
+                recording = "tracing" in features and sdk_mode[0] == "batch"
+                if recording and (made >= count if on else made == 0) is False:
                     raise SystemExit(f"tracing {state}: {made} spans for {count} deliveries")
             print(
                 f"round {number}: relay off {samples['relay_off'][-1]:,.0f}/s on "
@@ -262,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         common.truncate_outbox()
     table = []
-    figures: dict[str, Any] = {"features": features, "rows": rows, "count": count}
+    figures: dict[str, Any] = {"features": features, "sdk": args.sdk, "rows": rows, "count": count}
+    shown = "+".join(features)
+    if "tracing" in features and args.sdk == "none":
+        shown += " (OpenTelemetry API alone, no SDK)"
     for part, label in (("relay", "relay drain"), ("consumer", "consumer")):
         ratios = [
             on / off for on, off in zip(samples[f"{part}_on"], samples[f"{part}_off"], strict=True)
@@ -271,13 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         met = ratio >= TARGET_RATIO
         on_rate, off_rate = (common.median(samples[f"{part}_{s}"]) for s in ("on", "off"))
         print(
-            f"  {label}: {'+'.join(features)} on {on_rate:,.0f}/s vs off {off_rate:,.0f}/s = "
+            f"  {label}: {shown} on {on_rate:,.0f}/s vs off {off_rate:,.0f}/s = "
             f"{ratio:.2f} (median of rounds; target >= {TARGET_RATIO}: {common.verdict(met)})"
         )
         figures[f"{part}_ratio"] = ratio
         table.append(
             {
-                "benchmark": f"{label}, {'+'.join(features)} on (events/s)",
+                "benchmark": f"{label}, {shown} on (events/s)",
                 "value": on_rate,
                 "baseline": "same, off",
                 "baseline_value": off_rate,
