@@ -12,6 +12,7 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.utils.module_loading import import_string
 
 from reliable_events import cloudevents
+from reliable_events.broker.management import url_problems
 from reliable_events.broker.queue_rows import dialect_for
 from reliable_events.broker_url import (
     AMQP_SCHEMES,
@@ -315,6 +316,23 @@ def check_cloudevents() -> list[CheckMessage]:
     return []
 
 
+def check_management_url() -> list[CheckMessage]:
+    url = app_settings.BROKER_MANAGEMENT_URL
+    if url is None:
+        return []
+    problems = ["it must be a URL string"] if not isinstance(url, str) else url_problems(url)
+    if not problems:
+        return []
+    return [
+        Error(
+            f"RELIABLE_EVENTS['BROKER_MANAGEMENT_URL']: {'; '.join(problems)}.",
+            hint="RabbitMQ's management API, e.g. 'http://monitor:password@rabbit:15672/' "
+            "(a user with the monitoring tag), or None. " + DOCS,
+            id="reliable_events.E015",
+        )
+    ]
+
+
 def check_exchange() -> list[CheckMessage]:
     exchange = app_settings.EXCHANGE
     if not isinstance(exchange, str) or not exchange or exchange.startswith("amq."):
@@ -460,7 +478,11 @@ def check_debug_filter() -> list[CheckMessage]:
     the filter that masks it is installed."""
     if not settings.DEBUG:
         return []
-    urls = (app_settings.BROKER_URL, getattr(settings, "CELERY_BROKER_URL", None))
+    urls = (
+        app_settings.BROKER_URL,
+        getattr(settings, "CELERY_BROKER_URL", None),
+        app_settings.BROKER_MANAGEMENT_URL,
+    )
     if not any(_has_password(url) for url in urls):
         return []
     installed = str(getattr(settings, "DEFAULT_EXCEPTION_REPORTER_FILTER", ""))
@@ -486,6 +508,7 @@ CHECKS: tuple[Callable[[], list[CheckMessage]], ...] = (
     check_broker_url,
     check_queue_type,
     check_cloudevents,
+    check_management_url,
     check_exchange,
     check_lanes,
     check_on_commit_grace,

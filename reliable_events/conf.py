@@ -150,6 +150,11 @@ class AppSettings:
     METRICS_PORT: int | None = None
     #: Seconds a scrape reuses the database and broker figures of the previous one.
     METRICS_CACHE_SECONDS: float = 15.0
+    #: RabbitMQ's management API (``"http://user:password@host:15672/"``; a user with
+    #: the ``monitoring`` tag): queue depths then also count the messages delivered to a
+    #: consumer and not yet acked.  ``None``: not asked (a passive declare counts the
+    #: ready messages only).
+    BROKER_MANAGEMENT_URL: str | None = None
     #: Most topics labelled in the outbox gauges; the rest are summed as ``"other"``.
     METRICS_MAX_TOPICS: int = 20
     #: Seconds between two heartbeats of a relay or consumer process (``TIME_SCALE``

@@ -276,6 +276,10 @@ class ConsumerLiveness:
     last_seen: datetime | None = None
     age_seconds: float | None = None
     messages: int | None = None
+    #: Delivered to a process and not yet acked (``BROKER_MANAGEMENT_URL``; ``None``: not
+    #: known, :attr:`unacked_error` says why when the API was asked).
+    unacked: int | None = None
+    unacked_error: str = ""
     queue_consumers: int | None = None
     queue_error: str = ""
     #: Messages waiting for a later attempt: in its delay queues (RabbitMQ) or due later
@@ -346,6 +350,11 @@ class Liveness:
     def relay_last_seen(self) -> datetime | None:
         seen = [p.last_seen for p in self.processes if p.kind == Heartbeat.Kind.RELAY]
         return max(seen) if seen else None
+
+    @property
+    def unacked_known(self) -> bool:
+        """Whether the management API was asked (``BROKER_MANAGEMENT_URL``)."""
+        return any(c.unacked is not None or c.unacked_error for c in self.consumers)
 
     @property
     def down(self) -> list[ConsumerLiveness]:
@@ -514,6 +523,8 @@ def liveness(*, using: str | None = None, with_queues: bool = True) -> Liveness:
             if state.retired:  # what is left of it (a queue may be deleted already)
                 state.messages = sum(depth.messages or 0 for depth in found)
             state.queue_consumers = _total(depth.consumers for depth in found)
+            state.unacked = _total(depth.unacked for depth in found)
+            state.unacked_error = next((d.unacked_error for d in found if d.unacked_error), "")
             state.retrying = _retrying(found[0], delayed)
             state.queue_error = next((d.error for d in (*found, *delayed) if d.error), "")
             if state.retired and gone(found):

@@ -229,6 +229,12 @@ def _liveness_families(state: Liveness, gauge: Any) -> Iterator[Any]:
         "Messages ready in the consumer's queue (broker or db:// table).",
         labels=["consumer"],
     )
+    unacked = gauge(
+        "reliable_events_queue_messages_unacked",
+        "Messages of the consumer's queue delivered to a process and not yet acked "
+        "(RabbitMQ's management API: only with BROKER_MANAGEMENT_URL).",
+        labels=["consumer"],
+    )
     retrying = gauge(
         "reliable_events_consumer_retrying",
         "Messages of the consumer waiting for a later attempt (its delay queues, or due "
@@ -257,9 +263,11 @@ def _liveness_families(state: Liveness, gauge: Any) -> Iterator[Any]:
             seen.add_metric([consumer.name], consumer.age_seconds)
         if consumer.messages is not None:
             depth.add_metric([consumer.name], consumer.messages)
+        if consumer.unacked is not None:
+            unacked.add_metric([consumer.name], consumer.unacked)
         if consumer.retrying is not None:
             retrying.add_metric([consumer.name], consumer.retrying)
-    yield from (alive, processes, seen, depth, retrying, silent, recreated)
+    yield from (alive, processes, seen, depth, unacked, retrying, silent, recreated)
 
 
 # -- exposition ----------------------------------------------------------------------------

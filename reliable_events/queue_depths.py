@@ -1,19 +1,21 @@
 """How deep is each consumer queue?  Ready messages (and those due later on ``db://``)
 and the consumers the broker counts, from a passive declare per queue on AMQP or one
-``GROUP BY`` over the queue table on ``db://``; cached ``METRICS_CACHE_SECONDS``.
-Liveness, its metrics and the retired consumers' clean-up read them here."""
+``GROUP BY`` over the queue table on ``db://``; on AMQP with ``BROKER_MANAGEMENT_URL``
+also the messages delivered and not yet acked (RabbitMQ's management API); cached
+``METRICS_CACHE_SECONDS``.  Liveness, its metrics and the retired consumers' clean-up
+read them here."""
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 import amqp
 from django.db import DatabaseError
 
-from reliable_events.broker import queue_rows
+from reliable_events.broker import management, queue_rows
 from reliable_events.broker_url import is_amqp_url
 from reliable_events.conf import app_settings
 from reliable_events.db import queue_alias
@@ -34,6 +36,10 @@ class QueueDepth:
     delayed: int | None = None
     #: The broker answered that the queue does not exist (404).
     missing: bool = False
+    #: AMQP with ``BROKER_MANAGEMENT_URL``: delivered to a consumer, not yet acked
+    #: (``None``: not known; :attr:`unacked_error` says why when the API was asked).
+    unacked: int | None = None
+    unacked_error: str = ""
 
 
 _depth_lock = threading.Lock()
@@ -52,6 +58,8 @@ def queue_depths(queues: list[str], *, url: str | None = None) -> dict[str, Queu
         return hit[1]
     if is_amqp_url(url):
         depths = _amqp_depths(url, queues)
+        if app_settings.BROKER_MANAGEMENT_URL:
+            depths = _with_unacked(depths, url, str(app_settings.BROKER_MANAGEMENT_URL))
     elif urlsplit(url).scheme.lower() == "db":
         depths = _table_depths(url, queues)
     else:
@@ -87,6 +95,16 @@ def _amqp_depths(url: str, queues: list[str]) -> dict[str, QueueDepth]:
         error = describe_error(exc, url)[:200]
         return {queue: depths.get(queue, QueueDepth(error=error)) for queue in queues}
     return depths
+
+
+def _with_unacked(depths: dict[str, QueueDepth], url: str, api: str) -> dict[str, QueueDepth]:
+    """``depths`` with the unacked messages the management API counts."""
+    timeout = min(2.0, float(app_settings.CONNECT_TIMEOUT))
+    stats = management.queue_stats(api, management.vhost_of(url), list(depths), timeout=timeout)
+    return {
+        queue: replace(depth, unacked=stats[queue].unacked, unacked_error=stats[queue].error)
+        for queue, depth in depths.items()
+    }
 
 
 def _table_depths(url: str, queues: list[str]) -> dict[str, QueueDepth]:

@@ -9,6 +9,8 @@
 - :mod:`~reliable_events.broker.database`: the ``db://`` transport (queue rows in the
   application's database; loaded when a ``db://`` URL is used).
 - :mod:`~reliable_events.broker.connect`: which publisher or transport serves a URL.
+- :mod:`~reliable_events.broker.management`: RabbitMQ's management API (HTTP), read for
+  the messages a passive declare does not count (``BROKER_MANAGEMENT_URL``).
 
 Several nodes of a RabbitMQ cluster (``BROKER_URL`` as a list or ``"h1;h2"``) are tried
 in turn by :class:`reliable_events.broker_nodes.BrokerNodes`.

@@ -82,6 +82,7 @@ class RabbitNode:
         base_dir: Path | None = None,
         cookie: str | None = None,
         start_timeout: float = 90.0,
+        management: bool = False,
     ) -> None:
         self.short_name = name or f"re-fault-{secrets.token_hex(4)}"
         self.nodename = f"{self.short_name}@localhost"
@@ -91,6 +92,8 @@ class RabbitNode:
         self.start_timeout = start_timeout
         self.port = _free_port(set())
         self.dist_port = _free_port({self.port})
+        #: The management plugin's HTTP port (``management=True``), else ``None``.
+        self.management_port = _free_port({self.port, self.dist_port}) if management else None
         self.process: subprocess.Popen[bytes] | None = None
         self._prepare()
 
@@ -98,6 +101,13 @@ class RabbitNode:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    @property
+    def management_url(self) -> str:
+        """The management API (``management=True``), as ``BROKER_MANAGEMENT_URL``."""
+        if self.management_port is None:
+            raise RabbitNodeError(f"node {self.nodename} runs without the management plugin")
+        return f"http://guest:guest@127.0.0.1:{self.management_port}/"
 
     @property
     def pid_file(self) -> Path:
@@ -121,8 +131,16 @@ class RabbitNode:
             # keep the alarms out of the tests' way on a busy machine
             "disk_free_limit.absolute = 50MB\n"
             "vm_memory_high_watermark.relative = 0.6\n"
+            + (
+                f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
+                # the queues' figures refreshed every 0.5 s, not 5 s
+                "collect_statistics_interval = 500\n"
+                if self.management_port is not None
+                else ""
+            )
         )
-        (self.base_dir / "enabled_plugins").write_text("[].\n")
+        plugins = "rabbitmq_management" if self.management_port is not None else ""
+        (self.base_dir / "enabled_plugins").write_text(f"[{plugins}].\n")
         # docs/cluster.md, "Broker settings": a retry whose hop from its delay queue meets a
         # failing queue leader is sent again after 10 s, not the broker's 180 s (older
         # RabbitMQ versions read the key without "_ms", newer ones with it).
@@ -323,10 +341,14 @@ class RabbitNode:
 
 @contextlib.contextmanager
 def private_rabbit_node(
-    *, name: str | None = None, cookie: str | None = None, start_timeout: float = 90.0
+    *,
+    name: str | None = None,
+    cookie: str | None = None,
+    start_timeout: float = 90.0,
+    management: bool = False,
 ) -> Iterator[RabbitNode]:
     """A started :class:`RabbitNode`, stopped and removed afterwards whatever happens."""
-    node = RabbitNode(name=name, cookie=cookie, start_timeout=start_timeout)
+    node = RabbitNode(name=name, cookie=cookie, start_timeout=start_timeout, management=management)
     try:
         node.start()
         yield node

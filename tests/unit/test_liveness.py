@@ -206,6 +206,7 @@ def test_admin_overview_turns_red_for_a_consumer_not_seen(
     assert "alive" in by_name[seen.name]
     assert '<td class="re-count">0</td>' in by_name[seen.name]  # retrying (db://)
     assert ">Retrying</th>" in page
+    assert ">Unacked</th>" not in page  # BROKER_MANAGEMENT_URL not set: not asked
     assert 'id="re-liveness-note"' in page
     assert "0 relay daemons alive" in page
 

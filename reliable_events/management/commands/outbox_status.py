@@ -104,6 +104,7 @@ class Command(BadArgumentsExit1, BaseCommand):
             for live in state.consumers:
                 depth = [
                     f"{live.messages} waiting in {live.queue}" if live.messages is not None else "",
+                    f"{live.unacked} unacked" if live.unacked is not None else "",
                     f"{live.retrying} retrying" if live.retrying is not None else "",
                 ]
                 shown = ", ".join(part for part in depth if part)
