@@ -587,6 +587,8 @@ def _silent_warning(
     state: ConsumerLiveness, age: float, cls: type[EventConsumer] | None, amqp: bool
 ) -> str:
     held = "its unacked messages"
+    if state.unacked:  # BROKER_MANAGEMENT_URL: what the broker counts, live processes' too
+        held += f" (the broker counts {state.unacked} now)"
     if cls is not None and cls.ordered:
         held += ", and its partitions," if amqp else ", and the whole queue,"
     until = (

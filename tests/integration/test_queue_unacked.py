@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import timedelta
 from io import StringIO
 from typing import Any
 
@@ -21,12 +22,14 @@ import pytest
 from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from reliable_events import queue_depths
-from reliable_events.liveness import ConsumerLiveness, liveness
+from reliable_events.liveness import ConsumerLiveness, HeartbeatWriter, liveness
 from reliable_events.metrics_collector import build_registry
 from reliable_events.metrics_collector import clear_cache as clear_metrics_cache
+from reliable_events.models import Heartbeat
 from tests.support.consumer_support import make_consumer
 from tests.support.rabbit_node import available, private_rabbit_node
 
@@ -99,6 +102,19 @@ def test_messages_held_unacked_by_a_process_show_everywhere(
         shown = {c["name"]: c for c in json.loads(out.getvalue())["liveness"]["consumers"]}
         assert (shown[consumer.name]["messages"], shown[consumer.name]["unacked"]) == (2, 3)
         assert _unacked_gauge(consumer.name) == 3.0
+        # The process holding them froze: its warning says how many the broker counts.
+        writer = HeartbeatWriter("consumer", [consumer.name])
+        assert writer.tick()
+        Heartbeat.objects.filter(pk=writer.row_id).update(
+            last_seen=timezone.now() - timedelta(seconds=2 * liveness().timeout_seconds)
+        )
+        queue_depths.clear_cache()
+        frozen = liveness().consumer(consumer.name)
+        assert frozen is not None
+        assert frozen.silent == 1
+        assert "a frozen one keeps its unacked messages (the broker counts 3 now)" in (
+            frozen.warning
+        )
         page = admin_client.get(reverse("admin:reliable_events_overview")).content.decode()
         table = page.split('<table id="re-consumers">')[1].split("</table>")[0]
         assert ">Unacked</th>" in table
