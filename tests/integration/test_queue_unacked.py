@@ -105,6 +105,7 @@ def test_messages_held_unacked_by_a_process_show_everywhere(
         # The process holding them froze: its warning says how many the broker counts.
         writer = HeartbeatWriter("consumer", [consumer.name])
         assert writer.tick()
+        assert writer.row_id is not None
         Heartbeat.objects.filter(pk=writer.row_id).update(
             last_seen=timezone.now() - timedelta(seconds=2 * liveness().timeout_seconds)
         )
