@@ -1,7 +1,9 @@
 """A real Prometheus scrapes the web endpoint (this test's live server, the test URLconf
 including ``reliable_events.urls_metrics``) and a ``consume_events --metrics-port``
 process, with the shipped alert rules loaded: the counters move in its HTTP API, and a
-dead letter and a stopped consumer make the matching alerts go pending (or firing).
+dead letter, a stopped consumer, a killed one, a stopped relay and a dead outbox row make
+the matching alerts go pending (or firing).  ``tests/prometheus/alerts_test.yml`` tests
+every rule's expression with promtool.
 
 Only the scrape and evaluation intervals are short (1 s, the test's Prometheus config);
 the rules are ``contrib/prometheus/alerts.yml`` as shipped, and heartbeats run on the
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +39,7 @@ from tests.support.prometheus_server import ALERT_RULES, PrometheusServer, binar
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.rabbitmq, pytest.mark.postgres]
 
 ROOT = Path(__file__).resolve().parents[2]
+ALERT_RULES_TESTS = ROOT / "tests" / "prometheus" / "alerts_test.yml"
 needs_prometheus = pytest.mark.skipif(
     binary("prometheus") is None or binary("promtool") is None,
     reason="Debian's prometheus package is not installed (.ci/run installs it)",
@@ -51,7 +56,48 @@ def test_the_shipped_alert_rules_pass_promtool() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 12 rules found" in result.stdout
+    assert "SUCCESS: 13 rules found" in result.stdout
+
+
+def without_annotations(rules: str) -> str:
+    """``rules`` with every rule's ``annotations:`` block cut out (indentation decides
+    where a block ends: the YAML is ours, written in block style)."""
+    kept: list[str] = []
+    cut_deeper_than: int | None = None
+    for line in rules.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if cut_deeper_than is not None and (not line.strip() or indent > cut_deeper_than):
+            continue
+        cut_deeper_than = indent if line.strip() == "annotations:" else None
+        if cut_deeper_than is None:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def test_every_shipped_alert_has_a_case_where_it_fires() -> None:
+    shipped = re.findall(r"^\s*- alert: (\w+)$", ALERT_RULES.read_text(), re.M)
+    firing = re.findall(
+        r"alertname: (\w+)\n\s*exp_alerts:\n\s*- exp_labels:", ALERT_RULES_TESTS.read_text()
+    )
+    assert len(shipped) == 13
+    assert sorted(set(shipped)) == sorted(set(firing))
+    assert "annotations:" not in without_annotations(ALERT_RULES.read_text())
+
+
+@needs_prometheus
+@pytest.mark.django_db(transaction=False)
+def test_the_shipped_alert_rules_pass_their_promtool_unit_tests(tmp_path: Path) -> None:
+    (tmp_path / "alerts.yml").write_text(without_annotations(ALERT_RULES.read_text()))
+    shutil.copy(ALERT_RULES_TESTS, tmp_path / "alerts_test.yml")
+    result = subprocess.run(
+        [str(binary("promtool")), "test", "rules", "alerts_test.yml"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
 
 
 def test_a_queue_with_messages_and_no_consumer_is_down_though_its_process_beats(
@@ -164,6 +210,7 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
     relay_port = free_port()
     relay_log = (tmp_path / "relay.log").open("w")
     relay: subprocess.Popen[bytes] | None = None
+    victim: subprocess.Popen[bytes] | None = None
     web = live_server.url.removeprefix("http://")
     targets = {
         "web": (web, "/metrics/"),
@@ -261,6 +308,22 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
         body = json.loads(failed.value.read())
         assert body["consumers"][name]["alive"] is False
 
+        # Another process of it is killed (kill -9, no clean stop): it turns silent.
+        victim = subprocess.Popen(
+            [sys.executable, "manage.py", "consume_events", name],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        _until(server, alive, 1, "the second consumer process's heartbeat")
+        silent = f'reliable_events_consumer_processes_silent{{consumer="{name}"}}'
+        assert server.value(silent) == 0
+        victim.kill()
+        victim.wait()
+        _until(server, silent, 1, "the killed process, silent")
+        assert _alert(server, "ReliableEventsConsumerProcessSilent", name) == "firing"
+
         # The relay daemon stops too: no relay publishes.
         relay.send_signal(signal.SIGTERM)
         assert relay.wait(30) == 0
@@ -280,7 +343,7 @@ def test_prometheus_scrapes_web_and_consumer_and_alerts_fire(
         _until(server, 'max(reliable_events_outbox_dead{topic="orders.dead"})', 1, "dead rows")
         assert _alert(server, "ReliableEventsOutboxDead") in ("pending", "firing")
     finally:
-        for process in (child, relay):
+        for process in (child, relay, victim):
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
