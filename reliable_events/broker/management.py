@@ -7,25 +7,34 @@ RabbitMQ's management API counts them (``messages_unacknowledged``).  Optional: 
 ``BROKER_MANAGEMENT_URL`` names the API (``http://user:password@host:15672/``; a user with
 the ``monitoring`` tag is enough: every request here is a read).
 
-One ``GET /api/queues/<vhost>/<queue>`` per queue, with a short timeout; never raises.
-The broker refreshes these figures every ``collect_statistics_interval`` (5 s by default).
+One ``GET /api/queues/<vhost>`` for all the queues asked about (their names as an
+anchored ``name`` regex, the ``columns`` needed only; a longer list is cut into several
+requests), with a short timeout; never raises.  The broker refreshes these figures every
+``collect_statistics_interval`` (5 s by default).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from urllib.error import HTTPError
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 from urllib.request import Request, urlopen
 
 from reliable_events.broker_url import node_urls
 from reliable_events.sanitize import redact
 
-#: The most of a response read (a queue's object is a few KiB).
+#: The most of a response read (a page of at most ``PAGE_SIZE`` short objects).
 MAX_RESPONSE = 1 << 20
+#: The longest ``name`` filter of one request, percent-encoded: well under the 8,000
+#: bytes of request line the management API's HTTP server (Cowboy) accepts.
+MAX_FILTER = 3000
+#: Queues per page (the API's largest page is 500), and the most pages read of one group.
+PAGE_SIZE = 500
+MAX_PAGES = 4
 
 
 @dataclass(frozen=True)
@@ -81,30 +90,71 @@ def queue_stats(
         pair = f"{unquote(split.username)}:{unquote(split.password or '')}"
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
     found: dict[str, QueueStats] = {}
-    failed = ""
-    for queue in queues:
-        if failed:  # the API is down or refuses us: not once per queue
-            found[queue] = QueueStats(error=failed)
-            continue
-        address = f"{base}/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
+    address = f"{base}/api/queues/{quote(vhost, safe='')}"
+    for group in _groups(queues):
+        failed = _read_group(address, headers, group, found, timeout)
+        if failed:  # the API is down or refuses us: not once per group
+            refused = QueueStats(error=redact(failed, url)[:300])
+            return {queue: found.get(queue, refused) for queue in queues}
+    return found
+
+
+def _groups(queues: Sequence[str]) -> Iterator[list[str]]:
+    """``queues`` in groups whose ``name`` filter fits in ``MAX_FILTER`` and whose
+    queues fit in a page."""
+    group: list[str] = []
+    length = 0
+    for queue in dict.fromkeys(queues):
+        part = len(quote(re.escape(queue), safe="")) + 3  # and its "|"
+        if group and (length + part > MAX_FILTER or len(group) == PAGE_SIZE):
+            yield group
+            group, length = [], 0
+        group.append(queue)
+        length += part
+    if group:
+        yield group
+
+
+def _read_group(
+    address: str,
+    headers: dict[str, str],
+    group: list[str],
+    found: dict[str, QueueStats],
+    timeout: float,
+) -> str:
+    """Fill ``found`` with the figures of ``group``'s queues (every page of the answer);
+    the error that stopped it, else an empty string."""
+    pattern = "^(" + "|".join(re.escape(queue) for queue in group) + ")$"
+    wanted = set(group)
+    page = pages = 1
+    while page <= pages:
+        query = {"page": page, "page_size": PAGE_SIZE, "name": pattern, "use_regex": "true"}
+        query["columns"] = "name,messages_unacknowledged"
         try:
-            request = Request(address, headers=headers)  # noqa: S310 - http(s), checked
-            with urlopen(request, timeout=timeout) as response:  # noqa: S310
+            request = Request(f"{address}?{urlencode(query)}", headers=headers)  # noqa: S310
+            with urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only
                 data = json.loads(response.read(MAX_RESPONSE))
         except HTTPError as exc:
-            if exc.code == 404:
-                found[queue] = QueueStats(error="no such queue")
-                continue
-            failed = f"management API: HTTP {exc.code} {exc.reason}"
+            hint = " (is the virtual host, or the URL's path, right?)" if exc.code == 404 else ""
+            return f"management API: HTTP {exc.code} {exc.reason}{hint}"
         except (OSError, ValueError) as exc:  # refused, timed out, not JSON
-            failed = f"management API: {type(exc).__name__}: {exc}"
-        else:
-            value = data.get("messages_unacknowledged") if isinstance(data, dict) else None
-            if isinstance(value, int) and not isinstance(value, bool):
-                found[queue] = QueueStats(unacked=value)
-            else:  # a queue declared since the broker's last statistics round
-                found[queue] = QueueStats(error="not counted by the broker yet")
-            continue
-        failed = redact(failed, url)[:300]
-        found[queue] = QueueStats(error=failed)
-    return found
+            return f"management API: {type(exc).__name__}: {exc}"
+        items = data.get("items") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            return "management API: an answer without the list of queues"
+        for item in items:
+            name = item.get("name") if isinstance(item, dict) else None
+            if name in wanted:
+                found[name] = _stats(item.get("messages_unacknowledged"))
+        if isinstance(data.get("page_count"), int):  # more than a page: names differing
+            pages = min(data["page_count"], MAX_PAGES)  # in case only, matched caselessly
+        page += 1
+    for queue in group:
+        found.setdefault(queue, QueueStats(error="no such queue"))
+    return ""
+
+
+def _stats(value: object) -> QueueStats:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return QueueStats(unacked=value)
+    return QueueStats(error="not counted by the broker yet")  # declared since its last round
