@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from reliable_events.conf import app_settings
 from reliable_events.db import write_alias
-from reliable_events.liveness import purge_heartbeats
+from reliable_events.heartbeats import purge_heartbeats
 from reliable_events.models import OutboxMessage, ProcessedMessage
 from reliable_events.reports import Report
 

@@ -20,7 +20,8 @@ from reliable_events.conf import app_settings
 from reliable_events.consumer import registry
 from reliable_events.db import queue_alias
 from reliable_events.exceptions import ReliableEventsError
-from reliable_events.liveness import forget_heartbeats, left_behind, liveness
+from reliable_events.heartbeats import forget_heartbeats, left_behind
+from reliable_events.liveness import liveness
 from reliable_events.queue_depths import clear_cache, queue_depths
 from reliable_events.sanitize import describe_error
 from reliable_events.unrouted import broker_channel

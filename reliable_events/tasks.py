@@ -22,7 +22,7 @@ from typing import Any
 
 from celery import shared_task
 
-from reliable_events.liveness import HeartbeatWriter
+from reliable_events.heartbeats import HeartbeatWriter
 from reliable_events.maintenance import purge
 from reliable_events.relay import RelayReport, relay_once
 

@@ -78,7 +78,7 @@ from reliable_events.exceptions import (
     DatabaseUnavailable,
     ReliableEventsError,
 )
-from reliable_events.liveness import HeartbeatWriter, left_behind, topology_of
+from reliable_events.heartbeats import HeartbeatWriter, left_behind, topology_of
 from reliable_events.relay.engine import Relay
 from reliable_events.reports import Report
 from reliable_events.runner import StopFlag

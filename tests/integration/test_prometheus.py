@@ -30,7 +30,8 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from reliable_events import publish_event
-from reliable_events.liveness import HeartbeatWriter, liveness
+from reliable_events.heartbeats import HeartbeatWriter
+from reliable_events.liveness import liveness
 from reliable_events.models import DeadLetter, OutboxMessage
 from reliable_events.topology import declare_on_amqp_channel, full_topology, unrouted_name
 from tests.support.consumer_support import applied, make_consumer, queue_names, unique_name

@@ -26,7 +26,8 @@ from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from reliable_events import queue_depths
-from reliable_events.liveness import ConsumerLiveness, HeartbeatWriter, liveness
+from reliable_events.heartbeats import HeartbeatWriter
+from reliable_events.liveness import ConsumerLiveness, liveness
 from reliable_events.metrics_collector import build_registry
 from reliable_events.metrics_collector import clear_cache as clear_metrics_cache
 from reliable_events.models import Heartbeat

@@ -17,7 +17,8 @@ from django.utils import timezone
 from reliable_events.consumer import EventConsumer
 from reliable_events.consumer.partitions import hash_exchange, partition_queues
 from reliable_events.consuming import Worker
-from reliable_events.liveness import liveness, purge_heartbeats
+from reliable_events.heartbeats import purge_heartbeats
+from reliable_events.liveness import liveness
 from reliable_events.models import Heartbeat
 from reliable_events.publishing import publish_event
 from reliable_events.topology import declare_on_amqp_channel, full_topology

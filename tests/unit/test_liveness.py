@@ -25,7 +25,8 @@ from django.utils import timezone
 from reliable_events import queue_loss
 from reliable_events.conf import app_settings
 from reliable_events.consumer.worker import Worker
-from reliable_events.liveness import HeartbeatWriter, liveness
+from reliable_events.heartbeats import HeartbeatWriter
+from reliable_events.liveness import liveness
 from reliable_events.maintenance import purge
 from reliable_events.models import Heartbeat, QueuedMessage
 from reliable_events.publishing import publish_event
@@ -340,7 +341,7 @@ def test_a_removed_consumer_that_left_nothing_is_history_and_its_heartbeat_is_pu
 
 
 def forget_heartbeats_of(name: str) -> tuple[list[str], list[str]]:
-    from reliable_events.liveness import forget_heartbeats
+    from reliable_events.heartbeats import forget_heartbeats
 
     assert forget_heartbeats(name) == 1
     row = Heartbeat.objects.get()

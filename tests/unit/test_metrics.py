@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from reliable_events import metrics, metrics_collector
 from reliable_events.broker.base import UNROUTABLE_QUEUE, OutgoingMessage, Publisher, PublishResult
 from reliable_events.consumer.base import HandlerResult, Outcome
-from reliable_events.liveness import HeartbeatWriter
+from reliable_events.heartbeats import HeartbeatWriter
 from reliable_events.metrics_collector import build_registry, capped
 from reliable_events.models import KeyHold, ParkedEvent, QueuedMessage
 from reliable_events.relay.claims import RelayReport

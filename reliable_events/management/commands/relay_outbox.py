@@ -20,7 +20,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from reliable_events.conf import app_settings
 from reliable_events.exceptions import ReliableEventsError
-from reliable_events.liveness import HeartbeatWriter
+from reliable_events.heartbeats import HeartbeatWriter
 from reliable_events.management.arguments import (
     BadArgumentsExit1,
     batch_size,
