@@ -124,14 +124,19 @@ def _read_group(
 ) -> str:
     """Fill ``found`` with the figures of ``group``'s queues (every page of the answer);
     the error that stopped it, else an empty string."""
-    pattern = "^(" + "|".join(re.escape(queue) for queue in group) + ")$"
+    query = urlencode(
+        {
+            "page_size": PAGE_SIZE,
+            "name": "^(" + "|".join(re.escape(queue) for queue in group) + ")$",
+            "use_regex": "true",
+            "columns": "name,messages_unacknowledged",
+        }
+    )
     wanted = set(group)
     page = pages = 1
     while page <= pages:
-        query = {"page": page, "page_size": PAGE_SIZE, "name": pattern, "use_regex": "true"}
-        query["columns"] = "name,messages_unacknowledged"
         try:
-            request = Request(f"{address}?{urlencode(query)}", headers=headers)  # noqa: S310
+            request = Request(f"{address}?page={page}&{query}", headers=headers)  # noqa: S310
             with urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only
                 data = json.loads(response.read(MAX_RESPONSE))
         except HTTPError as exc:
