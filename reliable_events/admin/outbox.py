@@ -30,7 +30,6 @@ from reliable_events.admin.base import (
 )
 from reliable_events.models import OutboxMessage
 from reliable_events.relay import retry_dead
-from reliable_events.relay.claims import held_behind
 from reliable_events.status import outbox_status
 
 # -- outbox ---------------------------------------------------------------------------
@@ -44,7 +43,7 @@ class OutboxChangeList(LightChangeList):
     def get_results(self, request: HttpRequest) -> None:
         super().get_results(request)
         rows = list(self.result_list)
-        behind = held_behind(self.queryset.db, [row.pk for row in rows])
+        behind = self.queryset.held_behind([row.pk for row in rows])
         for row in rows:
             row.held_behind_id = behind.get(row.pk)
         self.result_list = rows
@@ -130,7 +129,7 @@ class OutboxMessageAdmin(ReadOnlyAdmin):
             return ""
         row = getattr(obj, "held_behind_id", _NOT_ASKED)
         if row is _NOT_ASKED:  # the detail page: its row alone
-            row = held_behind(obj._state.db or "default", [obj.pk]).get(obj.pk)
+            row = OutboxMessage.objects.using(obj._state.db).held_behind([obj.pk]).get(obj.pk)
         if row is None:
             return ""
         return format_html(

@@ -37,11 +37,19 @@ from reliable_events.relay.claims import (
 from reliable_events.relay.engine import LANE_WAIT, RUN_SECONDS, Relay, relay_once
 from reliable_events.relay.lanes import LaneShare
 from reliable_events.relay.leases import LANE_LOCK_NAMESPACE, Fence
-from reliable_events.relay.on_commit import HOOK_LANE_WAIT, dispatcher, publish_after_commit
+from reliable_events.relay.on_commit import (
+    HOOK_LANE_WAIT,
+    HOOK_LEASE_PAUSE,
+    HOOK_LEASE_WAIT,
+    dispatcher,
+    publish_after_commit,
+)
 from reliable_events.relay.pooling import behind_pooler
 
 __all__ = [
     "HOOK_LANE_WAIT",
+    "HOOK_LEASE_PAUSE",
+    "HOOK_LEASE_WAIT",
     "LANE_LOCK_NAMESPACE",
     "LANE_WAIT",
     "RUN_SECONDS",

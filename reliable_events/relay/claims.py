@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from django.db import (
     connections,
 )
-from django.db.models import Exists, F, OuterRef, QuerySet, Subquery, TextField
+from django.db.models import Exists, F, OuterRef, TextField
 from django.db.models.functions import Cast, Least, Now
 from django.utils import timezone
 
@@ -116,10 +116,12 @@ LIMIT %(limit)s
 FOR UPDATE OF o SKIP LOCKED"""
 # Waits (bounded by lock_timeout) for the lanes of the hook's pending rows, in lane order
 # so that two hooks cannot deadlock; released at the end of the hook's transaction.
-# Returns the keys of those rows, per lane.
+# Returns the keys of those rows, per lane, and whether a relay holds the lane's lease.
 #: ``lock_timeout`` is set (for the transaction) before the locks: the lanes' subquery
 #: reads its result, so it runs first.
-_PG_LOCK_HOOK_LANES = """SELECT s.lane, pg_advisory_xact_lock(%(namespace)s, s.lane), s.keys
+_PG_LOCK_HOOK_LANES = """SELECT s.lane, pg_advisory_xact_lock(%(namespace)s, s.lane), s.keys,
+  EXISTS (SELECT 1 FROM {lease} l WHERE l.lane = s.lane AND l.owner <> ''
+          AND l.expires_at > statement_timestamp())
 FROM (SELECT set_config('lock_timeout', %(timeout)s, true) AS timeout) t,
 LATERAL (SELECT lane, array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL) AS keys
       FROM {table} WHERE t.timeout IS NOT NULL
@@ -160,6 +162,8 @@ class RelayReport(Report):
     broker_error: str = ""
     #: Lanes the relay held.
     lanes: int = 0
+    #: The last claim was short: nothing more was due (the run gave its lanes back).
+    caught_up: bool = False
 
     def add(self, other: RelayReport) -> None:
         self.claimed += other.claimed
@@ -172,6 +176,7 @@ class RelayReport(Report):
         self.errors.extend(other.errors[: max(0, MAX_ERRORS - len(self.errors))])
         self.broker_error = other.broker_error or self.broker_error
         self.lanes = max(self.lanes, other.lanes)
+        self.caught_up = other.caught_up
 
 
 def backoff_seconds(attempts: int) -> float:
@@ -201,33 +206,6 @@ def _table(alias: str) -> str:
 
 def _lease_table(alias: str) -> str:
     return connections[alias].ops.quote_name(LaneLease._meta.db_table)
-
-
-def holding_back(alias: str) -> QuerySet[OutboxMessage]:
-    """The rows that hold back an outer row (``OuterRef``) of the claim: the earlier
-    pending rows of its key that are not due (a retry's backoff, a delayed event).  The
-    claims leave the outer row alone until they are sent."""
-    return OutboxMessage.objects.using(alias).filter(
-        next_attempt_at__gt=Now(),
-        status=OutboxMessage.Status.PENDING,
-        key=OuterRef("key"),
-        id__lt=OuterRef("id"),
-    )
-
-
-def held_behind(alias: str, ids: Sequence[int]) -> dict[int, int]:
-    """For the pending rows among ``ids`` that are held back (:func:`holding_back`), the
-    id of the first row holding each: one query, a look-up per row through the pending
-    key index (for the rows a page shows, never a whole table)."""
-    first = Subquery(holding_back(alias).order_by("id").values("id")[:1])
-    rows = OutboxMessage.objects.using(alias).filter(
-        pk__in=list(ids), status=OutboxMessage.Status.PENDING, key__isnull=False
-    )
-    return {
-        pk: behind
-        for pk, behind in rows.annotate(behind=first).values_list("pk", "behind")
-        if behind is not None
-    }
 
 
 def claim_due(
@@ -268,7 +246,7 @@ def claim_due(
         _rows_query(alias)
         .filter(status=OutboxMessage.Status.PENDING, next_attempt_at__lte=Now())
         .exclude(id__in=list(exclude))
-        .filter(~Exists(holding_back(alias)))
+        .filter(~Exists(OutboxMessage.objects.using(alias).holding_back()))
         .order_by("id")
     )
     if len(lanes) < int(app_settings.LANES):
@@ -360,16 +338,24 @@ def claim_committed(alias: str, ids: Sequence[int], keys: Sequence[str] = ()) ->
     )
 
 
-def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> list[str] | None:
+class HookLanes(NamedTuple):
+    """The lanes :func:`lock_hook_lanes` took: the keys of the hook's pending rows, and
+    the lanes among them a relay held a lease on (those rows are the relay's while it
+    holds it)."""
+
+    keys: list[str]
+    leased: list[int]
+
+
+def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> HookLanes | None:
     """Take (for the current transaction) the lanes of the pending rows among ``ids``,
-    waiting at most ``wait`` seconds; return the keys of those rows (``None``: none of
-    them is pending any more).
+    waiting at most ``wait`` seconds (``None``: none of them is pending any more).
 
     Raises :class:`django.db.OperationalError` when a lane stays busy that long.
     """
     with connections[alias].cursor() as cursor:
         cursor.execute(
-            _PG_LOCK_HOOK_LANES.format(table=_table(alias)),
+            _PG_LOCK_HOOK_LANES.format(table=_table(alias), lease=_lease_table(alias)),
             {
                 "ids": list(ids),
                 "namespace": LANE_LOCK_NAMESPACE,
@@ -379,7 +365,10 @@ def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> list[str] | 
         lanes = cursor.fetchall()
     if not lanes:
         return None
-    return sorted({key for _lane, _lock, keys in lanes for key in keys or ()})
+    return HookLanes(
+        keys=sorted({key for _lane, _lock, keys, _leased in lanes for key in keys or ()}),
+        leased=[lane for lane, _lock, _keys, leased in lanes if leased],
+    )
 
 
 def build_message(row: ClaimedRow, exchange: str | None = None) -> OutgoingMessage:

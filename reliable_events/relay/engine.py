@@ -220,7 +220,8 @@ class Relay:
         out in id order on one channel, and a key's rows are only ever in one relay's
         lanes.  Stops when caught up (a short claim), after a failure, or after
         ``max_seconds``; then waits for every outstanding confirm and marks.  The lanes
-        are rebalanced (:class:`LaneShare`) before the run, never during it.
+        are rebalanced (:class:`LaneShare`) before the run, never during it, and given
+        back after a run that caught up (to the on-commit hooks).
 
         While the broker is unavailable (:class:`BrokerBreaker` open, or it does not
         answer) it returns at once with ``broker_error`` set and nothing claimed.
@@ -248,6 +249,8 @@ class Relay:
         # in flight must not be claimed twice).
         unsettled: set[int] = set()
         marking: list[tuple[Future[Any], list[int]]] = []
+        caught_up = False  # the last claim was short: nothing more is due
+        retried = False
 
         def claim() -> Future[Any]:
             while marking and marking[0][0].done() and not marking[0][0].exception():
@@ -289,6 +292,9 @@ class Relay:
                 while next_claim is not None:
                     rows = next_claim.result()
                     next_claim = None
+                    # a retried row holds its key's later rows back while it is in flight
+                    retried = retried or any(row.attempts for row in rows)
+                    caught_up = len(rows) < limit and not retried
                     if not rows:
                         break
                     report.claimed += len(rows)
@@ -321,6 +327,12 @@ class Relay:
                 for future in [f for f, _ in marks] + ([next_claim] if next_claim else []):
                     future.exception()  # let the helper finish before the lanes change hands
                 raise
+        report.caught_up = caught_up and not self.lanes.lapsed()
+        if report.caught_up:
+            # The rows committed from now on are the on-commit hooks' to publish: those
+            # waiting for these lanes (HOOK_LEASE_WAIT) take them now, and this relay
+            # takes them back (what no hook holds) at its next run.
+            self.rest()
         self._settle_breaker(report)
         report.seconds = time.monotonic() - started
         metrics.relay_run(report)
@@ -352,8 +364,8 @@ class Relay:
             if report.claimed == 0 and self.lanes.lapsed() and lapses < MAX_LAPSES:
                 lapses += 1  # the leases ran short before the claim (a slow host): renew
                 continue
-            if report.claimed == 0 or report.sent == 0:
-                break  # idle, or the broker refused rows: let backoff work
+            if report.claimed == 0 or report.sent == 0 or report.caught_up:
+                break  # idle or caught up, or the broker refused rows: let backoff work
             lapses = 0
             if max_seconds is not None and time.monotonic() - started >= max_seconds:
                 break

@@ -162,6 +162,8 @@ RETURNING l.lane, l.token"""
 _PG_RELEASE = """UPDATE {lease} SET owner = '', expires_at = statement_timestamp()
 WHERE owner = %(owner)s AND lane = ANY(%(lanes)s::int[])"""
 _PG_LEAVE = "DELETE FROM {presence} WHERE owner = %(owner)s"
+_PG_LEASED = """SELECT lane FROM {lease} WHERE lane = ANY(%(lanes)s::int[])
+  AND owner <> '' AND expires_at > statement_timestamp() ORDER BY lane"""
 
 
 def heartbeat(
@@ -213,6 +215,13 @@ def release(alias: str, owner: str, lanes: list[int]) -> None:
         return
     with connections[alias].cursor() as cursor:
         cursor.execute(_PG_RELEASE.format(**_tables(alias)), {"owner": owner, "lanes": lanes})
+
+
+def leased(alias: str, lanes: list[int]) -> list[int]:
+    """Those of ``lanes`` a relay holds a lease on now (database clock)."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute(_PG_LEASED.format(**_tables(alias)), {"lanes": lanes})
+        return [int(row[0]) for row in cursor.fetchall()]
 
 
 def hold_all(alias: str, owner: str) -> bool:

@@ -33,6 +33,7 @@ from reliable_events.relay.claims import (
     record_result,
     wake_relays,
 )
+from reliable_events.relay.leases import leased
 from reliable_events.relay.traced import traced
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class _OnCommitDispatcher:
         self.publisher: Publisher | None = None
         self.config: tuple[Any, ...] = ()
         self.open_until = 0.0
+        #: Until then (monotonic) this process's hooks leave the lanes a relay holds to
+        #: it at once: the last wait for one ran out (a relay draining a backlog).
+        self.relays_busy_until = 0.0
 
     def breaker_open(self) -> bool:
         return time.monotonic() < self.open_until
@@ -60,6 +64,26 @@ class _OnCommitDispatcher:
                 self.publisher.close()
             self.publisher = None
             self.open_until = 0.0
+            self.relays_busy_until = 0.0
+
+    def wait_for_relays(self, alias: str, lanes: list[int], wait: float) -> None:
+        """Wait up to ``wait`` seconds for the relays that lease ``lanes`` (the hook's,
+        whose locks it holds) to give them back; none of them can take a lane back
+        meanwhile.  A relay that catches up gives its lanes back at once
+        (:meth:`~reliable_events.relay.engine.Relay.run`): the hook then publishes its
+        rows itself, and the relay, having had nothing handed to it, goes idle.  After a
+        wait that ran out, waits are skipped for ``HOOK_LEASE_PAUSE``."""
+        if time.monotonic() < self.relays_busy_until:
+            return
+        deadline = time.monotonic() + wait
+        pause = 0.001
+        while lanes:
+            if time.monotonic() + pause > deadline:
+                self.relays_busy_until = time.monotonic() + HOOK_LEASE_PAUSE
+                return
+            time.sleep(pause)
+            pause = min(2 * pause, 0.01)
+            lanes = leased(alias, lanes)
 
     def get_publisher(self) -> Publisher:
         url = str(app_settings.BROKER_URL)
@@ -86,6 +110,15 @@ dispatcher = _OnCommitDispatcher()
 #: ``ON_COMMIT_CONFIRM_TIMEOUT``).  Another hook holds a lane for milliseconds; a relay
 #: that holds it for longer is draining it and takes the hook's rows in its next claim.
 HOOK_LANE_WAIT = 0.1
+#: Longest the on-commit hook waits for a relay to give back a lane it leases (seconds;
+#: bounded by ``ON_COMMIT_CONFIRM_TIMEOUT``).  A relay gives its lanes back as soon as
+#: it caught up: without the wait, the rows committed meanwhile would go to it, and a
+#: relay slower than the rate of commits would keep every lane (and every event would
+#: wait for its next batch).
+HOOK_LEASE_WAIT = 0.1
+#: How long a process's hooks leave leased lanes to their relay at once after a wait for
+#: one ran out (seconds): that relay is draining a backlog.
+HOOK_LEASE_PAUSE = 1.0
 
 
 def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> RelayReport:
@@ -94,8 +127,9 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
     On PostgreSQL the hook holds the lanes of its rows (so no relay or other hook
     publishes those keys meanwhile; a relay takes a lane's lease only with that lock)
     and publishes each key's pending chain in order: its own rows and any earlier row of
-    their keys that was missed.  Rows of a lane a relay holds a lease on are left to
-    that relay (woken by ``NOTIFY``).  Skipped while the
+    their keys that was missed.  A relay that leases one of those lanes is given up to
+    ``HOOK_LEASE_WAIT`` to give it back (it does once caught up); rows of a lane it still
+    holds are left to it (woken by ``NOTIFY``).  Skipped while the
     breaker is open (the broker failed moments ago), while another thread of this
     process is publishing, or while a lane stays busy (a relay draining it): the rows
     are due at once there, and the relay sends them (woken by ``NOTIFY``).  On SQLite
@@ -125,11 +159,13 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
         locking = True
         try:
             with own_transaction(alias):
-                keys = lock_hook_lanes(alias, ids, min(HOOK_LANE_WAIT, timeout))
-                if keys is None:
+                held = lock_hook_lanes(alias, ids, min(HOOK_LANE_WAIT, timeout))
+                if held is None:
                     return RelayReport()
                 locking = False
-                rows = claim_committed(alias, ids, keys)
+                if held.leased:
+                    dispatcher.wait_for_relays(alias, held.leased, min(HOOK_LEASE_WAIT, timeout))
+                rows = claim_committed(alias, ids, held.keys)
                 if len(rows) < len(ids) and not {row.id for row in rows}.issuperset(ids):
                     wake_relays(alias)  # a relay holds a lane's lease, or a key waits
                 return _publish_committed(alias, rows, timeout)

@@ -5,17 +5,21 @@ transaction on one connection, keeps key order, steps aside when busy."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
 from django.db import connection, transaction
 from django.db.models.functions import Now
+from django.utils import timezone
 
 from reliable_events import pg_listen, publish_event
-from reliable_events.models import OutboxMessage
-from reliable_events.relay import dispatcher, publish_after_commit, relay_once
+from reliable_events.models import LaneLease, OutboxMessage
+from reliable_events.publishing import lane_for
+from reliable_events.relay import HOOK_LEASE_WAIT, dispatcher, publish_after_commit, relay_once
 from reliable_events.relay.claims import WAKE_CHANNEL
 from tests.support.producer_support import (
     drain_queue,
@@ -221,3 +225,63 @@ def test_hooks_of_concurrent_threads_each_publish_their_transaction(broker, rabb
     OutboxMessage.objects.pending().update(next_attempt_at=Now())
     relay_once()
     assert sorted(message_ids(drain_queue(rabbit.channel, queue, expect=40))) == sorted(ids)
+
+
+def _lease_lane_of(key: str) -> LaneLease:
+    """A lease another (live) relay holds, for an hour, on the lane of ``key``."""
+    lane = lane_for(key, "")
+    LaneLease.objects.update_or_create(
+        lane=lane,
+        defaults={"owner": "other-relay", "expires_at": timezone.now() + timedelta(hours=1)},
+    )
+    return LaneLease.objects.get(lane=lane)
+
+
+def test_the_hook_waits_for_a_relay_that_gives_its_lane_back(
+    broker, rabbit, exchange_name, re_settings
+):
+    """A relay gives its lanes back once it caught up: the hook of a row committed during
+    its run publishes the row itself, instead of leaving it to the relay's next run (a
+    relay slower than the commits would keep every lane)."""
+    queue = rabbit.bind_queue(exchange_name, "#")
+    re_settings(PUBLISH_ON_COMMIT=False)  # the hook is called below, its report kept
+    with transaction.atomic():
+        row = publish_event("waited.event", {}, key="waited")
+    lease = _lease_lane_of("waited")
+
+    def give_back() -> None:
+        time.sleep(HOOK_LEASE_WAIT / 4)
+        LaneLease.objects.filter(pk=lease.pk).update(owner="", expires_at=timezone.now())
+        connection.close()
+
+    relay = threading.Thread(target=give_back)
+    relay.start()
+    try:
+        report = publish_after_commit([row.pk])
+    finally:
+        relay.join()
+    assert (report.claimed, report.sent) == (1, 1)
+    assert OutboxMessage.objects.get(pk=row.pk).status == OutboxMessage.Status.SENT
+    assert message_ids(drain_queue(rabbit.channel, queue, expect=1)) == [row.message_id]
+    assert dispatcher.relays_busy_until == 0.0
+
+
+def test_the_hook_leaves_a_lane_a_relay_keeps_and_then_stops_waiting_for_it(
+    broker, rabbit, exchange_name, relay_wakes
+):
+    """A relay draining a backlog keeps its lanes: after one wait of ``HOOK_LEASE_WAIT``
+    the row goes to it (woken), and this process's next hooks leave leased lanes to it
+    without waiting, for ``HOOK_LEASE_PAUSE``."""
+    lease = _lease_lane_of("kept")
+    with transaction.atomic():
+        first = publish_event("kept.event", {}, key="kept")
+    assert OutboxMessage.objects.due().filter(pk=first.pk).exists()
+    assert relay_wakes()
+    paused_until = dispatcher.relays_busy_until
+    assert paused_until > time.monotonic()
+    with transaction.atomic():
+        second = publish_event("kept.event", {}, key="kept")
+    assert dispatcher.relays_busy_until == paused_until  # no second wait ran out
+    assert OutboxMessage.objects.due().filter(pk=second.pk).exists()
+    LaneLease.objects.filter(pk=lease.pk).update(owner="", expires_at=timezone.now())
+    assert relay_once().sent == 2

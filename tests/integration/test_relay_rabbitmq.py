@@ -451,3 +451,28 @@ def test_a_retried_event_that_fails_again_late_is_not_overtaken_by_its_key(
         first.message_id,
         second.message_id,
     ]
+
+
+def test_a_relay_gives_its_lanes_back_once_it_caught_up(broker, rabbit, exchange_name, re_settings):
+    """A run cut short with rows still due keeps its lanes (a backlog: the next run goes
+    on at once); a run whose last claim was short gives them back, so the on-commit hooks
+    of the rows committed from then on publish them (none waits for a relay's batch)."""
+    from reliable_events.models import LaneLease
+
+    queue = rabbit.bind_queue(exchange_name, "#")
+    re_settings(PUBLISH_ON_COMMIT=False)
+    with transaction.atomic():
+        rows = [publish_event("c.x", {"n": n}, key=f"key{n}") for n in range(5)]
+    relay = Relay(batch_size=2)
+    try:
+        cut = relay.run(max_seconds=0)
+        assert (cut.sent, cut.caught_up) == (2, False)
+        held = LaneLease.objects.filter(owner=relay.lanes.owner)
+        assert held.count() == len(relay.lanes.held) > 0
+        rest = relay.drain()
+        assert (rest.sent, rest.caught_up) == (3, True)
+        assert not held.exists()
+    finally:
+        relay.close()
+    delivered = message_ids(drain_queue(rabbit.channel, queue, expect=5))
+    assert sorted(delivered) == sorted(r.message_id for r in rows)
