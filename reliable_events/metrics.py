@@ -74,6 +74,11 @@ class Instruments:
             "Outbox messages confirmed after another publisher had marked them sent: they "
             "went out twice (a relay's lane lease expired while it waited for the broker).",
         )
+        self.handed_over = counter(
+            "reliable_events_on_commit_handed_over",
+            "Outbox rows the on-commit hook left to the relay, by reason (HANDOVER_REASONS).",
+            ["reason"],
+        )
         self.confirm_latency = histogram(
             "reliable_events_confirm_latency_seconds",
             "Seconds from publishing to the broker's confirm (the oldest message of each "
@@ -174,6 +179,21 @@ def relay_run(report: RelayReport) -> None:
     found = _active if _resolved else instruments()
     if found is not None and report.claimed:
         found.relay_batch.observe(report.seconds)
+
+
+#: Why the on-commit hook left rows to the relay (``reliable_events_on_commit_handed_over``):
+#: its breaker was open (the broker failed moments ago); another thread of the process was
+#: publishing; a lane stayed locked (``HOOK_LANE_WAIT``); the claim left them (a relay kept
+#: their lane past ``HOOK_LEASE_WAIT``, an earlier row of their key was not due, or another
+#: publisher took them first); a broker failure interrupted their publish.
+HANDOVER_REASONS = ("breaker_open", "publisher_busy", "lane_busy", "not_claimed", "broker_failure")
+
+
+def handed_over(reason: str, count: int) -> None:
+    """``count`` rows the on-commit hook left to the relay (one of :data:`HANDOVER_REASONS`)."""
+    found = _active if _resolved else instruments()
+    if found is not None and count > 0:
+        found.handed_over.labels(reason).inc(count)
 
 
 def sent_twice(count: int) -> None:

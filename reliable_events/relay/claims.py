@@ -116,14 +116,16 @@ LIMIT %(limit)s
 FOR UPDATE OF o SKIP LOCKED"""
 # Waits (bounded by lock_timeout) for the lanes of the hook's pending rows, in lane order
 # so that two hooks cannot deadlock; released at the end of the hook's transaction.
-# Returns the keys of those rows, per lane, and whether a relay holds the lane's lease.
+# Returns the keys of those rows, per lane, how many they are, and whether a relay holds
+# the lane's lease.
 #: ``lock_timeout`` is set (for the transaction) before the locks: the lanes' subquery
 #: reads its result, so it runs first.
 _PG_LOCK_HOOK_LANES = """SELECT s.lane, pg_advisory_xact_lock(%(namespace)s, s.lane), s.keys,
-  EXISTS (SELECT 1 FROM {lease} l WHERE l.lane = s.lane AND l.owner <> ''
+  s.pending, EXISTS (SELECT 1 FROM {lease} l WHERE l.lane = s.lane AND l.owner <> ''
           AND l.expires_at > statement_timestamp())
 FROM (SELECT set_config('lock_timeout', %(timeout)s, true) AS timeout) t,
-LATERAL (SELECT lane, array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL) AS keys
+LATERAL (SELECT lane, array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL) AS keys,
+      count(*) AS pending
       FROM {table} WHERE t.timeout IS NOT NULL
       AND id = ANY(%(ids)s::bigint[]) AND status = 'pending'
       GROUP BY lane ORDER BY lane) s"""
@@ -345,6 +347,8 @@ class HookLanes(NamedTuple):
 
     keys: list[str]
     leased: list[int]
+    #: How many of the hook's rows were pending (the others: sent already, or rolled back).
+    pending: int
 
 
 def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> HookLanes | None:
@@ -366,8 +370,9 @@ def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> HookLanes | 
     if not lanes:
         return None
     return HookLanes(
-        keys=sorted({key for _lane, _lock, keys, _leased in lanes for key in keys or ()}),
-        leased=[lane for lane, _lock, _keys, leased in lanes if leased],
+        keys=sorted({key for _lane, _lock, keys, _pending, _leased in lanes for key in keys or ()}),
+        leased=[lane for lane, _lock, _keys, _pending, leased in lanes if leased],
+        pending=sum(pending for _lane, _lock, _keys, pending, _leased in lanes),
     )
 
 
@@ -559,20 +564,28 @@ def record_result(
         mark_interrupted(alias, list(result.interrupted), reason)
 
 
-def mark_interrupted(alias: str, ids: Iterable[Hashable], reason: str | None) -> None:
+def pending_among(alias: str, ids: Sequence[int]) -> int:
+    """How many of ``ids`` are pending rows."""
+    return OutboxMessage.objects.using(alias).filter(pk__in=list(ids)).pending().count()
+
+
+def mark_interrupted(alias: str, ids: Iterable[Hashable], reason: str | None) -> int:
     """Rows whose publish a broker failure interrupted, or that the on-commit hook left:
     no attempt is counted.
 
     They keep ``attempts`` and become due now (a reservation of the on-commit hook or
     the lease of a retried row ends: the row is no longer in flight), and ``last_error``
-    says why they wait (when ``reason`` is given).  One statement.
+    says why they wait (when ``reason`` is given).  One statement; returns how many of
+    ``ids`` were pending.
     """
     changes: dict[str, Any] = {"next_attempt_at": Least(F("next_attempt_at"), Now())}
     if reason is not None:
         changes["last_error"] = reason[:2000]
-    OutboxMessage.objects.using(alias).filter(
-        pk__in=list(ids), status=OutboxMessage.Status.PENDING
-    ).update(**changes)
+    return (
+        OutboxMessage.objects.using(alias)
+        .filter(pk__in=list(ids), status=OutboxMessage.Status.PENDING)
+        .update(**changes)
+    )
 
 
 # -- retrying dead rows ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from django.db import (
     OperationalError,
 )
 
+from reliable_events import metrics
 from reliable_events.broker import (
     Publisher,
     PublishResult,
@@ -21,7 +22,6 @@ from reliable_events.broker import (
 )
 from reliable_events.conf import app_settings
 from reliable_events.db import is_postgres, own_transaction
-from reliable_events.metrics import metered
 from reliable_events.relay.claims import (
     ClaimedRow,
     RelayReport,
@@ -30,6 +30,7 @@ from reliable_events.relay.claims import (
     lock_hook_lanes,
     mark_interrupted,
     outbox_alias,
+    pending_among,
     record_result,
     wake_relays,
 )
@@ -91,7 +92,7 @@ class _OnCommitDispatcher:
         if self.publisher is None or self.config != config:
             if self.publisher is not None:
                 self.publisher.close()
-            self.publisher = metered(
+            self.publisher = metrics.metered(
                 traced(
                     open_publisher(
                         url, connect_timeout=float(app_settings.ON_COMMIT_CONNECT_TIMEOUT)
@@ -141,20 +142,25 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
     if dispatcher.breaker_open():
         # The broker failed moments ago: the relay takes these rows now, woken, not at
         # its next poll (nothing is charged to them; the relay's breaker paces the broker).
-        mark_interrupted(alias, ids, "on-commit publish skipped: the broker failed moments ago")
+        left = mark_interrupted(
+            alias, ids, "on-commit publish skipped: the broker failed moments ago"
+        )
         wake_relays(alias)
+        metrics.handed_over("breaker_open", left)
         return RelayReport()
     timeout = float(app_settings.ON_COMMIT_CONFIRM_TIMEOUT)
     if not dispatcher.lock.acquire(timeout=timeout):
-        mark_interrupted(alias, ids, None)
+        left = mark_interrupted(alias, ids, None)
         wake_relays(alias)
+        metrics.handed_over("publisher_busy", left)
         return RelayReport()
     try:
         if not is_postgres(alias):
             rows = claim_committed(alias, ids)
             if len(rows) < len(ids):
                 claimed = {row.id for row in rows}
-                mark_interrupted(alias, [pk for pk in ids if pk not in claimed], None)
+                left = mark_interrupted(alias, [pk for pk in ids if pk not in claimed], None)
+                metrics.handed_over("not_claimed", left)
             return _publish_committed(alias, rows, timeout)
         locking = True
         try:
@@ -166,12 +172,15 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
                 if held.leased:
                     dispatcher.wait_for_relays(alias, held.leased, min(HOOK_LEASE_WAIT, timeout))
                 rows = claim_committed(alias, ids, held.keys)
-                if len(rows) < len(ids) and not {row.id for row in rows}.issuperset(ids):
-                    wake_relays(alias)  # a relay holds a lane's lease, or a key waits
+                missed = held.pending - len(set(ids).intersection(row.id for row in rows))
+                if missed > 0:  # a relay holds a lane's lease, or a key waits
+                    wake_relays(alias)
+                    metrics.handed_over("not_claimed", missed)
                 return _publish_committed(alias, rows, timeout)
         except OperationalError:
             if locking:  # a lane stayed busy: its holder (a relay) sends these rows
                 wake_relays(alias)
+                metrics.handed_over("lane_busy", pending_among(alias, ids))
                 return RelayReport()
             raise
     finally:
@@ -207,4 +216,5 @@ def _publish_committed(alias: str, rows: list[ClaimedRow], timeout: float) -> Re
         dispatcher.trip()
     if report.interrupted:
         wake_relays(alias)
+        metrics.handed_over("broker_failure", report.interrupted)
     return report

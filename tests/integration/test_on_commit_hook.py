@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from io import StringIO
 
+import prometheus_client
 import pytest
 from django.core.management import call_command
 from django.db import connection, transaction
@@ -30,6 +31,14 @@ from tests.support.producer_support import (
 )
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres, pytest.mark.rabbitmq]
+
+
+def handed_over(reason: str) -> float:
+    """Rows this process's on-commit hook left to the relay for ``reason`` (the metric)."""
+    value = prometheus_client.REGISTRY.get_sample_value(
+        "reliable_events_on_commit_handed_over_total", {"reason": reason}
+    )
+    return value or 0.0
 
 
 @pytest.fixture
@@ -161,6 +170,8 @@ def test_rows_the_hook_leaves_wake_the_relay_daemon(broker, re_settings, relay_w
     (``RELAY_IDLE_SECONDS``): a broker blip that trips one process's breaker for
     ``ON_COMMIT_BREAKER_SECONDS`` must not make its events wait for polls meanwhile."""
     re_settings(ON_COMMIT_CONFIRM_TIMEOUT=0.2)
+    reason = {"breaker open": "breaker_open", "publisher busy": "publisher_busy"}[why]
+    before = handed_over(reason)
     if why == "breaker open":
         dispatcher.trip()
     else:
@@ -172,6 +183,7 @@ def test_rows_the_hook_leaves_wake_the_relay_daemon(broker, re_settings, relay_w
             dispatcher.lock.release()
     assert OutboxMessage.objects.due().filter(pk=row.pk).exists()
     assert relay_wakes()
+    assert handed_over(reason) == before + 1  # counted: a fast path not taken shows
 
 
 def test_the_hook_follows_a_configuration_change(broker, rabbit, exchange_name, re_settings):
@@ -196,7 +208,9 @@ def test_publish_after_commit_ignores_unknown_sent_and_rolled_back_ids(
     queue = rabbit.bind_queue(exchange_name, "#")
     with transaction.atomic():
         row = publish_event("x.y", {})
+    before = handed_over("not_claimed")
     assert publish_after_commit([row.pk, 10**12]).claimed == 0  # sent already; unknown
+    assert handed_over("not_claimed") == before  # nothing was left to the relay
     with transaction.atomic():
         publish_event("x.rolled", {})
         transaction.set_rollback(True)
@@ -273,6 +287,7 @@ def test_the_hook_leaves_a_lane_a_relay_keeps_and_then_stops_waiting_for_it(
     the row goes to it (woken), and this process's next hooks leave leased lanes to it
     without waiting, for ``HOOK_LEASE_PAUSE``."""
     lease = _lease_lane_of("kept")
+    before = handed_over("not_claimed")
     with transaction.atomic():
         first = publish_event("kept.event", {}, key="kept")
     assert OutboxMessage.objects.due().filter(pk=first.pk).exists()
@@ -283,5 +298,6 @@ def test_the_hook_leaves_a_lane_a_relay_keeps_and_then_stops_waiting_for_it(
         second = publish_event("kept.event", {}, key="kept")
     assert dispatcher.relays_busy_until == paused_until  # no second wait ran out
     assert OutboxMessage.objects.due().filter(pk=second.pk).exists()
+    assert handed_over("not_claimed") == before + 2
     LaneLease.objects.filter(pk=lease.pk).update(owner="", expires_at=timezone.now())
     assert relay_once().sent == 2

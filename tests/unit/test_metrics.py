@@ -321,6 +321,7 @@ def test_the_dashboard_and_alert_rules_use_only_exposed_metrics(
     outbox_row(status="dead")
     metrics.consumed("dash.c", Outcome.PROCESSED, HandlerResult(Outcome.PROCESSED, seconds=0.01))
     metrics.relay_run(RelayReport(claimed=1, seconds=0.01))
+    metrics.handed_over("breaker_open", 1)
     metrics.metered(FakePublisher()).publish([_message(1, "ok")], timeout=1)
     text = client.get("/metrics/").content.decode()
     families = list(text_string_to_metric_families(text))
