@@ -263,7 +263,11 @@ def test_the_hook_waits_for_a_relay_that_gives_its_lane_back(
         row = publish_event("waited.event", {}, key="waited")
     lease = _lease_lane_of("waited")
 
+    connected = threading.Event()
+
     def give_back() -> None:
+        connection.ensure_connection()  # not part of the relay's time
+        connected.set()
         time.sleep(HOOK_LEASE_WAIT / 4)
         LaneLease.objects.filter(pk=lease.pk).update(owner="", expires_at=timezone.now())
         connection.close()
@@ -271,6 +275,7 @@ def test_the_hook_waits_for_a_relay_that_gives_its_lane_back(
     relay = threading.Thread(target=give_back)
     relay.start()
     try:
+        assert connected.wait(30)
         report = publish_after_commit([row.pk])
     finally:
         relay.join()
