@@ -30,7 +30,7 @@ from reliable_events.broker import (
 from reliable_events.conf import app_settings
 from reliable_events.db import is_postgres, own_transaction, write_alias
 from reliable_events.models import LaneLease, OutboxMessage
-from reliable_events.relay.leases import LANE_LOCK_NAMESPACE, Fence, lease_filter
+from reliable_events.relay.leases import LANE_LOCK_NAMESPACE, LIVE_LEASE, Fence, lease_filter
 from reliable_events.reports import Report
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ WHERE o.id IN (
       AND e.id < o.id AND NOT (e.id = ANY(%(ids)s::bigint[]) AND e.attempts = 0))
   AND NOT EXISTS (
     SELECT 1 FROM {lease} l
-    WHERE l.lane = o.lane AND l.owner <> '' AND l.expires_at > statement_timestamp())
+    WHERE l.lane = o.lane AND {live_lease})
 ORDER BY o.id
 LIMIT %(limit)s
 FOR UPDATE OF o SKIP LOCKED"""
@@ -121,8 +121,7 @@ FOR UPDATE OF o SKIP LOCKED"""
 #: ``lock_timeout`` is set (for the transaction) before the locks: the lanes' subquery
 #: reads its result, so it runs first.
 _PG_LOCK_HOOK_LANES = """SELECT s.lane, pg_advisory_xact_lock(%(namespace)s, s.lane), s.keys,
-  s.pending, EXISTS (SELECT 1 FROM {lease} l WHERE l.lane = s.lane AND l.owner <> ''
-          AND l.expires_at > statement_timestamp())
+  s.pending, EXISTS (SELECT 1 FROM {lease} l WHERE l.lane = s.lane AND {live_lease})
 FROM (SELECT set_config('lock_timeout', %(timeout)s, true) AS timeout) t,
 LATERAL (SELECT lane, array_agg(DISTINCT key) FILTER (WHERE key IS NOT NULL) AS keys,
       count(*) AS pending
@@ -316,7 +315,10 @@ def claim_committed(alias: str, ids: Sequence[int], keys: Sequence[str] = ()) ->
     """
     if is_postgres(alias):
         sql = _PG_CLAIM_CHAINS.format(
-            columns=_PG_COLUMNS, table=_table(alias), lease=_lease_table(alias)
+            columns=_PG_COLUMNS,
+            table=_table(alias),
+            lease=_lease_table(alias),
+            live_lease=LIVE_LEASE,
         )
         limit = len(ids) + int(app_settings.ON_COMMIT_CHAIN_LIMIT)
         with connections[alias].cursor() as cursor:
@@ -359,7 +361,9 @@ def lock_hook_lanes(alias: str, ids: Sequence[int], wait: float) -> HookLanes | 
     """
     with connections[alias].cursor() as cursor:
         cursor.execute(
-            _PG_LOCK_HOOK_LANES.format(table=_table(alias), lease=_lease_table(alias)),
+            _PG_LOCK_HOOK_LANES.format(
+                table=_table(alias), lease=_lease_table(alias), live_lease=LIVE_LEASE
+            ),
             {
                 "ids": list(ids),
                 "namespace": LANE_LOCK_NAMESPACE,
@@ -562,11 +566,6 @@ def record_result(
         report.broker_error = result.broker_error or report.broker_error
         report.errors.append(reason)
         mark_interrupted(alias, list(result.interrupted), reason)
-
-
-def pending_among(alias: str, ids: Sequence[int]) -> int:
-    """How many of ``ids`` are pending rows."""
-    return OutboxMessage.objects.using(alias).filter(pk__in=list(ids)).pending().count()
 
 
 def mark_interrupted(alias: str, ids: Iterable[Hashable], reason: str | None) -> int:

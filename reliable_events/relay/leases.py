@@ -162,8 +162,10 @@ RETURNING l.lane, l.token"""
 _PG_RELEASE = """UPDATE {lease} SET owner = '', expires_at = statement_timestamp()
 WHERE owner = %(owner)s AND lane = ANY(%(lanes)s::int[])"""
 _PG_LEAVE = "DELETE FROM {presence} WHERE owner = %(owner)s"
-_PG_LEASED = """SELECT lane FROM {lease} WHERE lane = ANY(%(lanes)s::int[])
-  AND owner <> '' AND expires_at > statement_timestamp() ORDER BY lane"""
+#: SQL: lease row ``l`` is held by a live relay (the claims and the hook leave its lane alone).
+LIVE_LEASE = "l.owner <> '' AND l.expires_at > statement_timestamp()"
+_PG_LEASED = """SELECT l.lane FROM {lease} l WHERE l.lane = ANY(%(lanes)s::int[])
+  AND {live_lease} ORDER BY l.lane"""
 
 
 def heartbeat(
@@ -220,7 +222,7 @@ def release(alias: str, owner: str, lanes: list[int]) -> None:
 def leased(alias: str, lanes: list[int]) -> list[int]:
     """Those of ``lanes`` a relay holds a lease on now (database clock)."""
     with connections[alias].cursor() as cursor:
-        cursor.execute(_PG_LEASED.format(**_tables(alias)), {"lanes": lanes})
+        cursor.execute(_PG_LEASED.format(live_lease=LIVE_LEASE, **_tables(alias)), {"lanes": lanes})
         return [int(row[0]) for row in cursor.fetchall()]
 
 

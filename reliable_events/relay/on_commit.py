@@ -22,6 +22,7 @@ from reliable_events.broker import (
 )
 from reliable_events.conf import app_settings
 from reliable_events.db import is_postgres, own_transaction
+from reliable_events.models import OutboxMessage
 from reliable_events.relay.claims import (
     ClaimedRow,
     RelayReport,
@@ -30,7 +31,6 @@ from reliable_events.relay.claims import (
     lock_hook_lanes,
     mark_interrupted,
     outbox_alias,
-    pending_among,
     record_result,
     wake_relays,
 )
@@ -145,14 +145,11 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
         left = mark_interrupted(
             alias, ids, "on-commit publish skipped: the broker failed moments ago"
         )
-        wake_relays(alias)
-        metrics.handed_over("breaker_open", left)
+        _hand_over(alias, "breaker_open", left)
         return RelayReport()
     timeout = float(app_settings.ON_COMMIT_CONFIRM_TIMEOUT)
     if not dispatcher.lock.acquire(timeout=timeout):
-        left = mark_interrupted(alias, ids, None)
-        wake_relays(alias)
-        metrics.handed_over("publisher_busy", left)
+        _hand_over(alias, "publisher_busy", mark_interrupted(alias, ids, None))
         return RelayReport()
     try:
         if not is_postgres(alias):
@@ -174,13 +171,13 @@ def publish_after_commit(ids: Sequence[int], *, using: str | None = None) -> Rel
                 rows = claim_committed(alias, ids, held.keys)
                 missed = held.pending - len(set(ids).intersection(row.id for row in rows))
                 if missed > 0:  # a relay holds a lane's lease, or a key waits
-                    wake_relays(alias)
-                    metrics.handed_over("not_claimed", missed)
+                    _hand_over(alias, "not_claimed", missed)
                 return _publish_committed(alias, rows, timeout)
         except OperationalError:
             if locking:  # a lane stayed busy: its holder (a relay) sends these rows
-                wake_relays(alias)
-                metrics.handed_over("lane_busy", pending_among(alias, ids))
+                # (how many were still pending costs a query: only when it is counted)
+                pending = OutboxMessage.objects.using(alias).filter(pk__in=list(ids)).pending()
+                _hand_over(alias, "lane_busy", pending.count() if metrics.enabled() else 0)
                 return RelayReport()
             raise
     finally:
@@ -215,6 +212,12 @@ def _publish_committed(alias: str, rows: list[ClaimedRow], timeout: float) -> Re
     if report.failed or report.interrupted:
         dispatcher.trip()
     if report.interrupted:
-        wake_relays(alias)
-        metrics.handed_over("broker_failure", report.interrupted)
+        _hand_over(alias, "broker_failure", report.interrupted)
     return report
+
+
+def _hand_over(alias: str, reason: str, count: int) -> None:
+    """Rows the hook leaves to the relay: wake the relay daemons (``NOTIFY``, so they do
+    not wait for a poll) and count them (``metrics.HANDOVER_REASONS``)."""
+    wake_relays(alias)
+    metrics.handed_over(reason, count)
