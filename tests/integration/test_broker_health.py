@@ -79,14 +79,18 @@ def test_a_refused_connection_charges_nothing_and_the_relay_retries_within_a_sec
     try:
         pauses = []
         for _ in range(6):
+            before = time.monotonic()
             report = relay.run()
+            after = time.monotonic()
             assert report.claimed == 0
             assert "cannot connect" in report.broker_error
-            pauses.append(relay.breaker.remaining())
+            # the breaker tripped between the two readings: its pause lies within these bounds
+            pauses.append((relay.breaker.open_until - after, relay.breaker.open_until - before))
             relay.breaker.open_until = 0  # try again now (what the pause would do)
         # doubling from RELAY_BROKER_RETRY_MAX / 8, capped at it, equal jitter
-        assert 0.0625 <= pauses[0] <= 0.125
-        assert all(0.5 <= p <= 1.0 for p in pauses[3:])
+        assert pauses[0][0] <= 0.125
+        assert pauses[0][1] >= 0.0625
+        assert all(low <= 1.0 and high >= 0.5 for low, high in pauses[3:])
         stored = OutboxMessage.objects.filter(pk__in=[r.pk for r in rows])
         assert set(stored.values_list("attempts", flat=True)) == {0}
         tcp_proxy.start()
