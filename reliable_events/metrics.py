@@ -168,9 +168,10 @@ def consumed(consumer: str, outcome: Outcome, result: HandlerResult | None) -> N
     found = _active if _resolved else instruments()
     if found is None:
         return
-    found.consumed_child(consumer, outcome).inc()
+    # the handler's time first: a scrape that sees the delivery counted sees its time too
     if result is not None and result.seconds > 0:
         found.handler_child(consumer).observe(result.seconds)
+    found.consumed_child(consumer, outcome).inc()
 
 
 # -- the relay -----------------------------------------------------------------------------
